@@ -1,0 +1,24 @@
+"""Error types. Every error a user can cause is a :class:`CrossretError` with a message that says
+what is wrong *and* what to do about it; the CLI prints it to stderr and exits non-zero."""
+
+from __future__ import annotations
+
+
+class CrossretError(Exception):
+    """Base class of all user-facing crossret errors."""
+
+
+class DataError(CrossretError, ValueError):
+    """A data file or array is unusable (missing keys, bad shapes, NaN, a single class, ...)."""
+
+
+class ConfigError(CrossretError, ValueError):
+    """A configuration value or command-line option is invalid."""
+
+
+class CodeError(CrossretError, ValueError):
+    """Hash codes are malformed (values other than ±1/{0,1}, mismatched code lengths, ...)."""
+
+
+class FileFormatError(CrossretError):
+    """A saved crossret file (index, checkpoint, run directory) is corrupt, truncated or foreign."""

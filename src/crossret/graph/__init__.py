@@ -1,0 +1,1 @@
+"""Graphs: kNN / mutual-kNN (faiss + scipy.sparse), flow diffusion, random walks (COUPLE issue)."""

@@ -1,0 +1,112 @@
+"""The interface every hashing method implements, and the method registry.
+
+A method is configured by a dataclass (serialisable to YAML), fitted on the labelled source and
+the *unlabelled* target training set, and then encodes any features to ±1 int8 codes.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+
+from crossret.data.domain import Domain
+from crossret.errors import ConfigError
+
+# progress(step, total, message) — library code reports progress through this; the CLI draws a bar.
+ProgressFn = Callable[[int, int, str], None]
+
+
+def no_progress(step: int, total: int, message: str = "") -> None:  # noqa: ARG001
+    """The default progress callback: does nothing."""
+
+
+class HashMethod(abc.ABC):
+    """Base class of hashing methods.
+
+    Subclasses set ``name`` and ``config_class`` and implement :meth:`fit` and :meth:`encode_real`.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def __init__(self, bits: int, seed: int = 0, config: Any | None = None) -> None:
+        if not isinstance(bits, int) or bits <= 0:
+            raise ConfigError(f"--bits must be a positive integer, got {bits!r}")
+        self.bits = bits
+        self.seed = int(seed)
+        self.config = config if config is not None else self.config_class()
+        self.input_dim: int | None = None
+        self.diagnostics: dict[str, Any] = {}
+
+    @abc.abstractmethod
+    def fit(self, source: Domain, target: Domain, progress: ProgressFn = no_progress) -> HashMethod:
+        """Learn from labelled ``source`` and unlabelled ``target`` (its labels are all -1)."""
+
+    @abc.abstractmethod
+    def encode_real(self, features: np.ndarray) -> np.ndarray:
+        """Real-valued outputs ``(N, bits)`` whose sign is the code."""
+
+    def encode(self, features: np.ndarray) -> np.ndarray:
+        """±1 int8 codes ``(N, bits)``; ``sign(0) = +1``."""
+        from crossret.retrieval.packing import binarize
+
+        features = self._check_features(features)
+        return binarize(self.encode_real(features))
+
+    def _check_features(self, features: np.ndarray) -> np.ndarray:
+        from crossret.errors import DataError
+
+        if self.input_dim is None:
+            raise ConfigError(f"{self.name}: call fit() before encode()")
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2 or features.shape[1] != self.input_dim:
+            raise DataError(
+                f"{self.name}: expected features of shape (N, {self.input_dim}), got {features.shape}"
+            )
+        if not np.isfinite(features).all():
+            raise DataError(f"{self.name}: features contain NaN or inf")
+        return features
+
+    def config_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+
+_REGISTRY: dict[str, type[HashMethod]] = {}
+
+
+def register(cls: type[HashMethod]) -> type[HashMethod]:
+    """Class decorator: make a method available by its ``name`` (CLI ``crossret run NAME``)."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def make_method(name: str, bits: int, seed: int = 0, overrides: dict[str, Any] | None = None) -> HashMethod:
+    """Instantiate a registered method with its default config updated by ``overrides``."""
+    _load_builtin_methods()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+    cls = _REGISTRY[name]
+    config = cls.config_class()
+    if overrides:
+        known = {f.name for f in dataclasses.fields(config)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(
+                f"{name}: unknown config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        config = dataclasses.replace(config, **overrides)
+    return cls(bits=bits, seed=seed, config=config)
+
+
+def _load_builtin_methods() -> None:
+    # Importing the modules runs their @register decorators.
+    from crossret.hashing import itq, lsh, source_only  # noqa: F401

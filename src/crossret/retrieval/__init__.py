@@ -1,0 +1,30 @@
+"""Retrieval core: bit packing, binary and dense indexes (faiss), metrics.
+
+Names are imported lazily so that ``import crossret.retrieval`` stays cheap (no faiss/numba
+import until an index or a metric is used).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "pack_codes": "crossret.retrieval.packing",
+    "unpack_codes": "crossret.retrieval.packing",
+    "binarize": "crossret.retrieval.packing",
+    "BinaryIndex": "crossret.retrieval.index",
+    "DenseIndex": "crossret.retrieval.index",
+    "evaluate_hamming": "crossret.retrieval.metrics",
+    "HammingEvaluation": "crossret.retrieval.metrics",
+    "mean_average_precision": "crossret.retrieval.metrics",
+    "dense_retrieval_metrics": "crossret.retrieval.metrics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'crossret.retrieval' has no attribute {name!r}")

@@ -1,0 +1,24 @@
+"""Reports: plots (P-R curves, precision@N, MAP vs bits) of run metrics.
+
+Names are imported lazily so that ``import crossret.report`` does not import matplotlib.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "plot_pr_curves": "crossret.report.plots",
+    "plot_precision_at_n": "crossret.report.plots",
+    "plot_map_vs_bits": "crossret.report.plots",
+    "write_run_plots": "crossret.report.plots",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'crossret.report' has no attribute {name!r}")

@@ -1,0 +1,124 @@
+"""Run the baselines (LSH, ITQ, source-only) on every benchmark whose data is present.
+
+Code lengths 16/32/64/128 bits (digits also 48/96). Writes ``benchmarks/results/baselines.json``
+(every row with protocol, split seed, bits, tie rule and method config) and ``baselines.md``.
+
+    python benchmarks/baselines.py --data-dir ../shared/data [--seeds 0 1 2] [--only digits]
+
+No model selection of any kind happens here: every method runs with its default config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from crossret._io import write_json_atomic, write_text_atomic
+from crossret.data import list_benchmarks, load_benchmark, resolve_data_dir
+from crossret.experiment import RunConfig, run_experiment
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("lsh", "itq", "source-only")
+BITS = (16, 32, 64, 128)
+DIGITS_BITS = (16, 32, 48, 64, 96, 128)
+
+
+def bits_for(name: str) -> tuple[int, ...]:
+    return DIGITS_BITS if name.startswith("digits") else BITS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=None, help="benchmark data directory (default $CROSSRET_DATA)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="method seeds (mean is reported)")
+    parser.add_argument("--only", default="", help="run only benchmarks whose name contains this text")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--ties", default="expected", choices=("expected", "index"))
+    parser.add_argument("--out", default=str(RESULTS / "baselines"), help="output path without extension")
+    args = parser.parse_args(argv)
+
+    data_dir = resolve_data_dir(args.data_dir)
+    names = [i.name for i in list_benchmarks(data_dir) if i.present and args.only in i.name]
+    rows: list[dict[str, Any]] = []
+    started = time.time()
+    for name in names:
+        split = load_benchmark(name, data_dir)
+        for bits in bits_for(name):
+            for method in args.methods:
+                for seed in args.seeds:
+                    config = RunConfig(method=method, benchmark=name, bits=bits, seed=seed, ties=args.ties)
+                    metrics = run_experiment(config, split=split).metrics
+                    rows.append({
+                        "benchmark": name, "method": method, "bits": bits, "seed": seed,
+                        "split_seed": metrics["split_seed"], "ties": metrics["ties"],
+                        "map_cross": metrics["map_cross"], "map_single": metrics["map_single"],
+                        "p_at_r2_cross": metrics["p_at_r2"]["cross"],
+                        "p_at_r2_single": metrics["p_at_r2"]["single"],
+                        "precision_at_100_cross": metrics["precision_at"]["cross"].get("100"),
+                        "train_seconds": metrics["train_seconds"],
+                        "protocol": metrics["protocol"], "method_config": metrics["method_config"],
+                    })
+                    print(f"{name:28s} {method:12s} {bits:4d}b seed {seed}: MAP cross "
+                          f"{100 * metrics['map_cross']:6.2f}  single {100 * metrics['map_single']:6.2f}  "
+                          f"({metrics['train_seconds']:.1f}s)", file=sys.stderr, flush=True)
+    payload = {
+        "script": "benchmarks/baselines.py",
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "wall_seconds": round(time.time() - started, 1),
+        "machine": {"python": platform.python_version(), "processor": platform.machine()},
+        "seeds": args.seeds, "ties": args.ties,
+        "map_definition": "MAP@all in [0,1]; relevance = same label; the tables show percent",
+        "rows": rows,
+    }
+    out = Path(args.out)
+    write_json_atomic(out.with_suffix(".json"), payload)
+    write_text_atomic(out.with_suffix(".md"), markdown(rows, args))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """One table per retrieval setting: rows = benchmark x method, columns = code lengths (mean over
+    seeds), plus the mean over the Office-Caltech tasks."""
+    all_bits = sorted({r["bits"] for r in rows})
+    lines = [
+        "# Baselines: MAP@all (%)",
+        "",
+        f"Seeds {args.seeds} (mean), tie rule `{args.ties}`, split seed 313, default method configs; "
+        "written by `benchmarks/baselines.py`. Cross = target queries vs source database; single = target "
+        "queries vs target-train database. See docs/benchmarks.md for the protocols.",
+        "",
+    ]
+
+    def cell(selected: list[dict[str, Any]], key: str) -> str:
+        return f"{100 * statistics.mean(r[key] for r in selected):.2f}" if selected else "-"
+
+    for setting in ("cross", "single"):
+        key = f"map_{setting}"
+        lines += [f"## {setting}-domain retrieval", "",
+                  "| benchmark | method | " + " | ".join(f"{b}" for b in all_bits) + " |",
+                  "|---|---|" + "---:|" * len(all_bits)]
+        benchmarks = sorted({r["benchmark"] for r in rows})
+        methods = sorted({r["method"] for r in rows})
+        for name in benchmarks:
+            for method in methods:
+                cells = [cell([r for r in rows if r["benchmark"] == name and r["method"] == method
+                               and r["bits"] == b], key) for b in all_bits]
+                lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
+        office = [r for r in rows if r["benchmark"].startswith("office-caltech")]
+        if office:
+            for method in methods:
+                cells = [cell([r for r in office if r["method"] == method and r["bits"] == b], key)
+                         for b in all_bits]
+                lines.append(f"| **office-caltech mean** | {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,402 @@
+"""``crossret`` command line: a thin typer layer over the Python API.
+
+Errors a user can cause are :class:`~crossret.errors.CrossretError`; they are printed to stderr
+as ``error: ...`` and the command exits with status 2. ``--json`` makes the last line of stdout one
+JSON object (progress bars and tables go to stderr then).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from crossret.errors import ConfigError, CrossretError, DataError
+from crossret.hashing.base import ProgressFn, available_methods
+
+app = typer.Typer(
+    help="Unsupervised domain-adaptive retrieval: learn hash codes that work on an unlabelled target "
+    "domain, evaluate them (MAP, precision@N, P-R) and search them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+index_app = typer.Typer(help="Build and search persistent binary (Hamming) indexes.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+out = Console()
+err = Console(stderr=True)
+
+
+class Ties(str, Enum):
+    expected = "expected"
+    index = "index"
+
+
+class Setting(str, Enum):
+    cross = "cross"
+    single = "single"
+
+
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Directory with the benchmark files (default: $CROSSRET_DATA)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line of stdout.")]
+TiesOpt = Annotated[
+    Ties,
+    typer.Option(help="Tie rule for equal Hamming distances: 'expected' = exact expected AP under random "
+                 "order of tied items; 'index' = ties broken by database order."),
+]
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except CrossretError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: nothing after the last completed step was written")
+        sys.exit(130)
+
+
+# --------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _progress_bar(enabled: bool = True) -> Iterator[ProgressFn]:
+    """A rich progress bar on stderr, exposed to library code as a ``progress(step, total, msg)``."""
+    if not enabled:
+        yield lambda step, total, message="": None
+        return
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=err, transient=True,
+    )
+    task = progress.add_task("starting", total=1)
+
+    def update(step: int, total: int, message: str = "") -> None:
+        progress.update(task, completed=step, total=max(total, 1), description=message or "working")
+
+    with progress:
+        yield update
+
+
+def _parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: cannot parse the value ({exc})") from exc
+    return overrides
+
+
+def _print_json(obj: Any) -> None:
+    from crossret._io import to_jsonable
+
+    sys.stdout.write(json.dumps(to_jsonable(obj), separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _load_npy(path: Path, what: str) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{what}: file not found: {path}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{what}: {path} is not a readable .npy file ({exc})") from exc
+
+
+# --------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    bits: Annotated[int, typer.Option(help="Code length in bits.")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of the methods.")] = 0,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Root of the run directories "
+                                                 "(default runs/demo-<time>).")] = None,
+    ties: TiesOpt = Ties.expected,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run LSH, ITQ and source-only on the always-available demo data and print a MAP table.
+
+    The demo pairs scikit-learn's bundled handwritten digits (source) with a deterministically
+    style-shifted copy of other digits (target); no files are needed.
+    """
+    from crossret.data import load_benchmark
+    from crossret.experiment import RunConfig, run_experiment
+
+    root = out_dir or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    split = load_benchmark("demo", None)
+    rows = []
+    with _progress_bar() as progress:
+        for method in ("lsh", "itq", "source-only"):
+            config = RunConfig(method=method, benchmark="demo", bits=bits, seed=seed, ties=ties.value,
+                               out_dir=str(root / method))
+            result = run_experiment(config, split=split, progress=progress, overwrite=True)
+            rows.append(result.metrics)
+    summary = {
+        "benchmark": "demo", "bits": bits, "seed": seed, "ties": ties.value,
+        "split_seed": split.protocol.get("split_seed"), "run_root": str(root),
+        "results": [{k: m[k] for k in ("method", "map_cross", "map_single", "p_at_r2", "train_seconds")}
+                    for m in rows],
+    }
+    if as_json:
+        _print_json(summary)
+        return
+    table = Table(title=f"crossret demo — {bits} bits, MAP@all % (ties: {ties.value})")
+    for column in ("method", "MAP cross-domain", "MAP single-domain", "P@100 cross", "P(r<=2) cross",
+                   "train s"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for m in rows:
+        table.add_row(m["method"], _pct(m["map_cross"]), _pct(m["map_single"]),
+                      _pct(m["precision_at"]["cross"].get("100")), _pct(m["p_at_r2"]["cross"]),
+                      f"{m['train_seconds']:.2f}")
+    out.print(table)
+    protocol = split.protocol
+    out.print(
+        f"source {split.source.n} items, target train {split.target_train.n}, queries {split.queries.n} "
+        f"(split seed {protocol.get('split_seed')}). Cross-domain: target queries vs source; "
+        f"single-domain: target queries vs target train. Run directories: {root}"
+    )
+
+
+# --------------------------------------------------------------------------- benchmarks
+@app.command()
+def benchmarks(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
+    """List the named benchmarks and whether their data files are present."""
+    from crossret.data import list_benchmarks, resolve_data_dir
+
+    resolved = resolve_data_dir(data_dir)
+    infos = list_benchmarks(resolved)
+    if as_json:
+        _print_json({"data_dir": str(resolved) if resolved else None,
+                     "benchmarks": [{"name": i.name, "family": i.family, "present": i.present,
+                                     "files": [str(f) for f in i.files]} for i in infos]})
+        return
+    table = Table(title=f"benchmarks (data dir: {resolved or 'not set — use --data-dir or CROSSRET_DATA'})")
+    table.add_column("name")
+    table.add_column("family")
+    table.add_column("data")
+    table.add_column("files")
+    for info in infos:
+        table.add_row(info.name, info.family, "[green]present[/]" if info.present else "[red]absent[/]",
+                      ", ".join(str(f) for f in info.files) or "(built in)")
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- run
+@app.command()
+def run(
+    method: Annotated[str, typer.Argument(help="Method: " + ", ".join(available_methods()) + ".")],
+    bits: Annotated[int, typer.Option(help="Code length in bits (any positive integer).")],
+    benchmark: Annotated[str | None, typer.Option(help="Named benchmark (see `crossret benchmarks`).")] = None,
+    source: Annotated[Path | None, typer.Option(help="Source domain file (labelled).")] = None,
+    target: Annotated[Path | None, typer.Option(help="Target domain file (labels used for evaluation only).")]
+    = None,
+    seed: Annotated[int, typer.Option(help="Seed of the method.")] = 0,
+    split_seed: Annotated[int, typer.Option(help="Seed of the query/train split of the target.")] = 313,
+    n_queries: Annotated[int | None, typer.Option(help="Custom domains: number of target queries "
+                                                  "(default: --query-fraction).")] = None,
+    query_fraction: Annotated[float, typer.Option(help="Custom domains: fraction of the target used as "
+                                                  "queries.")] = 0.1,
+    data_dir: DataDirOpt = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<name>-<time>).")]
+    = None,
+    ties: TiesOpt = Ties.expected,
+    topk: Annotated[int | None, typer.Option(help="Also report MAP@k (normalised by relevant items "
+                                             "retrieved in the top k).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Method config override KEY=VALUE "
+                                                   "(repeatable).")] = None,
+    plots: Annotated[bool, typer.Option("--plots", help="Write P-R and precision@N plots (PNG).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a finished run in --out.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train METHOD on a benchmark (or --source/--target files), evaluate, write a run directory."""
+    from crossret.experiment import RunConfig, default_run_dir, run_experiment
+
+    config = RunConfig(
+        method=method, bits=bits, seed=seed, benchmark=benchmark,
+        source=str(source) if source else None, target=str(target) if target else None,
+        data_dir=str(data_dir) if data_dir else None, split_seed=split_seed, n_queries=n_queries,
+        query_fraction=query_fraction, ties=ties.value, topk=topk, method_config=_parse_overrides(set_),
+        plots=plots,
+    ).validate()
+    config.out_dir = str(out_dir) if out_dir else default_run_dir(config)
+    with _progress_bar() as progress:
+        result = run_experiment(config, progress=progress, overwrite=overwrite)
+    metrics = result.metrics
+    if as_json:
+        _print_json(metrics)
+        return
+    table = Table(title=f"{method} on {config.benchmark_label}, {bits} bits (ties: {ties.value})")
+    for column in ("retrieval", "MAP@all %", *( [f"MAP@{topk} %"] if topk else []), "P@100 %", "P(r<=2) %",
+                   "queries w/o relevant"):
+        table.add_column(column, justify="left" if column == "retrieval" else "right")
+    for setting, label in (("cross", "cross-domain (db = source)"), ("single", "single-domain (db = target)")):
+        extra = [_pct(metrics[f"map_at_{topk}_{setting}"])] if topk else []
+        table.add_row(label, _pct(metrics[f"map_{setting}"]), *extra,
+                      _pct(metrics["precision_at"][setting].get("100")), _pct(metrics["p_at_r2"][setting]),
+                      str(metrics["queries_without_relevant"][setting]))
+    out.print(table)
+    out.print(f"train {metrics['train_seconds']:.2f}s, encode {metrics['encode_seconds']:.2f}s; "
+              f"run directory: {result.run_dir}")
+
+
+# --------------------------------------------------------------------------- eval-codes
+@app.command("eval-codes")
+def eval_codes(
+    query_codes: Annotated[Path, typer.Option(help=".npy of query codes (±1 or 0/1), one row per item.")],
+    db_codes: Annotated[Path, typer.Option(help=".npy of database codes (±1 or 0/1).")],
+    query_labels: Annotated[Path, typer.Option(help=".npy of integer query labels.")],
+    db_labels: Annotated[Path, typer.Option(help=".npy of integer database labels.")],
+    ties: TiesOpt = Ties.expected,
+    topk: Annotated[int | None, typer.Option(help="Also report MAP@k.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Evaluate given hash codes: MAP@all (and MAP@k), precision@N, precision within radius 2."""
+    from crossret.retrieval.metrics import evaluate_hamming
+
+    arrays = {name: _load_npy(path, f"--{name.replace('_', '-')}") for name, path in
+              (("query_codes", query_codes), ("db_codes", db_codes), ("query_labels", query_labels),
+               ("db_labels", db_labels))}
+    with _progress_bar() as progress:
+        evaluation = evaluate_hamming(arrays["query_codes"], arrays["db_codes"], arrays["query_labels"],
+                                      arrays["db_labels"], ties=ties.value, topk=topk, progress=progress)
+    result = evaluation.to_dict()
+    result["map_definition"] = (f"mean over queries of AP over the whole ranking; ties: {ties.value}"
+                                + (f"; map_at_k normalised by relevant items in the top {topk}" if topk else ""))
+    if topk is not None:
+        result["map_at_k"] = evaluation.map_at_k
+    if as_json:
+        _print_json(result)
+        return
+    table = Table(title=f"{evaluation.n_queries} queries x {evaluation.n_database} items, {evaluation.bits} bits "
+                  f"(ties: {ties.value})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("MAP@all %", _pct(evaluation.map))
+    if topk is not None:
+        table.add_row(f"MAP@{topk} % (normalised by relevant in top {topk})", _pct(evaluation.map_at_k))
+    for n, value in sorted(evaluation.precision_at.items()):
+        table.add_row(f"precision@{n} %", _pct(value))
+    table.add_row("precision within radius 2 %", _pct(evaluation.p_at_r2))
+    table.add_row("queries without a relevant item (AP 0)", str(evaluation.n_queries_without_relevant))
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- report
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write PNGs (default RUN_DIR/plots).")]
+    = None,
+) -> None:
+    """Write P-R (by Hamming radius and by rank) and precision@N plots of a run as PNG."""
+    from crossret.experiment import read_run_metrics
+    from crossret.report.plots import write_run_plots
+
+    metrics = read_run_metrics(run_dir)
+    paths = write_run_plots(metrics, out_dir or run_dir / "plots")
+    for path in paths:
+        out.print(str(path))
+
+
+# --------------------------------------------------------------------------- index
+@index_app.command("build")
+def index_build(
+    output: Annotated[Path, typer.Option("--out", help="Index file to write.")],
+    codes: Annotated[Path | None, typer.Option(help=".npy of database codes (±1 or 0/1, or packed uint8 "
+                                               "with --bits).")] = None,
+    run_dir: Annotated[Path | None, typer.Option("--run", help="Take the database codes from a run "
+                                                 "directory.")] = None,
+    database: Annotated[Setting, typer.Option(help="With --run: cross = source codes, single = target-train "
+                                              "codes.")] = Setting.cross,
+    bits: Annotated[int | None, typer.Option(help="Code length, required for packed uint8 codes.")] = None,
+    kind: Annotated[str, typer.Option(help="flat | ivf | hnsw | a faiss binary factory string.")] = "flat",
+    ids: Annotated[Path | None, typer.Option(help=".npy of int64 item ids (default 0..N-1).")] = None,
+) -> None:
+    """Build a binary index from codes and save it (atomic write, checksummed)."""
+    from crossret.retrieval.index import BinaryIndex
+
+    if (codes is None) == (run_dir is None):
+        raise ConfigError("give exactly one of --codes FILE or --run RUN_DIR")
+    if run_dir is not None:
+        name = "source" if database is Setting.cross else "target_train"
+        codes = run_dir / "codes" / f"{name}_codes.npy"
+    assert codes is not None
+    packed, n_bits = _as_packed(_load_npy(codes, "--codes"), bits, "--codes")
+    index = BinaryIndex.from_packed(packed, n_bits, kind=kind, ids=_load_npy(ids, "--ids") if ids else None)
+    index.save(output)
+    out.print(f"wrote {output}: {index.ntotal} codes, {n_bits} bits, kind {kind}")
+
+
+@index_app.command("search")
+def index_search(
+    index_file: Annotated[Path, typer.Argument(help="Index file written by `crossret index build`.")],
+    queries: Annotated[Path, typer.Option(help=".npy of query codes (±1 or 0/1, or packed uint8).")],
+    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per query.")] = 10,
+    save: Annotated[Path | None, typer.Option(help="Write distances and ids to this .npz.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Search an index: the k nearest codes (Hamming) of every query."""
+    from crossret._io import atomic_open
+    from crossret.retrieval.index import BinaryIndex
+
+    index = BinaryIndex.load(index_file)
+    packed, _ = _as_packed(_load_npy(queries, "--queries"), index.bits, "--queries")
+    distances, ids = index.search(packed, k)
+    if save is not None:
+        with atomic_open(save, "wb") as handle:
+            np.savez(handle, distances=distances, ids=ids)
+    if as_json:
+        _print_json({"k": k, "bits": index.bits, "ntotal": index.ntotal,
+                     "distances": distances.tolist(), "ids": ids.tolist()})
+        return
+    table = Table(title=f"{len(ids)} queries, top {k} of {index.ntotal} ({index.bits} bits)")
+    table.add_column("query", justify="right")
+    table.add_column("ids (distance)")
+    shown = min(len(ids), 20)
+    for q in range(shown):
+        table.add_row(str(q), "  ".join(f"{i} ({d})" for i, d in zip(ids[q], distances[q], strict=True)))
+    out.print(table)
+    if shown < len(ids):
+        out.print(f"... {len(ids) - shown} more queries (use --json or --save for all)")
+
+
+def _as_packed(array: np.ndarray, bits: int | None, what: str) -> tuple[np.ndarray, int]:
+    """±1/{0,1} codes -> packed; packed uint8 codes need ``bits``."""
+    from crossret.retrieval.packing import check_packed, pack_codes
+
+    if array.dtype == np.uint8 and bits is not None and array.ndim == 2 and array.shape[1] == (bits + 7) // 8 \
+            and array.shape[1] != bits:
+        return check_packed(array, bits, name=what), bits
+    if array.ndim != 2:
+        raise DataError(f"{what}: expected a 2-D array of codes, got shape {array.shape}")
+    if bits is not None and array.shape[1] != bits:
+        raise DataError(f"{what}: codes have {array.shape[1]} bits but {bits} were expected; code lengths "
+                        "must match")
+    return pack_codes(array), int(array.shape[1])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,338 @@
+"""Run one hashing method on one protocol split, evaluate it, and write a run directory.
+
+This is the Python API behind ``crossret run`` and ``crossret demo``::
+
+    from crossret.experiment import RunConfig, run_experiment
+    result = run_experiment(RunConfig(method="itq", benchmark="digits-m2u", bits=64, data_dir="data"))
+    result.metrics["map_cross"]
+
+A run directory holds (DESIGN "CLI"):
+
+* ``config.yaml``   the resolved configuration (method config with every default filled in),
+* ``metrics.json``  the metric contract (``method``, ``benchmark``, ``bits``, ``seed``, ``ties``,
+  ``map_cross``, ``map_single``, ``precision_at``, ``p_at_r2``, ``train_seconds``,
+  ``encode_seconds`` ...) plus protocol, curves and method diagnostics,
+* ``codes/``        ±1 int8 codes and labels of the queries, the source and the target-train set,
+* ``model.*``       the fitted method (safe formats, see each method's ``save``),
+* ``run.log``       a log of the run, and ``plots/`` when asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from crossret._io import save_npy_atomic, write_json_atomic, write_yaml_atomic
+from crossret.data.domain import RetrievalSplit
+from crossret.errors import ConfigError, DataError, FileFormatError
+from crossret.hashing.base import HashMethod, ProgressFn, make_method, no_progress
+
+logger = logging.getLogger("crossret")
+
+TIE_RULES = ("expected", "index")
+DEFAULT_PRECISION_NS = tuple(range(100, 1001, 100))
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. Serialised to ``config.yaml``; every field is a plain type."""
+
+    method: str
+    bits: int
+    seed: int = 0
+    benchmark: str | None = None
+    source: str | None = None
+    target: str | None = None
+    data_dir: str | None = None
+    split_seed: int = 313
+    n_queries: int | None = None
+    query_fraction: float = 0.1
+    ties: str = "expected"
+    topk: int | None = None
+    precision_ns: list[int] = field(default_factory=lambda: list(DEFAULT_PRECISION_NS))
+    method_config: dict[str, Any] = field(default_factory=dict)
+    out_dir: str | None = None
+    plots: bool = False
+
+    def validate(self) -> RunConfig:
+        if not isinstance(self.bits, int) or self.bits <= 0:
+            raise ConfigError(f"--bits must be a positive integer, got {self.bits!r}")
+        if self.ties not in TIE_RULES:
+            raise ConfigError(f"--ties must be one of {', '.join(TIE_RULES)}, got {self.ties!r}")
+        if self.topk is not None and self.topk < 1:
+            raise ConfigError(f"--topk must be >= 1, got {self.topk}")
+        if (self.benchmark is None) == (self.source is None and self.target is None):
+            raise ConfigError("give either --benchmark NAME or both --source FILE and --target FILE")
+        if self.benchmark is None and (self.source is None or self.target is None):
+            raise ConfigError("custom domains need both --source FILE and --target FILE")
+        if not 0.0 < self.query_fraction < 1.0:
+            raise ConfigError(f"query fraction must be in (0, 1), got {self.query_fraction}")
+        if any(int(n) < 1 for n in self.precision_ns):
+            raise ConfigError("precision@N cut-offs must be >= 1")
+        return self
+
+    @property
+    def benchmark_label(self) -> str:
+        return self.benchmark or "custom"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        """Load a ``config.yaml`` written by a run (unknown keys are an error)."""
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise FileFormatError(f"{path}: cannot read run config ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise FileFormatError(f"{path}: not a run config (expected a mapping)")
+        raw = dict(raw.get("run", raw))
+        raw.pop("resolved_method_config", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown run config key(s): {', '.join(unknown)}")
+        return cls(**raw)
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_experiment` returns."""
+
+    config: RunConfig
+    metrics: dict[str, Any]
+    method: HashMethod
+    split: RetrievalSplit
+    codes: dict[str, np.ndarray]
+    run_dir: Path | None
+
+
+def load_split(config: RunConfig) -> RetrievalSplit:
+    """The protocol split a config asks for (a named benchmark or two domain files)."""
+    from crossret.data import load_benchmark, make_split, read_domain, resolve_data_dir
+
+    config.validate()
+    if config.benchmark is not None:
+        data_dir = resolve_data_dir(config.data_dir)
+        return load_benchmark(config.benchmark, data_dir, split_seed=config.split_seed)
+    assert config.source is not None and config.target is not None
+    source = read_domain(config.source, role="source")
+    target = read_domain(config.target, role="target")
+    return make_split(
+        source,
+        target,
+        benchmark="custom",
+        n_queries=config.n_queries,
+        query_fraction=config.query_fraction,
+        split_seed=config.split_seed,
+        protocol_extra={"source_file": str(config.source), "target_file": str(config.target)},
+    )
+
+
+def evaluate_codes(
+    query_codes: np.ndarray,
+    query_labels: np.ndarray,
+    databases: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    ties: str = "expected",
+    topk: int | None = None,
+    precision_ns: tuple[int, ...] | list[int] = DEFAULT_PRECISION_NS,
+    progress: ProgressFn = no_progress,
+) -> dict[str, Any]:
+    """Evaluate query codes against one or more named databases (e.g. ``cross``, ``single``).
+
+    Returns the flat metric keys of the contract (``map_<name>``, ``precision_at[name]`` ...) plus
+    ``curves`` for plotting.
+    """
+    from crossret.retrieval.metrics import evaluate_hamming
+
+    out: dict[str, Any] = {"precision_at": {}, "recall_at": {}, "p_at_r2": {}, "curves": {},
+                           "queries_without_relevant": {}}
+    for name, (db_codes, db_labels) in databases.items():
+        evaluation = evaluate_hamming(
+            query_codes, db_codes, query_labels, db_labels, ties=ties, topk=topk,
+            precision_ns=tuple(int(n) for n in precision_ns),
+            progress=lambda step, total, msg, _n=name: progress(step, total, f"evaluate {_n}: {msg}"),
+        )
+        out[f"map_{name}"] = float(evaluation.map)
+        if topk is not None:
+            out[f"map_at_{topk}_{name}"] = float(evaluation.map_at_k)
+        out["precision_at"][name] = {str(k): float(v) for k, v in evaluation.precision_at.items()}
+        out["recall_at"][name] = {str(k): float(v) for k, v in evaluation.recall_at.items()}
+        out["p_at_r2"][name] = float(evaluation.p_at_r2)
+        out["queries_without_relevant"][name] = int(evaluation.n_queries_without_relevant)
+        ns = sorted(evaluation.precision_at)
+        out["curves"][name] = {
+            "pr_radius": evaluation.pr_radius,
+            "pr_rank": {
+                "n": ns,
+                "precision": [float(evaluation.precision_at[n]) for n in ns],
+                "recall": [float(evaluation.recall_at.get(n, float("nan"))) for n in ns],
+            },
+        }
+    return out
+
+
+def run_experiment(
+    config: RunConfig,
+    *,
+    split: RetrievalSplit | None = None,
+    progress: ProgressFn = no_progress,
+    overwrite: bool = False,
+) -> RunResult:
+    """Fit ``config.method`` on the split, encode, evaluate cross- and single-domain retrieval.
+
+    Writes a run directory when ``config.out_dir`` is set. The target's labels are never shown to
+    the method: it receives :meth:`RetrievalSplit.training_target`.
+    """
+    config.validate()
+    run_dir = _prepare_run_dir(config.out_dir, overwrite) if config.out_dir else None
+    method = make_method(config.method, bits=config.bits, seed=config.seed, overrides=config.method_config)
+    handler = _attach_log(run_dir) if run_dir else None
+    try:
+        if run_dir:
+            write_yaml_atomic(run_dir / "config.yaml", _resolved_config(config, method))
+        if split is None:
+            split = load_split(config)
+        logger.info("split: %s", split.summary())
+        logger.info("method %s, %d bits, seed %d, config %s", config.method, config.bits, config.seed,
+                    method.config_dict())
+
+        start = time.perf_counter()
+        method.fit(split.source, split.training_target(), progress=progress)
+        train_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        codes = {
+            "queries": method.encode(split.queries.features),
+            "source": method.encode(split.source.features),
+            "target_train": method.encode(split.target_train.features),
+        }
+        encode_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        evaluated = evaluate_codes(
+            codes["queries"], split.queries.labels,
+            {"cross": (codes["source"], split.source.labels),
+             "single": (codes["target_train"], split.target_train.labels)},
+            ties=config.ties, topk=config.topk, precision_ns=config.precision_ns, progress=progress,
+        )
+        eval_seconds = time.perf_counter() - start
+
+        metrics: dict[str, Any] = {
+            "method": config.method,
+            "benchmark": config.benchmark_label,
+            "bits": config.bits,
+            "seed": config.seed,
+            "split_seed": config.split_seed,
+            "ties": config.ties,
+            "topk": config.topk,
+            "map_definition": _map_definition(config.ties, config.topk),
+            "map_cross": evaluated.pop("map_cross"),
+            "map_single": evaluated.pop("map_single"),
+            **evaluated,
+            "train_seconds": round(train_seconds, 4),
+            "encode_seconds": round(encode_seconds, 4),
+            "eval_seconds": round(eval_seconds, 4),
+            "n_queries": split.queries.n,
+            "n_source": split.source.n,
+            "n_target_train": split.target_train.n,
+            "protocol": split.summary(),
+            "method_config": method.config_dict(),
+            "diagnostics": method.diagnostics,
+        }
+        logger.info("MAP cross %.4f, single %.4f (ties=%s); train %.2fs", metrics["map_cross"],
+                    metrics["map_single"], config.ties, train_seconds)
+        if run_dir:
+            _write_run(run_dir, config, method, split, codes, metrics)
+        return RunResult(config, metrics, method, split, codes, run_dir)
+    except KeyboardInterrupt:
+        logger.warning("interrupted; the run directory holds no metrics.json")
+        raise
+    finally:
+        if handler is not None:
+            logging.getLogger("crossret").removeHandler(handler)
+            handler.close()
+
+
+def _map_definition(ties: str, topk: int | None) -> str:
+    rule = ("ties: exact expected AP under a uniformly random order of tied items" if ties == "expected"
+            else "ties: broken by database order")
+    text = f"MAP@all: mean over queries of AP over the whole Hamming ranking; {rule}"
+    if topk is not None:
+        text += (f"; MAP@{topk}: AP normalised by the number of relevant items retrieved in the top {topk} "
+                 "(DA-hashing convention)")
+    return text
+
+
+def _resolved_config(config: RunConfig, method: HashMethod) -> dict[str, Any]:
+    resolved = config.to_dict()
+    resolved["resolved_method_config"] = method.config_dict()
+    return resolved
+
+
+def _prepare_run_dir(out_dir: str, overwrite: bool) -> Path:
+    run_dir = Path(out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} exists and is not a directory")
+    if (run_dir / "metrics.json").exists() and not overwrite:
+        raise ConfigError(
+            f"--out {run_dir} already holds a finished run (metrics.json); choose another directory "
+            "or pass --overwrite"
+        )
+    (run_dir / "codes").mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _attach_log(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "run.log", mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger("crossret")
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    return handler
+
+
+def _write_run(run_dir: Path, config: RunConfig, method: HashMethod, split: RetrievalSplit,
+               codes: dict[str, np.ndarray], metrics: dict[str, Any]) -> None:
+    labels = {"queries": split.queries.labels, "source": split.source.labels,
+              "target_train": split.target_train.labels}
+    for name, array in codes.items():
+        save_npy_atomic(run_dir / "codes" / f"{name}_codes.npy", array)
+        save_npy_atomic(run_dir / "codes" / f"{name}_labels.npy", labels[name])
+    method.save(run_dir / "model")
+    if config.plots:
+        from crossret.report.plots import write_run_plots
+
+        write_run_plots(metrics, run_dir / "plots")
+    # metrics.json last: its presence marks a finished run.
+    write_json_atomic(run_dir / "metrics.json", metrics)
+
+
+def read_run_metrics(run_dir: str | Path) -> dict[str, Any]:
+    """Load ``metrics.json`` of a finished run directory (clear error when missing or corrupt)."""
+    import json
+
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise DataError(f"{run_dir}: no metrics.json; is this a finished crossret run directory?")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise FileFormatError(f"{path}: cannot parse metrics ({exc})") from exc
+
+
+def default_run_dir(config: RunConfig, root: str | Path = "runs") -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return str(Path(root) / f"{config.benchmark_label}-{config.method}-{config.bits}b-s{config.seed}-{stamp}")
+

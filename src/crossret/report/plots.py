@@ -1,0 +1,276 @@
+"""Report plots (PNG): P-R curves, precision@N and MAP vs code length.
+
+Inputs are the metrics dicts a run writes (``metrics.json``), of which these parts are read::
+
+    "curves": {"cross": {"pr_radius": {"radius": [...], "precision": [...], "recall": [...]},
+                         "pr_rank": {"n": [...], "precision": [...], "recall": [...]}},
+               "single": {...}},
+    "precision_at": {"cross": {"100": 0.5, ...}, "single": {...}},
+    "method": "itq", "benchmark": "digits-m2u", "bits": 64, "ties": "expected"
+
+Undefined points (``None`` or NaN, e.g. the precision at a radius where nothing is retrieved) are
+skipped. Figures are drawn with matplotlib's object API on an Agg canvas: no display, no pyplot
+global state, no change of the process-wide backend. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from crossret._io import write_bytes_atomic
+from crossret.errors import ConfigError, DataError
+
+__all__ = ["SETTINGS", "plot_map_vs_bits", "plot_pr_curves", "plot_precision_at_n", "write_run_plots"]
+
+SETTINGS = ("cross", "single")
+_SETTING_TITLES = {"cross": "cross-domain database", "single": "single-domain database"}
+_CURVE_KEYS = {"radius": "pr_radius", "rank": "pr_rank"}
+_DPI = 120
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _new_figure(width: float = 6.0, height: float = 4.5) -> Any:
+    # Imported lazily (matplotlib is slow to import) and via the object API so the caller's pyplot
+    # backend is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight")
+    write_bytes_atomic(path, buffer.getvalue())
+    return path
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for missing/undefined values (None, NaN, inf)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _points(xs: Sequence[Any], ys: Sequence[Any], what: str) -> tuple[list[float], list[float]]:
+    """Pairs with both coordinates defined; lengths must agree."""
+    if len(xs) != len(ys):
+        raise DataError(f"{what}: the curve's lists have different lengths ({len(xs)} and {len(ys)})")
+    pairs = [(x, y) for x, y in ((_number(a), _number(b)) for a, b in zip(xs, ys, strict=True))
+             if x is not None and y is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _check_runs(runs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    if isinstance(runs, Mapping) or isinstance(runs, (str, bytes)):
+        raise DataError("runs must be a sequence of metrics dicts (wrap a single run in a list)")
+    runs = list(runs)
+    if not runs:
+        raise DataError("no runs to plot: pass at least one metrics dict")
+    for i, run in enumerate(runs):
+        if not isinstance(run, Mapping):
+            raise DataError(f"run {i}: expected a metrics dict, got {type(run).__name__}")
+    return runs
+
+
+def _check_setting(setting: str) -> None:
+    if setting not in SETTINGS:
+        raise ConfigError(f"setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
+
+
+def _label(run: Mapping[str, Any]) -> str:
+    method = run.get("method", "?")
+    bits = run.get("bits")
+    return f"{method} ({bits} bits)" if bits is not None else str(method)
+
+
+def _run_name(run: Mapping[str, Any], i: int) -> str:
+    return f"run {i} ({_label(run)})"
+
+
+def _curve(run: Mapping[str, Any], i: int, setting: str, key: str) -> Mapping[str, Any]:
+    curves = run.get("curves")
+    if not isinstance(curves, Mapping) or not isinstance(curves.get(setting), Mapping):
+        raise DataError(f"{_run_name(run, i)}: no curves for the {setting!r} setting in its metrics")
+    curve = curves[setting].get(key)
+    if not isinstance(curve, Mapping):
+        raise DataError(f"{_run_name(run, i)}: curves[{setting!r}] has no {key!r} curve")
+    for field in ("precision", "recall"):
+        if not isinstance(curve.get(field), Sequence):
+            raise DataError(f"{_run_name(run, i)}: curves[{setting!r}][{key!r}] has no {field!r} list")
+    return curve
+
+
+def _shared(runs: Sequence[Mapping[str, Any]], key: str) -> Any:
+    values = {str(run.get(key)) for run in runs if run.get(key) is not None}
+    return values.pop() if len(values) == 1 else None
+
+
+def _title(runs: Sequence[Mapping[str, Any]], what: str, setting: str | None) -> str:
+    parts = [what]
+    benchmark = _shared(runs, "benchmark")
+    if benchmark:
+        parts.append(benchmark)
+    bits = _shared(runs, "bits")
+    if bits and len(runs) == 1:
+        parts.append(f"{bits} bits")
+    if setting:
+        parts.append(_SETTING_TITLES[setting])
+    ties = _shared(runs, "ties")
+    title = " — ".join(parts)
+    return f"{title}\n(ties: {ties})" if ties else title
+
+
+def _note_if_empty(ax: Any, drawn: int) -> None:
+    if not drawn:
+        # Still write the figure: a run where nothing is defined should not abort a report.
+        ax.text(0.5, 0.5, "no defined points", ha="center", va="center", transform=ax.transAxes)
+
+
+# ------------------------------------------------------------------ public plots
+
+
+def plot_pr_curves(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike, setting: str = "cross",
+                   by: str = "radius") -> Path:
+    """Precision-recall curves, one per run ("method (bits)"), by Hamming radius or by rank position."""
+    runs = _check_runs(runs)
+    _check_setting(setting)
+    if by not in _CURVE_KEYS:
+        raise ConfigError(f"by must be 'radius' or 'rank', got {by!r}")
+    key = _CURVE_KEYS[by]
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    drawn = 0
+    for i, run in enumerate(runs):
+        curve = _curve(run, i, setting, key)
+        recall, precision = _points(curve["recall"], curve["precision"], f"{_run_name(run, i)} {key}")
+        if recall:
+            ax.plot(recall, precision, marker="." if len(recall) < 80 else None, label=_label(run))
+            drawn += 1
+    _note_if_empty(ax, drawn)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, alpha=0.3)
+    how = "Hamming radius" if by == "radius" else "rank position"
+    ax.set_title(_title(runs, f"P-R by {how}", setting), fontsize=10)
+    if drawn:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _precision_at(run: Mapping[str, Any], i: int, setting: str) -> tuple[list[float], list[float]]:
+    table = run.get("precision_at")
+    if isinstance(table, Mapping) and isinstance(table.get(setting), Mapping):
+        items = table[setting]
+        try:
+            ns = [int(n) for n in items]
+        except (TypeError, ValueError):
+            raise DataError(f"{_run_name(run, i)}: precision_at[{setting!r}] keys must be integers N") from None
+        xs, ys = _points(ns, list(items.values()), f"{_run_name(run, i)} precision_at")
+    else:
+        # Fall back on the rank curve, which holds the same numbers.
+        curve = _curve(run, i, setting, "pr_rank")
+        if not isinstance(curve.get("n"), Sequence):
+            raise DataError(f"{_run_name(run, i)}: no precision_at[{setting!r}] and no N list in its pr_rank curve")
+        xs, ys = _points(curve["n"], curve["precision"], f"{_run_name(run, i)} pr_rank")
+    order = sorted(range(len(xs)), key=xs.__getitem__)
+    return [xs[j] for j in order], [ys[j] for j in order]
+
+
+def plot_precision_at_n(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike,
+                        setting: str = "cross") -> Path:
+    """Precision@N against N, one line per run."""
+    runs = _check_runs(runs)
+    _check_setting(setting)
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    drawn = 0
+    for i, run in enumerate(runs):
+        ns, precision = _precision_at(run, i, setting)
+        if ns:
+            ax.plot(ns, precision, marker="o", markersize=3, label=_label(run))
+            drawn += 1
+    _note_if_empty(ax, drawn)
+    ax.set_xlabel("N (number of top-ranked items)")
+    ax.set_ylabel("precision@N")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(_title(runs, "precision@N", setting), fontsize=10)
+    if drawn:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_map_vs_bits(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
+                     setting: str = "cross") -> Path:
+    """MAP against code length, one line per method. ``rows`` hold method, bits, map_cross/map_single."""
+    rows = _check_runs(rows)
+    _check_setting(setting)
+    key = f"map_{setting}"
+    series: dict[str, list[tuple[float, float]]] = {}
+    for i, row in enumerate(rows):
+        if "method" not in row or "bits" not in row:
+            raise DataError(f"row {i}: needs 'method' and 'bits' (got keys {sorted(row)})")
+        if key not in row:
+            raise DataError(f"row {i} ({_label(row)}): no {key!r} value")
+        bits, value = _number(row["bits"]), _number(row[key])
+        if bits is not None and value is not None:
+            series.setdefault(str(row["method"]), []).append((bits, value))
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    all_bits: set[float] = set()
+    for method, points in series.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        all_bits.update(p[0] for p in points)
+    _note_if_empty(ax, len(series))
+    if all_bits:
+        ax.set_xticks(sorted(all_bits))
+        ax.set_xticklabels([f"{b:g}" for b in sorted(all_bits)])
+    ax.set_xlabel("code length (bits)")
+    ax.set_ylabel(f"MAP ({_SETTING_TITLES[setting]})")
+    ax.grid(True, alpha=0.3)
+    benchmark = _shared(rows, "benchmark")
+    ax.set_title(f"MAP vs code length{' — ' + benchmark if benchmark else ''}", fontsize=10)
+    if series:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def write_run_plots(metrics: Mapping[str, Any], out_dir: str | os.PathLike) -> list[Path]:
+    """Write the P-R (radius, rank) and precision@N plots of one run for every setting it has.
+
+    Files: ``pr_radius_<setting>.png``, ``pr_rank_<setting>.png``, ``precision_at_n_<setting>.png``.
+    Returns the written paths.
+    """
+    if not isinstance(metrics, Mapping):
+        raise DataError(f"metrics must be a dict (a run's metrics.json), got {type(metrics).__name__}")
+    curves = metrics.get("curves")
+    settings = [s for s in SETTINGS if isinstance(curves, Mapping) and isinstance(curves.get(s), Mapping)]
+    if not settings:
+        raise DataError("the metrics hold no curves for the 'cross' or 'single' setting; nothing to plot")
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    for setting in settings:
+        available = curves[setting]
+        for by, key in _CURVE_KEYS.items():
+            if key in available:
+                written.append(plot_pr_curves([metrics], out_dir / f"{key}_{setting}.png", setting, by))
+        written.append(plot_precision_at_n([metrics], out_dir / f"precision_at_n_{setting}.png", setting))
+    return written

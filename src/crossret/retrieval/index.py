@@ -1,0 +1,708 @@
+"""Persistent search indexes built on faiss: :class:`BinaryIndex` (Hamming) and :class:`DenseIndex`
+(inner product / cosine).
+
+Binary index kinds (the ``kind`` argument):
+
+``"flat"``
+    ``IndexBinaryFlat``: exhaustive, exact. No parameters, no training.
+``"ivf"``
+    ``IndexBinaryIVF`` over a flat binary quantizer. Parameters: ``nlist`` (default
+    ``round(4·sqrt(N))`` clipped to ``[1, N // 39]`` so faiss' k-means gets >= 39 points per
+    centroid), ``nprobe`` (default ``min(8, nlist)``). Needs training; ``from_packed`` trains on the
+    codes it indexes. Approximate unless ``nprobe == nlist``.
+``"hnsw"``
+    ``IndexBinaryHNSW``. Parameters: ``M`` (default 32), ``efConstruction`` (40), ``efSearch`` (64).
+    Approximate; no ``range_search``.
+any other string
+    A raw faiss binary factory string (``"BIVF1024"``, ``"BHNSW32"``, ``"BFlat"``, ...) passed to
+    ``faiss.index_binary_factory``. Accepted parameters: ``nprobe`` (IVF) and ``efSearch`` (HNSW).
+
+Guarantees (all kinds):
+
+* Code lengths that are not a multiple of 64 are zero-padded internally (``pad_packed``) so the
+  64-bit kernels run; distances are unchanged. Inputs are validated with ``check_packed``.
+* Results of each query are sorted by ``(distance, position)``, where *position* is the order in
+  which items were added (``0 .. ntotal-1``). Without user ids, position is the returned id.
+* ``flat`` search is exact *including ties*: the ``k`` results are the first ``k`` items of the
+  database ordered by ``(distance, position)``. faiss' flat scan keeps the earliest items among
+  equal distances (its heap breaks ties by id and the counting path keeps first arrivals); the
+  result is re-sorted here anyway and the guarantee is checked against a brute force in the tests.
+* ``k > ntotal`` (including an empty index): missing slots hold id ``-1`` and distance
+  :data:`MISSING_DISTANCE` (``int32`` max) for binary, score ``-inf`` for dense indexes, at the
+  end of each row. Searching an IVF index that was never trained raises :class:`ConfigError`.
+* ``range_search(q, radius)`` returns every item with distance ``<= radius`` (faiss' own binary
+  range search is ``< radius``; the radius is shifted by one). Exact for ``flat``; for ``ivf`` only
+  the probed lists are searched.
+
+File format (both index types; never pickle), written atomically as one file::
+
+    magic (8 bytes)  b"CRBINIDX" | b"CRDNSIDX"
+    format version   uint32 little-endian
+    header length    uint64 little-endian
+    header           UTF-8 JSON (format_version, kind, sizes, params, sha256 of the payload, ...)
+    payload          faiss serialized index, then the user ids (int64 little-endian) if any
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from crossret._io import write_bytes_atomic
+from crossret.errors import CodeError, ConfigError, DataError, FileFormatError
+from crossret.retrieval.packing import BIT_ORDER, check_packed, packed_width, pad_packed, padded_bits
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MISSING_DISTANCE",
+    "MISSING_ID",
+    "BinaryIndex",
+    "DenseIndex",
+    "read_index_header",
+]
+
+FORMAT_VERSION = 1
+MISSING_ID = -1
+MISSING_DISTANCE = int(np.iinfo(np.int32).max)
+MISSING_SCORE = float("-inf")
+
+_BINARY_MAGIC = b"CRBINIDX"
+_DENSE_MAGIC = b"CRDNSIDX"
+_PREFIX = struct.Struct("<8sIQ")  # magic, format version, header length
+_MAX_HEADER_BYTES = 1 << 24  # a header is a few hundred bytes; anything huge is garbage
+
+_HNSW_DEFAULTS = {"M": 32, "efConstruction": 40, "efSearch": 64}
+
+
+def _faiss() -> Any:
+    # Imported lazily: ``import crossret.retrieval`` must stay cheap.
+    import faiss
+
+    return faiss
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k must be a positive integer (number of results per query), got {k!r}")
+    return int(k)
+
+
+def _check_int_param(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"index parameter {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_ids(ids: Any, n: int, existing: np.ndarray | None) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.shape[0] != n:
+        raise ConfigError(f"ids: expected a 1-D array of {n} ids (one per added item), got shape {ids.shape}")
+    if ids.dtype.kind not in "iu":
+        raise ConfigError(f"ids: expected integer ids, got dtype {ids.dtype}")
+    if ids.dtype.kind == "u" and ids.size and ids.max() > np.iinfo(np.int64).max:
+        raise ConfigError("ids: values do not fit in int64")
+    ids = ids.astype(np.int64)
+    if ids.size and ids.min() < 0:
+        # -1 marks a missing result, so negative user ids would be ambiguous.
+        raise ConfigError("ids: user ids must be >= 0 (-1 marks a missing result)")
+    all_ids = ids if existing is None else np.concatenate([existing, ids])
+    if np.unique(all_ids).size != all_ids.size:
+        raise ConfigError("ids: user ids must be unique across the index")
+    return ids
+
+
+def _sort_rows(keys_primary: np.ndarray, internal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each row by (primary key, internal id); padded slots (id -1) go last."""
+    missing = internal < 0
+    # The missing flag is the most significant key so padding stays at the end whatever its key.
+    order = np.lexsort((internal, keys_primary, missing), axis=1)
+    return np.take_along_axis(keys_primary, order, 1), np.take_along_axis(internal, order, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# file framing
+
+
+def _frame(magic: bytes, header: dict[str, Any], payload: bytes) -> bytes:
+    header = dict(header)
+    header["format_version"] = FORMAT_VERSION
+    header["payload_bytes"] = len(payload)
+    header["sha256"] = hashlib.sha256(payload).hexdigest()
+    header["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    header_bytes = json.dumps(header, sort_keys=True).encode("utf-8")
+    return _PREFIX.pack(magic, FORMAT_VERSION, len(header_bytes)) + header_bytes + payload
+
+
+def _read_frame(path: str | os.PathLike, magic: bytes) -> tuple[dict[str, Any], bytes]:
+    """Read and verify a framed index file; return (header, payload)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileFormatError(f"{path}: no such index file") from None
+    except OSError as exc:
+        raise FileFormatError(f"{path}: cannot read the index file ({exc})") from exc
+    header = _parse_header(path, data, magic)
+    start = _PREFIX.size + header["_header_bytes"]
+    payload = data[start:]
+    expected = header["payload_bytes"]
+    if len(payload) < expected:
+        raise FileFormatError(
+            f"{path}: truncated — the payload has {len(payload)} of {expected} bytes; rebuild or re-copy it"
+        )
+    if len(payload) > expected:
+        raise FileFormatError(f"{path}: {len(payload) - expected} unexpected bytes after the payload")
+    if hashlib.sha256(payload).hexdigest() != header["sha256"]:
+        raise FileFormatError(f"{path}: checksum mismatch — the file was altered or corrupted")
+    return header, payload
+
+
+def _parse_header(path: Path, data: bytes, magic: bytes) -> dict[str, Any]:
+    other = {_BINARY_MAGIC: ("a binary", "BinaryIndex"), _DENSE_MAGIC: ("a dense", "DenseIndex")}
+    if len(data) < len(magic) or data[: len(magic)] != magic:
+        prefix = data[: len(magic)]
+        if prefix in other:
+            what, cls = other[prefix]
+            raise FileFormatError(f"{path}: this is {what} crossret index; load it with {cls}.load")
+        if len(data) < len(magic) and magic.startswith(data):
+            raise FileFormatError(f"{path}: truncated — only {len(data)} bytes")
+        raise FileFormatError(f"{path}: not a crossret index file (bad magic bytes)")
+    if len(data) < _PREFIX.size:
+        raise FileFormatError(f"{path}: truncated — the file ends inside the fixed-size prefix")
+    _, version, header_len = _PREFIX.unpack_from(data)
+    if version > FORMAT_VERSION:
+        raise FileFormatError(
+            f"{path}: written by a newer crossret format version {version} (this crossret reads up to "
+            f"{FORMAT_VERSION}); upgrade crossret"
+        )
+    if version < 1:
+        raise FileFormatError(f"{path}: invalid format version {version}")
+    if header_len > _MAX_HEADER_BYTES:
+        raise FileFormatError(f"{path}: garbage header (declared length {header_len} bytes)")
+    if len(data) < _PREFIX.size + header_len:
+        raise FileFormatError(f"{path}: truncated — the file ends inside the header")
+    raw = data[_PREFIX.size : _PREFIX.size + header_len]
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FileFormatError(f"{path}: garbage header — not valid UTF-8 JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise FileFormatError(f"{path}: garbage header — expected a JSON object")
+    required = {
+        "format_version": int, "kind": str, "ntotal": int, "params": dict, "payload_bytes": int,
+        "faiss_bytes": int, "ids_bytes": int, "sha256": str,
+    }
+    for key, typ in required.items():
+        if not isinstance(header.get(key), typ) or isinstance(header.get(key), bool):
+            raise FileFormatError(f"{path}: garbage header — missing or invalid field {key!r}")
+    if header["format_version"] != version:
+        raise FileFormatError(
+            f"{path}: header format_version {header['format_version']} disagrees with the prefix ({version})"
+        )
+    if header["faiss_bytes"] + header["ids_bytes"] != header["payload_bytes"] or min(
+        header["faiss_bytes"], header["ids_bytes"], header["ntotal"]
+    ) < 0:
+        raise FileFormatError(f"{path}: garbage header — inconsistent payload sizes")
+    header["_header_bytes"] = header_len
+    return header
+
+
+def read_index_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a saved index (either type), without loading or verifying the payload."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_PREFIX.size + _MAX_HEADER_BYTES)
+    except OSError as exc:
+        raise FileFormatError(f"{path}: cannot read the index file ({exc})") from exc
+    magic = _DENSE_MAGIC if head.startswith(_DENSE_MAGIC) else _BINARY_MAGIC
+    header = _parse_header(path, head, magic)
+    header.pop("_header_bytes")
+    header["index_type"] = "dense" if magic == _DENSE_MAGIC else "binary"
+    return header
+
+
+def _split_payload(path: Path, header: dict[str, Any], payload: bytes) -> tuple[np.ndarray, np.ndarray | None]:
+    faiss_part = np.frombuffer(payload, dtype=np.uint8, count=header["faiss_bytes"])
+    if not header["ids_bytes"]:
+        return faiss_part, None
+    if header["ids_bytes"] != 8 * header["ntotal"]:
+        raise FileFormatError(f"{path}: the stored id map does not have one id per item")
+    ids = np.frombuffer(payload, dtype="<i8", offset=header["faiss_bytes"]).astype(np.int64)
+    return faiss_part, ids
+
+
+# --------------------------------------------------------------------------------------------
+# shared behaviour
+
+
+class _FaissIndex:
+    """Shared state: the faiss index, an optional user-id map and the save/load plumbing."""
+
+    _MAGIC: ClassVar[bytes]
+    _faiss_index: Any
+    _ids: np.ndarray | None
+    _ids_mode: bool | None  # None until the first add decides whether user ids are used
+    kind: str
+    params: dict[str, Any]
+
+    @property
+    def ntotal(self) -> int:
+        """Number of indexed items."""
+        return 0 if self._faiss_index is None else int(self._faiss_index.ntotal)
+
+    @property
+    def is_trained(self) -> bool:
+        """Whether the index can accept items (always true for flat and HNSW kinds)."""
+        return self._faiss_index is not None and bool(self._faiss_index.is_trained)
+
+    @property
+    def needs_training(self) -> bool:
+        """True until :meth:`train` has been called on a kind that needs it (IVF)."""
+        return not self.is_trained
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    def _register_ids(self, ids: Any, n: int) -> None:
+        use_ids = ids is not None
+        if self.ntotal == 0:  # nothing indexed yet: the first non-empty add decides the mode
+            self._ids, self._ids_mode = None, None
+        if self._ids_mode is not None and self._ids_mode != use_ids:
+            raise ConfigError(
+                "ids: pass ids to every add() of this index or to none of them "
+                f"(this index {'uses' if self._ids_mode else 'does not use'} user ids)"
+            )
+        if use_ids:
+            checked = _check_ids(ids, n, self._ids)
+            self._ids = checked if self._ids is None else np.concatenate([self._ids, checked])
+        self._ids_mode = use_ids
+
+    def _map_ids(self, internal: np.ndarray) -> np.ndarray:
+        if self._ids is None:
+            return internal
+        return np.where(internal >= 0, self._ids[np.maximum(internal, 0)], MISSING_ID)
+
+    def _require_searchable(self) -> None:
+        if not self.is_trained:
+            raise ConfigError(
+                f"this {self.kind!r} index is not trained; call train() (or build it with a from_* "
+                "constructor) before adding or searching"
+            )
+
+    def _header(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _serialize(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the index to ``path`` (one file, atomically). Returns the path."""
+        self._require_searchable()
+        faiss_bytes = self._serialize().tobytes()
+        ids_bytes = b"" if self._ids is None else self._ids.astype("<i8").tobytes()
+        header = self._header()
+        header.update(
+            kind=self.kind,
+            ntotal=self.ntotal,
+            params=dict(self.params),
+            faiss_version=str(_faiss().__version__),
+            faiss_bytes=len(faiss_bytes),
+            ids_bytes=len(ids_bytes),
+        )
+        path = Path(path)
+        write_bytes_atomic(path, _frame(self._MAGIC, header, faiss_bytes + ids_bytes))
+        return path
+
+
+# --------------------------------------------------------------------------------------------
+# binary index
+
+
+class BinaryIndex(_FaissIndex):
+    """Hamming-distance index over packed binary codes (see the module docstring for kinds)."""
+
+    _MAGIC = _BINARY_MAGIC
+    _BUILTIN_PARAMS: ClassVar[dict[str, set[str]]] = {
+        "flat": set(),
+        "ivf": {"nlist", "nprobe"},
+        "hnsw": {"M", "efConstruction", "efSearch"},
+    }
+    _FACTORY_PARAMS: ClassVar[set[str]] = {"nprobe", "efSearch"}
+
+    def __init__(self, bits: int, kind: str = "flat", **params: Any) -> None:
+        """An empty index for ``bits``-bit codes. ``params`` are the kind's parameters."""
+        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits <= 0:
+            raise CodeError(f"code length must be a positive integer, got {bits!r}")
+        if not isinstance(kind, str) or not kind:
+            raise ConfigError(f"index kind must be a non-empty string, got {kind!r}")
+        self.bits = int(bits)
+        self.padded_bits = padded_bits(self.bits)
+        self.kind = kind
+        self._ids = None
+        self._ids_mode = None
+        allowed = self._BUILTIN_PARAMS.get(kind, self._FACTORY_PARAMS)
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise ConfigError(
+                f"unknown parameter(s) {', '.join(unknown)} for index kind {kind!r}; "
+                f"accepted: {', '.join(sorted(allowed)) or 'none'}"
+            )
+        self.params = {name: _check_int_param(name, value) for name, value in params.items()}
+        self._faiss_index = self._build(None)
+
+    # -- construction
+
+    def _build(self, n_train: int | None) -> Any:
+        """Create the faiss index; ``None`` when it needs the training-set size (ivf without nlist)."""
+        faiss = _faiss()
+        d = self.padded_bits
+        if self.kind == "flat":
+            return faiss.IndexBinaryFlat(d)
+        if self.kind == "ivf":
+            if "nlist" not in self.params:
+                if n_train is None:
+                    return None
+                self.params["nlist"] = self.default_nlist(n_train)
+            nlist = self.params["nlist"]
+            self.params.setdefault("nprobe", min(8, nlist))
+            # faiss' Python wrapper keeps a reference to the quantizer for the index's lifetime.
+            index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(d), d, nlist)
+            index.nprobe = self.params["nprobe"]
+            return index
+        if self.kind == "hnsw":
+            for name, value in _HNSW_DEFAULTS.items():
+                self.params.setdefault(name, value)
+            index = faiss.IndexBinaryHNSW(d, self.params["M"])
+            index.hnsw.efConstruction = self.params["efConstruction"]
+            index.hnsw.efSearch = self.params["efSearch"]
+            return index
+        try:
+            index = faiss.index_binary_factory(d, self.kind)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"unknown index kind {self.kind!r}: not one of flat, ivf, hnsw and not a valid faiss "
+                f"binary factory string such as 'BIVF1024' or 'BHNSW32' ({str(exc).splitlines()[-1]})"
+            ) from None
+        self._apply_search_params(index)
+        return index
+
+    @staticmethod
+    def default_nlist(n: int) -> int:
+        """Default IVF list count for ``n`` training codes: ``round(4·sqrt(n))`` within ``[1, n // 39]``."""
+        return int(max(1, min(round(4 * math.sqrt(max(n, 1))), n // 39)))
+
+    def _apply_search_params(self, index: Any) -> None:
+        if "nprobe" in self.params:
+            if not hasattr(index, "nprobe"):
+                raise ConfigError(f"nprobe applies to IVF indexes only, not to kind {self.kind!r}")
+            index.nprobe = self.params["nprobe"]
+        if "efSearch" in self.params:
+            if not hasattr(index, "hnsw"):
+                raise ConfigError(f"efSearch applies to HNSW indexes only, not to kind {self.kind!r}")
+            index.hnsw.efSearch = self.params["efSearch"]
+
+    def set_params(self, **params: Any) -> None:
+        """Change search-time parameters (``nprobe`` for IVF, ``efSearch`` for HNSW)."""
+        unknown = sorted(set(params) - self._FACTORY_PARAMS)
+        if unknown:
+            raise ConfigError(f"only nprobe and efSearch can be changed after building, not {unknown}")
+        old = dict(self.params)
+        self.params.update({name: _check_int_param(name, value) for name, value in params.items()})
+        if self._faiss_index is not None:
+            try:
+                self._apply_search_params(self._faiss_index)
+            except ConfigError:
+                self.params = old
+                raise
+
+    @classmethod
+    def from_packed(cls, codes: np.ndarray, bits: int, kind: str = "flat", *, ids: Any = None,
+                    **params: Any) -> BinaryIndex:
+        """Build an index holding ``codes`` (uint8, packed); trains on them when the kind needs it."""
+        index = cls(bits, kind, **params)
+        if not index.is_trained:
+            index.train(codes)
+        index.add(codes, ids=ids)
+        return index
+
+    # -- input checks
+
+    def _prepare(self, packed: np.ndarray, name: str) -> np.ndarray:
+        packed = np.asarray(packed)
+        if packed.ndim == 2 and packed.dtype == np.uint8:
+            width = packed.shape[1]
+            if width not in (packed_width(self.bits), self.padded_bits // 8):
+                raise CodeError(
+                    f"{name}: rows have {width} bytes (codes of up to {8 * width} bits) but the index "
+                    f"holds {self.bits}-bit codes ({packed_width(self.bits)} bytes per row); "
+                    "the code lengths do not match"
+                )
+        checked = check_packed(packed, self.bits, allow_padding=True, name=name)
+        return pad_packed(checked, self.bits)
+
+    # -- mutation
+
+    def train(self, packed: np.ndarray) -> None:
+        """Train the coarse quantizer (IVF kinds). A no-op for kinds that need no training."""
+        codes = self._prepare(packed, "training codes")
+        if self._faiss_index is None:
+            self._faiss_index = self._build(codes.shape[0])
+        if self._faiss_index.is_trained:
+            return
+        nlist = int(getattr(self._faiss_index, "nlist", 1))
+        if codes.shape[0] < nlist:
+            raise ConfigError(
+                f"{self.kind!r} index needs at least nlist={nlist} training codes, got {codes.shape[0]}; "
+                "pass fewer lists (nlist=...) or more codes"
+            )
+        self._faiss_index.train(codes)
+
+    def add(self, packed: np.ndarray, ids: Any = None) -> None:
+        """Add packed codes. ``ids`` (int64, unique, >= 0) are returned by search instead of positions."""
+        codes = self._prepare(packed, "codes")
+        self._require_searchable()
+        self._register_ids(ids, codes.shape[0])
+        if codes.shape[0]:
+            self._faiss_index.add(codes)
+
+    # -- search
+
+    def search(self, packed_queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``k`` nearest codes per query: ``(distances int32 (Q, k), ids int64 (Q, k))``."""
+        k = _check_k(k)
+        queries = self._prepare(packed_queries, "query codes")
+        self._require_searchable()
+        if queries.shape[0] == 0:
+            return np.empty((0, k), np.int32), np.empty((0, k), np.int64)
+        dist, internal = self._faiss_index.search(queries, k)
+        internal = internal.astype(np.int64, copy=False)
+        # faiss fills missing slots inconsistently (HNSW uses int32 min); normalise them.
+        dist = np.where(internal < 0, MISSING_DISTANCE, dist).astype(np.int32)
+        dist, internal = _sort_rows(dist, internal)
+        return dist, self._map_ids(internal)
+
+    def range_search(self, packed_queries: np.ndarray, radius: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All items within Hamming distance ``<= radius``.
+
+        Returns ``(lims int64 (Q+1,), distances int32, ids int64)``: the results of query ``i`` are
+        ``[lims[i]:lims[i+1]]``, sorted by ``(distance, position)``.
+        """
+        if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
+            raise ConfigError(f"radius must be a non-negative integer Hamming distance, got {radius!r}")
+        queries = self._prepare(packed_queries, "query codes")
+        self._require_searchable()
+        if hasattr(self._faiss_index, "hnsw"):
+            raise ConfigError(f"range_search is not supported by the HNSW kind {self.kind!r}; use flat or ivf")
+        if queries.shape[0] == 0:
+            return np.zeros(1, np.int64), np.empty(0, np.int32), np.empty(0, np.int64)
+        # faiss keeps distances strictly below its radius; +1 makes the bound inclusive.
+        faiss_radius = int(min(radius, self.padded_bits)) + 1
+        lims, dist, internal = self._faiss_index.range_search(queries, faiss_radius)
+        lims = lims.astype(np.int64)
+        dist = dist.astype(np.int32)
+        internal = internal.astype(np.int64)
+        query_of = np.repeat(np.arange(queries.shape[0]), np.diff(lims))
+        order = np.lexsort((internal, dist, query_of))
+        return lims, dist[order], self._map_ids(internal[order])
+
+    # -- persistence
+
+    def _header(self) -> dict[str, Any]:
+        return {"index_type": "binary", "bits": self.bits, "padded_bits": self.padded_bits,
+                "bit_order": BIT_ORDER}
+
+    def _serialize(self) -> np.ndarray:
+        return _faiss().serialize_index_binary(self._faiss_index)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> BinaryIndex:
+        """Load an index written by :meth:`save`, verifying magic, version, sizes and checksum."""
+        path = Path(path)
+        header, payload = _read_frame(path, cls._MAGIC)
+        bits, pbits = header.get("bits"), header.get("padded_bits")
+        if not isinstance(bits, int) or bits <= 0 or pbits != padded_bits(bits):
+            raise FileFormatError(f"{path}: garbage header — invalid bits/padded_bits ({bits!r}, {pbits!r})")
+        if header.get("bit_order") != BIT_ORDER:
+            raise FileFormatError(f"{path}: unsupported bit order {header.get('bit_order')!r}")
+        faiss_part, ids = _split_payload(path, header, payload)
+        faiss = _faiss()
+        try:
+            # faiss' Python wrapper returns the concrete (downcast) class already.
+            index = faiss.deserialize_index_binary(faiss_part)
+        except RuntimeError as exc:
+            raise FileFormatError(f"{path}: the faiss payload cannot be read ({exc})") from None
+        if index.d != pbits or index.ntotal != header["ntotal"]:
+            raise FileFormatError(
+                f"{path}: header says {pbits} padded bits and {header['ntotal']} items but the stored "
+                f"index has {index.d} bits and {index.ntotal} items"
+            )
+        obj = cls.__new__(cls)
+        obj.bits, obj.padded_bits, obj.kind = bits, pbits, header["kind"]
+        obj.params = dict(header["params"])
+        obj._faiss_index = index
+        obj._ids = ids
+        obj._ids_mode = ids is not None if index.ntotal else None
+        try:
+            obj._apply_search_params(index)
+        except ConfigError as exc:
+            raise FileFormatError(f"{path}: stored parameters do not fit the index ({exc})") from None
+        return obj
+
+    def __repr__(self) -> str:
+        return f"BinaryIndex(bits={self.bits}, kind={self.kind!r}, ntotal={self.ntotal}, params={self.params})"
+
+
+# --------------------------------------------------------------------------------------------
+# dense index
+
+
+class DenseIndex(_FaissIndex):
+    """Inner-product index for real-valued embeddings; ``normalize=True`` makes it cosine similarity.
+
+    Kinds: ``"flat"`` (``IndexFlatIP``, exact) and ``"hnsw"`` (``IndexHNSWFlat`` with inner product;
+    parameters ``M``, ``efConstruction``, ``efSearch``). Search returns ``(scores float32, ids
+    int64)``, best first; ties in score come in position order; missing slots are ``(-inf, -1)``.
+    """
+
+    _MAGIC = _DENSE_MAGIC
+    _KIND_PARAMS: ClassVar[dict[str, set[str]]] = {"flat": set(), "hnsw": set(_HNSW_DEFAULTS)}
+
+    def __init__(self, dim: int, kind: str = "flat", normalize: bool = False, **params: Any) -> None:
+        """An empty index for ``dim``-dimensional embeddings."""
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
+            raise DataError(f"embedding dimension must be a positive integer, got {dim!r}")
+        if kind not in self._KIND_PARAMS:
+            raise ConfigError(f"unknown dense index kind {kind!r}; choose 'flat' or 'hnsw'")
+        unknown = sorted(set(params) - self._KIND_PARAMS[kind])
+        if unknown:
+            raise ConfigError(
+                f"unknown parameter(s) {', '.join(unknown)} for dense kind {kind!r}; "
+                f"accepted: {', '.join(sorted(self._KIND_PARAMS[kind])) or 'none'}"
+            )
+        self.dim = int(dim)
+        self.kind = kind
+        self.normalize = bool(normalize)
+        self._ids = None
+        self._ids_mode = None
+        self.params = {name: _check_int_param(name, value) for name, value in params.items()}
+        faiss = _faiss()
+        if kind == "flat":
+            self._faiss_index = faiss.IndexFlatIP(self.dim)
+        else:
+            for name, value in _HNSW_DEFAULTS.items():
+                self.params.setdefault(name, value)
+            self._faiss_index = faiss.IndexHNSWFlat(self.dim, self.params["M"], faiss.METRIC_INNER_PRODUCT)
+            self._faiss_index.hnsw.efConstruction = self.params["efConstruction"]
+            self._faiss_index.hnsw.efSearch = self.params["efSearch"]
+
+    @classmethod
+    def from_embeddings(cls, x: np.ndarray, kind: str = "flat", normalize: bool = False, *,
+                        ids: Any = None, **params: Any) -> DenseIndex:
+        """Build an index holding the rows of ``x`` (N × dim)."""
+        x = np.asarray(x)
+        if x.ndim != 2:
+            raise DataError(f"embeddings: expected a 2-D array (items x dim), got shape {x.shape}")
+        index = cls(x.shape[1], kind, normalize, **params)
+        index.add(x, ids=ids)
+        return index
+
+    def set_params(self, **params: Any) -> None:
+        """Change ``efSearch`` of an HNSW index."""
+        if self.kind != "hnsw" or set(params) - {"efSearch"}:
+            raise ConfigError("only efSearch of an 'hnsw' dense index can be changed after building")
+        if "efSearch" in params:
+            self.params["efSearch"] = _check_int_param("efSearch", params["efSearch"])
+            self._faiss_index.hnsw.efSearch = self.params["efSearch"]
+
+    def _prepare(self, x: np.ndarray, name: str) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != 2:
+            raise DataError(f"{name}: expected a 2-D array (items x {self.dim}), got shape {x.shape}")
+        if x.dtype.kind not in "fiu":
+            raise DataError(f"{name}: expected real-valued numbers, got dtype {x.dtype}")
+        if x.shape[1] != self.dim:
+            raise DataError(f"{name}: have dimension {x.shape[1]} but the index holds {self.dim}-d embeddings")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise DataError(f"{name}: contain NaN or inf (or values too large for float32)")
+        if self.normalize and x.shape[0]:
+            norms = np.linalg.norm(x, axis=1, keepdims=True)
+            if np.any(norms == 0):
+                raise DataError(f"{name}: contain all-zero rows, which cannot be L2-normalised (normalize=True)")
+            x = x / norms
+        return x
+
+    def add(self, x: np.ndarray, ids: Any = None) -> None:
+        """Add embeddings (N × dim). ``ids`` (int64, unique, >= 0) are returned by search."""
+        x = self._prepare(x, "embeddings")
+        self._register_ids(ids, x.shape[0])
+        if x.shape[0]:
+            self._faiss_index.add(x)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``k`` best items per query by inner product: ``(scores float32 (Q, k), ids int64 (Q, k))``."""
+        k = _check_k(k)
+        q = self._prepare(queries, "queries")
+        if q.shape[0] == 0:
+            return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+        scores, internal = self._faiss_index.search(q, k)
+        internal = internal.astype(np.int64, copy=False)
+        neg, internal = _sort_rows(-scores, internal)
+        scores = np.where(internal < 0, MISSING_SCORE, -neg).astype(np.float32)
+        return scores, self._map_ids(internal)
+
+    def _header(self) -> dict[str, Any]:
+        return {"index_type": "dense", "dim": self.dim, "metric": "inner_product", "normalize": self.normalize}
+
+    def _serialize(self) -> np.ndarray:
+        return _faiss().serialize_index(self._faiss_index)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> DenseIndex:
+        """Load a dense index written by :meth:`save`, verifying magic, version, sizes and checksum."""
+        path = Path(path)
+        header, payload = _read_frame(path, cls._MAGIC)
+        dim, normalize = header.get("dim"), header.get("normalize")
+        if not isinstance(dim, int) or dim <= 0 or not isinstance(normalize, bool):
+            raise FileFormatError(f"{path}: garbage header — invalid dim/normalize ({dim!r}, {normalize!r})")
+        if header["kind"] not in cls._KIND_PARAMS:
+            raise FileFormatError(f"{path}: unknown dense index kind {header['kind']!r}")
+        faiss_part, ids = _split_payload(path, header, payload)
+        faiss = _faiss()
+        try:
+            index = faiss.deserialize_index(faiss_part)
+        except RuntimeError as exc:
+            raise FileFormatError(f"{path}: the faiss payload cannot be read ({exc})") from None
+        if index.d != dim or index.ntotal != header["ntotal"] or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise FileFormatError(
+                f"{path}: header says {dim}-d inner-product index with {header['ntotal']} items but the "
+                f"stored index has d={index.d}, {index.ntotal} items, metric {index.metric_type}"
+            )
+        obj = cls.__new__(cls)
+        obj.dim, obj.kind, obj.normalize = dim, header["kind"], normalize
+        obj.params = dict(header["params"])
+        obj._faiss_index = index
+        obj._ids = ids
+        obj._ids_mode = ids is not None if index.ntotal else None
+        if obj.kind == "hnsw" and isinstance(obj.params.get("efSearch"), int):
+            index.hnsw.efSearch = obj.params["efSearch"]
+        return obj
+
+    def __repr__(self) -> str:
+        return (f"DenseIndex(dim={self.dim}, kind={self.kind!r}, normalize={self.normalize}, "
+                f"ntotal={self.ntotal})")
+

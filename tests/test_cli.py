@@ -1,0 +1,235 @@
+"""End-to-end tests of the ``crossret`` command line (through ``crossret.cli.main``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from crossret.cli import main
+
+CONTRACT_KEYS = {"method", "benchmark", "bits", "seed", "ties", "map_cross", "map_single", "precision_at",
+                 "p_at_r2", "train_seconds", "encode_seconds"}
+
+
+def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["crossret", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:  # typer exits at the end of every command
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- reference metrics
+def hamming(q: np.ndarray, db: np.ndarray) -> np.ndarray:
+    """±1 codes -> Hamming distances through the inner product, (L - q.db) / 2."""
+    return ((q.shape[1] - q.astype(np.int64) @ db.astype(np.int64).T) // 2).astype(np.int64)
+
+
+def reference_map(q, db, ql, dbl, ties: str) -> float:
+    """Independent MAP: ``index`` by a stable argsort per query; ``expected`` by summing, for every
+    relevant item, its expected precision over its uniformly random position y in its tie group:
+    E = 1/n sum_y (R_before + 1 + y (r-1)/(n-1)) / (N_before + 1 + y)."""
+    dist = hamming(q, db)
+    aps = []
+    for i in range(len(q)):
+        rel = dbl == ql[i]
+        total = rel.sum()
+        if total == 0:
+            aps.append(0.0)
+            continue
+        if ties == "index":
+            order = np.argsort(dist[i], kind="stable")
+            hits = rel[order]
+            ranks = np.flatnonzero(hits) + 1
+            aps.append(float(np.mean(np.arange(1, len(ranks) + 1) / ranks)))
+            continue
+        ap = 0.0
+        n_before = r_before = 0
+        for d in np.unique(dist[i]):
+            in_group = dist[i] == d
+            n, r = int(in_group.sum()), int(rel[in_group].sum())
+            if r:
+                y = np.arange(n)
+                extra = y * (r - 1) / (n - 1) if n > 1 else np.zeros(1)
+                ap += r * np.mean((r_before + 1 + extra) / (n_before + 1 + y))
+            n_before += n
+            r_before += r
+        aps.append(ap / total)
+    return float(np.mean(aps))
+
+
+# ----------------------------------------------------------------------------- run / demo
+@pytest.fixture(scope="module")
+def itq_run(tmp_path_factory):
+    """One small ITQ run on the built-in demo benchmark, shared by several tests."""
+    out_dir = tmp_path_factory.mktemp("runs") / "itq"
+    mp = pytest.MonkeyPatch()
+    argv = ["crossret", "run", "itq", "--benchmark", "demo", "--bits", "16", "--out", str(out_dir), "--json"]
+    mp.setattr(sys, "argv", argv)
+    try:
+        main()
+    except SystemExit as exc:
+        assert not exc.code
+    finally:
+        mp.undo()
+    return out_dir
+
+
+def test_run_json_contract_and_run_directory(itq_run):
+    metrics = json.loads((itq_run / "metrics.json").read_text())
+    assert CONTRACT_KEYS <= set(metrics)
+    assert metrics["method"] == "itq" and metrics["benchmark"] == "demo" and metrics["bits"] == 16
+    assert metrics["ties"] == "expected" and metrics["split_seed"] == 313
+    assert set(metrics["precision_at"]) == {"cross", "single"}
+    assert 0.0 <= metrics["map_cross"] <= 1.0 and 0.0 <= metrics["map_single"] <= 1.0
+    config = yaml.safe_load((itq_run / "config.yaml").read_text())
+    assert config["method"] == "itq" and config["bits"] == 16
+    assert config["resolved_method_config"] == metrics["method_config"]
+    codes = np.load(itq_run / "codes" / "queries_codes.npy")
+    assert codes.dtype == np.int8 and codes.shape[1] == 16 and set(np.unique(codes)) <= {-1, 1}
+    assert (itq_run / "run.log").read_text().strip()
+    assert not list(itq_run.rglob("*.tmp")), "atomic writes must leave no temporary files"
+
+
+def test_run_metrics_match_independent_reference_and_eval_codes(itq_run, monkeypatch, capsys):
+    metrics = json.loads((itq_run / "metrics.json").read_text())
+    c = itq_run / "codes"
+    q, ql = np.load(c / "queries_codes.npy"), np.load(c / "queries_labels.npy")
+    for setting, name in (("cross", "source"), ("single", "target_train")):
+        db, dbl = np.load(c / f"{name}_codes.npy"), np.load(c / f"{name}_labels.npy")
+        assert metrics[f"map_{setting}"] == pytest.approx(reference_map(q, db, ql, dbl, "expected"), abs=1e-9)
+    # eval-codes on the saved codes reproduces the run's numbers under both tie rules
+    db, dbl = c / "source_codes.npy", c / "source_labels.npy"
+    for ties in ("expected", "index"):
+        code, out, err = cli(monkeypatch, capsys, "eval-codes", "--query-codes", c / "queries_codes.npy",
+                             "--db-codes", db, "--query-labels", c / "queries_labels.npy", "--db-labels", dbl,
+                             "--ties", ties, "--topk", "50", "--json")
+        assert code == 0, err
+        result = last_json(out)
+        expected = reference_map(q, np.load(db), ql, np.load(dbl), ties)
+        assert result["map"] == pytest.approx(expected, abs=1e-9)
+        assert "map_at_k" in result
+
+
+def test_run_refuses_to_overwrite_a_finished_run(itq_run, monkeypatch, capsys):
+    before = (itq_run / "metrics.json").read_bytes()
+    code, _, err = cli(monkeypatch, capsys, "run", "lsh", "--benchmark", "demo", "--bits", "8", "--out", itq_run)
+    assert code == 2 and "already holds a finished run" in err and "--overwrite" in err
+    assert (itq_run / "metrics.json").read_bytes() == before
+
+
+def test_demo_prints_a_table_of_the_three_baselines(tmp_path, monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "demo", "--bits", "16", "--out", tmp_path, "--json")
+    assert code == 0, err
+    summary = last_json(out)
+    assert [r["method"] for r in summary["results"]] == ["lsh", "itq", "source-only"]
+    for row in summary["results"]:
+        metrics = json.loads((tmp_path / row["method"] / "metrics.json").read_text())
+        assert metrics["map_cross"] == row["map_cross"]
+    code, out, _ = cli(monkeypatch, capsys, "demo", "--bits", "16", "--out", tmp_path / "again")
+    assert code == 0 and "source-only" in out and "MAP" in out
+
+
+def test_method_overrides_are_recorded_and_unknown_keys_refused(tmp_path, monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "run", "lsh", "--benchmark", "demo", "--bits", "8",
+                         "--out", tmp_path / "a", "--set", "standardize=true", "--json")
+    assert code == 0, err
+    assert last_json(out)["method_config"]["standardize"] is True
+    code, _, err = cli(monkeypatch, capsys, "run", "lsh", "--benchmark", "demo", "--bits", "8",
+                       "--out", tmp_path / "b", "--set", "no_such_key=1")
+    assert code == 2 and "no_such_key" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "nope", "--benchmark", "demo", "--bits", "8"], "unknown method"),
+        (["run", "lsh", "--bits", "8"], "--benchmark"),
+        (["run", "lsh", "--benchmark", "demo", "--source", "x.npz", "--bits", "8"], "either --benchmark"),
+        (["run", "lsh", "--benchmark", "demo", "--bits", "0"], "positive integer"),
+        (["run", "lsh", "--benchmark", "no-such-benchmark", "--bits", "8"], "no-such-benchmark"),
+    ],
+)
+def test_bad_run_options_give_one_clear_error(args, message, tmp_path, monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, *args, "--out", tmp_path / "r")
+    assert code == 2
+    assert message in err
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_eval_codes_rejects_mismatched_code_lengths(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "q.npy", rng.choice([-1, 1], size=(5, 16)).astype(np.int8))
+    np.save(tmp_path / "db.npy", rng.choice([-1, 1], size=(9, 32)).astype(np.int8))
+    np.save(tmp_path / "ql.npy", np.arange(5))
+    np.save(tmp_path / "dl.npy", np.arange(9))
+    code, _, err = cli(monkeypatch, capsys, "eval-codes", "--query-codes", tmp_path / "q.npy", "--db-codes",
+                       tmp_path / "db.npy", "--query-labels", tmp_path / "ql.npy", "--db-labels",
+                       tmp_path / "dl.npy")
+    assert code == 2 and "16" in err and "32" in err
+    code, _, err = cli(monkeypatch, capsys, "eval-codes", "--query-codes", tmp_path / "missing.npy",
+                       "--db-codes", tmp_path / "db.npy", "--query-labels", tmp_path / "ql.npy",
+                       "--db-labels", tmp_path / "dl.npy")
+    assert code == 2 and "missing.npy" in err
+
+
+def test_index_build_and_search_from_a_run(itq_run, tmp_path, monkeypatch, capsys):
+    index_file = tmp_path / "source.crbi"
+    code, _, err = cli(monkeypatch, capsys, "index", "build", "--run", itq_run, "--database", "cross",
+                       "--out", index_file)
+    assert code == 0, err
+    queries = itq_run / "codes" / "queries_codes.npy"
+    code, out, err = cli(monkeypatch, capsys, "index", "search", index_file, "--queries", queries, "-k", "5",
+                         "--json")
+    assert code == 0, err
+    result = last_json(out)
+    q = np.load(queries)
+    db = np.load(itq_run / "codes" / "source_codes.npy")
+    brute = np.sort(hamming(q, db), axis=1)[:, :5]
+    np.testing.assert_array_equal(np.asarray(result["distances"]), brute)
+    ids = np.asarray(result["ids"])
+    np.testing.assert_array_equal(hamming(q, db)[np.arange(len(q))[:, None], ids], brute)
+
+
+def test_report_writes_png_plots(itq_run, tmp_path, monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "report", itq_run, "--out", tmp_path / "plots")
+    assert code == 0, err
+    pngs = sorted(Path(tmp_path / "plots").glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_benchmarks_lists_presence(tmp_path, monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "benchmarks", "--data-dir", tmp_path, "--json")
+    assert code == 0, err
+    listed = {b["name"]: b["present"] for b in last_json(out)["benchmarks"]}
+    assert listed["demo"] is True and listed["digits-m2u"] is False
+    assert len(listed) == 1 + 2 + 12 + 6 + 12
+
+
+def test_itq_on_digits_matches_reference_under_both_tie_rules(shared_data, tmp_path, monkeypatch, capsys):
+    """The issue's acceptance command, checked against the independent reference to 1e-6."""
+    for ties in ("expected", "index"):
+        out_dir = tmp_path / ties
+        code, out, err = cli(monkeypatch, capsys, "run", "itq", "--benchmark", "digits-m2u", "--bits", "64",
+                             "--json", "--data-dir", shared_data, "--ties", ties, "--out", out_dir)
+        assert code == 0, err
+        metrics = last_json(out)
+        assert CONTRACT_KEYS <= set(metrics) and metrics["ties"] == ties
+        assert metrics["n_queries"] == 500 and metrics["n_source"] == 2000
+        c = out_dir / "codes"
+        q, ql = np.load(c / "queries_codes.npy"), np.load(c / "queries_labels.npy")
+        for setting, name in (("cross", "source"), ("single", "target_train")):
+            db, dbl = np.load(c / f"{name}_codes.npy"), np.load(c / f"{name}_labels.npy")
+            assert metrics[f"map_{setting}"] == pytest.approx(reference_map(q, db, ql, dbl, ties), abs=1e-6)

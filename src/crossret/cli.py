@@ -67,7 +67,7 @@ def main() -> None:
     try:
         app()
     except CrossretError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: nothing after the last completed step was written")

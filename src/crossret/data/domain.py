@@ -44,6 +44,13 @@ class Domain:
             raise DataError(f"{where}: features have 0 dimensions")
         if features.dtype.kind not in "fiub":
             raise DataError(f"{where}: features must be numeric, got dtype {features.dtype}")
+        if features.dtype.kind == "f" and features.dtype.itemsize > 4:
+            finite = features[np.isfinite(features)]
+            if finite.size and np.abs(finite).max() > np.finfo(np.float32).max:
+                raise DataError(
+                    f"{where}: feature values exceed the float32 range (max |x| = {np.abs(finite).max():.3g}); "
+                    "rescale the features"
+                )
         features = np.ascontiguousarray(features, dtype=np.float32)
         if not np.isfinite(features).all():
             bad = int((~np.isfinite(features)).any(axis=1).sum())
@@ -110,10 +117,11 @@ class Domain:
         """Raise unless every item is labelled and there are at least ``min_classes`` classes."""
         where = self.origin or self.name
         if not self.is_labelled:
-            raise DataError(f"{where}: {int((self.labels < 0).sum())} items have unknown labels (-1)")
+            raise DataError(f"{where}: {int((self.labels < 0).sum())} item(s) have unknown labels (-1); "
+                            "this role needs every item labelled")
         if self.classes.size < min_classes:
             raise DataError(
-                f"{where}: only {self.classes.size} class present; retrieval by label needs at least "
+                f"{where}: {self.classes.size} class(es) present; retrieval by label needs at least "
                 f"{min_classes} classes"
             )
         return self
@@ -155,11 +163,11 @@ class RetrievalSplit:
 
     def summary(self) -> dict[str, Any]:
         return {
+            **self.protocol,
             "benchmark": self.benchmark,
             "source": {"name": self.source.name, "n": self.source.n},
             "target_train": {"name": self.target_train.name, "n": self.target_train.n},
             "queries": {"n": self.queries.n},
             "dim": self.source.dim,
             "classes": int(np.union1d(self.source.classes, self.queries.classes).size),
-            **self.protocol,
         }

@@ -1,0 +1,434 @@
+"""Numba kernels for Hamming-distance retrieval metrics.
+
+Everything here works on codes already turned into uint64 words by
+:func:`crossret.retrieval.packing.packed_to_words` (shape ``(n, W)``, ``W = ceil(L / 64)``, zero
+padded), and on *label codes*: int32 arrays where a query and a database item are relevant to each
+other iff their label codes are equal. The caller (:mod:`crossret.retrieval.metrics`) maps database
+label -1 to a code no query has, so the kernels need no special case for "unknown".
+
+Kernels
+-------
+* :func:`distance_histograms` (pass 1): for every query ``q`` and distance ``d`` in ``0..L``,
+  ``hist[q, d]`` = # non-relevant items at distance ``d`` and ``hist[q, (L+1) + d]`` = # relevant
+  items at distance ``d``. One branch-free increment per (query, item) pair; the database is fed
+  in chunks and the counts accumulate.
+* :func:`index_rank_pass` (pass 2, tie rule ``index``): walks the database in order. With
+  ``C_d`` / ``Cr_d`` = # items / # relevant items at distances ``< d`` (from pass 1) and running
+  counts ``seen_d`` / ``seen_rel_d`` (persisting across chunks), a relevant item at distance ``d`` has
+  rank ``C_d + seen_d + 1`` and relevant-rank ``Cr_d + seen_rel_d + 1``, which is exactly its place
+  in a stable sort by distance.
+* :func:`expected_rank_metrics` (tie rule ``expected``): exact expectations over uniformly random
+  orders within tie groups, from the per-distance counts alone (see the function docstring).
+* :func:`hamming_distances`: the full ``(Q, N)`` int32 distance matrix, for small inputs and tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numba as nb
+import numpy as np
+from numba import prange
+
+from crossret.errors import CodeError
+from crossret.retrieval.packing import check_packed, packed_to_words
+
+# SWAR popcount constants. They must be uint64: mixing uint64 with int64 makes numba fall back to
+# float64 arithmetic.
+_M1 = np.uint64(0x5555555555555555)
+_M2 = np.uint64(0x3333333333333333)
+_M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
+_H01 = np.uint64(0x0101010101010101)
+_S1 = np.uint64(1)
+_S2 = np.uint64(2)
+_S4 = np.uint64(4)
+_S56 = np.uint64(56)
+
+# Below this many terms a harmonic difference is summed directly (exact to rounding); above it the
+# asymptotic expansion is used, started at an argument >= this value so that its truncation error
+# (~ 1 / (240 a^8)) is below 1e-17.
+_DIRECT_TERMS = 64
+
+# Below this many (query, item) pairs a call runs on one thread: waking the worker threads costs
+# ~0.1-10 ms per call (much more on a busy machine), more than the work itself.
+_SERIAL_PAIRS = 1 << 18
+
+
+@contextmanager
+def _threads_for(pairs: int) -> Iterator[None]:
+    """Run small calls single-threaded (numba's thread count is per calling thread)."""
+    if pairs >= _SERIAL_PAIRS:
+        yield
+        return
+    previous = nb.get_num_threads()
+    nb.set_num_threads(1)
+    try:
+        yield
+    finally:
+        nb.set_num_threads(previous)
+
+
+@nb.njit(inline="always", cache=True)
+def _popcount64(x: np.uint64) -> np.int64:
+    """Number of set bits of a uint64 (SWAR; LLVM lowers it to ``popcnt`` where available)."""
+    x = x - ((x >> _S1) & _M1)
+    x = (x & _M2) + ((x >> _S2) & _M2)
+    x = (x + (x >> _S4)) & _M4
+    return np.int64((x * _H01) >> _S56)
+
+
+# Serial: a helper for small inputs, and a parallel kernel costs seconds more to compile.
+@nb.njit(cache=True)
+def _distance_kernel(q_words, db_words, out):  # pragma: no cover - compiled
+    n_q, n_words = q_words.shape
+    n_db = db_words.shape[0]
+    for q in range(n_q):
+        for j in range(n_db):
+            d = np.int64(0)
+            for w in range(n_words):
+                d += _popcount64(q_words[q, w] ^ db_words[j, w])
+            out[q, j] = d
+
+
+@nb.njit(parallel=True, cache=True)
+def _histogram_kernel(q_words, q_labels, db_words, db_labels, hist):  # pragma: no cover - compiled
+    n_q, n_words = q_words.shape
+    n_db = db_words.shape[0]
+    stride = hist.shape[1] // 2  # L + 1
+    for q in prange(n_q):
+        row = hist[q]
+        label = q_labels[q]
+        if n_words == 1:
+            # The common case (codes of <= 64 bits) gets a loop without the inner word loop.
+            a = q_words[q, 0]
+            for j in range(n_db):
+                d = _popcount64(a ^ db_words[j, 0])
+                # Branch-free: relevant items land in the second half of the row.
+                row[d + stride * np.int64(db_labels[j] == label)] += 1
+        else:
+            for j in range(n_db):
+                d = np.int64(0)
+                for w in range(n_words):
+                    d += _popcount64(q_words[q, w] ^ db_words[j, w])
+                row[d + stride * np.int64(db_labels[j] == label)] += 1
+
+
+@nb.njit(inline="always", cache=True)
+def _distance(q_words, q, first_word, db_words, j, n_words):  # pragma: no cover - compiled
+    """Hamming distance of query ``q`` and item ``j``; ``first_word = q_words[q, 0]``."""
+    if n_words == 1:
+        return _popcount64(first_word ^ db_words[j, 0])
+    d = np.int64(0)
+    for w in range(n_words):
+        d += _popcount64(q_words[q, w] ^ db_words[j, w])
+    return d
+
+
+_RANK_BLOCK = 256
+
+
+@nb.njit(parallel=True, cache=True)
+def _index_rank_kernel(q_words, q_labels, db_words, db_labels, before, before_rel, seen, seen_rel,
+                       topk, ns, ap_sum, apk_sum, n_rel_topk, rel_at_n):  # pragma: no cover
+    n_q, n_words = q_words.shape
+    n_db = db_words.shape[0]
+    n_ns = ns.shape[0]
+    for q in prange(n_q):
+        label = q_labels[q]
+        first_word = q_words[q, 0]
+        # Per-query state in private copies (written back at the end): no aliasing with inputs.
+        seen_row = seen[q].copy()
+        seen_rel_row = seen_rel[q].copy()
+        before_row = before[q].copy()
+        before_rel_row = before_rel[q].copy()
+        ap_acc = ap_sum[q]
+        apk_acc = apk_sum[q]
+        nk = n_rel_topk[q]
+        # Blocks: a branch-free counting loop that notes (distance, # seen before) of the relevant
+        # items, then the (rare, ~1/#labels) relevant items are scored. ~20 % faster than one
+        # branchy loop.
+        rel_dist = np.empty(_RANK_BLOCK, dtype=np.int64)
+        rel_seen = np.empty(_RANK_BLOCK, dtype=np.int64)
+        for j0 in range(0, n_db, _RANK_BLOCK):
+            j1 = min(j0 + _RANK_BLOCK, n_db)
+            n_found = 0
+            for j in range(j0, j1):
+                d = _distance(q_words, q, first_word, db_words, j, n_words)
+                s = seen_row[d]
+                seen_row[d] = s + 1
+                rel_dist[n_found] = d
+                rel_seen[n_found] = s
+                n_found += np.int64(db_labels[j] == label)
+            for i in range(n_found):
+                d = rel_dist[i]
+                sr = seen_rel_row[d]
+                seen_rel_row[d] = sr + 1
+                rank = before_row[d] + rel_seen[i] + 1
+                precision = (before_rel_row[d] + sr + 1) / rank
+                ap_acc += precision
+                if rank <= topk:
+                    apk_acc += precision
+                    nk += 1
+                for t in range(n_ns):
+                    if rank <= ns[t]:
+                        rel_at_n[q, t] += 1
+        seen[q, :] = seen_row
+        seen_rel[q, :] = seen_rel_row
+        ap_sum[q] = ap_acc
+        apk_sum[q] = apk_acc
+        n_rel_topk[q] = nk
+
+
+@nb.njit(cache=True)
+def harmonic_difference(a: int, n: int) -> float:
+    """``S = H(a + n) - H(a) = sum_{i=1..n} 1 / (a + i)`` for integers ``a >= 0``, ``n >= 0``.
+
+    Accurate to a few ulps for any size: the first terms (up to ``_DIRECT_TERMS``) are summed
+    directly; for the rest, ``H(b) - H(a) = log1p((b - a) / a) + (1/(2b) - 1/(2a))
+    - (1/(12 b^2) - 1/(12 a^2)) + (1/(120 b^4) - 1/(120 a^4)) - (1/(252 b^6) - 1/(252 a^6))``
+    with ``a >= 64`` (truncation error < 1e-17). A difference of digammas would lose ~log(a) / S
+    relative precision when ``a ~ 1e6`` and ``n`` is small.
+    """
+    if n <= 0:
+        return 0.0
+    if n <= _DIRECT_TERMS:
+        total = 0.0
+        for i in range(1, n + 1):
+            total += 1.0 / (a + i)
+        return total
+    total = 0.0
+    start = a
+    while start < _DIRECT_TERMS and start < a + n:
+        start += 1
+        total += 1.0 / start
+    end = a + n
+    if end == start:
+        return total
+    fa = float(start)
+    fb = float(end)
+    ia = 1.0 / fa
+    ib = 1.0 / fb
+    ia2 = ia * ia
+    ib2 = ib * ib
+    total += math.log1p((fb - fa) / fa)
+    total += 0.5 * (ib - ia)
+    total -= (ib2 - ia2) / 12.0
+    total += (ib2 * ib2 - ia2 * ia2) / 120.0
+    total -= (ib2 * ib2 * ib2 - ia2 * ia2 * ia2) / 252.0
+    return total
+
+
+@nb.njit(cache=True)
+def _group_terms(n_before: int, n: int) -> tuple[float, float]:
+    """``(S, T)`` for a tie group of ``n`` items after ``n_before`` items.
+
+    ``S = sum_{i=1..n} 1 / (N_b + i)`` and ``T = sum_{i=1..n} (i - 1) / (N_b + i) = n - (N_b + 1) S``.
+    ``T`` is summed directly for short groups: the closed form cancels badly when ``N_b >> n``.
+    """
+    if n <= _DIRECT_TERMS:
+        s = 0.0
+        t = 0.0
+        for i in range(1, n + 1):
+            inv = 1.0 / (n_before + i)
+            s += inv
+            t += (i - 1) * inv
+        return s, t
+    s = harmonic_difference(n_before, n)
+    # n >= 65 here, so T >= n (n - 1) / (2 (N_b + n)) and the cancellation costs at most a factor
+    # 2 (N_b + n) / (n - 1) ~ 3e4 at N_b = 1e6: ~1e-11 relative.
+    return s, n - (n_before + 1) * s
+
+
+@nb.njit(cache=True)
+def expected_group_sum(n_before: int, rel_before: int, n: int, r: int) -> float:
+    """Expected sum of precision@rank over the relevant items of a randomly ordered tie group.
+
+    A group of ``n`` items (``r`` relevant) follows ``N_b = n_before`` items (``R_b = rel_before``
+    relevant). Position ``i`` is relevant with probability ``r / n``; given that, the expected number
+    of relevant items among the ``i - 1`` before it in the group is ``(i - 1)(r - 1) / (n - 1)``::
+
+        E = sum_i (r/n) (R_b + 1 + (i-1)(r-1)/(n-1)) / (N_b + i)
+          = (r/n) [ (R_b + 1) S + (r - 1)/(n - 1) T ],   S, T from ``_group_terms``.
+
+    The ``T`` term is absent when ``n == 1``. Returns 0 when ``r == 0``.
+    """
+    if r <= 0 or n <= 0:
+        return 0.0
+    s, t = _group_terms(n_before, n)
+    value = (rel_before + 1) * s
+    if n > 1:
+        value += (r - 1) / (n - 1) * t
+    return r / n * value
+
+
+@nb.njit(cache=True)
+def expected_truncated_ap(partial_full: float, n_before: int, rel_before: int, n: int, r: int,
+                          m: int) -> float:
+    """E[AP@k] when the cut at ``k`` falls inside a tie group (``0 < m = k - N_b < n``).
+
+    The number ``j`` of relevant items among the ``m`` kept positions is hypergeometric
+    ``(n, r, m)``; given ``j`` they are uniform among the ``m`` positions, so their expected
+    precision sum is :func:`expected_group_sum` with ``n -> m, r -> j``, which is
+    ``(j/m)(R_b + 1) S_m + j (j - 1) / (m (m - 1)) T_m``. Then::
+
+        E[AP@k] = sum_j P(j) (P_full + partial(j)) / (R_b + j)     (term 0 when R_b + j = 0)
+
+    where ``P_full`` (``partial_full``) is the expected precision sum of the groups before. This is
+    exact: earlier groups are ordered independently of the boundary group.
+
+    The pmf is built by the ratio ``P(j+1)/P(j) = (r-j)(m-j) / ((j+1)(n-r-m+j+1))`` from the mode
+    (weight 1) outwards and normalised by its sum, so no factorials or gammas are needed and
+    nothing overflows; tail weights that underflow to 0 are negligible.
+    """
+    lo = max(0, m - (n - r))
+    hi = min(r, m)
+    size = hi - lo + 1
+    weights = np.empty(size)
+    mode = ((m + 1) * (r + 1)) // (n + 2)
+    mode = min(max(mode, lo), hi)
+    weights[mode - lo] = 1.0
+    for j in range(mode, hi):
+        weights[j + 1 - lo] = weights[j - lo] * ((r - j) * (m - j)) / ((j + 1) * (n - r - m + j + 1))
+    for j in range(mode, lo, -1):
+        # Inverse ratio P(j-1)/P(j) = j (n - r - m + j) / ((r - j + 1)(m - j + 1)).
+        weights[j - 1 - lo] = weights[j - lo] * (j * (n - r - m + j)) / ((r - j + 1) * (m - j + 1))
+    s_m, t_m = _group_terms(n_before, m)
+    total_w = 0.0
+    total = 0.0
+    for j in range(lo, hi + 1):
+        w = weights[j - lo]
+        total_w += w
+        denominator = rel_before + j
+        if denominator == 0 or w == 0.0:
+            continue
+        part = j / m * (rel_before + 1) * s_m
+        if m > 1:
+            part += j * (j - 1) / (m * (m - 1)) * t_m
+        total += w * (partial_full + part) / denominator
+    return total / total_w
+
+
+# Serial on purpose: O(Q (L + 1)) work (plus O(k) per query for AP@k) is small next to the
+# O(Q N) distance pass, and a parallel kernel would add seconds of compile time.
+@nb.njit(cache=True)
+def _expected_kernel(counts, rel_counts, topk, ns, ap, apk, rel_at_n):  # pragma: no cover
+    n_q, n_dist = counts.shape
+    n_ns = ns.shape[0]
+    for q in range(n_q):
+        n_total = np.int64(0)
+        r_total = np.int64(0)
+        for d in range(n_dist):
+            n_total += counts[q, d]
+            r_total += rel_counts[q, d]
+        n_before = np.int64(0)
+        rel_before = np.int64(0)
+        psum = 0.0
+        apk_value = -1.0  # set when the top-k cut is reached
+        for t in range(n_ns):
+            rel_at_n[q, t] = 0.0
+        for d in range(n_dist):
+            n = counts[q, d]
+            if n == 0:
+                continue
+            r = rel_counts[q, d]
+            n_after = n_before + n
+            # precision@N / recall@N: E[# relevant in the first N] is linear in the cut.
+            for t in range(n_ns):
+                cut = ns[t]
+                if n_before < cut <= n_after:
+                    rel_at_n[q, t] = rel_before + (cut - n_before) * r / n
+            if apk_value < 0.0 and n_before < topk < n_after:
+                if rel_before + r == 0:
+                    apk_value = 0.0
+                else:
+                    apk_value = expected_truncated_ap(psum, n_before, rel_before, n, r, topk - n_before)
+            psum += expected_group_sum(n_before, rel_before, n, r)
+            if apk_value < 0.0 and n_after == topk:
+                apk_value = psum / (rel_before + r) if rel_before + r > 0 else 0.0
+            n_before = n_after
+            rel_before += r
+        for t in range(n_ns):
+            if ns[t] > n_total:
+                rel_at_n[q, t] = r_total  # every item retrieved (callers drop N > database size)
+        ap[q] = psum / r_total if r_total > 0 else 0.0
+        if apk_value < 0.0:
+            # topk >= database size: AP@k is AP over everything, normalised by all relevant items.
+            apk_value = ap[q]
+        apk[q] = apk_value
+
+
+# ----------------------------------------------------------------------------------------------
+# Thin typed wrappers (the metrics module calls these; they fix dtypes and contiguity once).
+
+
+def distance_histograms(q_words: np.ndarray, q_labels: np.ndarray, db_words: np.ndarray,
+                        db_labels: np.ndarray, hist: np.ndarray) -> None:
+    """Pass 1: accumulate per-distance counts of one database chunk into ``hist`` (in place).
+
+    Shapes: ``q_words`` uint64 ``(Q, W)``, ``q_labels`` int32 ``(Q,)``, ``db_words`` uint64
+    ``(n, W)``, ``db_labels`` int32 ``(n,)``, ``hist`` int64 ``(Q, 2 (L + 1))`` with
+    ``hist[q, d]`` += # non-relevant and ``hist[q, L + 1 + d]`` += # relevant items at distance ``d``.
+    """
+    with _threads_for(q_words.shape[0] * db_words.shape[0]):
+        _histogram_kernel(q_words, q_labels, db_words, db_labels, hist)
+
+
+def index_rank_pass(q_words: np.ndarray, q_labels: np.ndarray, db_words: np.ndarray,
+                    db_labels: np.ndarray, before: np.ndarray, before_rel: np.ndarray,
+                    seen: np.ndarray, seen_rel: np.ndarray, topk: int, ns: np.ndarray,
+                    ap_sum: np.ndarray, apk_sum: np.ndarray, n_rel_topk: np.ndarray,
+                    rel_at_n: np.ndarray) -> None:
+    """Pass 2 of tie rule ``index`` over one database chunk (all state arrays updated in place).
+
+    ``before`` / ``before_rel`` int64 ``(Q, L + 1)``: # items / # relevant at distances ``< d``
+    (exclusive cumulative sums of the pass-1 histograms). ``seen`` / ``seen_rel`` int64
+    ``(Q, L + 1)``: items / relevant items at distance ``d`` already walked (zero before the first
+    chunk). For a relevant item at distance ``d``: ``rank = before[d] + seen[d] + 1`` and
+    ``precision = (before_rel[d] + seen_rel[d] + 1) / rank``; ``ap_sum`` (float64 ``(Q,)``) adds the
+    precision; ``apk_sum`` / ``n_rel_topk`` (``(Q,)``) add it / count it when ``rank <= topk``;
+    ``rel_at_n[q, t]`` (int64 ``(Q, T)``) counts relevant items with ``rank <= ns[t]``.
+    """
+    with _threads_for(q_words.shape[0] * db_words.shape[0]):
+        _index_rank_kernel(q_words, q_labels, db_words, db_labels, before, before_rel, seen, seen_rel,
+                           np.int64(topk), ns, ap_sum, apk_sum, n_rel_topk, rel_at_n)
+
+
+def expected_rank_metrics(counts: np.ndarray, rel_counts: np.ndarray, topk: int,
+                          ns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tie rule ``expected``: exact expected AP, AP@k and # relevant in the top N.
+
+    ``counts`` / ``rel_counts`` int64 ``(Q, L + 1)``: # items / # relevant items at each distance.
+    Distance groups are walked in order; a group of ``n`` items (``r`` relevant) after ``N_b`` items
+    (``R_b`` relevant) adds :func:`expected_group_sum` to the expected precision sum, so
+    ``AP = sum_groups / R``. ``E[# relevant in top N] = R_b + (N - N_b) r / n`` for the group that
+    contains position ``N``. AP@k (normalised by the relevant items retrieved in the top k) uses
+    :func:`expected_truncated_ap` for the group cut by ``k``.
+
+    Returns ``(ap (Q,), ap_at_k (Q,), rel_at_n (Q, T))``, float64; queries with no relevant item
+    get AP 0 and AP@k 0.
+    """
+    n_q = counts.shape[0]
+    ap = np.zeros(n_q)
+    apk = np.zeros(n_q)
+    rel_at_n = np.zeros((n_q, ns.shape[0]))
+    _expected_kernel(counts, rel_counts, np.int64(topk), ns, ap, apk, rel_at_n)
+    return ap, apk, rel_at_n
+
+
+def hamming_distances(q_packed: np.ndarray, db_packed: np.ndarray, bits: int) -> np.ndarray:
+    """All Hamming distances between packed query and database codes: int32 ``(Q, N)``.
+
+    ``dist[q, j] = popcount(q XOR db_j)``. Meant for small inputs and tests; the metrics never build
+    this matrix.
+    """
+    q_packed = check_packed(q_packed, bits, allow_padding=True, name="query codes")
+    db_packed = check_packed(db_packed, bits, allow_padding=True, name="database codes")
+    q_words = np.ascontiguousarray(packed_to_words(q_packed, bits))
+    db_words = np.ascontiguousarray(packed_to_words(db_packed, bits))
+    if q_words.shape[1] != db_words.shape[1]:  # pragma: no cover - packed_to_words fixes the width
+        raise CodeError("query and database codes have different widths")
+    out = np.empty((q_words.shape[0], db_words.shape[0]), dtype=np.int32)
+    _distance_kernel(q_words, db_words, out)
+    return out

@@ -1,0 +1,43 @@
+"""Atomic writes: all or nothing, sensible permissions, JSON-safe conversion."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from crossret._io import atomic_open, save_npy_atomic, to_jsonable, write_json_atomic, write_text_atomic
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "metrics.json"
+    write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError), atomic_open(target, "w") as handle:
+        handle.write("half of the new conte")
+        raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_written_files_get_umask_permissions(tmp_path):
+    target = tmp_path / "a.txt"
+    write_text_atomic(target, "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+
+
+def test_json_conversion_of_numpy_values(tmp_path):
+    obj = {"a": np.float32(0.5), "b": np.arange(3), "c": (1, 2), 3: float("nan")}
+    write_json_atomic(tmp_path / "x.json", obj)
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 0.5, "b": [0, 1, 2], "c": [1, 2], "3": None}
+    assert to_jsonable(tmp_path) == str(tmp_path)
+
+
+def test_npy_round_trip_without_pickle(tmp_path):
+    array = np.arange(12, dtype=np.int8).reshape(3, 4)
+    save_npy_atomic(tmp_path / "c.npy", array)
+    np.testing.assert_array_equal(np.load(tmp_path / "c.npy", allow_pickle=False), array)

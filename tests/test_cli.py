@@ -163,7 +163,7 @@ def test_method_overrides_are_recorded_and_unknown_keys_refused(tmp_path, monkey
     ],
 )
 def test_bad_run_options_give_one_clear_error(args, message, tmp_path, monkeypatch, capsys):
-    code, out, err = cli(monkeypatch, capsys, *args, "--out", tmp_path / "r")
+    code, _, err = cli(monkeypatch, capsys, *args, "--out", tmp_path / "r")
     assert code == 2
     assert message in err
     assert not (tmp_path / "r" / "metrics.json").exists()
@@ -204,7 +204,7 @@ def test_index_build_and_search_from_a_run(itq_run, tmp_path, monkeypatch, capsy
 
 
 def test_report_writes_png_plots(itq_run, tmp_path, monkeypatch, capsys):
-    code, out, err = cli(monkeypatch, capsys, "report", itq_run, "--out", tmp_path / "plots")
+    code, _, err = cli(monkeypatch, capsys, "report", itq_run, "--out", tmp_path / "plots")
     assert code == 0, err
     pngs = sorted(Path(tmp_path / "plots").glob("*.png"))
     assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)

@@ -121,3 +121,12 @@ def test_custom_domain_files(tmp_path):
     assert custom.source.n == split.source.n and custom.queries.n == 50
     assert custom.target_train.n == split.target_train.n - 50
     assert custom.protocol["split_seed"] == 313
+
+
+def test_saved_model_in_run_directory_reproduces_the_codes(tmp_path):
+    from crossret.hashing._state import load_method
+
+    result = run_experiment(RunConfig(method="itq", benchmark="demo", bits=16, out_dir=str(tmp_path / "r")))
+    model = load_method(tmp_path / "r" / "model.npz")
+    np.testing.assert_array_equal(model.encode(result.split.queries.features), result.codes["queries"])
+    np.testing.assert_array_equal(np.load(tmp_path / "r" / "codes" / "queries_codes.npy"), result.codes["queries"])

@@ -163,9 +163,8 @@ def demo(
     if as_json:
         _print_json(summary)
         return
-    table = Table(title=f"crossret demo — {bits} bits, MAP@all % (ties: {ties.value})")
-    for column in ("method", "MAP cross-domain", "MAP single-domain", "P@100 cross", "P(r<=2) cross",
-                   "train s"):
+    table = Table(title=f"crossret demo — {bits} bits, % (MAP@all, ties: {ties.value})")
+    for column in ("method", "MAP cross", "MAP single", "P@100 cross", "P(r≤2) cross", "train s"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for m in rows:
         table.add_row(m["method"], _pct(m["map_cross"]), _pct(m["map_single"]),

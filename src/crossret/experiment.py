@@ -310,7 +310,9 @@ def _write_run(run_dir: Path, config: RunConfig, method: HashMethod, split: Retr
     for name, array in codes.items():
         save_npy_atomic(run_dir / "codes" / f"{name}_codes.npy", array)
         save_npy_atomic(run_dir / "codes" / f"{name}_labels.npy", labels[name])
-    method.save(run_dir / "model")
+    if hasattr(method, "save"):
+        suffix = ".pt" if getattr(method, "storage", "npz") == "torch" else ".npz"
+        method.save(run_dir / f"model{suffix}")
     if config.plots:
         from crossret.report.plots import write_run_plots
 

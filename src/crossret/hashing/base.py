@@ -20,7 +20,7 @@ from crossret.errors import ConfigError
 ProgressFn = Callable[[int, int, str], None]
 
 
-def no_progress(step: int, total: int, message: str = "") -> None:  # noqa: ARG001
+def no_progress(step: int, total: int, message: str = "") -> None:
     """The default progress callback: does nothing."""
 
 

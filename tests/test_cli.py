@@ -37,10 +37,24 @@ def hamming(q: np.ndarray, db: np.ndarray) -> np.ndarray:
     return ((q.shape[1] - q.astype(np.int64) @ db.astype(np.int64).T) // 2).astype(np.int64)
 
 
+def reference_map_at_k_index(q, db, ql, dbl, k: int) -> float:
+    """MAP@k with ties broken by database order: stable argsort, AP normalised by the relevant items
+    retrieved in the top k (0 when none)."""
+    dist = hamming(q, db)
+    aps = []
+    for i in range(len(q)):
+        hits = (dbl == ql[i])[np.argsort(dist[i], kind="stable")][:k]
+        ranks = np.flatnonzero(hits) + 1
+        aps.append(float(np.mean(np.arange(1, len(ranks) + 1) / ranks)) if len(ranks) else 0.0)
+    return float(np.mean(aps))
+
+
 def reference_map(q, db, ql, dbl, ties: str) -> float:
-    """Independent MAP: ``index`` by a stable argsort per query; ``expected`` by summing, for every
-    relevant item, its expected precision over its uniformly random position y in its tie group:
-    E = 1/n sum_y (R_before + 1 + y (r-1)/(n-1)) / (N_before + 1 + y)."""
+    """MAP written another way: ``index`` by a stable argsort per query; ``expected`` by an explicit
+    loop over tie groups summing, for each relevant item, its expected precision over its uniformly
+    random position y in the group: E = 1/n sum_y (R_before + 1 + y (r-1)/(n-1)) / (N_before + 1 + y).
+    (The same expectation as the library's closed form, computed by direct sums; the enumeration of all
+    tie orders that proves the formula itself is in test_metrics.py.)"""
     dist = hamming(q, db)
     aps = []
     for i in range(len(q)):
@@ -120,7 +134,10 @@ def test_run_metrics_match_independent_reference_and_eval_codes(itq_run, monkeyp
         result = last_json(out)
         expected = reference_map(q, np.load(db), ql, np.load(dbl), ties)
         assert result["map"] == pytest.approx(expected, abs=1e-9)
-        assert "map_at_k" in result
+        assert 0.0 <= result["map_at_k"] <= 1.0
+        if ties == "index":
+            assert result["map_at_k"] == pytest.approx(
+                reference_map_at_k_index(q, np.load(db), ql, np.load(dbl), 50), abs=1e-9)
 
 
 def test_run_refuses_to_overwrite_a_finished_run(itq_run, monkeypatch, capsys):
@@ -160,13 +177,16 @@ def test_method_overrides_are_recorded_and_unknown_keys_refused(tmp_path, monkey
         (["run", "lsh", "--benchmark", "demo", "--source", "x.npz", "--bits", "8"], "either --benchmark"),
         (["run", "lsh", "--benchmark", "demo", "--bits", "0"], "positive integer"),
         (["run", "lsh", "--benchmark", "no-such-benchmark", "--bits", "8"], "no-such-benchmark"),
+        (["run", "lsh", "--benchmark", "demo", "--bits", "8", "--n-queries", "5"], "fixed protocol"),
+        (["run", "lsh", "--benchmark", "demo", "--bits", "8", "--set", "center"], "KEY=VALUE"),
+        (["run", "lsh", "--source", "missing-s.npz", "--target", "missing-t.npz", "--bits", "8"], "missing-s.npz"),
     ],
 )
 def test_bad_run_options_give_one_clear_error(args, message, tmp_path, monkeypatch, capsys):
     code, _, err = cli(monkeypatch, capsys, *args, "--out", tmp_path / "r")
     assert code == 2
     assert message in err
-    assert not (tmp_path / "r" / "metrics.json").exists()
+    assert not (tmp_path / "r").exists(), "a run that fails on bad input must not leave a run directory"
 
 
 def test_eval_codes_rejects_mismatched_code_lengths(tmp_path, monkeypatch, capsys):
@@ -233,3 +253,87 @@ def test_itq_on_digits_matches_reference_under_both_tie_rules(shared_data, tmp_p
         for setting, name in (("cross", "source"), ("single", "target_train")):
             db, dbl = np.load(c / f"{name}_codes.npy"), np.load(c / f"{name}_labels.npy")
             assert metrics[f"map_{setting}"] == pytest.approx(reference_map(q, db, ql, dbl, ties), abs=1e-6)
+
+
+def test_failed_overwrite_leaves_no_stale_finished_run(itq_run, tmp_path, monkeypatch, capsys):
+    out_dir = tmp_path / "ow"
+    code, _, err = cli(monkeypatch, capsys, "run", "lsh", "--benchmark", "demo", "--bits", "8", "--out", out_dir)
+    assert code == 0, err
+    assert (out_dir / "metrics.json").exists()
+    (tmp_path / "broken.npz").write_bytes(b"not an npz file at all")
+    code, _, err = cli(monkeypatch, capsys, "run", "lsh", "--source", tmp_path / "broken.npz", "--target",
+                       tmp_path / "broken.npz", "--bits", "16", "--out", out_dir, "--overwrite")
+    assert code == 2 and "broken.npz" in err
+    # the failed run did not touch the finished one (it failed before the directory was prepared) ...
+    assert json.loads((out_dir / "metrics.json").read_text())["bits"] == 8
+    # ... and a successful overwrite replaces every file, codes included
+    code, _, err = cli(monkeypatch, capsys, "run", "itq", "--benchmark", "demo", "--bits", "16", "--out", out_dir,
+                       "--overwrite")
+    assert code == 0, err
+    assert json.loads((out_dir / "metrics.json").read_text())["bits"] == 16
+    assert np.load(out_dir / "codes" / "source_codes.npy").shape[1] == 16
+    assert not list(out_dir.glob("model.*")) or all(p.suffix == ".npz" for p in out_dir.glob("model.*"))
+
+
+def test_unwritable_output_is_a_clean_error(itq_run, monkeypatch, capsys):
+    code, _, err = cli(monkeypatch, capsys, "index", "build", "--run", itq_run, "--out", "/dev/null/x.crbi")
+    assert code == 2 and "cannot" in err and "Traceback" not in err
+
+
+def test_custom_files_with_disjoint_classes_report_no_relevant_items(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "s.npz", features=rng.normal(size=(150, 8)), labels=np.repeat([0, 1, 2], 50))
+    np.savez(tmp_path / "t.npz", features=rng.normal(size=(40, 8)), labels=np.repeat([5, 6], 20))
+    code, out, err = cli(monkeypatch, capsys, "run", "lsh", "--source", tmp_path / "s.npz", "--target",
+                         tmp_path / "t.npz", "--bits", "8", "--n-queries", "10", "--out", tmp_path / "r", "--json")
+    assert code == 0, err
+    metrics = last_json(out)
+    assert metrics["map_cross"] == 0.0 and metrics["queries_without_relevant"]["cross"] == 10
+    assert metrics["recall_at"]["cross"]["100"] is None
+    assert metrics["protocol"]["source_label_base"] == 0
+
+
+def test_packed_codes_through_index_and_eval_codes(itq_run, tmp_path, monkeypatch, capsys):
+    from crossret.retrieval.packing import pack_codes, pad_packed
+
+    c = itq_run / "codes"
+    q, db = np.load(c / "queries_codes.npy"), np.load(c / "source_codes.npy")
+    np.save(tmp_path / "q.npy", pack_codes(q))
+    np.save(tmp_path / "db_padded.npy", pad_packed(pack_codes(db), 16))
+    code, _, err = cli(monkeypatch, capsys, "index", "build", "--codes", tmp_path / "db_padded.npy",
+                       "--out", tmp_path / "i.crbi")
+    assert code == 2 and "--bits" in err
+    code, _, err = cli(monkeypatch, capsys, "index", "build", "--codes", tmp_path / "db_padded.npy", "--bits",
+                       "16", "--kind", "hnsw", "--out", tmp_path / "i.crbi")
+    assert code == 0, err
+    code, out, err = cli(monkeypatch, capsys, "index", "search", tmp_path / "i.crbi", "--queries",
+                         tmp_path / "q.npy", "-k", "3", "--json")
+    assert code == 0, err
+    assert np.asarray(last_json(out)["distances"]).shape == (len(q), 3)
+    np.save(tmp_path / "db.npy", pack_codes(db))
+    results = []
+    for qfile, dbfile, extra in ((c / "queries_codes.npy", c / "source_codes.npy", []),
+                                 (tmp_path / "q.npy", tmp_path / "db.npy", ["--bits", "16"])):
+        code, out, err = cli(monkeypatch, capsys, "eval-codes", "--query-codes", qfile, "--db-codes", dbfile,
+                             "--query-labels", c / "queries_labels.npy", "--db-labels", c / "source_labels.npy",
+                             "--json", *extra)
+        assert code == 0, err
+        results.append(last_json(out)["map"])
+    assert results[0] == results[1]
+
+
+def test_corrupt_index_and_npy_files_are_refused(itq_run, tmp_path, monkeypatch, capsys):
+    index_file = tmp_path / "x.crbi"
+    code, _, err = cli(monkeypatch, capsys, "index", "build", "--run", itq_run, "--out", index_file)
+    assert code == 0, err
+    data = bytearray(index_file.read_bytes())
+    data[-3] ^= 0xFF
+    index_file.write_bytes(bytes(data))
+    code, _, err = cli(monkeypatch, capsys, "index", "search", index_file, "--queries",
+                       itq_run / "codes" / "queries_codes.npy")
+    assert code == 2 and "x.crbi" in err
+    (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
+    code, _, err = cli(monkeypatch, capsys, "eval-codes", "--query-codes", tmp_path / "bad.npy", "--db-codes",
+                       tmp_path / "bad.npy", "--query-labels", tmp_path / "bad.npy", "--db-labels",
+                       tmp_path / "bad.npy")
+    assert code == 2 and "bad.npy" in err

@@ -514,3 +514,14 @@ def test_dense_errors() -> None:
         dense_retrieval_metrics(good, good, [0, 1, 2], [0, 1])
     with pytest.raises(ConfigError, match="ks"):
         dense_retrieval_metrics(good, good, [0, 1], [0, 1], ks=(0,))
+
+
+def test_dense_metrics_do_not_depend_on_the_memory_capped_chunking(monkeypatch):
+    from crossret.retrieval import metrics as metrics_module
+
+    rng = np.random.default_rng(5)
+    query, gallery = rng.normal(size=(23, 4)), rng.normal(size=(40, 4))
+    q_ids, g_ids = rng.integers(0, 6, 23), rng.integers(0, 6, 40)
+    full = dense_retrieval_metrics(query, gallery, q_ids, g_ids)
+    monkeypatch.setattr(metrics_module, "_DENSE_CHUNK_ENTRIES", 100)  # forces 2 queries per chunk
+    assert dense_retrieval_metrics(query, gallery, q_ids, g_ids) == full

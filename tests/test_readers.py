@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from crossret.data import Domain, check_pair, detect_format, read_domain
+from crossret.data import Domain, check_pair, detect_format, read_domain, read_domain_pair
 from crossret.errors import ConfigError, DataError
 
 RNG = np.random.default_rng(7)
@@ -427,3 +427,45 @@ def test_bad_role_or_label_base_is_a_config_error(tmp_path: Path) -> None:
         read_domain(path, role="src")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="label_base must be 'auto', 0 or 1"):
         read_domain(path, label_base=2)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- pair label base
+def _save_couple(path, labels, dim=3):
+    labels = np.asarray(labels)
+    scipy.io.savemat(path, {"deepfea": np.ones((labels.size, dim)), "label": labels.reshape(-1, 1)})
+    return path
+
+
+def test_pair_label_base_is_decided_once_for_both_files(tmp_path):
+    # a 0-based target that lacks class 0 must not be shifted on its own
+    src = _save_couple(tmp_path / "s.mat", [0, 1, 2, 3, 3])
+    tgt = _save_couple(tmp_path / "t.mat", [1, 2, 3, 3])
+    source, target, bases = read_domain_pair(src, tgt)
+    assert bases == {"source_label_base": 0, "target_label_base": 0}
+    np.testing.assert_array_equal(target.labels, [1, 2, 3, 3])
+    # both 1-based: both shifted
+    src1 = _save_couple(tmp_path / "s1.mat", [1, 2, 3])
+    tgt1 = _save_couple(tmp_path / "t1.mat", [2, 3, 3])
+    source, target, bases = read_domain_pair(src1, tgt1)
+    assert bases == {"source_label_base": 1, "target_label_base": 1}
+    np.testing.assert_array_equal(source.labels, [0, 1, 2])
+    np.testing.assert_array_equal(target.labels, [1, 2, 2])
+    # explicit base wins
+    _, target, bases = read_domain_pair(src1, tgt1, label_base=0)
+    np.testing.assert_array_equal(target.labels, [2, 3, 3])
+
+
+def test_pair_of_mixed_formats_with_ambiguous_base_is_refused(tmp_path):
+    src = _save_couple(tmp_path / "s.mat", [1, 2, 3])
+    np.savez(tmp_path / "t.npz", features=np.ones((3, 3)), labels=np.array([1, 2, 3]))
+    with pytest.raises(DataError, match="--label-base"):
+        read_domain_pair(src, tmp_path / "t.npz")
+    _, target, _ = read_domain_pair(src, tmp_path / "t.npz", label_base=1)
+    np.testing.assert_array_equal(target.labels, [0, 1, 2])
+
+
+def test_csv_first_row_with_one_bad_field_is_an_error_not_a_header(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("1,2,a\n3,4,1\n5,6,0\n")
+    with pytest.raises(DataError, match=r"bad\.csv"):
+        read_domain(path)

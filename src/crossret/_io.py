@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -40,10 +41,18 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase
         raise
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once at import: toggling the process umask later would race with other threads.
+_UMASK = _read_umask()
+
+
+def _umask() -> int:
+    return _UMASK
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -82,6 +91,6 @@ def to_jsonable(obj: Any) -> Any:
         return obj.item()
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
-    if isinstance(obj, float) and obj != obj:  # NaN is not valid JSON
+    if isinstance(obj, float) and not math.isfinite(obj):  # NaN and inf are not valid JSON
         return None
     return obj

@@ -69,6 +69,12 @@ def main() -> None:
     except CrossretError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except OSError as exc:
+        # unwritable --out, a directory where a file is expected, a full disk, ...
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        err.print(f"[bold red]error:[/] cannot read or write{where}: {exc.strerror or exc}", highlight=False,
+                  soft_wrap=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: nothing after the last completed step was written")
         sys.exit(130)
@@ -105,6 +111,13 @@ def _parse_overrides(items: list[str] | None) -> dict[str, Any]:
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: cannot parse the value ({exc})") from exc
     return overrides
+
+
+def _int_option(value: str, name: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be auto, 0 or 1, got {value!r}") from None
 
 
 def _print_json(obj: Any) -> None:
@@ -218,6 +231,8 @@ def run(
                                                   "(default: --query-fraction).")] = None,
     query_fraction: Annotated[float, typer.Option(help="Custom domains: fraction of the target used as "
                                                   "queries.")] = 0.1,
+    label_base: Annotated[str, typer.Option(help="Custom domains: labels are 0- or 1-based (0, 1) or 'auto' "
+                                            "(decided once for the pair).")] = "auto",
     data_dir: DataDirOpt = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<name>-<time>).")]
     = None,
@@ -237,7 +252,8 @@ def run(
         method=method, bits=bits, seed=seed, benchmark=benchmark,
         source=str(source) if source else None, target=str(target) if target else None,
         data_dir=str(data_dir) if data_dir else None, split_seed=split_seed, n_queries=n_queries,
-        query_fraction=query_fraction, ties=ties.value, topk=topk, method_config=_parse_overrides(set_),
+        query_fraction=query_fraction, label_base=label_base if label_base == "auto" else _int_option(
+            label_base, "--label-base"), ties=ties.value, topk=topk, method_config=_parse_overrides(set_),
         plots=plots,
     ).validate()
     config.out_dir = str(out_dir) if out_dir else default_run_dir(config)
@@ -270,9 +286,14 @@ def eval_codes(
     db_labels: Annotated[Path, typer.Option(help=".npy of integer database labels.")],
     ties: TiesOpt = Ties.expected,
     topk: Annotated[int | None, typer.Option(help="Also report MAP@k.")] = None,
+    bits: Annotated[int | None, typer.Option(help="Code length, when the code files hold packed uint8 codes "
+                                             "(faiss bit order).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Evaluate given hash codes: MAP@all (and MAP@k), precision@N, precision within radius 2."""
+    """Evaluate given hash codes: MAP@all (and MAP@k), precision@N, precision within radius 2.
+
+    Code files hold ±1 or 0/1 values, one row per item (or packed uint8 rows with --bits).
+    """
     from crossret.retrieval.metrics import evaluate_hamming
 
     arrays = {name: _load_npy(path, f"--{name.replace('_', '-')}") for name, path in
@@ -280,7 +301,8 @@ def eval_codes(
                ("db_labels", db_labels))}
     with _progress_bar() as progress:
         evaluation = evaluate_hamming(arrays["query_codes"], arrays["db_codes"], arrays["query_labels"],
-                                      arrays["db_labels"], ties=ties.value, topk=topk, progress=progress)
+                                      arrays["db_labels"], bits=bits, ties=ties.value, topk=topk,
+                                      progress=progress)
     result = evaluation.to_dict()
     result["map_definition"] = (f"mean over queries of AP over the whole ranking; ties: {ties.value}"
                                 + (f"; map_at_k normalised by relevant items in the top {topk}" if topk else ""))
@@ -383,17 +405,19 @@ def index_search(
 
 
 def _as_packed(array: np.ndarray, bits: int | None, what: str) -> tuple[np.ndarray, int]:
-    """±1/{0,1} codes -> packed; packed uint8 codes need ``bits``."""
+    """±1/{0,1} codes -> packed. uint8 arrays are packed codes when ``bits`` is given (exact or 64-bit
+    padded width)."""
     from crossret.retrieval.packing import check_packed, pack_codes
 
-    if array.dtype == np.uint8 and bits is not None and array.ndim == 2 and array.shape[1] == (bits + 7) // 8 \
-            and array.shape[1] != bits:
-        return check_packed(array, bits, name=what), bits
     if array.ndim != 2:
-        raise DataError(f"{what}: expected a 2-D array of codes, got shape {array.shape}")
+        raise DataError(f"{what}: expected a 2-D array of codes (one row per item), got shape {array.shape}")
+    if bits is not None and array.dtype == np.uint8 and array.shape[1] != bits:
+        return check_packed(array, bits, allow_padding=True, name=what), bits
     if bits is not None and array.shape[1] != bits:
         raise DataError(f"{what}: codes have {array.shape[1]} bits but {bits} were expected; code lengths "
                         "must match")
+    if array.dtype == np.uint8 and array.size and int(array.max()) > 1:
+        raise DataError(f"{what}: holds uint8 values above 1, i.e. packed codes; pass --bits L to read them")
     return pack_codes(array), int(array.shape[1])
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +33,12 @@ import yaml
 from crossret._io import save_npy_atomic, write_json_atomic, write_yaml_atomic
 from crossret.data.domain import RetrievalSplit
 from crossret.errors import ConfigError, DataError, FileFormatError
-from crossret.hashing.base import HashMethod, ProgressFn, make_method, no_progress
+from crossret.hashing.base import HashMethod, make_method
+from crossret.progress import ProgressFn, no_progress
+from crossret.retrieval.metrics import DEFAULT_PRECISION_NS, TIE_RULES
 
 logger = logging.getLogger("crossret")
-
-TIE_RULES = ("expected", "index")
-DEFAULT_PRECISION_NS = tuple(range(100, 1001, 100))
+LABEL_BASES = ("auto", 0, 1)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class RunConfig:
     split_seed: int = 313
     n_queries: int | None = None
     query_fraction: float = 0.1
+    label_base: str | int = "auto"
     ties: str = "expected"
     topk: int | None = None
     precision_ns: list[int] = field(default_factory=lambda: list(DEFAULT_PRECISION_NS))
@@ -72,6 +74,14 @@ class RunConfig:
             raise ConfigError("give either --benchmark NAME or both --source FILE and --target FILE")
         if self.benchmark is None and (self.source is None or self.target is None):
             raise ConfigError("custom domains need both --source FILE and --target FILE")
+        if self.benchmark is not None and (self.n_queries is not None or self.query_fraction != 0.1
+                                           or self.label_base != "auto"):
+            raise ConfigError(
+                "--n-queries, --query-fraction and --label-base apply to --source/--target files only; a named "
+                "benchmark has a fixed protocol (see docs/benchmarks.md)"
+            )
+        if self.label_base not in LABEL_BASES:
+            raise ConfigError(f"--label-base must be auto, 0 or 1, got {self.label_base!r}")
         if not 0.0 < self.query_fraction < 1.0:
             raise ConfigError(f"query fraction must be in (0, 1), got {self.query_fraction}")
         if any(int(n) < 1 for n in self.precision_ns):
@@ -118,15 +128,14 @@ class RunResult:
 
 def load_split(config: RunConfig) -> RetrievalSplit:
     """The protocol split a config asks for (a named benchmark or two domain files)."""
-    from crossret.data import load_benchmark, make_split, read_domain, resolve_data_dir
+    from crossret.data import load_benchmark, make_split, read_domain_pair, resolve_data_dir
 
     config.validate()
     if config.benchmark is not None:
         data_dir = resolve_data_dir(config.data_dir)
         return load_benchmark(config.benchmark, data_dir, split_seed=config.split_seed)
     assert config.source is not None and config.target is not None
-    source = read_domain(config.source, role="source")
-    target = read_domain(config.target, role="target")
+    source, target, bases = read_domain_pair(config.source, config.target, label_base=config.label_base)
     return make_split(
         source,
         target,
@@ -134,7 +143,7 @@ def load_split(config: RunConfig) -> RetrievalSplit:
         n_queries=config.n_queries,
         query_fraction=config.query_fraction,
         split_seed=config.split_seed,
-        protocol_extra={"source_file": str(config.source), "target_file": str(config.target)},
+        protocol_extra={"source_file": str(config.source), "target_file": str(config.target), **bases},
     )
 
 
@@ -167,7 +176,7 @@ def evaluate_codes(
         if topk is not None:
             out[f"map_at_{topk}_{name}"] = float(evaluation.map_at_k)
         out["precision_at"][name] = {str(k): float(v) for k, v in evaluation.precision_at.items()}
-        out["recall_at"][name] = {str(k): float(v) for k, v in evaluation.recall_at.items()}
+        out["recall_at"][name] = {str(k): _float_or_none(v) for k, v in evaluation.recall_at.items()}
         out["p_at_r2"][name] = float(evaluation.p_at_r2)
         out["queries_without_relevant"][name] = int(evaluation.n_queries_without_relevant)
         ns = sorted(evaluation.precision_at)
@@ -176,7 +185,7 @@ def evaluate_codes(
             "pr_rank": {
                 "n": ns,
                 "precision": [float(evaluation.precision_at[n]) for n in ns],
-                "recall": [float(evaluation.recall_at.get(n, float("nan"))) for n in ns],
+                "recall": [_float_or_none(evaluation.recall_at.get(n)) for n in ns],
             },
         }
     return out
@@ -195,14 +204,17 @@ def run_experiment(
     the method: it receives :meth:`RetrievalSplit.training_target`.
     """
     config.validate()
-    run_dir = _prepare_run_dir(config.out_dir, overwrite) if config.out_dir else None
+    # Everything that can fail on bad input happens before the run directory is touched.
     method = make_method(config.method, bits=config.bits, seed=config.seed, overrides=config.method_config)
+    if config.out_dir:
+        _check_run_dir(Path(config.out_dir), overwrite)
+    if split is None:
+        split = load_split(config)
+    run_dir = _prepare_run_dir(Path(config.out_dir)) if config.out_dir else None
     handler = _attach_log(run_dir) if run_dir else None
     try:
         if run_dir:
             write_yaml_atomic(run_dir / "config.yaml", _resolved_config(config, method))
-        if split is None:
-            split = load_split(config)
         logger.info("split: %s", split.summary())
         logger.info("method %s, %d bits, seed %d, config %s", config.method, config.bits, config.seed,
                     method.config_dict())
@@ -264,6 +276,11 @@ def run_experiment(
             handler.close()
 
 
+def _float_or_none(value: float | None) -> float | None:
+    """Recall is undefined (None) when no query has a relevant item; keep it so, never crash."""
+    return None if value is None else float(value)
+
+
 def _map_definition(ties: str, topk: int | None) -> str:
     rule = ("ties: exact expected AP under a uniformly random order of tied items" if ties == "expected"
             else "ties: broken by database order")
@@ -280,8 +297,7 @@ def _resolved_config(config: RunConfig, method: HashMethod) -> dict[str, Any]:
     return resolved
 
 
-def _prepare_run_dir(out_dir: str, overwrite: bool) -> Path:
-    run_dir = Path(out_dir)
+def _check_run_dir(run_dir: Path, overwrite: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} exists and is not a directory")
     if (run_dir / "metrics.json").exists() and not overwrite:
@@ -289,6 +305,17 @@ def _prepare_run_dir(out_dir: str, overwrite: bool) -> Path:
             f"--out {run_dir} already holds a finished run (metrics.json); choose another directory "
             "or pass --overwrite"
         )
+
+
+def _prepare_run_dir(run_dir: Path) -> Path:
+    """Create the run directory; remove what an earlier run left there, the completion marker
+    (metrics.json) first, so that a failure now can never leave stale results looking finished."""
+    (run_dir / "metrics.json").unlink(missing_ok=True)
+    for stale in ("codes", "plots"):
+        if (run_dir / stale).is_dir():
+            shutil.rmtree(run_dir / stale)
+    for stale in [*run_dir.glob("model.*"), run_dir / "run.log", run_dir / "config.yaml"]:
+        stale.unlink(missing_ok=True)
     (run_dir / "codes").mkdir(parents=True, exist_ok=True)
     return run_dir
 

@@ -10,7 +10,7 @@ from crossret.data.benchmarks import (
     resolve_data_dir,
 )
 from crossret.data.domain import Domain, RetrievalSplit
-from crossret.data.readers import check_pair, detect_format, read_domain
+from crossret.data.readers import check_pair, detect_format, read_domain, read_domain_pair
 
 __all__ = [
     "BenchmarkInfo",
@@ -24,5 +24,6 @@ __all__ = [
     "load_benchmark",
     "make_split",
     "read_domain",
+    "read_domain_pair",
     "resolve_data_dir",
 ]

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from crossret.data.domain import Domain, RetrievalSplit
-from crossret.data.readers import Role, check_pair, read_domain, sha256_of_origins
+from crossret.data.readers import Role, check_pair, read_domain, read_domain_pair, sha256_of_origins
 from crossret.errors import ConfigError, DataError
 
 DATA_ENV = "CROSSRET_DATA"
@@ -129,15 +129,15 @@ def zscore_with_training_stats(split: RetrievalSplit, description: str) -> Retri
 
 
 def _surf_loader(spec: _Spec, paths: list[Path], split_seed: int) -> RetrievalSplit:
-    source = _row_normalise(read_domain(paths[0], name=spec.source))
-    target = _row_normalise(read_domain(paths[1], name=spec.target))
+    source, target, bases = read_domain_pair(paths[0], paths[1], source_name=spec.source, target_name=spec.target)
+    source, target = _row_normalise(source), _row_normalise(target)
     split = make_split(
         source,
         target,
         benchmark=spec.name,
         query_fraction=COUPLE_QUERY_FRACTION,
         split_seed=split_seed,
-        protocol_extra={"protocol": "couple-10pct", "family": spec.family},
+        protocol_extra={"protocol": "couple-10pct", "family": spec.family, **bases},
     )
     return zscore_with_training_stats(
         split,
@@ -147,8 +147,7 @@ def _surf_loader(spec: _Spec, paths: list[Path], split_seed: int) -> RetrievalSp
 
 
 def _deep_loader(spec: _Spec, paths: list[Path], split_seed: int) -> RetrievalSplit:
-    source = read_domain(paths[0], name=spec.source)
-    target = read_domain(paths[1], name=spec.target)
+    source, target, bases = read_domain_pair(paths[0], paths[1], source_name=spec.source, target_name=spec.target)
     return make_split(
         source,
         target,
@@ -158,6 +157,7 @@ def _deep_loader(spec: _Spec, paths: list[Path], split_seed: int) -> RetrievalSp
         protocol_extra={
             "protocol": "couple-10pct",
             "family": spec.family,
+            **bases,
             "preprocessing": "none (deep features used as given)",
         },
     )

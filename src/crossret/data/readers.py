@@ -275,6 +275,55 @@ def read_domain(
     labels whose smallest known value is 1 as 1-based (non-MATLAB layouts are taken as they are).
     Features come back float32 ``(N, d)``, labels int64 0-based; errors name the file.
     """
+    return _read_domain(path, role, name, label_base)[0]
+
+
+def read_domain_pair(
+    source_path: str | os.PathLike,
+    target_path: str | os.PathLike,
+    label_base: LabelBase = "auto",
+    source_name: str | None = None,
+    target_name: str | None = None,
+) -> tuple[Domain, Domain, dict[str, int]]:
+    """Read a source and a target file with **one** label base decision for the pair.
+
+    Deciding per file is unsafe: a 0-based target that lacks class 0 would look 1-based and every
+    label would shift by one. With ``"auto"``, MATLAB-family files are 1-based when the smallest
+    known label of the *pair* is 1; if the two files would still be normalised differently (a
+    1-based MATLAB file next to a format taken as it is), this is an error asking for an explicit
+    ``label_base``. Returns ``(source, target, {"source_label_base": b, "target_label_base": b})``.
+    """
+    if label_base != "auto":
+        source = read_domain(source_path, "source", source_name, label_base)
+        target = read_domain(target_path, "target", target_name, label_base)
+        base = int(label_base)
+        return source, target, {"source_label_base": base, "target_label_base": base}
+    source, source_matlab = _read_domain(Path(source_path), "source", source_name, 0)
+    target, target_matlab = _read_domain(Path(target_path), "target", target_name, 0)
+    known = np.concatenate([source.labels[source.labels >= 0], target.labels[target.labels >= 0]])
+    pair_min = int(known.min()) if known.size else 0
+    bases = {"source_label_base": int(source_matlab and pair_min == 1),
+             "target_label_base": int(target_matlab and pair_min == 1)}
+    if source_matlab != target_matlab and pair_min == 1:
+        raise DataError(
+            f"{source_path} and {target_path}: the smallest label of the pair is 1, so the MATLAB file would be "
+            "read as 1-based and shifted while the other file is taken as it is; their classes would no longer "
+            "match. Pass the label base explicitly (--label-base 0 or --label-base 1)"
+        )
+
+    def shift(domain: Domain, base: int) -> Domain:
+        if not base:
+            return domain
+        labels = np.where(domain.labels >= 0, domain.labels - 1, UNKNOWN_LABEL)
+        return Domain(domain.name, domain.features, labels, domain.origin)
+
+    return shift(source, bases["source_label_base"]), shift(target, bases["target_label_base"]), bases
+
+
+def _read_domain(
+    path: str | os.PathLike, role: Role | None, name: str | None, label_base: LabelBase
+) -> tuple[Domain, bool]:
+    """:func:`read_domain`, also saying whether the file is of a MATLAB family (labels may be 1-based)."""
     path = Path(path)
     if label_base not in ("auto", 0, 1):
         raise ConfigError(f"{path}: label_base must be 'auto', 0 or 1, got {label_base!r}")
@@ -286,7 +335,7 @@ def read_domain(
         features, labels = _read_csv(path)
         labels = _normalise_labels(path, "last column", labels, label_base, matlab=False)
         _check_float32_range(path, "feature columns", features)
-        return Domain(name or path.stem, features, labels, origin=str(path))
+        return Domain(name or path.stem, features, labels, origin=str(path)), False
 
     container = _open_container(path, ext)
     layout = _find_layout(path, container.keys)
@@ -325,7 +374,7 @@ def read_domain(
         )
     labels = _normalise_labels(path, lkey, labels, label_base, matlab=layout.matlab_labels)
     _check_float32_range(path, fkey, features)
-    return Domain(name or f"{path.stem}{suffix}", features, labels, origin=str(path))
+    return Domain(name or f"{path.stem}{suffix}", features, labels, origin=str(path)), layout.matlab_labels
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -469,16 +518,23 @@ def _normalise_labels(path: Path, key: str, labels: np.ndarray, label_base: Labe
     return labels
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Comma-separated rows, the label in the last column, an optional (non-numeric) header row."""
     with path.open("r", encoding="utf-8-sig", errors="replace") as handle:
         first = handle.readline()
     header = 0
     if first.strip():
-        try:
-            [float(field) for field in first.strip().split(",")]
-        except ValueError:
-            header = 1
+        # A header only when *no* field is a number: a data row with one bad field must be an error,
+        # not silently dropped as a "header".
+        header = int(not any(_is_number(field) for field in first.strip().split(",")))
     try:
         with warnings.catch_warnings():
             # An empty table is reported below as a DataError; numpy's own warning would be noise.

@@ -8,20 +8,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
 
 from crossret.data.domain import Domain
 from crossret.errors import ConfigError
-
-# progress(step, total, message) — library code reports progress through this; the CLI draws a bar.
-ProgressFn = Callable[[int, int, str], None]
-
-
-def no_progress(step: int, total: int, message: str = "") -> None:
-    """The default progress callback: does nothing."""
+from crossret.progress import ProgressFn, no_progress
 
 
 class HashMethod(abc.ABC):

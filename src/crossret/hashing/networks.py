@@ -12,6 +12,8 @@ need a 4,096 × 4,096 encoder (the default ``e = min(d, 1024)``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -140,3 +142,20 @@ def pairwise_similarity_loss(h: torch.Tensor, labels: torch.Tensor, kind: str = 
 def quantization_loss(h: torch.Tensor) -> torch.Tensor:
     """``mean((h − sign(h))²)`` (COUPLE's ``MSE(h, sign h)``); sign is a constant target."""
     return F.mse_loss(h, torch.where(h >= 0, 1.0, -1.0).detach())
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """Run a block with ``torch.set_num_threads(num_threads)`` and restore the caller's setting.
+
+    ``0`` leaves the setting alone. Small MLP training on CPU is fastest single-threaded.
+    """
+    if num_threads <= 0:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -31,6 +31,7 @@ from crossret.hashing.networks import (
     HashNet,
     pairwise_similarity_loss,
     quantization_loss,
+    torch_threads,
 )
 from crossret.hashing.preprocessing import FeatureNormalizer, bit_balance
 
@@ -57,6 +58,8 @@ class SourceOnlyConfig:
     standardize: z-score features with source statistics (else only centre).
     pair_loss: ``couple`` | ``cosine`` | ``dpsh``.
     ce_weight, pair_weight, quant_weight: loss weights.
+    num_threads: torch CPU threads while training; these small MLPs train fastest on one thread, and
+        multi-threaded torch slows down 10-60x when the cores are shared. 0 = leave torch's setting.
     """
 
     epochs: int = 30
@@ -71,6 +74,7 @@ class SourceOnlyConfig:
     ce_weight: float = 1.0
     pair_weight: float = 10.0
     quant_weight: float = 0.1
+    num_threads: int = 1
 
     def validate(self) -> None:
         def positive_int(key: str) -> None:
@@ -80,6 +84,8 @@ class SourceOnlyConfig:
 
         positive_int("epochs")
         positive_int("batch_size")
+        if not isinstance(self.num_threads, int) or isinstance(self.num_threads, bool) or self.num_threads < 0:
+            raise ConfigError(f"source-only: num_threads must be an integer >= 0, got {self.num_threads!r}")
         if self.batch_size < 2:
             raise ConfigError("source-only: batch_size must be >= 2 (batch norm and pair losses)")
         if self.encoder_dim is not None:
@@ -143,7 +149,7 @@ class SourceOnly(PersistentMethod, HashMethod):
         generator = torch.Generator().manual_seed(self.seed)
 
         # fork_rng: seed init and dropout without disturbing the caller's global torch RNG.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch_threads(cfg.num_threads):
             torch.manual_seed(self.seed)
             net = self._build(source.dim, num_classes)
             optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -37,17 +37,17 @@ from typing import Any
 
 import numpy as np
 
+from crossret.data.domain import UNKNOWN_LABEL
 from crossret.errors import CodeError, ConfigError, DataError
+from crossret.progress import ProgressFn
 from crossret.retrieval import hamming
 from crossret.retrieval.packing import as_pm1, check_packed, pack_codes, packed_to_words
 
 TIE_RULES = ("expected", "index")
 DEFAULT_PRECISION_NS: tuple[int, ...] = tuple(range(100, 1001, 100))
 DEFAULT_CHUNK_SIZE = 262_144
-UNKNOWN_LABEL = -1
+_DENSE_CHUNK_ENTRIES = 1 << 22
 MAP_AT_K_NORMALISATION = "relevant items retrieved in the top k (DA-hashing convention)"
-
-ProgressFn = Callable[[int, int, str], None]
 
 
 @dataclass
@@ -365,7 +365,8 @@ def dense_retrieval_metrics(
     """Text-to-image style retrieval metrics over the whole gallery.
 
     Similarity ``s[q, g] = <query_emb[q], gallery_emb[g]>`` (normalise the embeddings first for
-    cosine), computed ``chunk_size`` queries at a time (memory ``O(chunk_size x G)``). Each query
+    cosine), computed at most ``chunk_size`` queries at a time and at most ~4M (query, item) entries
+    per chunk (memory ``O(min(chunk_size x G, 4M))``). Each query
     ranks the gallery by descending similarity, ties kept in gallery order (stable). A gallery item
     is relevant when its id equals the query id. With ``pos_1 < ... < pos_R`` the (1-based) ranks of
     the relevant items:
@@ -409,6 +410,9 @@ def dense_retrieval_metrics(
     ap = np.zeros(n_q)
     inp = np.zeros(n_q)
     n_rel = np.zeros(n_q, dtype=np.int64)
+    # Several (chunk x G) temporaries live at once; cap a chunk at ~4M entries so memory stays bounded
+    # for large galleries too (the caller's chunk_size is an upper bound).
+    chunk_size = max(1, min(chunk_size, _DENSE_CHUNK_ENTRIES // n_g))
     for start in range(0, n_q, chunk_size):
         stop = min(start + chunk_size, n_q)
         sim = query[start:stop] @ gallery_t

@@ -40,11 +40,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--ties", default="expected", choices=("expected", "index"))
     parser.add_argument("--out", default=str(RESULTS / "baselines"), help="output path without extension")
+    parser.add_argument("--plots-from", default=None, help="only redraw the plots from an existing results JSON")
     args = parser.parse_args(argv)
+    if args.plots_from:
+        import json
+
+        rows = json.loads(Path(args.plots_from).read_text())["rows"]
+        for path in write_plots(rows, Path(args.out).parent):
+            print(f"wrote {path}", file=sys.stderr)
+        return 0
 
     data_dir = resolve_data_dir(args.data_dir)
     names = [i.name for i in list_benchmarks(data_dir) if i.present and args.only in i.name]
     rows: list[dict[str, Any]] = []
+    # Recorded once each (they are the same for every row of a benchmark / method).
+    protocols: dict[str, Any] = {}
+    method_configs: dict[str, Any] = {}
     started = time.time()
     for name in names:
         split = load_benchmark(name, data_dir)
@@ -53,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in args.seeds:
                     config = RunConfig(method=method, benchmark=name, bits=bits, seed=seed, ties=args.ties)
                     metrics = run_experiment(config, split=split).metrics
+                    protocols[name] = metrics["protocol"]
+                    method_configs[method] = metrics["method_config"]
                     rows.append({
                         "benchmark": name, "method": method, "bits": bits, "seed": seed,
                         "split_seed": metrics["split_seed"], "ties": metrics["ties"],
@@ -61,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
                         "p_at_r2_single": metrics["p_at_r2"]["single"],
                         "precision_at_100_cross": metrics["precision_at"]["cross"].get("100"),
                         "train_seconds": metrics["train_seconds"],
-                        "protocol": metrics["protocol"], "method_config": metrics["method_config"],
                     })
                     print(f"{name:28s} {method:12s} {bits:4d}b seed {seed}: MAP cross "
                           f"{100 * metrics['map_cross']:6.2f}  single {100 * metrics['map_single']:6.2f}  "
@@ -73,13 +85,45 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"python": platform.python_version(), "processor": platform.machine()},
         "seeds": args.seeds, "ties": args.ties,
         "map_definition": "MAP@all in [0,1]; relevance = same label; the tables show percent",
+        "protocols": protocols,
+        "method_configs": method_configs,
         "rows": rows,
     }
     out = Path(args.out)
     write_json_atomic(out.with_suffix(".json"), payload)
     write_text_atomic(out.with_suffix(".md"), markdown(rows, args))
+    for path in write_plots(rows, out.parent):
+        print(f"wrote {path}", file=sys.stderr)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}", file=sys.stderr)
     return 0
+
+
+def mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (benchmark, method, bits): MAP averaged over seeds."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["benchmark"], row["method"], row["bits"]), []).append(row)
+    return [{"benchmark": b, "method": m, "bits": bits,
+             "map_cross": statistics.mean(r["map_cross"] for r in group),
+             "map_single": statistics.mean(r["map_single"] for r in group)}
+            for (b, m, bits), group in sorted(groups.items())]
+
+
+def write_plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """MAP vs bits (mean over seeds) for the digits tasks and the Office-Caltech mean, both settings."""
+    from crossret.report.plots import plot_map_vs_bits
+
+    means = mean_rows(rows)
+    office = [dict(r, benchmark="office-caltech-surf (mean of 12 tasks)") for r in
+              mean_rows([dict(r, benchmark="office") for r in rows if r["benchmark"].startswith("office-caltech")])]
+    panels = {name: [r for r in means if r["benchmark"] == name] for name in ("digits-m2u", "digits-u2m")}
+    panels["office-caltech-mean"] = office
+    written = []
+    for name, selected in panels.items():
+        for setting in ("cross", "single"):
+            if selected:
+                written.append(plot_map_vs_bits(selected, out_dir / f"baselines_{name}_{setting}.png", setting))
+    return written
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:

@@ -45,11 +45,13 @@ class Domain:
         if features.dtype.kind not in "fiub":
             raise DataError(f"{where}: features must be numeric, got dtype {features.dtype}")
         if features.dtype.kind == "f" and features.dtype.itemsize > 4:
-            finite = features[np.isfinite(features)]
-            if finite.size and np.abs(finite).max() > np.finfo(np.float32).max:
+            # Finite values too large for float32 would silently become inf; say so instead.
+            limit = np.finfo(np.float32).max
+            too_big = np.isfinite(features) & (np.abs(features) > limit)
+            if too_big.any():
                 raise DataError(
-                    f"{where}: feature values exceed the float32 range (max |x| = {np.abs(finite).max():.3g}); "
-                    "rescale the features"
+                    f"{where}: features have values beyond the float32 range (|x| > {limit:.3g}) in "
+                    f"{int(too_big.any(axis=1).sum())} sample(s); rescale the features"
                 )
         features = np.ascontiguousarray(features, dtype=np.float32)
         if not np.isfinite(features).all():

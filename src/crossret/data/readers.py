@@ -334,7 +334,6 @@ def _read_domain(
     if ext == ".csv":
         features, labels = _read_csv(path)
         labels = _normalise_labels(path, "last column", labels, label_base, matlab=False)
-        _check_float32_range(path, "feature columns", features)
         return Domain(name or path.stem, features, labels, origin=str(path)), False
 
     container = _open_container(path, ext)
@@ -373,7 +372,6 @@ def _read_domain(
             "there must be exactly one label per sample"
         )
     labels = _normalise_labels(path, lkey, labels, label_base, matlab=layout.matlab_labels)
-    _check_float32_range(path, fkey, features)
     return Domain(name or f"{path.stem}{suffix}", features, labels, origin=str(path)), layout.matlab_labels
 
 
@@ -458,19 +456,6 @@ def _numeric(path: Path, key: str, value: Any) -> np.ndarray:
             "not cells, structs or strings"
         )
     return array
-
-
-def _check_float32_range(path: Path, key: str, features: np.ndarray) -> None:
-    """Finite values too large for float32 would silently become inf in the Domain; say so instead."""
-    if features.dtype.kind == "f" and features.dtype.itemsize > 4:
-        limit = np.finfo(np.float32).max
-        too_big = np.isfinite(features) & (np.abs(features) > limit)
-        if too_big.any():
-            rows = int(too_big.any(axis=1).sum())
-            raise DataError(
-                f"{path}: {key!r} has values beyond the float32 range (|x| > {limit:.3g}) in {rows} "
-                "sample(s); rescale the features"
-            )
 
 
 def _as_label_vector(path: Path, key: str, labels: np.ndarray) -> np.ndarray:

@@ -243,9 +243,16 @@ def run(
                                                    "(repeatable).")] = None,
     plots: Annotated[bool, typer.Option("--plots", help="Write P-R and precision@N plots (PNG).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a finished run in --out.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last checkpoint "
+                                         "(methods that checkpoint, e.g. couple; same options required).")]
+    = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train METHOD on a benchmark (or --source/--target files), evaluate, write a run directory."""
+    """Train METHOD on a benchmark (or --source/--target files), evaluate, write a run directory.
+
+    COUPLE checkpoints every epoch into DIR/checkpoints; after an interruption, run the same
+    command with --out DIR --resume.
+    """
     from crossret.experiment import RunConfig, default_run_dir, run_experiment
 
     config = RunConfig(
@@ -258,7 +265,7 @@ def run(
     ).validate()
     config.out_dir = str(out_dir) if out_dir else default_run_dir(config)
     with _progress_bar() as progress:
-        result = run_experiment(config, progress=progress, overwrite=overwrite)
+        result = run_experiment(config, progress=progress, overwrite=overwrite, resume=resume)
     metrics = result.metrics
     if as_json:
         _print_json(metrics)

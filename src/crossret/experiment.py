@@ -197,20 +197,33 @@ def run_experiment(
     split: RetrievalSplit | None = None,
     progress: ProgressFn = no_progress,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> RunResult:
     """Fit ``config.method`` on the split, encode, evaluate cross- and single-domain retrieval.
 
     Writes a run directory when ``config.out_dir`` is set. The target's labels are never shown to
-    the method: it receives :meth:`RetrievalSplit.training_target`.
+    the method: it receives :meth:`RetrievalSplit.training_target`; methods with a ``label_report``
+    hook (COUPLE) get the target-train labels *after* training, for diagnostics only.
+
+    Methods that checkpoint (COUPLE) write ``checkpoints/`` into the run directory after every
+    epoch; ``resume=True`` continues an interrupted run in the same directory (same config
+    required) instead of starting over.
     """
     config.validate()
     # Everything that can fail on bad input happens before the run directory is touched.
     method = make_method(config.method, bits=config.bits, seed=config.seed, overrides=config.method_config)
+    if resume and not config.out_dir:
+        raise ConfigError("--resume needs the run directory of the interrupted run (--out DIR)")
     if config.out_dir:
         _check_run_dir(Path(config.out_dir), overwrite)
+        if resume:
+            _check_resumable(Path(config.out_dir), config, method)
     if split is None:
         split = load_split(config)
-    run_dir = _prepare_run_dir(Path(config.out_dir)) if config.out_dir else None
+    run_dir = _prepare_run_dir(Path(config.out_dir), keep_checkpoints=resume) if config.out_dir else None
+    if run_dir is not None and hasattr(method, "checkpoint_dir"):
+        method.checkpoint_dir = run_dir / "checkpoints"
+        method.resume = resume
     handler = _attach_log(run_dir) if run_dir else None
     try:
         if run_dir:
@@ -230,6 +243,9 @@ def run_experiment(
             "target_train": method.encode(split.target_train.features),
         }
         encode_seconds = time.perf_counter() - start
+        if hasattr(method, "label_report"):
+            # Diagnostics only (pseudo-label accuracy per refresh); training is already over.
+            method.diagnostics["label_report"] = method.label_report(split.target_train.labels)
 
         start = time.perf_counter()
         evaluated = evaluate_codes(
@@ -307,14 +323,34 @@ def _check_run_dir(run_dir: Path, overwrite: bool) -> None:
         )
 
 
-def _prepare_run_dir(run_dir: Path) -> Path:
+def _check_resumable(run_dir: Path, config: RunConfig, method: HashMethod) -> None:
+    """A resumed run must have the same resolved configuration as the interrupted one."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return  # nothing was started there yet: a fresh run
+    try:
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise FileFormatError(f"{saved_path}: cannot read the interrupted run's config ({exc})") from exc
+    current = _resolved_config(config, method)
+    ignore = {"out_dir", "plots"}
+    differing = sorted(k for k in set(current) | set(saved or {})
+                       if k not in ignore and (saved or {}).get(k) != current.get(k))
+    if differing:
+        raise ConfigError(f"--resume: {run_dir} was started with a different configuration "
+                          f"({', '.join(differing)} differ); use the same options or a new --out")
+
+
+def _prepare_run_dir(run_dir: Path, keep_checkpoints: bool = False) -> Path:
     """Create the run directory; remove what an earlier run left there, the completion marker
-    (metrics.json) first, so that a failure now can never leave stale results looking finished."""
+    (metrics.json) first, so that a failure now can never leave stale results looking finished.
+    ``keep_checkpoints`` keeps ``checkpoints/`` and ``run.log`` (resuming)."""
     (run_dir / "metrics.json").unlink(missing_ok=True)
-    for stale in ("codes", "plots"):
+    for stale in ("codes", "plots", *(() if keep_checkpoints else ("checkpoints",))):
         if (run_dir / stale).is_dir():
             shutil.rmtree(run_dir / stale)
-    for stale in [*run_dir.glob("model.*"), run_dir / "run.log", run_dir / "config.yaml"]:
+    logs = [] if keep_checkpoints else [run_dir / "run.log"]
+    for stale in [*run_dir.glob("model.*"), *logs, run_dir / "config.yaml"]:
         stale.unlink(missing_ok=True)
     (run_dir / "codes").mkdir(parents=True, exist_ok=True)
     return run_dir

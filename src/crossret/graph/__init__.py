@@ -1,1 +1,34 @@
-"""Graphs: kNN / mutual-kNN (faiss + scipy.sparse), flow diffusion, random walks (COUPLE issue)."""
+"""Graphs: kNN / mutual-kNN (faiss + scipy.sparse), COUPLE's cross-domain graph, ℓ2 flow diffusion
+and weighted random walks."""
+
+from crossret.graph.cross_domain import CrossDomainGraph, build_cross_domain_graph
+from crossret.graph.diffusion import (
+    FlowDiffusionResult,
+    check_feasible,
+    class_seed_mass,
+    clip_to_feasible,
+    disagreement_reweight,
+    l2_flow_diffusion,
+    l2_flow_diffusion_active_set,
+    laplacian,
+)
+from crossret.graph.knn import knn_search, l2_normalize, mutual_pairs
+from crossret.graph.walks import Walks, random_walks
+
+__all__ = [
+    "CrossDomainGraph",
+    "FlowDiffusionResult",
+    "Walks",
+    "build_cross_domain_graph",
+    "check_feasible",
+    "class_seed_mass",
+    "clip_to_feasible",
+    "disagreement_reweight",
+    "knn_search",
+    "l2_flow_diffusion",
+    "l2_flow_diffusion_active_set",
+    "l2_normalize",
+    "laplacian",
+    "mutual_pairs",
+    "random_walks",
+]

@@ -102,4 +102,4 @@ def make_method(name: str, bits: int, seed: int = 0, overrides: dict[str, Any] |
 
 def _load_builtin_methods() -> None:
     # Importing the modules runs their @register decorators.
-    from crossret.hashing import itq, lsh, source_only  # noqa: F401
+    from crossret.hashing import couple, itq, lsh, source_only  # noqa: F401

@@ -1,0 +1,381 @@
+"""ℓ2-norm flow diffusion: the dual push solver, per-class seeding and label-aware reweighting.
+
+Problem (Fountoulakis, Wang & Yang, "p-Norm Flow Diffusion for Local Graph Clustering", ICML 2020;
+the diffusion of COUPLE, couple.md §3.2). On a graph with conductances ``w_e > 0``, signed incidence
+``B`` and Laplacian ``L = Bᵀ diag(w) B``, source mass ``Δ ≥ 0`` and sink capacities ``T ≥ 0``:
+
+    primal   min_f ½ Σ_e f_e² / w_e          s.t.  m = Δ + Bᵀ f ≤ T
+    dual     min_{x ≥ 0} ½ xᵀ L x + xᵀ (T − Δ)
+
+At the optimum the routed mass is ``m = Δ − L x ≤ T`` and ``x_i (T_i − m_i) = 0``: nodes with
+``x_i > 0`` are saturated, and the support of ``x`` is the diffused cluster. The flow on edge
+``(i, j)`` is ``w_ij (x_i − x_j)``.
+
+Solver: coordinate minimisation of the dual ("push"): a node ``v`` with excess ``m_v > T_v`` raises
+``x_v`` by ``(m_v − T_v) / deg(v)``, which leaves ``v`` exactly at capacity and spreads the excess
+to its neighbours in proportion to ``w_uv``. Here all nodes with excess push *at once* each pass
+(projected Jacobi), vectorised with sparse products over the rows that hold excess only, so a pass
+costs O(volume of the active set) — the diffusion stays local. Because ``L`` is a Z-matrix, the
+iterates increase monotonically from ``x = 0`` to the least feasible point, which is the unique
+optimum of the dual's active set (Cottle, Pang & Stone, "The Linear Complementarity Problem",
+§3.11/§5.2); ``x_i > 0`` only on nodes that pushed, and those have ``m_i ≥ T_i`` throughout, so
+complementary slackness holds to the final excess tolerance.
+
+Several diffusions (e.g. one per class) run together as the columns of ``(n, C)`` matrices.
+
+A solution exists iff in every connected component the mass fits: ``Σ_comp Δ ≤ Σ_comp T``
+(strictly, for finite convergence); :func:`check_feasible` says which component fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse import csgraph
+
+from crossret.errors import DataError
+
+
+@dataclass
+class FlowDiffusionResult:
+    """Solution of one or several (columns) ℓ2 flow diffusions.
+
+    potential: dual variable ``x`` ``(n,)`` or ``(n, C)``, ``≥ 0``.
+    mass: routed mass ``m = Δ − L x`` (same shape), ``≤ T + excess``.
+    passes: push passes run; converged: the excess fell below the tolerance.
+    excess: ``Σ max(0, m − T)`` left, per column.
+    pushes: node pushes performed (work measure).
+    """
+
+    potential: np.ndarray
+    mass: np.ndarray
+    passes: int
+    converged: bool
+    excess: np.ndarray
+    pushes: int
+
+
+def laplacian(adjacency: sp.spmatrix) -> sp.csr_matrix:
+    """Weighted graph Laplacian ``L = diag(deg) − W`` as CSR."""
+    adjacency = sp.csr_matrix(adjacency)
+    degree = np.asarray(adjacency.sum(axis=1)).ravel()
+    return (sp.diags(degree) - adjacency).tocsr()
+
+
+def check_graph(adjacency: sp.spmatrix) -> sp.csr_matrix:
+    """Validate a conductance matrix: square, symmetric, finite, non-negative, empty diagonal."""
+    if not sp.issparse(adjacency):
+        raise DataError("flow diffusion: the adjacency must be a scipy.sparse matrix")
+    adjacency = sp.csr_matrix(adjacency, dtype=np.float64)
+    n, m = adjacency.shape
+    if n != m:
+        raise DataError(f"flow diffusion: the adjacency must be square, got {adjacency.shape}")
+    data = adjacency.data
+    if not np.isfinite(data).all() or (data < 0).any():
+        raise DataError("flow diffusion: edge weights must be finite and >= 0")
+    if adjacency.diagonal().any():
+        raise DataError("flow diffusion: the adjacency must have an empty diagonal (no self-loops)")
+    if abs(adjacency - adjacency.T).max() > 1e-9 * max(1.0, float(data.max(initial=0.0))):
+        raise DataError("flow diffusion: the adjacency must be symmetric")
+    adjacency.eliminate_zeros()
+    adjacency.sort_indices()
+    return adjacency
+
+
+def _without_zeros(adjacency: sp.spmatrix) -> sp.csr_matrix:
+    """CSR copy without stored zeros: scipy's component search counts them as edges, the solvers do not."""
+    adjacency = sp.csr_matrix(adjacency, copy=True)
+    adjacency.eliminate_zeros()
+    return adjacency
+
+
+def check_feasible(adjacency: sp.csr_matrix, source_mass: np.ndarray, capacity: np.ndarray) -> None:
+    """Raise :class:`DataError` unless every connected component can hold its mass in every column."""
+    _, component = csgraph.connected_components(_without_zeros(adjacency), directed=False)
+    mass = source_mass.reshape(source_mass.shape[0], -1)
+    n_comp = int(component.max()) + 1 if component.size else 0
+    cap = np.bincount(component, weights=capacity, minlength=n_comp)
+    for col in range(mass.shape[1]):
+        need = np.bincount(component, weights=mass[:, col], minlength=n_comp)
+        over = need > cap * (1 + 1e-12) + 1e-12
+        if over.any():
+            worst = int(np.argmax(need - cap))
+            raise DataError(
+                f"flow diffusion is infeasible (column {col}): a connected component of "
+                f"{int((component == worst).sum())} node(s) holds mass {need[worst]:.6g} but only "
+                f"capacity {cap[worst]:.6g}; total mass {mass[:, col].sum():.6g} vs total capacity "
+                f"{capacity.sum():.6g}. Lower the source mass or raise the capacities."
+            )
+
+
+def l2_flow_diffusion(
+    adjacency: sp.spmatrix,
+    source_mass: np.ndarray,
+    capacity: np.ndarray,
+    *,
+    tol: float = 1e-6,
+    max_passes: int = 10_000,
+    check: bool = True,
+) -> FlowDiffusionResult:
+    """Solve the ℓ2 flow diffusion of the module docstring by vectorised pushes.
+
+    Args:
+        adjacency: ``(n, n)`` symmetric non-negative sparse conductances ``w``.
+        source_mass: ``Δ``, ``(n,)`` or ``(n, C)`` for ``C`` independent diffusions.
+        capacity: ``T``, ``(n,)``, shared by all columns.
+        tol: stop when every column's remaining excess ``Σ max(0, m − T)`` is at most
+            ``tol · Σ Δ``.
+        max_passes: bound on push passes (``converged`` says whether ``tol`` was met).
+        check: validate the graph and feasibility (skip only for inputs checked before).
+
+    Returns:
+        :class:`FlowDiffusionResult` with arrays shaped like ``source_mass``.
+    """
+    adjacency = check_graph(adjacency) if check else sp.csr_matrix(adjacency)
+    mass, cap, squeeze = _check_mass(adjacency, source_mass, capacity, tol)
+    if check:
+        check_feasible(adjacency, mass, cap)
+
+    degree = np.asarray(adjacency.sum(axis=1)).ravel()
+    potential = np.zeros_like(mass)
+    threshold = tol * np.maximum(mass.sum(axis=0), np.finfo(float).tiny)  # per column
+    indptr, indices, weights = adjacency.indptr, adjacency.indices, adjacency.data
+    # Rows that may hold excess: only those that received mass since they were last checked.
+    candidates = np.flatnonzero((mass > cap[:, None]).any(axis=1))
+    passes = pushes = 0
+    converged = False
+    while True:
+        excess = np.maximum(mass[candidates] - cap[candidates, None], 0.0)
+        # A node of degree 0 cannot push; feasibility guarantees it holds no excess.
+        pushable = degree[candidates] > 0
+        excess[~pushable] = 0.0
+        if (excess.sum(axis=0) <= threshold).all():
+            converged = True
+            break
+        if passes >= max_passes:
+            break
+        active_rows = (excess > 0).any(axis=1)
+        rows = candidates[active_rows]
+        step = excess[active_rows] / degree[rows, None]  # exact coordinate step per (node, column)
+        potential[rows] += step
+        mass[rows] -= step * degree[rows, None]
+        # Spread to neighbours: mass_u += Σ_v w_uv step_v over the active rows v (A symmetric).
+        starts, stops = indptr[rows], indptr[rows + 1]
+        lengths = stops - starts
+        edge_pos = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+        neighbours = indices[edge_pos]
+        contribution = weights[edge_pos, None] * np.repeat(step, lengths, axis=0)
+        touched, inverse = np.unique(neighbours, return_inverse=True)
+        gathered = np.zeros((touched.size, mass.shape[1]))
+        np.add.at(gathered, inverse, contribution)
+        mass[touched] += gathered
+        candidates = touched
+        passes += 1
+        pushes += int((step > 0).sum())
+
+    final_excess = np.maximum(mass - cap[:, None], 0.0).sum(axis=0)
+    if squeeze:
+        return FlowDiffusionResult(potential[:, 0], mass[:, 0], passes, converged, final_excess, pushes)
+    return FlowDiffusionResult(potential, mass, passes, converged, final_excess, pushes)
+
+
+def l2_flow_diffusion_active_set(
+    adjacency: sp.spmatrix,
+    source_mass: np.ndarray,
+    capacity: np.ndarray,
+    *,
+    tol: float = 1e-6,
+    max_rounds: int = 1_000,
+    cg_tol: float | None = None,
+    max_cg_iters: int = 5_000,
+    check: bool = True,
+) -> FlowDiffusionResult:
+    """The same optimum as :func:`l2_flow_diffusion`, by growing the saturated set.
+
+    Chandrasekaran's algorithm for linear complementarity problems with a Z-matrix ("A special
+    case of the complementary pivot problem", Opsearch 1970), applied to the dual above: start with
+    the nodes that hold excess, ``S = {i : Δ_i > T_i}``; solve ``L_SS x_S = Δ_S − T_S`` (all of
+    ``S`` saturated, ``x = 0`` elsewhere); add every node whose routed mass ``m = Δ − L x`` now
+    exceeds its capacity; repeat until none does. ``S`` only grows, ``x`` increases monotonically,
+    and the number of rounds is about the hop radius of the diffused cluster — where the push
+    iteration needs thousands of passes to move mass through a narrow cut (the few cross-domain
+    edges of COUPLE's graph), this needs tens of rounds. Each round solves the ``C`` columns'
+    systems together by Jacobi-preconditioned conjugate gradients (one sparse ``L @ X`` product per
+    iteration, warm-started from the previous round).
+
+    Args and result as :func:`l2_flow_diffusion`; ``passes`` counts rounds, ``pushes`` CG products.
+    ``cg_tol`` is the relative residual of the inner solves (default ``min(1e-10, tol / 100)``).
+    """
+    cg_tol = min(1e-10, tol / 100) if cg_tol is None else cg_tol
+    adjacency = check_graph(adjacency) if check else sp.csr_matrix(adjacency)
+    mass0, cap, squeeze = _check_mass(adjacency, source_mass, capacity, tol)
+    if check:
+        check_feasible(adjacency, mass0, cap)
+    lap = laplacian(adjacency)
+    degree = lap.diagonal()
+    inv_diag = np.where(degree > 0, 1.0 / np.where(degree > 0, degree, 1.0), 0.0)[:, None]
+    threshold = tol * np.maximum(mass0.sum(axis=0), np.finfo(float).tiny)
+    rhs_full = mass0 - cap[:, None]
+    saturated = (rhs_full > 0) & (degree[:, None] > 0)
+    potential = np.zeros_like(mass0)
+    rounds = products = 0
+    converged = False
+    while True:
+        if saturated.any():
+            potential, used = _masked_cg(lap, rhs_full, saturated, potential, inv_diag, cg_tol, max_cg_iters)
+            products += used
+        # Numerical guard: the exact x_S is >= 0 (L_SS is an M-matrix); drop CG round-off below 0.
+        np.maximum(potential, 0.0, out=potential)
+        mass = mass0 - lap @ potential
+        excess = np.maximum(mass - cap[:, None], 0.0)
+        excess[degree == 0] = 0.0
+        if (excess.sum(axis=0) <= threshold).all():
+            converged = True
+            break
+        violators = (mass > cap[:, None] * (1 + 1e-12) + 1e-15) & ~saturated & (degree[:, None] > 0)
+        if rounds >= max_rounds or not violators.any():
+            # Nothing left to add: what excess remains is solver tolerance inside S.
+            converged = (excess.sum(axis=0) <= threshold).all()
+            break
+        saturated |= violators
+        rounds += 1
+    final_excess = np.maximum(mass - cap[:, None], 0.0).sum(axis=0)
+    if squeeze:
+        return FlowDiffusionResult(potential[:, 0], mass[:, 0], rounds, converged, final_excess, products)
+    return FlowDiffusionResult(potential, mass, rounds, converged, final_excess, products)
+
+
+def _masked_cg(
+    lap: sp.csr_matrix,
+    rhs: np.ndarray,
+    mask: np.ndarray,
+    start: np.ndarray,
+    inv_diag: np.ndarray,
+    rel_tol: float,
+    max_iters: int,
+) -> tuple[np.ndarray, int]:
+    """Solve ``L_SS x_S = rhs_S`` for every column (``S`` = that column of ``mask``) at once.
+
+    Preconditioned CG where column ``c`` uses the operator ``P_c L P_c`` (``P_c`` = the mask);
+    entries outside the mask stay 0. Returns ``(x, products)``.
+    """
+    maskf = mask.astype(np.float64)
+    x = start * maskf
+    b = rhs * maskf
+    r = b - (lap @ x) * maskf
+    z = r * inv_diag
+    p = z.copy()
+    rz = (r * z).sum(axis=0)
+    b_norm = np.sqrt((b * b).sum(axis=0))
+    goal = rel_tol * np.maximum(b_norm, np.finfo(float).tiny)
+    used = 0
+    for used in range(1, max_iters + 1):
+        if (np.sqrt((r * r).sum(axis=0)) <= goal).all():
+            used -= 1
+            break
+        q = (lap @ p) * maskf
+        pq = (p * q).sum(axis=0)
+        alpha = np.divide(rz, pq, out=np.zeros_like(rz), where=pq > 0)
+        x += alpha * p
+        r -= alpha * q
+        z = r * inv_diag
+        rz_new = (r * z).sum(axis=0)
+        beta = np.divide(rz_new, rz, out=np.zeros_like(rz), where=rz > 0)
+        p = z + beta * p
+        rz = rz_new
+    return x, used
+
+
+def _check_mass(
+    adjacency: sp.csr_matrix, source_mass: np.ndarray, capacity: np.ndarray, tol: float
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Validate ``Δ`` / ``T``; returns ``(Δ as (n, C) float64 copy, T (n,), was 1-D)``."""
+    n = adjacency.shape[0]
+    delta = np.asarray(source_mass, dtype=np.float64)
+    if delta.ndim not in (1, 2) or delta.shape[0] != n:
+        raise DataError(f"flow diffusion: source mass must be ({n},) or ({n}, C), got {delta.shape}")
+    mass = delta.reshape(n, -1).copy()
+    cap = np.asarray(capacity, dtype=np.float64)
+    if cap.shape != (n,):
+        raise DataError(f"flow diffusion: capacity must be ({n},), got {cap.shape}")
+    if not (np.isfinite(mass).all() and np.isfinite(cap).all()) or (mass < 0).any() or (cap < 0).any():
+        raise DataError("flow diffusion: source mass and capacity must be finite and >= 0")
+    if not tol > 0:
+        raise DataError(f"flow diffusion: tol must be > 0, got {tol!r}")
+    return mass, cap, delta.ndim == 1
+
+
+def disagreement_reweight(adjacency: sp.spmatrix, node_labels: np.ndarray, factor: float) -> sp.csr_matrix:
+    """Down-weight edges whose endpoint labels disagree: ``w_ij ← factor · w_ij`` if ``y_i ≠ y_j``.
+
+    The noisy-label flow diffusion of Back de Luca, Fountoulakis & Yang ("Local Graph Clustering
+    with Noisy Labels", ICLR 2024) uses weight ``ε ∈ [0.01, 0.1]`` on such edges. ``node_labels``
+    ``(n,)``; ``-1`` = unknown, never counted as a disagreement. ``factor = 1`` returns the graph
+    unchanged.
+    """
+    adjacency = sp.csr_matrix(adjacency, dtype=np.float64, copy=True)
+    labels = np.asarray(node_labels).reshape(-1)
+    if labels.shape[0] != adjacency.shape[0]:
+        raise DataError(f"reweight: {labels.shape[0]} labels for a graph of {adjacency.shape[0]} nodes")
+    if not 0 < factor <= 1:
+        raise DataError(f"reweight: factor must be in (0, 1], got {factor!r}")
+    if factor == 1:
+        return adjacency
+    row = np.repeat(np.arange(adjacency.shape[0]), np.diff(adjacency.indptr))
+    a, b = labels[row], labels[adjacency.indices]
+    disagree = (a != b) & (a >= 0) & (b >= 0)
+    adjacency.data[disagree] *= factor
+    return adjacency
+
+
+def class_seed_mass(
+    degree: np.ndarray, n_source: int, source_labels: np.ndarray, num_classes: int, target_fill: float
+) -> np.ndarray:
+    """Per-class seed mass of COUPLE's diffusion (couple.md §3.2 A), ``(n, C)``.
+
+    Column ``c`` puts ``Δ_i = α · deg(i)`` on the source nodes of class ``c`` (nodes ``0..n_s−1``)
+    and 0 elsewhere, with ``α = 1 + target_fill · vol(target) / vol(source)``: the excess over the
+    seeds' own capacity ``T_i = deg(i)`` is then ``target_fill`` times the class's share of the
+    target volume, so ``target_fill = 1`` is enough mass to fill a class's worth of target nodes.
+    (With the review's ``α = 1`` nothing diffuses; a large fixed α floods the other classes.)
+    """
+    degree = np.asarray(degree, dtype=np.float64)
+    labels = np.asarray(source_labels).reshape(-1)
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"seed mass: source labels must be integers, got dtype {labels.dtype}")
+    if labels.shape[0] != n_source or n_source > degree.shape[0]:
+        raise DataError("seed mass: source labels do not match the graph's source nodes")
+    if (labels < 0).any() or (labels >= num_classes).any():
+        raise DataError(f"seed mass: source labels must be in [0, {num_classes})")
+    if not (np.isfinite(target_fill) and target_fill >= 0):
+        raise DataError(f"seed mass: target_fill must be a finite number >= 0, got {target_fill!r}")
+    source_volume = degree[:n_source].sum()
+    target_volume = degree[n_source:].sum()
+    alpha = 1.0 + target_fill * target_volume / source_volume if source_volume > 0 else 1.0
+    mass = np.zeros((degree.shape[0], num_classes))
+    mass[np.arange(n_source), labels] = alpha * degree[:n_source]
+    return mass
+
+
+def clip_to_feasible(
+    adjacency: sp.spmatrix, source_mass: np.ndarray, capacity: np.ndarray, margin: float = 1e-3
+) -> tuple[np.ndarray, int]:
+    """Scale the mass down, per connected component and column, to at most ``(1 − margin)`` of the
+    component's capacity (a class whose source nodes have no path to any target would otherwise
+    make the problem infeasible). Returns ``(mass, number of (component, column) pairs scaled)``."""
+    _, component = csgraph.connected_components(_without_zeros(adjacency), directed=False)
+    mass = np.asarray(source_mass, dtype=np.float64).reshape(component.size, -1).copy()
+    n_comp = int(component.max()) + 1 if component.size else 0
+    cap = np.bincount(component, weights=np.asarray(capacity, dtype=np.float64), minlength=n_comp)
+    scaled = 0
+    for col in range(mass.shape[1]):
+        need = np.bincount(component, weights=mass[:, col], minlength=n_comp)
+        limit = (1.0 - margin) * cap
+        factor = np.ones_like(need)
+        over = need > limit
+        factor[over] = limit[over] / need[over]
+        scaled += int((factor < 1.0).sum())
+        mass[:, col] *= factor[component]
+    return mass.reshape(np.shape(source_mass)), scaled

@@ -78,6 +78,7 @@ def build_cross_domain_graph(
     k_cross: int = 3,
     k_target: int = 3,
     k_source: int = 3,
+    knn: str = "exact",
 ) -> CrossDomainGraph:
     """Build the graph of the module docstring.
 
@@ -87,6 +88,8 @@ def build_cross_domain_graph(
         target_features: ``(n_t, d)``.
         k_cross, k_target, k_source: neighbourhood sizes of the three edge kinds (COUPLE: 3);
             ``0`` switches a kind off.
+        knn: ``exact`` | ``hnsw`` | ``auto`` neighbour search (:func:`~crossret.graph.knn.knn_search`);
+            exact search costs ``O(n² d)``, HNSW about ``O(n log n · d)``.
 
     Cost: three exact faiss searches, ``O((n_s + n_t)² d)`` flops, ``O((n_s + n_t) k)`` memory.
     """
@@ -110,8 +113,8 @@ def build_cross_domain_graph(
 
     # Cross-domain mutual kNN: node ids source i, target n_s + j.
     if k_cross > 0:
-        _, t_to_s = knn_search(xt, xs, k_cross, normalized=True)  # (n_t, k): source neighbours of targets
-        _, s_to_t = knn_search(xs, xt, k_cross, normalized=True)  # (n_s, k): target neighbours of sources
+        _, t_to_s = knn_search(xt, xs, k_cross, normalized=True, method=knn)  # (n_t, k): source neighbours of targets
+        _, s_to_t = knn_search(xs, xt, k_cross, normalized=True, method=knn)  # (n_s, k): target neighbours of sources
         s_idx, t_idx = mutual_pairs(s_to_t, t_to_s, n_t)
         rows.append(s_idx)
         cols.append(n_s + t_idx)
@@ -121,7 +124,7 @@ def build_cross_domain_graph(
 
     # Intra-target mutual kNN (each undirected pair is found in both directions; keep i < j).
     if k_target > 0 and n_t > 1:
-        _, t_to_t = knn_search(xt, xt, k_target, exclude_self=True, normalized=True)
+        _, t_to_t = knn_search(xt, xt, k_target, exclude_self=True, normalized=True, method=knn)
         a, b = mutual_pairs(t_to_t, t_to_t, n_t)
         keep = a < b
         rows.append(n_s + a[keep])
@@ -131,7 +134,7 @@ def build_cross_domain_graph(
         counts["target"] = 0
 
     # Intra-source: kNN restricted to the same class, union-symmetrised.
-    source_pairs = _same_label_knn_pairs(xs, labels, k_source) if k_source > 0 else np.zeros((2, 0), np.int64)
+    source_pairs = _same_label_knn_pairs(xs, labels, k_source, knn) if k_source > 0 else np.zeros((2, 0), np.int64)
     rows.append(source_pairs[0])
     cols.append(source_pairs[1])
     counts["source"] = int(source_pairs.shape[1])
@@ -161,7 +164,7 @@ def _kind_ranges(counts: dict[str, int]) -> list[tuple[str, int, int]]:
     return out
 
 
-def _same_label_knn_pairs(xs: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+def _same_label_knn_pairs(xs: np.ndarray, labels: np.ndarray, k: int, knn: str = "exact") -> np.ndarray:
     """Unordered pairs ``(i < j)`` with ``y_i = y_j`` and one among the other's ``k`` same-class
     nearest neighbours; ``(2, E)`` int64, unique."""
     pairs = []
@@ -169,7 +172,7 @@ def _same_label_knn_pairs(xs: np.ndarray, labels: np.ndarray, k: int) -> np.ndar
         members = np.flatnonzero(labels == cls)
         if members.size < 2:
             continue
-        _, local = knn_search(xs[members], xs[members], k, exclude_self=True, normalized=True)
+        _, local = knn_search(xs[members], xs[members], k, exclude_self=True, normalized=True, method=knn)
         a = np.repeat(members, local.shape[1])
         b = members[local.reshape(-1)]
         pairs.append(np.stack([np.minimum(a, b), np.maximum(a, b)]))

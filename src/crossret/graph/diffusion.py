@@ -224,7 +224,12 @@ def l2_flow_diffusion_active_set(
     converged = False
     while True:
         if saturated.any():
-            potential, used = _masked_cg(lap, rhs_full, saturated, potential, inv_diag, cg_tol, max_cg_iters)
+            # Only rows saturated in some column enter the solve: L x restricted to them is L_UU x_U.
+            rows = np.flatnonzero(saturated.any(axis=1))
+            sub = lap[rows][:, rows]
+            solved, used = _masked_cg(sub, rhs_full[rows], saturated[rows], potential[rows], inv_diag[rows],
+                                      cg_tol, max_cg_iters)
+            potential[rows] = solved
             products += used
         # Numerical guard: the exact x_S is >= 0 (L_SS is an M-matrix); drop CG round-off below 0.
         np.maximum(potential, 0.0, out=potential)

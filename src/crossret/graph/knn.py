@@ -30,8 +30,14 @@ def l2_normalize(features: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(unit, dtype=np.float32)
 
 
+KNN_METHODS = ("exact", "hnsw", "auto")
+# "auto" switches to HNSW above this many database rows (exact search is O(Q N d)).
+AUTO_HNSW_ROWS = 50_000
+
+
 def knn_search(
-    queries: np.ndarray, database: np.ndarray, k: int, *, exclude_self: bool = False, normalized: bool = False
+    queries: np.ndarray, database: np.ndarray, k: int, *, exclude_self: bool = False, normalized: bool = False,
+    method: str = "exact",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most cosine-similar database rows of every query (exact, faiss ``IndexFlatIP``).
 
@@ -43,6 +49,9 @@ def knn_search(
         exclude_self: ``queries`` *is* ``database`` (same rows, same order) and row ``i`` must not
             be its own neighbour.
         normalized: rows are already L2-normalised (skips a copy).
+        method: ``exact`` (``IndexFlatIP``), ``hnsw`` (``IndexHNSWFlat``, inner product, M = 32,
+            efSearch = max(64, 4k): approximate, ~O(log N) per query) or ``auto`` (HNSW above
+            50,000 database rows).
 
     Returns:
         ``(similarities, indices)``, both ``(Q, k')``, best first; exact ties in similarity come in
@@ -63,7 +72,13 @@ def knn_search(
 
     import faiss
 
-    index = faiss.IndexFlatIP(db.shape[1])
+    if method not in KNN_METHODS:
+        raise DataError(f"kNN: method must be one of {', '.join(KNN_METHODS)}, got {method!r}")
+    if method == "hnsw" or (method == "auto" and db.shape[0] > AUTO_HNSW_ROWS):
+        index = faiss.IndexHNSWFlat(db.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = max(64, 4 * (k_eff + 1))
+    else:
+        index = faiss.IndexFlatIP(db.shape[1])
     index.add(db)
     sims, idx = index.search(q, k_eff + (1 if exclude_self else 0))
     if exclude_self:

@@ -68,6 +68,7 @@ from crossret.graph.diffusion import (
     l2_flow_diffusion,
     l2_flow_diffusion_active_set,
 )
+from crossret.graph.knn import KNN_METHODS
 from crossret.graph.walks import random_walks
 from crossret.hashing._state import PersistentMethod
 from crossret.hashing.base import HashMethod, ProgressFn, no_progress, register
@@ -99,6 +100,7 @@ class CoupleConfig:
     graph_every: rebuild graph + diffusion every this many epochs after the warm-up.
     graph_features: ``encoder`` (current ``E(x)``, the paper's progressive reading) or ``input``.
     k_cross, k_target, k_source: neighbourhood sizes of the three edge kinds.
+    knn: neighbour search, ``exact`` | ``hnsw`` | ``auto`` (HNSW above 50,000 rows).
     selection: ``diffusion`` or ``classifier`` (ablation: softmax confidence instead).
     target_fill: seed mass beyond the seeds' capacity, as a multiple of a class's share of the
         target volume (see :func:`~crossret.graph.diffusion.class_seed_mass`).
@@ -133,6 +135,7 @@ class CoupleConfig:
     k_cross: int = 3
     k_target: int = 3
     k_source: int = 3
+    knn: str = "auto"
     selection: str = "diffusion"
     target_fill: float = 3.0
     solver: str = "active-set"
@@ -198,6 +201,7 @@ class CoupleConfig:
         choice("pairing", PAIRINGS)
         choice("graph_features", GRAPH_FEATURES)
         choice("high_mixup_loss", HIGH_MIXUP_LOSSES)
+        choice("knn", KNN_METHODS)
         for key in ("mixup_low", "mixup_high", "target_relation"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"couple: {key} must be true or false, got {getattr(self, key)!r}")
@@ -465,7 +469,8 @@ class Couple(PersistentMethod, HashMethod):
         graph: CrossDomainGraph | None = None
         if cfg.selection == "diffusion" or cfg.pairing == "random-walk":
             graph = build_cross_domain_graph(graph_input[:n_s], source_labels, graph_input[n_s:],
-                                             k_cross=cfg.k_cross, k_target=cfg.k_target, k_source=cfg.k_source)
+                                             k_cross=cfg.k_cross, k_target=cfg.k_target, k_source=cfg.k_source,
+                                             knn=cfg.knn)
             info.update({f"graph_{k}": v for k, v in graph.summary().items()})
 
         if cfg.selection == "diffusion":

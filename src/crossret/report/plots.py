@@ -273,4 +273,79 @@ def write_run_plots(metrics: Mapping[str, Any], out_dir: str | os.PathLike) -> l
             if key in available:
                 written.append(plot_pr_curves([metrics], out_dir / f"{key}_{setting}.png", setting, by))
         written.append(plot_precision_at_n([metrics], out_dir / f"precision_at_n_{setting}.png", setting))
+    diagnostics = metrics.get("diagnostics")
+    if isinstance(diagnostics, Mapping) and isinstance(diagnostics.get("epochs"), list) and diagnostics["epochs"]:
+        written.append(plot_training_diagnostics(diagnostics, out_dir / "training_diagnostics.png"))
     return written
+
+
+_LOSS_KEYS = ("loss_total", "loss_ce", "loss_target_ce", "loss_quant", "loss_relation", "loss_mix_low",
+              "loss_mix_high")
+
+
+def plot_training_diagnostics(diagnostics: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Per-epoch training diagnostics of an adaptive method (COUPLE's ``diagnostics``), four panels:
+    loss terms; selected-set size and its pseudo-label accuracy (from ``label_report``, i.e. the
+    target labels used for reporting only); cross-domain edges and targets reached; the fraction
+    of diffusion mass that ends on target nodes."""
+    epochs = diagnostics.get("epochs")
+    if not isinstance(epochs, list) or not epochs or not all(isinstance(e, Mapping) for e in epochs):
+        raise DataError("diagnostics hold no per-epoch records ('epochs'); nothing to plot")
+    fig = _new_figure(11.0, 8.0)
+    axes = fig.subplots(2, 2)
+    ax = axes[0][0]
+    for key in _LOSS_KEYS:
+        xs, ys = _points([e.get("epoch") for e in epochs if key in e], [e.get(key) for e in epochs if key in e], key)
+        positive = [(x, y) for x, y in zip(xs, ys, strict=True) if y > 0]
+        if positive:
+            ax.plot(*zip(*positive, strict=True), label=key.removeprefix("loss_"))
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_title("loss terms (epoch means)")
+    ax.legend(fontsize=7)
+
+    refreshes = [e for e in epochs if "selected" in e]
+    ax = axes[0][1]
+    if refreshes:
+        ax.plot([e["epoch"] for e in refreshes], [e["selected"] for e in refreshes], "o-", label="selected targets")
+        ax.set_ylabel("targets")
+    quality = diagnostics.get("label_report", {})
+    rows = quality.get("selection_quality", []) if isinstance(quality, Mapping) else []
+    rows = [r for r in rows if isinstance(r, Mapping) and _number(r.get("selected_accuracy")) is not None]
+    if rows:
+        twin = ax.twinx()
+        twin.plot([r["epoch"] for r in rows], [r["selected_accuracy"] for r in rows], "s--", color="C3",
+                  label="pseudo-label accuracy of the selected set")
+        twin.plot([r["epoch"] for r in rows], [r["pseudo_label_accuracy"] for r in rows], "^:", color="C2",
+                  label="pseudo-label accuracy, all targets")
+        twin.set_ylim(0, 1)
+        twin.legend(fontsize=7, loc="lower right")
+    ax.set_xlabel("epoch")
+    ax.set_title("low-noise target set (accuracy: report only)")
+    _note_if_empty(ax, len(refreshes))
+
+    ax = axes[1][0]
+    drawn = 0
+    for key, label in (("graph_edges_cross", "cross-domain edges"), ("targets_reached", "targets reached"),
+                       ("graph_targets_with_cross_edge", "targets with a cross edge")):
+        points = [(e["epoch"], e[key]) for e in refreshes if _number(e.get(key)) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), "o-", label=label)
+            drawn += 1
+    ax.set_xlabel("epoch")
+    ax.set_title("graph")
+    if drawn:
+        ax.legend(fontsize=7)
+    _note_if_empty(ax, drawn)
+
+    ax = axes[1][1]
+    points = [(e["epoch"], e["diffusion_mass_to_target"]) for e in refreshes
+              if _number(e.get("diffusion_mass_to_target")) is not None]
+    if points:
+        ax.plot(*zip(*points, strict=True), "o-")
+        ax.set_ylim(0, 1)
+    ax.set_xlabel("epoch")
+    ax.set_title("fraction of diffusion mass on target nodes")
+    _note_if_empty(ax, len(points))
+    fig.tight_layout()
+    return _save(fig, path)

@@ -107,9 +107,16 @@ def _parse_overrides(items: list[str] | None) -> dict[str, Any]:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         try:
-            overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: cannot parse the value ({exc})") from exc
+        if isinstance(parsed, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; a user writing it means the number.
+            try:
+                parsed = float(parsed) if parsed.strip().lower() not in ("nan", "inf", "-inf", "infinity") else parsed
+            except ValueError:
+                pass
+        overrides[key.strip().replace("-", "_")] = parsed
     return overrides
 
 
@@ -263,6 +270,8 @@ def run(
             label_base, "--label-base"), ties=ties.value, topk=topk, method_config=_parse_overrides(set_),
         plots=plots,
     ).validate()
+    if resume and out_dir is None:
+        raise ConfigError("--resume needs the run directory of the interrupted run (--out DIR)")
     config.out_dir = str(out_dir) if out_dir else default_run_dir(config)
     with _progress_bar() as progress:
         result = run_experiment(config, progress=progress, overwrite=overwrite, resume=resume)

@@ -607,6 +607,8 @@ class Couple(PersistentMethod, HashMethod):
             out = self.network(x[lo:lo + _ENCODE_BATCH])
             hashes.append(out.hash)
             logits.append(out.logits)
+        if not hashes:  # zero rows: empty outputs of the right width
+            return torch.zeros(0, self.bits), torch.zeros(0, self.network.classifier.out_features)
         return torch.cat(hashes), torch.cat(logits)
 
     def encode_real(self, features: np.ndarray) -> np.ndarray:
@@ -632,8 +634,8 @@ class Couple(PersistentMethod, HashMethod):
         labels = np.asarray(target_labels)
         rows = []
         for entry in self.selection_history:
-            pseudo, chosen = entry["pseudo_labels"], entry["selected"]
-            known = labels >= 0
+            pseudo, known = entry["pseudo_labels"], labels >= 0
+            chosen = entry["selected"][known[entry["selected"]]]  # unknown true labels are not scored
             rows.append({
                 "epoch": entry["epoch"],
                 "selected": int(chosen.size),

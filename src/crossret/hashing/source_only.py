@@ -213,6 +213,8 @@ class SourceOnly(PersistentMethod, HashMethod):
             out = self.network(x[lo : lo + _ENCODE_BATCH])
             hashes.append(out.hash)
             logits.append(out.logits)
+        if not hashes:  # zero rows: empty outputs of the right width
+            return torch.zeros(0, self.bits), torch.zeros(0, self.network.classifier.out_features)
         return torch.cat(hashes), torch.cat(logits)
 
     def encode_real(self, features: np.ndarray) -> np.ndarray:

@@ -175,10 +175,7 @@ def l2_flow_diffusion(
         passes += 1
         pushes += int((step > 0).sum())
 
-    final_excess = np.maximum(mass - cap[:, None], 0.0).sum(axis=0)
-    if squeeze:
-        return FlowDiffusionResult(potential[:, 0], mass[:, 0], passes, converged, final_excess, pushes)
-    return FlowDiffusionResult(potential, mass, passes, converged, final_excess, pushes)
+    return _result(potential, mass, cap, squeeze, passes, converged, pushes)
 
 
 def l2_flow_diffusion_active_set(
@@ -246,10 +243,16 @@ def l2_flow_diffusion_active_set(
             break
         saturated |= violators
         rounds += 1
-    final_excess = np.maximum(mass - cap[:, None], 0.0).sum(axis=0)
+    return _result(potential, mass, cap, squeeze, rounds, converged, products)
+
+
+def _result(potential: np.ndarray, mass: np.ndarray, cap: np.ndarray, squeeze: bool, passes: int,
+            converged: bool, work: int) -> FlowDiffusionResult:
+    """Package a solution; 1-D inputs give 1-D arrays back."""
+    excess = np.maximum(mass - cap[:, None], 0.0).sum(axis=0)
     if squeeze:
-        return FlowDiffusionResult(potential[:, 0], mass[:, 0], rounds, converged, final_excess, products)
-    return FlowDiffusionResult(potential, mass, rounds, converged, final_excess, products)
+        potential, mass = potential[:, 0], mass[:, 0]
+    return FlowDiffusionResult(potential, mass, passes, converged, excess, work)
 
 
 def _masked_cg(

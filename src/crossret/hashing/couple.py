@@ -70,15 +70,14 @@ from crossret.graph.diffusion import (
 )
 from crossret.graph.knn import KNN_METHODS
 from crossret.graph.walks import random_walks
-from crossret.hashing._state import PersistentMethod
-from crossret.hashing.base import HashMethod, ProgressFn, no_progress, register
+from crossret.hashing._hashnet import ENCODE_BATCH, HashNetMethod
+from crossret.hashing.base import ProgressFn, no_progress, register
 from crossret.hashing.networks import HashNet, quantization_loss, torch_threads
 from crossret.hashing.preprocessing import FeatureNormalizer, bit_balance
 
 CHECKPOINT_FORMAT = "crossret.couple.checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
-_ENCODE_BATCH = 4096
 
 SELECTIONS = ("diffusion", "classifier")
 SOLVERS = ("active-set", "push")
@@ -228,19 +227,14 @@ def _cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class Couple(PersistentMethod, HashMethod):
+class Couple(HashNetMethod):
     """COUPLE domain-adaptive hashing (see the module docstring)."""
 
     name = "couple"
     config_class = CoupleConfig
-    storage = "torch"
 
     def __init__(self, bits: int, seed: int = 0, config: CoupleConfig | None = None) -> None:
         super().__init__(bits, seed, config)
-        self.config.validate()
-        self.normalizer: FeatureNormalizer | None = None
-        self.network: HashNet | None = None
-        self.num_classes: int | None = None
         self.checkpoint_dir: Path | None = None
         self.resume = False
         # Per graph refresh: epoch, selected target indices and pseudo-labels (for label-based reports).
@@ -268,8 +262,7 @@ class Couple(PersistentMethod, HashMethod):
 
         with torch.random.fork_rng(devices=[]), torch_threads(cfg.num_threads):
             torch.manual_seed(self.seed)
-            net = HashNet(source.dim, self.bits, num_classes, encoder_dim=cfg.encoder_dim,
-                          hash_hidden=cfg.hash_hidden)
+            net = self._build(source.dim, num_classes)
             optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             generator = torch.Generator().manual_seed(self.seed)
             rng = np.random.default_rng(self.seed)
@@ -454,8 +447,8 @@ class Couple(PersistentMethod, HashMethod):
         was_training = net.training
         net.eval()
         features, logits = [], []
-        for lo in range(0, x_all.shape[0], _ENCODE_BATCH):
-            out = net(x_all[lo:lo + _ENCODE_BATCH])
+        for lo in range(0, x_all.shape[0], ENCODE_BATCH):
+            out = net(x_all[lo:lo + ENCODE_BATCH])
             features.append(out.features)
             logits.append(out.logits)
         net.train(was_training)
@@ -597,34 +590,6 @@ class Couple(PersistentMethod, HashMethod):
             raise FileFormatError(f"{path}: the COUPLE checkpoint is inconsistent ({type(exc).__name__}: {exc})") \
                 from exc
 
-    # ------------------------------------------------------------------ inference
-    @torch.no_grad()
-    def _forward_eval(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.network is not None
-        self.network.eval()
-        hashes, logits = [], []
-        for lo in range(0, x.shape[0], _ENCODE_BATCH):
-            out = self.network(x[lo:lo + _ENCODE_BATCH])
-            hashes.append(out.hash)
-            logits.append(out.logits)
-        if not hashes:  # zero rows: empty outputs of the right width
-            return torch.zeros(0, self.bits), torch.zeros(0, self.network.classifier.out_features)
-        return torch.cat(hashes), torch.cat(logits)
-
-    def encode_real(self, features: np.ndarray) -> np.ndarray:
-        features = self._check_features(features)
-        assert self.normalizer is not None
-        with torch_threads(self.config.num_threads):
-            x = torch.from_numpy(self.normalizer.transform(features, dtype=np.float32))
-            return self._forward_eval(x)[0].numpy()
-
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        """Classifier predictions (diagnostics)."""
-        features = self._check_features(features)
-        assert self.normalizer is not None
-        x = torch.from_numpy(self.normalizer.transform(features, dtype=np.float32))
-        return self._forward_eval(x)[1].argmax(1).numpy()
-
     def label_report(self, target_labels: np.ndarray) -> dict[str, Any]:
         """Pseudo-label quality per graph refresh, using the target's true labels.
 
@@ -643,23 +608,6 @@ class Couple(PersistentMethod, HashMethod):
                 "pseudo_label_accuracy": float((pseudo[known] == labels[known]).mean()) if known.any() else None,
             })
         return {"selection_quality": rows}
-
-    # ------------------------------------------------------------------ persistence
-    def _get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        assert self.normalizer is not None and self.network is not None and self.num_classes is not None
-        arch = np.array([self.num_classes, self.network.encoder_dim], dtype=np.int64)
-        return {**self.normalizer.state(), "arch": arch}, self.network.state_dict()
-
-    def _set_state(self, arrays: dict[str, np.ndarray], state_dict: dict[str, Any]) -> None:
-        self.normalizer = FeatureNormalizer.from_state(arrays)
-        num_classes, encoder_dim = (int(v) for v in np.asarray(arrays["arch"]).reshape(-1)[:2])
-        if self.input_dim is None or self.normalizer.dim != self.input_dim:
-            raise ValueError("normaliser size does not match input_dim")
-        net = HashNet(self.input_dim, self.bits, num_classes, encoder_dim=encoder_dim,
-                      hash_hidden=self.config.hash_hidden)
-        net.load_state_dict(state_dict, strict=True)
-        net.eval()
-        self.network, self.num_classes = net, num_classes
 
 
 def _cycled_permutation(n: int, length: int, generator: torch.Generator) -> torch.Tensor:

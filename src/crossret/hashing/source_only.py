@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,18 +23,15 @@ import torch.nn.functional as F
 
 from crossret.data.domain import Domain
 from crossret.errors import ConfigError, DataError
-from crossret.hashing._state import PersistentMethod
-from crossret.hashing.base import HashMethod, ProgressFn, no_progress, register
+from crossret.hashing._hashnet import HashNetMethod
+from crossret.hashing.base import ProgressFn, no_progress, register
 from crossret.hashing.networks import (
     PAIR_LOSSES,
-    HashNet,
     pairwise_similarity_loss,
     quantization_loss,
     torch_threads,
 )
 from crossret.hashing.preprocessing import FeatureNormalizer, bit_balance
-
-_ENCODE_BATCH = 4096
 
 
 @dataclass
@@ -107,30 +103,11 @@ class SourceOnlyConfig:
 
 
 @register
-class SourceOnly(PersistentMethod, HashMethod):
+class SourceOnly(HashNetMethod):
     """HashNet trained on labelled source data only (no target adaptation)."""
 
     name = "source-only"
     config_class = SourceOnlyConfig
-    storage = "torch"
-
-    def __init__(self, bits: int, seed: int = 0, config: SourceOnlyConfig | None = None) -> None:
-        super().__init__(bits, seed, config)
-        self.config.validate()
-        self.normalizer: FeatureNormalizer | None = None
-        self.network: HashNet | None = None
-        self.num_classes: int | None = None
-
-    def _build(self, input_dim: int, num_classes: int, encoder_dim: int | None = None) -> HashNet:
-        cfg = self.config
-        return HashNet(
-            input_dim,
-            self.bits,
-            num_classes,
-            encoder_dim=cfg.encoder_dim if encoder_dim is None else encoder_dim,
-            hash_hidden=cfg.hash_hidden,
-            dropout=float(cfg.dropout),
-        )
 
     def fit(self, source: Domain, target: Domain, progress: ProgressFn = no_progress) -> SourceOnly:
         # `target` is deliberately unused: this is the no-adaptation baseline.
@@ -204,45 +181,3 @@ class SourceOnly(PersistentMethod, HashMethod):
             "fit_seconds": train_seconds,
         }
         return self
-
-    @torch.no_grad()
-    def _forward_eval(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.network is not None
-        hashes, logits = [], []
-        for lo in range(0, x.shape[0], _ENCODE_BATCH):
-            out = self.network(x[lo : lo + _ENCODE_BATCH])
-            hashes.append(out.hash)
-            logits.append(out.logits)
-        if not hashes:  # zero rows: empty outputs of the right width
-            return torch.zeros(0, self.bits), torch.zeros(0, self.network.classifier.out_features)
-        return torch.cat(hashes), torch.cat(logits)
-
-    def encode_real(self, features: np.ndarray) -> np.ndarray:
-        features = self._check_features(features)
-        assert self.normalizer is not None and self.network is not None
-        x = torch.from_numpy(self.normalizer.transform(features, dtype=np.float32))
-        self.network.eval()
-        return self._forward_eval(x)[0].numpy()
-
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        """Class predictions of the classifier head (for diagnostics / pseudo-labels)."""
-        features = self._check_features(features)
-        assert self.normalizer is not None and self.network is not None
-        x = torch.from_numpy(self.normalizer.transform(features, dtype=np.float32))
-        return self._forward_eval(x)[1].argmax(1).numpy()
-
-    # ------------------------------------------------------------------ persistence
-    def _get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        assert self.normalizer is not None and self.network is not None and self.num_classes is not None
-        arch = np.array([self.num_classes, self.network.encoder_dim], dtype=np.int64)
-        return {**self.normalizer.state(), "arch": arch}, self.network.state_dict()
-
-    def _set_state(self, arrays: dict[str, np.ndarray], state_dict: dict[str, Any]) -> None:
-        self.normalizer = FeatureNormalizer.from_state(arrays)
-        num_classes, encoder_dim = (int(v) for v in np.asarray(arrays["arch"]).reshape(-1)[:2])
-        if self.input_dim is None or self.normalizer.dim != self.input_dim:
-            raise ValueError("normaliser size does not match input_dim")
-        net = self._build(self.input_dim, num_classes, encoder_dim)
-        net.load_state_dict(state_dict, strict=True)
-        net.eval()
-        self.network, self.num_classes = net, num_classes

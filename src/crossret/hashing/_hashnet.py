@@ -1,0 +1,83 @@
+"""What every :class:`~crossret.hashing.networks.HashNet`-based method shares: normalise → network
+→ codes at inference, classifier predictions, and the saved state (normaliser + ``state_dict``).
+
+Subclasses (source-only, COUPLE) implement ``fit`` and set ``normalizer``, ``network``,
+``num_classes`` and ``input_dim``; their config has ``encoder_dim``, ``hash_hidden`` and
+``num_threads`` (and optionally ``dropout``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from crossret.hashing._state import PersistentMethod
+from crossret.hashing.base import HashMethod
+from crossret.hashing.networks import HashNet, torch_threads
+from crossret.hashing.preprocessing import FeatureNormalizer
+
+ENCODE_BATCH = 4096
+
+
+class HashNetMethod(PersistentMethod, HashMethod):
+    """Base of the deep hashing methods: inference and persistence of one ``HashNet``."""
+
+    storage = "torch"
+
+    def __init__(self, bits: int, seed: int = 0, config: Any | None = None) -> None:
+        super().__init__(bits, seed, config)
+        self.config.validate()
+        self.normalizer: FeatureNormalizer | None = None
+        self.network: HashNet | None = None
+        self.num_classes: int | None = None
+
+    def _build(self, input_dim: int, num_classes: int, encoder_dim: int | None = None) -> HashNet:
+        cfg = self.config
+        return HashNet(input_dim, self.bits, num_classes,
+                       encoder_dim=cfg.encoder_dim if encoder_dim is None else encoder_dim,
+                       hash_hidden=cfg.hash_hidden, dropout=float(getattr(cfg, "dropout", 0.0)))
+
+    @torch.no_grad()
+    def _forward_eval(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tanh hash outputs, logits)`` in eval mode, in batches of ``ENCODE_BATCH`` rows."""
+        assert self.network is not None
+        self.network.eval()
+        hashes, logits = [], []
+        for lo in range(0, x.shape[0], ENCODE_BATCH):
+            out = self.network(x[lo:lo + ENCODE_BATCH])
+            hashes.append(out.hash)
+            logits.append(out.logits)
+        if not hashes:  # zero rows: empty outputs of the right width
+            return torch.zeros(0, self.bits), torch.zeros(0, self.network.classifier.out_features)
+        return torch.cat(hashes), torch.cat(logits)
+
+    def _outputs(self, features: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self._check_features(features)
+        assert self.normalizer is not None
+        with torch_threads(self.config.num_threads):
+            return self._forward_eval(torch.from_numpy(self.normalizer.transform(features, dtype=np.float32)))
+
+    def encode_real(self, features: np.ndarray) -> np.ndarray:
+        return self._outputs(features)[0].numpy()
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Class predictions of the classifier head (diagnostics)."""
+        return self._outputs(features)[1].argmax(1).numpy()
+
+    # ------------------------------------------------------------------ persistence
+    def _get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        assert self.normalizer is not None and self.network is not None and self.num_classes is not None
+        arch = np.array([self.num_classes, self.network.encoder_dim], dtype=np.int64)
+        return {**self.normalizer.state(), "arch": arch}, self.network.state_dict()
+
+    def _set_state(self, arrays: dict[str, np.ndarray], state_dict: dict[str, Any]) -> None:
+        self.normalizer = FeatureNormalizer.from_state(arrays)
+        num_classes, encoder_dim = (int(v) for v in np.asarray(arrays["arch"]).reshape(-1)[:2])
+        if self.input_dim is None or self.normalizer.dim != self.input_dim:
+            raise ValueError("normaliser size does not match input_dim")
+        net = self._build(self.input_dim, num_classes, encoder_dim)
+        net.load_state_dict(state_dict, strict=True)
+        net.eval()
+        self.network, self.num_classes = net, num_classes

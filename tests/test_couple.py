@@ -26,8 +26,8 @@ from crossret.hashing.couple import CHECKPOINT_NAME, Couple, CoupleConfig
 
 TINY = {"epochs": 4, "warmup_epochs": 1, "graph_every": 1, "batch_size": 32, "target_batch_size": 32,
         "hash_hidden": 32, "encoder_dim": 32}
-LOSS_KEYS = ("loss_total", "loss_ce", "loss_target_ce", "loss_quant", "loss_relation", "loss_mix_low",
-             "loss_mix_high")
+LOSS_KEYS = ("loss_total", "loss_ce", "loss_target_ce", "loss_target_im", "loss_coral", "loss_quant",
+             "loss_relation", "loss_mix_low", "loss_mix_high")
 BITS = 16
 
 
@@ -107,7 +107,7 @@ BAD_VALUES = [
     ("k_source", -1), ("hash_hidden", -1), ("num_threads", -1), ("encoder_dim", 0), ("encoder_dim", 8.5),
     ("mixup_low", "yes"), ("mixup_high", 1), ("target_relation", None),
     ("diffusion_tol", 0.0), ("diffusion_tol", 2.0), ("disagreement_weight", 0.0), ("disagreement_weight", 1.5),
-    ("lr", "0.001"), ("select_ratio", None),
+    ("lr", "0.001"), ("select_ratio", None), ("target_im_weight", -1.0), ("select_balance", "yes"),
 ]
 
 
@@ -687,3 +687,84 @@ def test_cli_accepts_the_documented_exponent_float_override(tmp_path, monkeypatc
                             "--out", tmp_path / "r", "--json")
     assert code == 0, err
     assert json.loads(stdout.strip().splitlines()[-1])["method_config"]["lr"] == 1e-3
+
+
+# ---------------------------------------------------------------------------------------- selection helpers
+def _select_top_by_loops(score, candidates, groups, ratio):
+    """Reference: sort each group's candidates by (-score, index) in plain Python."""
+    n = len(score)
+    chosen = set()
+    group_ids = [None] if groups is None else sorted(set(groups.tolist()))
+    for g in group_ids:
+        members = [i for i in range(n) if groups is None or groups[i] == g]
+        budget = round(ratio * len(members))
+        ranked = sorted((i for i in members if candidates[i]), key=lambda i: (-score[i], i))
+        chosen.update(ranked[:budget])
+    return np.array([i in chosen for i in range(n)])
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("balanced", [False, True])
+def test_select_top_matches_a_loop_reference(seed, ratio, balanced):
+    from crossret.hashing.couple import _select_top
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 60))
+    score = np.round(rng.random(n), 1)  # coarse values: many ties, broken by index
+    candidates = rng.random(n) > 0.3
+    groups = rng.integers(0, 4, n) if balanced else None
+    got = _select_top(score, candidates, groups, ratio)
+    np.testing.assert_array_equal(got, _select_top_by_loops(score, candidates, groups, ratio))
+    assert not (got & ~candidates).any()
+
+
+def test_balanced_selection_keeps_a_share_of_every_class():
+    from crossret.hashing.couple import _select_top
+
+    # class 0 holds all the confident targets; a global top half would take only class 0
+    score = np.array([0.9, 0.95, 0.99, 0.97, 0.1, 0.2, 0.15, 0.05])
+    groups = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    everyone = np.ones(8, dtype=bool)
+    assert set(np.flatnonzero(_select_top(score, everyone, None, 0.5))) == {0, 1, 2, 3}
+    assert set(np.flatnonzero(_select_top(score, everyone, groups, 0.5))) == {2, 3, 5, 6}
+
+
+def test_information_maximisation_against_a_hand_computation():
+    from crossret.hashing.couple import _information_maximisation
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0], [-3.0, 1.0, 0.5]], dtype=torch.float64)
+    p = np.exp(logits.numpy()) / np.exp(logits.numpy()).sum(axis=1, keepdims=True)
+    mean_entropy = float(-(p * np.log(p)).sum(axis=1).mean())
+    p_bar = p.mean(axis=0)
+    expected = mean_entropy + float((p_bar * np.log(p_bar)).sum())
+    assert float(_information_maximisation(logits)) == pytest.approx(expected, rel=1e-12)
+    # one-hot confident predictions spread evenly over the classes: the minimum, -log C
+    confident = torch.eye(3, dtype=torch.float64) * 60
+    assert float(_information_maximisation(confident)) == pytest.approx(-np.log(3), abs=1e-9)
+    # every sample confidently in one class: no diversity, loss 0
+    collapsed = torch.tensor([[60.0, 0.0, 0.0]] * 3, dtype=torch.float64)
+    assert float(_information_maximisation(collapsed)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_target_im_weight_enters_the_total_loss(domains):
+    source, target = domains
+    method, _ = fit_codes(source, target.without_labels(), tiny(target_im_weight=0.5, select_balance=True))
+    weights = {"loss_ce": 1.0, "loss_target_ce": 1.0, "loss_target_im": 0.5, "loss_quant": 1.0,
+               "loss_relation": 100.0, "loss_mix_low": 0.1, "loss_mix_high": 1.0}
+    for record in method.diagnostics["epochs"]:
+        combined = sum(w * record[k] for k, w in weights.items())
+        assert record["loss_total"] == pytest.approx(combined, rel=1e-4, abs=1e-4)
+        assert record["loss_target_im"] < 0  # H(mean p) > mean H(p) as soon as predictions differ
+
+
+def test_coral_against_numpy_covariances():
+    from crossret.hashing.couple import _coral
+
+    rng = np.random.default_rng(3)
+    f_s, f_t = rng.normal(size=(7, 4)), rng.normal(size=(5, 4)) * 2 + 1
+    expected = ((np.cov(f_s, rowvar=False) - np.cov(f_t, rowvar=False)) ** 2).sum() / (4 * 4 * 4)
+    got = float(_coral(torch.from_numpy(f_s), torch.from_numpy(f_t)))
+    assert got == pytest.approx(expected, rel=1e-12)
+    # a shift of the mean alone leaves the covariances, hence CORAL, unchanged
+    assert float(_coral(torch.from_numpy(f_s), torch.from_numpy(f_s + 5.0))) == pytest.approx(0.0, abs=1e-12)

@@ -308,3 +308,19 @@ def test_mutual_pairs_empty() -> None:
         a, b = mutual_pairs(x, y, 4)
         assert a.size == b.size == 0
         assert a.dtype == b.dtype == np.int64
+
+
+def test_hnsw_search_is_reproducible_and_restores_faiss_threads():
+    import faiss
+
+    x = np.random.default_rng(5).normal(size=(3000, 16)).astype(np.float32)
+    before = faiss.omp_get_max_threads()
+    first = knn_search(x[:300], x, 5, method="hnsw")
+    second = knn_search(x[:300], x, 5, method="hnsw")
+    np.testing.assert_array_equal(first[1], second[1])
+    np.testing.assert_array_equal(first[0], second[0])
+    assert faiss.omp_get_max_threads() == before
+    # and it finds (almost) the exact neighbours on this easy set
+    exact = knn_search(x[:300], x, 5, method="exact")[1]
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(first[1], exact, strict=True)])
+    assert recall > 0.95

@@ -31,8 +31,9 @@ def l2_normalize(features: np.ndarray) -> np.ndarray:
 
 
 KNN_METHODS = ("exact", "hnsw", "auto")
-# "auto" switches to HNSW above this many database rows (exact search is O(Q N d)).
-AUTO_HNSW_ROWS = 50_000
+# "auto" switches to HNSW above this many database rows: exact search is O(Q N d), so a graph of
+# 100k nodes (two 50k domains) would spend most of its time there; HNSW is ~O(N log N) overall.
+AUTO_HNSW_ROWS = 20_000
 
 
 def knn_search(
@@ -51,7 +52,7 @@ def knn_search(
         normalized: rows are already L2-normalised (skips a copy).
         method: ``exact`` (``IndexFlatIP``), ``hnsw`` (``IndexHNSWFlat``, inner product, M = 32,
             efSearch = max(64, 4k): approximate, ~O(log N) per query) or ``auto`` (HNSW above
-            50,000 database rows).
+            20,000 database rows).
 
     Returns:
         ``(similarities, indices)``, both ``(Q, k')``, best first; exact ties in similarity come in
@@ -77,9 +78,18 @@ def knn_search(
     if method == "hnsw" or (method == "auto" and db.shape[0] > AUTO_HNSW_ROWS):
         index = faiss.IndexHNSWFlat(db.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = max(64, 4 * (k_eff + 1))
+        # A multi-threaded HNSW build links nodes in a thread-dependent order, so the graph (and
+        # every neighbour list) could change between two runs of the same seed. One thread keeps
+        # the build, hence COUPLE's selection and resume, reproducible; searching stays parallel.
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            index.add(db)
+        finally:
+            faiss.omp_set_num_threads(threads)
     else:
         index = faiss.IndexFlatIP(db.shape[1])
-    index.add(db)
+        index.add(db)
     sims, idx = index.search(q, k_eff + (1 if exclude_self else 0))
     if exclude_self:
         sims, idx = _drop_self(sims, idx, k_eff)

@@ -1,0 +1,36 @@
+"""Text-to-image person retrieval (GCKD): the ALBEF-style backbone, checkpoints and feature heads.
+
+Names are imported lazily so that ``import crossret.textimage`` imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AlbefConfig": "crossret.textimage.albef",
+    "AlbefFeatures": "crossret.textimage.albef",
+    "AlbefModel": "crossret.textimage.albef",
+    "ema_update": "crossret.textimage.albef",
+    "interpolate_pos_embed": "crossret.textimage.albef",
+    "momentum_copy": "crossret.textimage.albef",
+    "AlbefCheckpoint": "crossret.textimage.checkpoint",
+    "AlbefStateMapping": "crossret.textimage.checkpoint",
+    "albef_state_to_model": "crossret.textimage.checkpoint",
+    "load_albef_checkpoint": "crossret.textimage.checkpoint",
+    "load_bert_vocab": "crossret.textimage.checkpoint",
+    "model_to_albef_state": "crossret.textimage.checkpoint",
+    "save_albef_checkpoint": "crossret.textimage.checkpoint",
+    "FeatureHeadsConfig": "crossret.textimage.feature_heads",
+    "FeatureHeadsFeatures": "crossret.textimage.feature_heads",
+    "FeatureHeadsModel": "crossret.textimage.feature_heads",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'crossret.textimage' has no attribute {name!r}")

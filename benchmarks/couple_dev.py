@@ -31,6 +31,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from couple import _read_runs  # same runs-file format and recovery rule
 from crossret._io import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     runs_path = RESULTS / "couple_dev_runs.jsonl"
-    rows = _read_rows(runs_path)
+    rows = _read_runs(runs_path)
     if not args.tables_only:
         from crossret.data import resolve_data_dir
 
@@ -134,18 +135,6 @@ def main(argv: list[str] | None = None) -> int:
                                                      "summary": summary, "rows": rows})
     write_text_atomic(RESULTS / "couple_dev.md", markdown(summary))
     return 0
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by an interruption: that run is redone
-    return rows
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

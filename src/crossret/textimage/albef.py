@@ -503,7 +503,22 @@ class AlbefFeatures(NamedTuple):
     text_feat: Tensor  # (B, E), unit norm, float32
 
 
-class AlbefModel(nn.Module):
+class LearnableTemperature:
+    """The ITC temperature τ shared by both backbones: a parameter ``self.temp`` kept in [0.001, 0.5]."""
+
+    temp: nn.Parameter
+
+    @torch.no_grad()
+    def clamp_temp_(self) -> None:
+        """Clamp τ in place to [0.001, 0.5]; ALBEF does this at the start of every forward."""
+        self.temp.clamp_(TEMP_MIN, TEMP_MAX)
+
+    def clamped_temp(self) -> Tensor:
+        """τ clamped to [0.001, 0.5] (differentiable inside the range); use it to divide similarities."""
+        return self.temp.clamp(TEMP_MIN, TEMP_MAX)
+
+
+class AlbefModel(LearnableTemperature, nn.Module):
     """ALBEF (Li et al., NeurIPS 2021): ViT image encoder, BERT text encoder, BERT fusion encoder with
     cross-attention, ITC projections + temperature, ITM head and MLM head. See the module docstring.
 
@@ -555,17 +570,6 @@ class AlbefModel(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.zeros_(self.mlm_head.bias)
-
-    # -- temperature -------------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def clamp_temp_(self) -> None:
-        """Clamp τ in place to [0.001, 0.5]; ALBEF does this at the start of every forward."""
-        self.temp.clamp_(TEMP_MIN, TEMP_MAX)
-
-    def clamped_temp(self) -> Tensor:
-        """τ clamped to [0.001, 0.5] (differentiable inside the range); use it to divide similarities."""
-        return self.temp.clamp(TEMP_MIN, TEMP_MAX)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names ALBEF/timm exclude from weight decay."""

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crossret.errors import ConfigError, DataError
-from crossret.textimage.albef import TEMP_MAX, TEMP_MIN
+from crossret.textimage.albef import TEMP_MAX, TEMP_MIN, LearnableTemperature
 
 __all__ = ["FeatureHeadsConfig", "FeatureHeadsFeatures", "FeatureHeadsModel"]
 
@@ -98,7 +98,7 @@ def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequentia
                          nn.LayerNorm(out_dim))
 
 
-class FeatureHeadsModel(nn.Module):
+class FeatureHeadsModel(LearnableTemperature, nn.Module):
     """Projection MLPs + ITC projections + a pairwise fusion MLP with an ITM head (module docstring)."""
 
     def __init__(self, config: FeatureHeadsConfig) -> None:
@@ -114,17 +114,6 @@ class FeatureHeadsModel(nn.Module):
         self.fusion_norm = nn.LayerNorm(c.fusion_dim)
         self.itm_head = nn.Linear(c.fusion_dim, 2)
         self.temp = nn.Parameter(torch.tensor(float(c.temp)))
-
-    # -- temperature -------------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def clamp_temp_(self) -> None:
-        """Clamp τ in place to [0.001, 0.5] (ALBEF does this at every forward)."""
-        self.temp.clamp_(TEMP_MIN, TEMP_MAX)
-
-    def clamped_temp(self) -> Tensor:
-        """τ clamped to [0.001, 0.5]."""
-        return self.temp.clamp(TEMP_MIN, TEMP_MAX)
 
     def no_weight_decay(self) -> set[str]:
         return {"temp"}

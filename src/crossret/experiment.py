@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from crossret._config import reject_unknown_keys
 from crossret._io import save_npy_atomic, write_json_atomic, write_yaml_atomic
 from crossret.data.domain import RetrievalSplit
 from crossret.errors import ConfigError, DataError, FileFormatError
@@ -107,10 +108,7 @@ class RunConfig:
             raise FileFormatError(f"{path}: not a run config (expected a mapping)")
         raw = dict(raw.get("run", raw))
         raw.pop("resolved_method_config", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(f"{path}: unknown run config key(s): {', '.join(unknown)}")
+        reject_unknown_keys(cls, raw, f"{path}: run config")
         return cls(**raw)
 
 

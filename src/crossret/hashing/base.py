@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from crossret._config import reject_unknown_keys
 from crossret.data.domain import Domain
 from crossret.errors import ConfigError
 from crossret.progress import ProgressFn, no_progress
@@ -90,12 +91,7 @@ def make_method(name: str, bits: int, seed: int = 0, overrides: dict[str, Any] |
     cls = _REGISTRY[name]
     config = cls.config_class()
     if overrides:
-        known = {f.name for f in dataclasses.fields(config)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ConfigError(
-                f"{name}: unknown config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
+        reject_unknown_keys(type(config), overrides, name)
         config = dataclasses.replace(config, **overrides)
     return cls(bits=bits, seed=seed, config=config)
 

@@ -6,8 +6,7 @@ import until an index or a metric is used).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from crossret._lazy import lazy_getattr
 
 _EXPORTS = {
     "pack_codes": "crossret.retrieval.packing",
@@ -23,8 +22,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'crossret.retrieval' has no attribute {name!r}")
+__getattr__ = lazy_getattr("crossret.retrieval", _EXPORTS)

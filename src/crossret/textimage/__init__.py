@@ -5,8 +5,7 @@ Names are imported lazily so that ``import crossret.textimage`` imports neither 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from crossret._lazy import lazy_getattr
 
 _EXPORTS = {
     "AlbefConfig": "crossret.textimage.albef",
@@ -29,8 +28,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'crossret.textimage' has no attribute {name!r}")
+__getattr__ = lazy_getattr("crossret.textimage", _EXPORTS)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crossret._config import reject_unknown_keys
 from crossret.errors import ConfigError, DataError
 
 __all__ = [
@@ -135,10 +136,7 @@ class AlbefConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> AlbefConfig:
         """Build and validate a config from plain values; unknown keys are a :class:`ConfigError`."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"AlbefConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        reject_unknown_keys(cls, values, "AlbefConfig")
         values = dict(values)
         if "image_size" in values:
             size = values["image_size"]

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crossret._config import reject_unknown_keys
 from crossret.errors import ConfigError, DataError
 from crossret.textimage.albef import TEMP_MAX, TEMP_MIN, LearnableTemperature
 
@@ -54,10 +55,7 @@ class FeatureHeadsConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> FeatureHeadsConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"FeatureHeadsConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        reject_unknown_keys(cls, values, "FeatureHeadsConfig")
         absent = sorted(n for n in ("image_dim", "text_dim") if n not in values)
         if absent:
             raise ConfigError(f"FeatureHeadsConfig: required field(s) {absent} missing")

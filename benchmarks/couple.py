@@ -76,7 +76,16 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "final_pseudo_label_accuracy": last.get("pseudo_label_accuracy"),
         "train_seconds": metrics["train_seconds"],
         "method_config": metrics["method_config"], "protocol": metrics["protocol"],
+        # Where the run happened: train_seconds are only comparable between rows of the same host.
+        "host": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                 "torch": _torch_version()},
     }
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def main(argv: list[str] | None = None) -> int:

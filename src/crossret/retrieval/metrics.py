@@ -27,6 +27,8 @@ Dense retrieval (text-to-image person re-id)
 --------------------------------------------
 :func:`dense_retrieval_metrics`: inner-product ranking; CMC Rank-k, mAP, and mINP
 (``INP = R / rank of the last relevant item``, Ye et al., TPAMI 2021).
+:func:`ranking_metrics`: the same metrics for any score matrix, given whole or as a callable that
+yields it in query chunks (e.g. ITM re-ranked scores, :mod:`crossret.textimage.evaluate`).
 """
 
 from __future__ import annotations
@@ -353,6 +355,168 @@ def mean_average_precision(
 # Dense retrieval
 
 
+ScoreChunkFn = Callable[[int, int], Any]
+"""``fn(start, stop) -> (stop - start, G)`` scores of queries ``start .. stop - 1`` against the gallery."""
+
+
+def _descending_key(scores: np.ndarray) -> np.ndarray:
+    """A key whose *ascending* stable sort is the descending order of ``scores`` (exactly, no overflow).
+
+    Floats are negated (exact; ``-0.0 == 0.0`` keeps them tied); integers are bit-complemented,
+    ``~x = -x - 1`` (signed) or ``max - x`` (unsigned), which is strictly decreasing and cannot
+    overflow the way ``-x`` does at ``INT_MIN`` or for unsigned types.
+    """
+    if scores.dtype.kind == "f":
+        return -scores
+    if scores.dtype.kind == "b":
+        scores = scores.astype(np.int8)
+    return ~scores
+
+
+def _check_score_chunk(chunk: Any, start: int, stop: int, n_g: int, name: str) -> np.ndarray:
+    sim = np.asarray(chunk)
+    if sim.shape != (stop - start, n_g):
+        raise DataError(
+            f"{name} for queries {start}..{stop - 1} have shape {sim.shape}, expected ({stop - start}, {n_g}) "
+            "(one row per query, one column per gallery item)"
+        )
+    if sim.dtype.kind not in "fiub":
+        raise DataError(f"{name}: expected numeric values, got dtype {sim.dtype}")
+    if sim.dtype.kind == "f":
+        nan_rows = np.flatnonzero(np.isnan(sim).any(axis=1))
+        if nan_rows.size:
+            raise DataError(
+                f"{name} contain NaN (first in the row of query {start + int(nan_rows[0])}); NaN cannot be "
+                "ranked -- check the model outputs / embeddings for NaN"
+            )
+    return sim
+
+
+def _check_ks(ks: Sequence[int]) -> list[int]:
+    ks_list = list(ks)
+    if not ks_list or any(not _is_int(k) or k < 1 for k in ks_list):
+        raise ConfigError(f"ks must be positive integers, got {ks_list!r}")
+    return ks_list
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if not _is_int(chunk_size) or chunk_size < 1:
+        raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+
+
+def _own_length_ids(ids: Any, name: str) -> np.ndarray:
+    """1-D integer ids of their own length (``N x 1`` / ``1 x N`` flattened); empty -> DataError."""
+    array = np.asarray(ids)
+    n = int(array.size) if array.ndim == 2 and 1 in array.shape else (int(array.shape[0]) if array.ndim else 0)
+    labels = _as_labels(ids, n, name)
+    if labels.shape[0] == 0:
+        raise DataError(f"{name}: empty (0 ids); there is nothing to rank")
+    return labels
+
+
+def _ranking_core(chunk_fn: ScoreChunkFn, q_ids: np.ndarray, g_ids: np.ndarray, ks_list: list[int],
+                  chunk_size: int, name: str) -> dict[str, Any]:
+    """Shared by :func:`ranking_metrics` and :func:`dense_retrieval_metrics` (definitions there).
+
+    ``chunk_fn(start, stop)`` gives the ``(stop - start, G)`` scores; rows are requested in
+    increasing, contiguous, non-overlapping ranges covering ``0 .. Q - 1`` exactly once.
+    """
+    n_q, n_g = q_ids.shape[0], g_ids.shape[0]
+    positions = np.arange(1, n_g + 1, dtype=np.float64)
+    # 0-based position of the first match; -1 marks "no match" so that no k can count it.
+    first = np.full(n_q, -1, dtype=np.int64)
+    ap = np.zeros(n_q)
+    inp = np.zeros(n_q)
+    n_rel = np.zeros(n_q, dtype=np.int64)
+    # Several (chunk x G) temporaries live at once; cap a chunk at ~4M entries so memory stays bounded
+    # for large galleries too (the caller's chunk_size is an upper bound).
+    chunk_size = max(1, min(chunk_size, _DENSE_CHUNK_ENTRIES // n_g))
+    for start in range(0, n_q, chunk_size):
+        stop = min(start + chunk_size, n_q)
+        sim = _check_score_chunk(chunk_fn(start, stop), start, stop, n_g, name)
+        # A stable ascending sort of the descending key = descending score with ties in gallery order.
+        order = np.argsort(_descending_key(sim), axis=1, kind="stable")
+        del sim
+        matches = g_ids[order] == q_ids[start:stop, None]
+        rel = matches.sum(axis=1)
+        hits = np.cumsum(matches, axis=1)
+        ap_sum = np.where(matches, hits / positions, 0.0).sum(axis=1)
+        last = n_g - 1 - np.argmax(matches[:, ::-1], axis=1)
+        found = rel > 0
+        ap[start:stop] = np.divide(ap_sum, rel, out=np.zeros(stop - start), where=found)
+        inp[start:stop] = np.where(found, rel / (last + 1.0), 0.0)
+        first[start:stop] = np.where(found, np.argmax(matches, axis=1), -1)
+        n_rel[start:stop] = rel
+    result: dict[str, Any] = {f"rank{k}": float(np.mean((first >= 0) & (first < k))) for k in ks_list}
+    result.update(
+        map=float(ap.mean()),
+        minp=float(inp.mean()),
+        n_queries=int(n_q),
+        n_gallery=int(n_g),
+        n_queries_without_relevant=int(np.count_nonzero(n_rel == 0)),
+    )
+    return result
+
+
+def ranking_metrics(
+    scores: np.ndarray | ScoreChunkFn,
+    query_ids: np.ndarray,
+    gallery_ids: np.ndarray,
+    *,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> dict[str, Any]:
+    """Rank-k / mAP / mINP of an arbitrary query x gallery score matrix, streamed in query chunks.
+
+    Args:
+        scores: either the ``(Q, G)`` score array (numeric; higher = more similar), or a callable
+            ``fn(start, stop) -> (stop - start, G)`` array giving the rows of queries
+            ``start .. stop - 1``, so that the caller never materialises ``Q x G`` at once. The
+            callable is called once per chunk, in order, with ``stop - start <= chunk_size`` (and at
+            most ~4M entries per chunk).
+        query_ids: ``(Q,)`` integer identities. gallery_ids: ``(G,)``.
+        ks: the k of Rank-k (positive integers; k above ``G`` simply gives the hit rate at ``G``).
+        chunk_size: upper bound on the queries per chunk.
+
+    Each query ranks the gallery by descending score, ties kept in gallery order (a stable sort;
+    ``-0.0`` ties ``0.0``, integer scores are ranked exactly). A gallery item is relevant iff its id
+    equals the query id. With ``pos_1 < ... < pos_R`` the 1-based ranks of the ``R`` relevant items:
+
+    * ``rank{k}`` (CMC): fraction of queries with ``pos_1 <= k``;
+    * ``map``: mean over queries of ``AP = (1/R) sum_{i=1..R} i / pos_i``;
+    * ``minp``: mean over queries of ``INP = R / pos_R`` (Ye et al., TPAMI 2021).
+
+    Queries with no relevant item score 0 on all three and are counted in
+    ``n_queries_without_relevant``; also returned: ``n_queries``, ``n_gallery``. Memory is
+    ``O(chunk x G)``; the output keys are those of :func:`dense_retrieval_metrics`.
+
+    Raises:
+        DataError: ids that are not 1-D integers, empty ids, scores (or a chunk) of the wrong shape,
+            non-numeric scores, NaN scores.
+        ConfigError: bad ``ks`` or ``chunk_size``.
+    """
+    ks_list = _check_ks(ks)
+    _check_chunk_size(chunk_size)
+    q_ids = _own_length_ids(query_ids, "query ids")
+    g_ids = _own_length_ids(gallery_ids, "gallery ids")
+    if callable(scores):
+        chunk_fn: ScoreChunkFn = scores
+    else:
+        matrix = np.asarray(scores)
+        if matrix.shape != (q_ids.shape[0], g_ids.shape[0]):
+            raise DataError(
+                f"scores have shape {matrix.shape} but there are {q_ids.shape[0]} query ids and "
+                f"{g_ids.shape[0]} gallery ids; scores must be (queries, gallery)"
+            )
+        if matrix.dtype.kind not in "fiub":
+            raise DataError(f"scores: expected numeric values, got dtype {matrix.dtype}")
+
+        def chunk_fn(start: int, stop: int) -> np.ndarray:
+            return matrix[start:stop]
+
+    return _ranking_core(chunk_fn, q_ids, g_ids, ks_list, chunk_size, "scores")
+
+
 def dense_retrieval_metrics(
     query_emb: np.ndarray,
     gallery_emb: np.ndarray,
@@ -377,7 +541,7 @@ def dense_retrieval_metrics(
 
     Queries with no relevant gallery item score 0 on all three and are counted in
     ``n_queries_without_relevant``. Shapes: ``query_emb (Q, d)``, ``gallery_emb (G, d)``,
-    ``query_ids (Q,)``, ``gallery_ids (G,)``.
+    ``query_ids (Q,)``, ``gallery_ids (G,)``. Same core as :func:`ranking_metrics`.
     """
     query = np.asarray(query_emb)
     gallery = np.asarray(gallery_emb)
@@ -394,49 +558,17 @@ def dense_retrieval_metrics(
         )
     q_ids = _as_labels(query_ids, query.shape[0], "query ids")
     g_ids = _as_labels(gallery_ids, gallery.shape[0], "gallery ids")
-    ks_list = list(ks)
-    if not ks_list or any(not _is_int(k) or k < 1 for k in ks_list):
-        raise ConfigError(f"ks must be positive integers, got {ks_list!r}")
-    if not _is_int(chunk_size) or chunk_size < 1:
-        raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    ks_list = _check_ks(ks)
+    _check_chunk_size(chunk_size)
 
     dtype = np.result_type(query.dtype, gallery.dtype, np.float32)
     query = query.astype(dtype, copy=False)
     gallery_t = np.ascontiguousarray(gallery.astype(dtype, copy=False).T)
-    n_q, n_g = query.shape[0], gallery.shape[0]
-    positions = np.arange(1, n_g + 1, dtype=np.float64)
-    # 0-based position of the first match; -1 marks "no match" so that no k can count it.
-    first = np.full(n_q, -1, dtype=np.int64)
-    ap = np.zeros(n_q)
-    inp = np.zeros(n_q)
-    n_rel = np.zeros(n_q, dtype=np.int64)
-    # Several (chunk x G) temporaries live at once; cap a chunk at ~4M entries so memory stays bounded
-    # for large galleries too (the caller's chunk_size is an upper bound).
-    chunk_size = max(1, min(chunk_size, _DENSE_CHUNK_ENTRIES // n_g))
-    for start in range(0, n_q, chunk_size):
-        stop = min(start + chunk_size, n_q)
-        sim = query[start:stop] @ gallery_t
-        # Negating keeps a stable ascending sort = descending similarity with ties in gallery order.
-        order = np.argsort(-sim, axis=1, kind="stable")
-        matches = g_ids[order] == q_ids[start:stop, None]
-        rel = matches.sum(axis=1)
-        hits = np.cumsum(matches, axis=1)
-        ap_sum = np.where(matches, hits / positions, 0.0).sum(axis=1)
-        last = n_g - 1 - np.argmax(matches[:, ::-1], axis=1)
-        found = rel > 0
-        ap[start:stop] = np.divide(ap_sum, rel, out=np.zeros(stop - start), where=found)
-        inp[start:stop] = np.where(found, rel / (last + 1.0), 0.0)
-        first[start:stop] = np.where(found, np.argmax(matches, axis=1), -1)
-        n_rel[start:stop] = rel
-    result: dict[str, Any] = {f"rank{k}": float(np.mean((first >= 0) & (first < k))) for k in ks_list}
-    result.update(
-        map=float(ap.mean()),
-        minp=float(inp.mean()),
-        n_queries=int(n_q),
-        n_gallery=int(n_g),
-        n_queries_without_relevant=int(np.count_nonzero(n_rel == 0)),
-    )
-    return result
+
+    def similarities(start: int, stop: int) -> np.ndarray:
+        return query[start:stop] @ gallery_t
+
+    return _ranking_core(similarities, q_ids, g_ids, ks_list, chunk_size, "similarities")
 
 
 __all__ = [
@@ -447,4 +579,5 @@ __all__ = [
     "dense_retrieval_metrics",
     "evaluate_hamming",
     "mean_average_precision",
+    "ranking_metrics",
 ]

@@ -35,6 +35,9 @@ app = typer.Typer(
 )
 index_app = typer.Typer(help="Build and search persistent binary (Hamming) indexes.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
+gckd_app = typer.Typer(help="GCKD cross-dataset text-to-image person retrieval: synthetic data, source "
+                       "pre-training, adaptation to an unlabelled target, evaluation.", no_args_is_help=True)
+app.add_typer(gckd_app, name="gckd")
 
 out = Console()
 err = Console(stderr=True)
@@ -418,6 +421,136 @@ def index_search(
     out.print(table)
     if shown < len(ids):
         out.print(f"... {len(ids) - shown} more queries (use --json or --save for all)")
+
+
+# --------------------------------------------------------------------------- gckd
+ModelOpt = Annotated[str, typer.Option("--model", help="Backbone size: 'tiny' (tests, CPU) or 'base' (ALBEF "
+                                       "ViT-B/16 + BERT-base).")]
+ModelSetOpt = Annotated[list[str] | None, typer.Option("--model-set", help="ALBEF config override KEY=VALUE, e.g. "
+                                                       "image_size=[64,32] (repeatable).")]
+TrainSetOpt = Annotated[list[str] | None, typer.Option("--set", help="GCKD training override KEY=VALUE, e.g. "
+                                                       "epochs=5 kd_weight=0 (repeatable; see docs/gckd.md).")]
+VocabOpt = Annotated[Path | None, typer.Option("--vocab", help="BERT vocab.txt (default: the --init run's, or a "
+                                               "WordPiece vocabulary trained on the training captions).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda.")]
+RerankOpt = Annotated[int, typer.Option("--rerank-k", help="ITM re-ranking of each query's top-k images "
+                                        "(0: ITC ranking only).")]
+
+
+def _gckd_run(stage: str, source: Path, target: Path | None, out_dir: Path, model: str, model_set: list[str] | None,
+              init: str | None, vocab: Path | None, set_: list[str] | None, rerank_k: int, device: str,
+              overwrite: bool, resume: bool, as_json: bool) -> None:
+    from crossret.textimage.pipeline import GckdRunConfig, run_gckd
+
+    config = GckdRunConfig(stage=stage, source_dir=str(source), target_dir=str(target) if target else None,
+                           model=model, model_overrides=_parse_overrides(model_set), init=init,
+                           vocab=str(vocab) if vocab else None, train=_parse_overrides(set_), rerank_k=rerank_k,
+                           device=device).validate()
+    with _progress_bar() as progress:
+        metrics = run_gckd(config, out_dir, resume=resume, overwrite=overwrite, progress=progress)
+    if as_json:
+        _print_json(metrics)
+        return
+    _print_person_metrics(metrics["evaluation"], f"{stage}: {metrics['source']} -> {metrics['evaluated_on']}")
+    out.print(f"train {metrics['train_seconds']:.1f}s, eval {metrics['eval_seconds']:.1f}s; run directory: {out_dir}")
+
+
+def _print_person_metrics(evaluation: dict[str, Any], title: str) -> None:
+    table = Table(title=title)
+    for column in ("ranking", "R@1 %", "R@5 %", "R@10 %", "mAP %", "mINP %"):
+        table.add_column(column, justify="left" if column == "ranking" else "right")
+    for key, label in (("itc", "ITC"), ("itm", f"ITM re-rank top-{evaluation.get('rerank_k')}")):
+        if evaluation.get(key):
+            m = evaluation[key]
+            table.add_row(label, _pct(m["rank1"]), _pct(m["rank5"]), _pct(m["rank10"]), _pct(m["map"]),
+                          _pct(m["minp"]))
+    out.print(table)
+
+
+@gckd_app.command("synth")
+def gckd_synth(
+    out_root: Annotated[Path, typer.Argument(help="Folder to write CUHK-PEDES/, ICFG-PEDES/ and RSTPReid/ into.")],
+    train_ids: Annotated[int, typer.Option(help="Training identities per dataset.")] = 40,
+    test_ids: Annotated[int, typer.Option(help="Test identities per dataset.")] = 20,
+    images_per_id: Annotated[int, typer.Option(help="Images per identity.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed (each style adds its own offset).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing dataset folders.")] = False,
+) -> None:
+    """Write small synthetic person-retrieval datasets in the three real annotation formats, each with its
+    own rendering and caption style (for trying the pipeline end to end; not a substitute for real data)."""
+    from crossret.data.synthetic_person import generate_person_datasets
+
+    paths = generate_person_datasets(out_root, n_train_ids=train_ids, n_test_ids=test_ids,
+                                     images_per_id=images_per_id, seed=seed, overwrite=overwrite)
+    for style, path in paths.items():
+        out.print(f"{style}: {path}")
+
+
+@gckd_app.command("pretrain")
+def gckd_pretrain(
+    source: Annotated[Path, typer.Option(help="Labelled source dataset folder (CUHK-PEDES/ICFG-PEDES/RSTPReid "
+                                         "format).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")],
+    target: Annotated[Path | None, typer.Option(help="Optional target dataset: evaluated on its test split "
+                                                "(its training captions also enter a trained vocabulary).")] = None,
+    model: ModelOpt = "tiny",
+    model_set: ModelSetOpt = None,
+    init: Annotated[str | None, typer.Option(help="ALBEF checkpoint (.pth) or crossret GCKD run directory to start "
+                                             "from.")] = None,
+    vocab: VocabOpt = None,
+    set_: TrainSetOpt = None,
+    rerank_k: RerankOpt = 128,
+    device: DeviceOpt = "cpu",
+    overwrite: Annotated[bool, typer.Option(help="Replace a finished run in --out.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out (same options).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Source training (identity-aware ITC with momentum distillation, ITM with hard negatives, MLM)."""
+    _gckd_run("pretrain", source, target, out_dir, model, model_set, init, vocab, set_, rerank_k, device, overwrite,
+              resume, as_json)
+
+
+@gckd_app.command("adapt")
+def gckd_adapt(
+    source: Annotated[Path, typer.Option(help="Labelled source dataset folder.")],
+    target: Annotated[Path, typer.Option(help="Target dataset folder: its train split is used without labels, "
+                                         "its test split for evaluation.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")],
+    init: Annotated[str | None, typer.Option(help="Start from a `gckd pretrain` run directory or an ALBEF "
+                                             "checkpoint (.pth).")] = None,
+    model: ModelOpt = "tiny",
+    model_set: ModelSetOpt = None,
+    vocab: VocabOpt = None,
+    set_: TrainSetOpt = None,
+    rerank_k: RerankOpt = 128,
+    device: DeviceOpt = "cpu",
+    overwrite: Annotated[bool, typer.Option(help="Replace a finished run in --out.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out (same options).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """GCKD adaptation: memory banks + kNN graph + GNN, EMA teacher with contrastive KD, δ-filtered
+    cross-domain ITM, on top of the source losses."""
+    _gckd_run("adapt", source, target, out_dir, model, model_set, init, vocab, set_, rerank_k, device, overwrite,
+              resume, as_json)
+
+
+@gckd_app.command("eval")
+def gckd_eval(
+    run_dir: Annotated[Path, typer.Argument(help="A finished `gckd pretrain|adapt` run directory.")],
+    data: Annotated[Path, typer.Option("--data", help="Dataset folder to evaluate on.")],
+    split: Annotated[str, typer.Option(help="Split: test, val or train.")] = "test",
+    rerank_k: RerankOpt = 128,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Text-to-image Rank-1/5/10, mAP and mINP of a run's model on a dataset split."""
+    from crossret.textimage.pipeline import evaluate_run
+
+    result = evaluate_run(run_dir, data, split=split, rerank_k=rerank_k, device=device)
+    if as_json:
+        _print_json(result)
+        return
+    _print_person_metrics(result["evaluation"], f"{run_dir} on {result['evaluated_on']}")
 
 
 def _as_packed(array: np.ndarray, bits: int | None, what: str) -> tuple[np.ndarray, int]:

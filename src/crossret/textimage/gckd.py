@@ -1,0 +1,589 @@
+"""GCKD training (Luo et al., "Graph-Based Cross-Domain Knowledge Distillation for Cross-Dataset
+Text-to-Image Person Retrieval", AAAI 2025), following the reconstruction in ``papers/gckd.md`` §2.3–2.4.
+
+One step (``B_s`` labelled source pairs; ``B_t`` target images and ``B_t`` target captions, unpaired):
+
+* EMA teacher: ``θ' ← m θ' + (1 − m) θ`` (``momentum``), then teacher features ``f'`` (no gradient).
+* Source (ALBEF / RaSa):
+  ``L_itc^s`` identity-aware ITC against ``[f'_batch; M^s]`` with momentum distillation (α);
+  ``L_itm^s`` ITM with one hard negative text per image and one hard negative image per text
+  (sampled ∝ softmax of the batch similarity, same identity excluded);
+  ``L_mlm`` 15 % masked LM conditioned on the image, distilled from the teacher at α (ALBEF backbone only).
+* GMP (§2.2): nodes ``X = [f_v^s; f_t^s; f_v^t; f_t^t; M]`` (four memory banks of teacher features),
+  symmetric kNN (K) graph, two-layer GNN ``z = norm(X + GNN(X))``; the same GNN on the teacher nodes gives
+  ``z'`` (no gradient). ``L_itc^{prop}`` = identity-aware ITC on the propagated source features (trains
+  the GNN with real labels, A8).
+* CMKD (§2.3): pseudo similarity targets ``P'_{t2i} = softmax(z'_t · [z'_v(batch); z'(M_v^t)]ᵀ / τ)`` (and
+  i2t); ``L_cmkd = ½ Σ_dir CE(P'_dir, softmax(f_dir · [f'_batch; M^t]ᵀ / τ))``.
+* Cross-domain ITM: a target caption and its best target image (``argmax P'`` over the batch) form a
+  pseudo-positive iff that teacher probability ≥ δ; each positive gets a hard negative image and a hard
+  negative caption drawn from the *source ∪ target* batch (the positive and anything ≥ δ excluded).
+* ``L = w_itc L_itc^s + w_itm L_itm^s + w_mlm L_mlm + w_prop L_itc^{prop} + w_kd L_cmkd + w_cd L_itm^{cd}``.
+
+Source-only training is the same loop with every target term off (``GckdConfig.source_only()``), so
+the baseline and GCKD differ by the target terms alone. Checkpoints (model, teacher, GNN, memory,
+optimiser, RNG states) are written atomically after every epoch; ``resume=True`` continues bit-for-bit
+on CPU. Nothing here calls a collective; memory enqueue gathers across ranks only inside a process
+group (DDP-safe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from crossret._config import reject_unknown_keys
+from crossret._io import write_bytes_atomic
+from crossret.errors import ConfigError, DataError, FileFormatError
+from crossret.textimage.albef import ema_update, momentum_copy
+from crossret.textimage.losses import (
+    cmkd_loss,
+    itc_loss,
+    itm_loss,
+    momentum_similarity_targets,
+    sample_hard_negatives,
+    select_confident_target_pairs,
+    soft_contrastive_loss,
+)
+from crossret.textimage.memory import GckdMemory
+from crossret.textimage.propagation import GraphPropagation, knn_graph
+from crossret.textimage.streams import StepBatch, TrainingData
+
+log = logging.getLogger("crossret.gckd")
+
+CHECKPOINT_FORMAT = "crossret.gckd.checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+LOSS_TERMS = ("itc", "itm", "mlm", "prop", "kd", "cd_itm")
+
+
+@dataclass
+class GckdConfig:
+    """Every GCKD hyper-parameter and switch (defaults: gckd.md §3.3 / the issue; [R] = reconstruction)."""
+
+    epochs: int = 30
+    lr: float = 1e-5  # backbone (RaSa)
+    head_lr: float = 1e-4  # GNN and node-type embeddings (RaSa lr_custm)
+    weight_decay: float = 0.02
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-6
+    grad_clip: float | None = None
+    # data
+    ids_per_batch: int = 4  # source: p identities × k pairs
+    pairs_per_id: int = 4
+    target_batch: int = 16
+    target_pairing: str = "unpaired"  # gckd.md A1
+    # ALBEF
+    alpha: float = 0.4  # momentum-distillation weight
+    momentum: float = 0.999  # EMA teacher m
+    mlm_prob: float = 0.15
+    # GMP
+    memory_size: int = 4096  # per bank; 0 disables the banks
+    knn_k: int = 10
+    gnn: str = "gcn"  # "gcn" | "sage"
+    gnn_dropout: float = 0.1
+    use_gnn: bool = True  # off: teacher targets from the raw teacher features (ablation)
+    # CMKD / cross-domain ITM
+    delta: float = 0.5  # threshold on the teacher's t2i probability (or cosine, delta_on="cosine")
+    delta_on: str = "probability"
+    kd_min_confidence: float | None = None  # optional row mask of the KD targets
+    # loss weights (A9: all 1)
+    itc_weight: float = 1.0
+    itm_weight: float = 1.0
+    mlm_weight: float = 1.0
+    prop_weight: float = 1.0
+    kd_weight: float = 1.0
+    cd_itm_weight: float = 1.0
+    # runtime
+    amp: str = "auto"  # "auto" (bf16 on CUDA, off on CPU) | "off" | "bf16"
+    seed: int = 0
+
+    @classmethod
+    def source_only(cls, **overrides: Any) -> GckdConfig:
+        """Source supervision only (ITC + ITM + MLM): the "source-only" baseline and the pre-training stage."""
+        values: dict[str, Any] = dict(prop_weight=0.0, kd_weight=0.0, cd_itm_weight=0.0)
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    @property
+    def adapts(self) -> bool:
+        """Whether any target term is on (the step then needs target batches)."""
+        return self.kd_weight > 0 or self.cd_itm_weight > 0 or self.prop_weight > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> GckdConfig:
+        reject_unknown_keys(cls, values.keys(), "GCKD config")
+        return cls(**dict(values)).validate()
+
+    def validate(self) -> GckdConfig:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"GCKD config: {name}={getattr(self, name)!r} {why}")
+
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, "must be a finite number")
+            return float(value)
+
+        for name in ("epochs", "ids_per_batch", "pairs_per_id", "target_batch", "knn_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise bad(name, "must be a positive integer")
+        if isinstance(self.memory_size, bool) or not isinstance(self.memory_size, int) or self.memory_size < 0:
+            raise bad("memory_size", "must be an integer >= 0 (0 disables the memory banks)")
+        for name in ("lr", "head_lr"):
+            if number(name) <= 0:
+                raise bad(name, "must be a positive number")
+        for name in ("weight_decay", "warmup_epochs", "min_lr", *(f"{t}_weight" for t in LOSS_TERMS)):
+            if number(name) < 0:
+                raise bad(name, "must be a finite number >= 0")
+        for name in ("alpha", "momentum", "mlm_prob", "gnn_dropout"):
+            if not 0.0 <= number(name) <= 1.0:
+                raise bad(name, "must be in [0, 1]")
+        if self.gnn_dropout >= 1.0:
+            raise bad("gnn_dropout", "must be < 1")
+        if self.kd_min_confidence is not None and not 0.0 <= number("kd_min_confidence") <= 1.0:
+            raise bad("kd_min_confidence", "must be null or a probability in [0, 1]")
+        if self.gnn not in ("gcn", "sage"):
+            raise bad("gnn", "must be 'gcn' or 'sage'")
+        if not isinstance(self.use_gnn, bool):
+            raise bad("use_gnn", "must be true or false")
+        if self.delta_on not in ("probability", "cosine"):
+            raise bad("delta_on", "must be 'probability' or 'cosine'")
+        if not -1.0 <= number("delta") <= 1.0:
+            raise bad("delta", "must be in [-1, 1]")
+        if self.target_pairing not in ("unpaired", "paired"):
+            raise bad("target_pairing", "must be 'unpaired' or 'paired'")
+        if self.amp not in ("auto", "off", "bf16"):
+            raise bad("amp", "must be one of auto, off, bf16 (bf16 needs no loss scaling)")
+        if self.grad_clip is not None and not number("grad_clip") > 0:
+            raise bad("grad_clip", "must be positive or null")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise bad("seed", "must be an integer >= 0")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _autocast(config: GckdConfig, device: torch.device) -> Any:
+    amp = config.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if amp == "off":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def mlm_distill_loss(logits: Tensor, labels: Tensor, teacher_logits: Tensor | None, alpha: float) -> Tensor:
+    """ALBEF MLM: ``(1 − α)·CE(logits, labels) + α·CE(softmax(teacher), logits)`` over masked positions
+    (``labels != −100``); ``logits, teacher_logits (B, L, V)``, ``labels (B, L)``."""
+    chosen = labels != -100
+    if not bool(chosen.any()):
+        return logits.sum() * 0.0
+    pred = logits[chosen].float()
+    loss = F.cross_entropy(pred, labels[chosen])
+    if teacher_logits is not None and alpha > 0:
+        soft = F.softmax(teacher_logits[chosen].float(), dim=-1)
+        loss = (1.0 - alpha) * loss + alpha * soft_contrastive_loss(pred, soft)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]]
+    resumed_from_epoch: int
+    train_seconds: float
+
+
+class GckdTrainer:
+    """Trains ``model`` (an :class:`~crossret.textimage.albef.AlbefModel` or
+    :class:`~crossret.textimage.feature_heads.FeatureHeadsModel`) with :class:`GckdConfig` on
+    :class:`~crossret.textimage.streams.TrainingData`.
+
+    ``mask_fn(input_ids, attention_mask, generator) -> (masked_ids, labels)`` enables MLM (ALBEF backbone
+    with token inputs). ``checkpoint_dir`` receives ``checkpoint.pt`` after every epoch.
+    """
+
+    def __init__(self, model: nn.Module, config: GckdConfig, *, device: str | torch.device = "cpu",
+                 mask_fn: Callable[[Tensor, Tensor | None, torch.Generator], tuple[Tensor, Tensor]] | None = None,
+                 checkpoint_dir: str | Path | None = None) -> None:
+        self.config = config.validate()
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        # The teacher runs in eval mode (no dropout): its similarities are the pseudo targets, and
+        # dropout noise would only make them less reliable (ALBEF's momentum encoders share the
+        # student's mode; GCKD does not say).
+        self.teacher = momentum_copy(self.model).eval()
+        embed_dim = int(model.config.embed_dim)
+        with torch.random.fork_rng(devices=[]):  # the GNN's initial weights depend on config.seed only
+            torch.manual_seed(config.seed)
+            self.gnn = GraphPropagation(embed_dim, k=config.knn_k, conv=config.gnn,  # type: ignore[arg-type]
+                                        dropout=config.gnn_dropout).to(self.device)
+        self.memory = GckdMemory(config.memory_size, embed_dim).to(self.device) if config.memory_size > 0 else None
+        self.mask_fn = mask_fn if config.mlm_weight > 0 and hasattr(model, "mlm_logits") else None
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        decay, no_decay = [], []
+        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+        for name, param in self.model.named_parameters():
+            (no_decay if name in skip or param.ndim < 2 else decay).append(param)
+        groups = [{"params": decay, "lr": config.lr, "weight_decay": config.weight_decay, "base_lr": config.lr},
+                  {"params": no_decay, "lr": config.lr, "weight_decay": 0.0, "base_lr": config.lr},
+                  {"params": list(self.gnn.parameters()), "lr": config.head_lr, "weight_decay": config.weight_decay,
+                   "base_lr": config.head_lr}]
+        self.optimizer = torch.optim.AdamW(groups)
+        # On the training device: hard-negative sampling and MLM masking draw from it there.
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self._teacher_feats: tuple[Tensor, ...] | None = None
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ one step
+    def _bank(self, domain: str, modality: str) -> tuple[Tensor, Tensor]:
+        if self.memory is None:
+            empty = torch.zeros(0, self.gnn.dim, device=self.device)
+            return empty, torch.zeros(0, dtype=torch.long, device=self.device)
+        bank = self.memory.bank(domain, modality)
+        return bank.features(), bank.ids()
+
+    def losses(self, batch: StepBatch) -> tuple[Tensor, dict[str, float]]:
+        """The weighted loss of one step and its terms (floats, unweighted) plus diagnostics."""
+        c, model, teacher = self.config, self.model, self.teacher
+        adapt = c.adapts
+        if adapt and batch.target_images is None:
+            raise DataError("this GCKD configuration has target terms but the batch has no target data")
+        with torch.no_grad():
+            ema_update(teacher, model, c.momentum)
+        temp = model.clamped_temp()
+        terms: dict[str, Tensor] = {}
+        stats: dict[str, float] = {}
+
+        # -- source: student + teacher unimodal features
+        s_img_tok, f_vs = model.encode_image(batch.source_images)
+        s_txt_tok, f_ts = model.encode_text(batch.source_text, batch.source_mask)
+        ids = batch.source_ids
+        _check_finite(f_vs, f_ts, where=f"step {self.step} (source features)")
+        with torch.no_grad():
+            ts_img_tok, tf_vs = teacher.encode_image(batch.source_images)
+            _, tf_ts = teacher.encode_text(batch.source_text, batch.source_mask)
+        bank_vs, bank_ids = self._bank("source", "image")
+        bank_ts, _ = self._bank("source", "text")
+        cand_t, cand_v = torch.cat([tf_ts, bank_ts]), torch.cat([tf_vs, bank_vs])
+        cand_ids = torch.cat([ids, bank_ids])
+        soft = momentum_similarity_targets(tf_vs, tf_ts, temp, text_candidates=cand_t, image_candidates=cand_v)
+        if c.itc_weight > 0:
+            terms["itc"] = itc_loss(f_vs, f_ts, temp, ids, soft, c.alpha, text_candidates=cand_t,
+                                    image_candidates=cand_v, candidate_ids=cand_ids)
+
+        # -- source ITM with in-batch hard negatives (same identity never a negative)
+        if c.itm_weight > 0:
+            pos = model.itm_logits(s_txt_tok, batch.source_mask, s_img_tok)
+            with torch.no_grad():
+                sim = f_vs @ f_ts.T / temp
+            neg_t, neg_v = sample_hard_negatives(sim, sim.T, ids, self.generator)
+            negs = []
+            rows = torch.nonzero(neg_t >= 0).squeeze(1)
+            if rows.numel():
+                t = neg_t[rows]
+                negs.append(model.itm_logits(s_txt_tok[t], _rows(batch.source_mask, t), s_img_tok[rows]))
+            rows = torch.nonzero(neg_v >= 0).squeeze(1)
+            if rows.numel():
+                negs.append(model.itm_logits(s_txt_tok[rows], _rows(batch.source_mask, rows), s_img_tok[neg_v[rows]]))
+            terms["itm"] = itm_loss(pos, torch.cat(negs) if negs else pos[:0])
+
+        # -- MLM (ALBEF backbone only)
+        if self.mask_fn is not None:
+            masked, labels = self.mask_fn(batch.source_text, batch.source_mask, self.generator)
+            logits = model.mlm_logits(masked, batch.source_mask, s_img_tok)
+            with torch.no_grad():
+                t_logits = teacher.mlm_logits(masked, batch.source_mask, ts_img_tok) if c.alpha > 0 else None
+            terms["mlm"] = mlm_distill_loss(logits, labels, t_logits, c.alpha)
+
+        self._teacher_feats = (tf_vs, tf_ts)
+        if adapt:
+            self._target_terms(batch, temp, (s_img_tok, s_txt_tok), f_vs, f_ts, tf_vs, tf_ts, terms, stats)
+
+        weights = {"itc": c.itc_weight, "itm": c.itm_weight, "mlm": c.mlm_weight, "prop": c.prop_weight,
+                   "kd": c.kd_weight, "cd_itm": c.cd_itm_weight}
+        total = sum(weights[name] * value for name, value in terms.items())
+        stats.update({name: float(value.detach()) for name, value in terms.items()})
+        return total, stats  # type: ignore[return-value]
+
+    def _target_terms(self, batch: StepBatch, temp: Tensor, source_tokens: tuple[Tensor, Tensor], f_vs: Tensor,
+                      f_ts: Tensor, tf_vs: Tensor, tf_ts: Tensor, terms: dict[str, Tensor], stats: dict[str, float]
+                      ) -> None:
+        c, model, teacher = self.config, self.model, self.teacher
+        assert batch.target_images is not None and batch.target_text is not None
+        t_img_tok, f_vt = model.encode_image(batch.target_images)
+        t_txt_tok, f_tt = model.encode_text(batch.target_text, batch.target_mask)
+        _check_finite(f_vt, f_tt, where=f"step {self.step} (target features)")
+        with torch.no_grad():
+            _, tf_vt = teacher.encode_image(batch.target_images)
+            _, tf_tt = teacher.encode_text(batch.target_text, batch.target_mask)
+        self._teacher_feats = (tf_vs, tf_ts, tf_vt, tf_tt)
+        b_s, b_t = f_vs.shape[0], f_vt.shape[0]
+        bank = self.memory.nodes()[0] if self.memory is not None else f_vs.new_zeros(0, f_vs.shape[1])
+        bank_vt, _ = self._bank("target", "image")
+        bank_tt, _ = self._bank("target", "text")
+        n_banks = [len(self.memory.bank(d, m)) if self.memory is not None else 0 for d, m in GckdMemory.ORDER]
+
+        # -- GMP: student and teacher graphs over batch ∪ memory
+        student_nodes = torch.cat([f_vs, f_ts, f_vt, f_tt])
+        teacher_nodes = torch.cat([tf_vs, tf_ts, tf_vt, tf_tt, bank])
+        if c.use_gnn:
+            z = self.gnn(student_nodes, bank)
+            with torch.no_grad():
+                self.gnn.eval()  # teacher side: deterministic propagation
+                z_teacher = self.gnn.propagate(teacher_nodes, knn_graph(teacher_nodes, c.knn_k))
+                self.gnn.train(self.model.training)
+            if c.prop_weight > 0:
+                terms["prop"] = itc_loss(z[:b_s], z[b_s:2 * b_s], temp, batch.source_ids)
+        else:
+            z_teacher = teacher_nodes
+        batch_end = 2 * b_s + 2 * b_t
+        zt_vt, zt_tt = z_teacher[2 * b_s:2 * b_s + b_t], z_teacher[2 * b_s + b_t:batch_end]
+        offsets = np.cumsum([batch_end, *n_banks])  # bank order: M_v^s, M_t^s, M_v^t, M_t^t
+        zt_bank_vt = z_teacher[offsets[1]:offsets[2]]
+        zt_bank_tt = z_teacher[offsets[2]:offsets[3]]
+
+        # -- CMKD: pseudo similarity targets from the (propagated) teacher, student vs teacher candidates
+        with torch.no_grad():
+            q_i2t, q_t2i = momentum_similarity_targets(
+                zt_vt, zt_tt, temp, text_candidates=torch.cat([zt_tt, zt_bank_tt]),
+                image_candidates=torch.cat([zt_vt, zt_bank_vt]))
+            if c.target_pairing == "paired":  # pair prior q = β·P' + (1 − β)·onehot(pair), β = α (§2.3)
+                eye = torch.zeros_like(q_i2t)
+                eye[torch.arange(b_t), torch.arange(b_t)] = 1.0
+                q_i2t = c.alpha * q_i2t + (1 - c.alpha) * eye
+                q_t2i = c.alpha * q_t2i + (1 - c.alpha) * eye
+        if c.kd_weight > 0:
+            terms["kd"] = cmkd_loss(f_vt, f_tt, (q_i2t, q_t2i), temp, text_candidates=torch.cat([tf_tt, bank_tt]),
+                                    image_candidates=torch.cat([tf_vt, bank_vt]), min_confidence=c.kd_min_confidence)
+
+        # -- cross-domain ITM on δ-filtered target pseudo-positives
+        with torch.no_grad():
+            batch_sim = zt_tt @ zt_vt.T
+            score = F.softmax(batch_sim / temp, dim=1) if c.delta_on == "probability" else batch_sim
+            text_idx, image_idx = select_confident_target_pairs(score, c.delta)
+        stats["pseudo_pairs"] = float(text_idx.numel())
+        truth = getattr(self, "_truth", None)
+        if truth is not None and text_idx.numel() and batch.target_text_index is not None:
+            img_truth, txt_truth = truth
+            ti = batch.target_image_index.cpu().numpy()[image_idx.cpu().numpy()]
+            tt = batch.target_text_index.cpu().numpy()[text_idx.cpu().numpy()]
+            stats["pseudo_pair_precision"] = float(np.mean(img_truth[ti] == txt_truth[tt]))
+        if c.cd_itm_weight > 0 and text_idx.numel():
+            pos = model.itm_logits(t_txt_tok[text_idx], _rows(batch.target_mask, text_idx), t_img_tok[image_idx])
+            with torch.no_grad():
+                # candidates: source ∪ target batch; exclude the positive and every target item ≥ δ
+                above = score >= c.delta  # (T_text, T_image)
+                ex_img = torch.zeros(text_idx.numel(), b_s + b_t, dtype=torch.bool, device=f_vt.device)
+                ex_img[:, b_s:] = above[text_idx]
+                ex_img[torch.arange(text_idx.numel()), b_s + image_idx] = True
+                ex_txt = torch.zeros(text_idx.numel(), b_s + b_t, dtype=torch.bool, device=f_vt.device)
+                ex_txt[:, b_s:] = above[:, image_idx].T
+                ex_txt[torch.arange(text_idx.numel()), b_s + text_idx] = True
+                sim_t2v = f_tt[text_idx] @ torch.cat([f_vs, f_vt]).T / temp
+                sim_v2t = f_vt[image_idx] @ torch.cat([f_ts, f_tt]).T / temp
+                no_ids = torch.full((b_s + b_t,), -1, dtype=torch.long, device=f_vt.device)
+                neg_for_image, neg_for_text = sample_hard_negatives(sim_v2t, sim_t2v, None, self.generator,
+                                                                    candidate_ids=no_ids, exclude=(ex_txt, ex_img))
+            all_img_tok = torch.cat([source_tokens[0], t_img_tok])
+            all_txt_tok, all_mask = _pad_cat(source_tokens[1], batch.source_mask, t_txt_tok, batch.target_mask)
+            negs = []
+            ok = torch.nonzero(neg_for_text >= 0).squeeze(1)  # text rows with a negative image
+            if ok.numel():
+                negs.append(model.itm_logits(t_txt_tok[text_idx[ok]], _rows(batch.target_mask, text_idx[ok]),
+                                             all_img_tok[neg_for_text[ok]]))
+            ok = torch.nonzero(neg_for_image >= 0).squeeze(1)  # image rows with a negative text
+            if ok.numel():
+                j = neg_for_image[ok]
+                negs.append(model.itm_logits(all_txt_tok[j], _rows(all_mask, j), t_img_tok[image_idx[ok]]))
+            terms["cd_itm"] = itm_loss(pos, torch.cat(negs) if negs else pos[:0])
+
+    # ------------------------------------------------------------------ training loop
+    def fit(self, data: TrainingData, *, resume: bool = False,
+            progress: Callable[[int, int, dict[str, float]], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> TrainResult:
+        """Train for ``config.epochs`` epochs; ``progress(step, total_steps, last_stats)`` after each step.
+
+        With ``resume`` the state of ``checkpoint_dir/checkpoint.pt`` (if any) is restored first and
+        training continues from its epoch. ``should_stop()`` true ends training after the current epoch's
+        checkpoint (a clean interruption)."""
+        c = self.config
+        if c.adapts and not data.has_target:
+            raise DataError("GCKD adaptation needs target data (images and captions of the target train split)")
+        self._truth = data.target_truth()
+        steps_per_epoch = data.steps_per_epoch()
+        total = steps_per_epoch * c.epochs
+        warmup = round(c.warmup_epochs * steps_per_epoch)
+        start_epoch = self._restore(data) if resume else 0
+        if start_epoch == 0:
+            # Dropout draws from torch's global generator: seed it so that config.seed alone fixes the
+            # run (a resumed run restores the generator's state from the checkpoint instead).
+            torch.manual_seed(c.seed)
+        started = time.perf_counter()
+        for epoch in range(start_epoch, c.epochs):
+            self.model.train()
+            self.gnn.train()
+            sums: dict[str, float] = {}
+            counts: dict[str, int] = {}
+            for batch in data.batches(epoch):
+                batch = batch.to(self.device)
+                factor = _lr_factor(self.step, total, warmup, c.min_lr / c.lr)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * factor
+                with _autocast(c, self.device):
+                    loss, stats = self.losses(batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"GCKD: non-finite loss at step {self.step} (terms {stats}); lower "
+                                             "the learning rate or disable amp")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if c.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                                   c.grad_clip)
+                self.optimizer.step()
+                self.model.clamp_temp_()
+                self._enqueue(batch)
+                self.step += 1
+                stats["loss"] = float(loss.detach())
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                    counts[key] = counts.get(key, 0) + 1
+                if progress is not None:
+                    progress(self.step, total, stats)
+            entry = {"epoch": epoch + 1, "step": self.step, **{k: sums[k] / counts[k] for k in sorted(sums)},
+                     "temp": float(self.model.clamped_temp().detach())}
+            self.history.append(entry)
+            log.info("epoch %d/%d %s", epoch + 1, c.epochs, {k: round(v, 4) for k, v in entry.items()})
+            if self.checkpoint_dir is not None:
+                self.save_checkpoint(data, epoch + 1)
+            if should_stop is not None and should_stop() and epoch + 1 < c.epochs:
+                break
+        return TrainResult(self.history, start_epoch, time.perf_counter() - started)
+
+    @torch.no_grad()
+    def _enqueue(self, batch: StepBatch) -> None:
+        """Enqueue this step's teacher features (computed in :meth:`losses`) into the four banks."""
+        if self.memory is None or self._teacher_feats is None:
+            return
+        feats = self._teacher_feats
+        if len(feats) == 2:  # source-only step: the target banks get nothing
+            empty = feats[0].new_zeros(0, feats[0].shape[1])
+            feats = (*feats, empty, empty)
+        self.memory.enqueue(*feats, source_ids=batch.source_ids)
+        self._teacher_feats = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def _fingerprint(self, data: TrainingData) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "data": data.fingerprint(),
+                "model": type(self.model).__name__, "model_config": self.model.config.to_dict()}
+
+    def save_checkpoint(self, data: TrainingData, epoch: int) -> Path:
+        assert self.checkpoint_dir is not None
+        state = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch, "step": self.step,
+            "fingerprint": self._fingerprint(data),
+            "model": self.model.state_dict(), "teacher": self.teacher.state_dict(), "gnn": self.gnn.state_dict(),
+            "memory": self.memory.state_dict() if self.memory is not None else {},
+            "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(), "history": self.history,
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_dir / CHECKPOINT_NAME
+        write_bytes_atomic(path, buffer.getvalue())
+        return path
+
+    def _restore(self, data: TrainingData) -> int:
+        if self.checkpoint_dir is None:
+            raise ConfigError("resume needs a checkpoint directory")
+        path = self.checkpoint_dir / CHECKPOINT_NAME
+        if not path.is_file():
+            return 0
+        state = read_checkpoint(path)
+        if state["fingerprint"] != self._fingerprint(data):
+            raise ConfigError(f"{path}: the checkpoint was written with a different configuration, model or data; "
+                              "resume with the same settings or start a new run directory")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.teacher.load_state_dict(state["teacher"])
+            self.gnn.load_state_dict(state["gnn"])
+            if self.memory is not None:
+                self.memory.load_state_dict(state["memory"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise FileFormatError(f"{path}: the GCKD checkpoint is inconsistent ({type(exc).__name__}: {exc})") from exc
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        log.info("resumed from %s at epoch %d", path, state["epoch"])
+        return int(state["epoch"])
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a GCKD training checkpoint safely (``weights_only``); clear errors for foreign/corrupt files."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FileFormatError(f"{path}: cannot read the GCKD checkpoint ({type(exc).__name__}: {exc}); the file "
+                              "is corrupt or not a crossret GCKD checkpoint") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise FileFormatError(f"{path}: not a crossret GCKD checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise FileFormatError(f"{path}: GCKD checkpoint version {state.get('version')}; this crossret reads "
+                              f"version {CHECKPOINT_VERSION}")
+    return state
+
+
+def _check_finite(*features: Tensor, where: str) -> None:
+    if not all(bool(torch.isfinite(f).all()) for f in features):
+        raise FloatingPointError(f"GCKD: non-finite features at {where}; lower the learning rate or disable amp")
+
+
+def _rows(mask: Tensor | None, idx: Tensor) -> Tensor | None:
+    return None if mask is None else mask[idx]
+
+
+def _pad_cat(a: Tensor, mask_a: Tensor | None, b: Tensor, mask_b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Concatenate two text-token batches ``(B_a, L_a, D)``, ``(B_b, L_b, D)`` along the batch, padding the
+    shorter sequence with zero tokens and zero mask (feature-heads tokens have ``L = 1`` and no mask)."""
+    if mask_a is None or mask_b is None:
+        return torch.cat([a, b]), None
+    length = max(a.shape[1], b.shape[1])
+
+    def pad(t: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+        extra = length - t.shape[1]
+        return (F.pad(t, (0, 0, 0, extra)), F.pad(m, (0, extra))) if extra else (t, m)
+
+    (a, mask_a), (b, mask_b) = pad(a, mask_a), pad(b, mask_b)
+    return torch.cat([a, b]), torch.cat([mask_a, mask_b])
+
+
+__all__ = ["CHECKPOINT_FORMAT", "GckdConfig", "GckdTrainer", "TrainResult", "mlm_distill_loss", "read_checkpoint"]

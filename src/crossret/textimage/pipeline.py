@@ -1,0 +1,304 @@
+"""End-to-end GCKD runs on person-retrieval datasets: ``pretrain`` (source supervision), ``adapt``
+(GCKD on source + unlabelled target) and ``evaluate`` (text→image on a test split), each writing a run
+directory — what ``crossret gckd pretrain|adapt|eval`` call.
+
+Run directory::
+
+    config.yaml        the resolved run configuration (backbone, data, GckdConfig, evaluation)
+    vocab.txt          the WordPiece vocabulary the model was trained with
+    model.pt           the student, in ALBEF's checkpoint layout (loadable by ``load_albef_checkpoint``)
+    checkpoints/       checkpoint.pt after every epoch (``--resume`` continues from it)
+    metrics.json       history + evaluation; written last, its presence marks a finished run
+    run.log
+
+Model selection never looks at target labels: training runs its configured epochs and the last
+model is evaluated once (gckd.md A10).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from crossret._config import reject_unknown_keys
+from crossret._io import write_json_atomic, write_yaml_atomic
+from crossret.data.person import (
+    EvalView,
+    ImageTransform,
+    build_eval_view,
+    build_train_pairs,
+    load_image,
+    load_person_dataset,
+)
+from crossret.errors import ConfigError, DataError, FileFormatError
+from crossret.textimage.albef import AlbefConfig, AlbefModel
+from crossret.textimage.checkpoint import load_albef_checkpoint, save_albef_checkpoint
+from crossret.textimage.gckd import GckdConfig, GckdTrainer
+from crossret.textimage.streams import PersonTrainingData
+from crossret.textimage.tokenize import CaptionTokenizer, check_vocab_fits, mask_tokens, train_wordpiece_vocab
+
+log = logging.getLogger("crossret.gckd")
+STAGES = ("pretrain", "adapt")
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass
+class GckdRunConfig:
+    """A GCKD run on datasets in the CUHK-PEDES / ICFG-PEDES / RSTPReid formats.
+
+    ``stage``: ``pretrain`` trains on the source only (``GckdConfig.source_only`` unless ``train``
+    says otherwise); ``adapt`` runs GCKD with the unlabelled ``target_dir`` train split.
+    ``model``: ``tiny`` | ``base`` (ALBEF ViT-B/16 + BERT-base) plus ``model_overrides``; ignored when
+    ``init`` is a previous run directory (its architecture is used). ``init``: an ALBEF ``.pth`` file or
+    a crossret GCKD run directory. ``vocab``: a BERT ``vocab.txt``; without it (and without an ``init``
+    run that has one) a WordPiece vocabulary of ``vocab_size`` tokens is trained on the source and
+    target *training* captions (no labels involved).
+    """
+
+    stage: str = "adapt"
+    source_dir: str = ""
+    target_dir: str | None = None
+    model: str = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None
+    vocab: str | None = None
+    vocab_size: int = 1000
+    max_words: int = 50
+    max_tokens: int = 40
+    train: dict[str, Any] = field(default_factory=dict)
+    rerank_k: int = 128
+    eval_batch_size: int = 64
+    eval_split: str = "test"
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> GckdRunConfig:
+        reject_unknown_keys(cls, values.keys(), "GCKD run config")
+        return cls(**dict(values)).validate()
+
+    def validate(self) -> GckdRunConfig:
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage={self.stage!r}; choose one of {', '.join(STAGES)}")
+        if not self.source_dir:
+            raise ConfigError("source_dir is required: the labelled source dataset directory")
+        if self.stage == "adapt" and not self.target_dir:
+            raise ConfigError("stage 'adapt' needs target_dir: the unlabelled target dataset directory")
+        if self.model not in ("tiny", "base"):
+            raise ConfigError(f"model={self.model!r}; choose 'tiny' or 'base' (and model_overrides)")
+        for name in ("vocab_size", "max_words", "max_tokens", "eval_batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if not isinstance(self.rerank_k, int) or self.rerank_k < 0:
+            raise ConfigError(f"rerank_k={self.rerank_k!r} must be an integer >= 0 (0: ITC ranking only)")
+        self.training_config()  # validates the GckdConfig keys early
+        return self
+
+    def training_config(self) -> GckdConfig:
+        if self.stage == "pretrain":
+            return GckdConfig.source_only(**self.train)
+        return GckdConfig.from_dict(self.train)
+
+
+# ---------------------------------------------------------------------------------------------- model + vocab
+def _init_run_dir(init: str | None) -> Path | None:
+    if init and Path(init).is_dir():
+        run = Path(init)
+        if not (run / "model.pt").is_file():
+            raise DataError(f"{run}: not a finished crossret GCKD run (no model.pt)")
+        return run
+    return None
+
+
+def build_model(config: GckdRunConfig, vocab_size: int | None = None) -> tuple[AlbefModel, dict[str, Any]]:
+    """The student model: from ``init`` (run dir or ALBEF file) or freshly initialised. ``vocab_size``
+    (the tokenizer's) sizes a new model's embeddings unless ``model_overrides`` sets it, and the tiny
+    preset's ``max_position`` grows to ``max_tokens`` when needed."""
+    init_run = _init_run_dir(config.init)
+    if init_run is not None:
+        loaded = load_albef_checkpoint(init_run / "model.pt", AlbefConfig.from_dict(_read_yaml(init_run / "config.yaml")
+                                                                                   ["albef"]))
+        return loaded.model, {"init": str(init_run), "kind": "run"}
+    preset = AlbefConfig.tiny if config.model == "tiny" else AlbefConfig.base
+    overrides = dict(config.model_overrides)
+    if vocab_size is not None and not config.init:
+        overrides.setdefault("vocab_size", vocab_size)
+    if config.model == "tiny":
+        overrides.setdefault("max_position", max(32, config.max_tokens))
+    albef = preset(**overrides)
+    if config.init:
+        loaded = load_albef_checkpoint(config.init, albef)
+        return loaded.model, {"init": config.init, "kind": "albef", "ignored": len(loaded.ignored_keys)}
+    torch.manual_seed(int(config.train.get("seed", 0)))
+    return AlbefModel(albef), {"init": None, "kind": "random"}
+
+
+def resolve_vocab(config: GckdRunConfig, run_dir: Path) -> Path:
+    """Copy / train the vocabulary into ``run_dir/vocab.txt`` and return that path."""
+    target = run_dir / "vocab.txt"
+    init_run = _init_run_dir(config.init)
+    source = Path(config.vocab) if config.vocab else (init_run / "vocab.txt" if init_run else None)
+    if source is not None:
+        if not source.is_file():
+            raise DataError(f"{source}: vocabulary file not found")
+        if source.resolve() != target.resolve():
+            shutil.copyfile(source, target)
+        return target
+    captions = [c for root in (config.source_dir, config.target_dir) if root
+                for c in build_train_pairs(load_person_dataset(None, root, check_images=False), "train",
+                                           max_words=config.max_words).captions]
+    return train_wordpiece_vocab(captions, target, vocab_size=config.vocab_size)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise FileFormatError(f"{path}: cannot read ({exc})") from exc
+    if not isinstance(data, dict):
+        raise FileFormatError(f"{path}: expected a mapping")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def _batched(n: int, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, n, size):
+        yield np.arange(start, min(n, start + size))
+
+
+def evaluate_view(model: AlbefModel, tokenizer: CaptionTokenizer, view: EvalView, *, rerank_k: int = 128,
+                  batch_size: int = 64, device: str = "cpu") -> dict[str, Any]:
+    """Text→image metrics of ``model`` on ``view`` (all captions vs all images), ITC and, with
+    ``rerank_k`` > 0, ITM re-ranking of each query's top-k (gckd.md §5)."""
+    from crossret.textimage.evaluate import evaluate_model
+
+    transform = ImageTransform.eval(tuple(model.config.image_size))
+    image_batches = (torch.stack([transform(load_image(view.image_paths[i])) for i in rows])
+                     for rows in _batched(view.num_gallery, batch_size))
+    text_batches = (tuple(tokenizer([view.captions[i] for i in rows]))
+                    for rows in _batched(view.num_queries, batch_size))
+    return evaluate_model(model, image_batches, text_batches, view.caption_person_ids, view.image_person_ids,
+                          rerank_k=rerank_k, device=device, batch_size=batch_size)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def _prepare(run_dir: Path, overwrite: bool, resume: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} exists and is not a directory")
+    if (run_dir / "metrics.json").exists() and not overwrite:
+        raise ConfigError(f"{run_dir} already holds a finished run (metrics.json); choose another directory or "
+                          "pass --overwrite")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").unlink(missing_ok=True)
+    if not resume:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        (run_dir / "run.log").unlink(missing_ok=True)
+
+
+def run_gckd(config: GckdRunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+             progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Train (pretrain or adapt), save the model, evaluate on ``eval_split`` of the target (the source
+    for ``pretrain`` without a target) and write the run directory. Returns the metrics dict."""
+    config = config.validate()
+    run_dir = Path(out_dir)
+    # Everything that can fail on bad input happens before the run directory is touched.
+    source = load_person_dataset(None, config.source_dir)
+    target = load_person_dataset(None, config.target_dir) if config.target_dir else None
+    train_config = config.training_config()
+    if resume and (run_dir / "config.yaml").is_file():
+        saved = _read_yaml(run_dir / "config.yaml").get("run")
+        if saved != config.to_dict():
+            raise ConfigError(f"--resume: {run_dir} was started with a different configuration; use the same "
+                              "options or a new --out")
+    _prepare(run_dir, overwrite, resume)
+    handler = logging.FileHandler(run_dir / "run.log", mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger("crossret")
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    try:
+        vocab = resolve_vocab(config, run_dir)
+        tokenizer = CaptionTokenizer.from_vocab(vocab, max_length=config.max_tokens)
+        model, init_info = build_model(config, tokenizer.vocab_size)
+        check_vocab_fits(tokenizer, model.config.vocab_size, model.config.max_position)
+        write_yaml_atomic(run_dir / "config.yaml", {"run": config.to_dict(), "albef": model.config.to_dict(),
+                                                    "train": train_config.to_dict(), "init": init_info})
+        size = tuple(model.config.image_size)
+        data = PersonTrainingData(
+            build_train_pairs(source, "train", max_words=config.max_words), tokenizer,
+            ImageTransform.train(size),
+            target=build_train_pairs(target, "train", max_words=config.max_words, hide_ids=True)
+            if target is not None and train_config.adapts else None,
+            ids_per_batch=train_config.ids_per_batch, pairs_per_id=train_config.pairs_per_id,
+            target_batch=train_config.target_batch, seed=train_config.seed,
+            target_pairing=train_config.target_pairing)
+
+        def mask_fn(ids: torch.Tensor, attention: torch.Tensor | None, generator: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+            return mask_tokens(ids, vocab_size=tokenizer.vocab_size, mask_token_id=tokenizer.mask_token_id,
+                               special_ids=tokenizer.special_ids.to(ids.device), attention_mask=attention,
+                               mask_prob=train_config.mlm_prob, generator=generator)
+
+        trainer = GckdTrainer(model, train_config, device=config.device, mask_fn=mask_fn,
+                              checkpoint_dir=run_dir / "checkpoints")
+        step_progress = None
+        if progress is not None:
+            def step_progress(step: int, total: int, stats: dict[str, float]) -> None:
+                progress(step, total, f"{config.stage} loss {stats.get('loss', float('nan')):.3f}")
+        result = trainer.fit(data, resume=resume, progress=step_progress, should_stop=should_stop)
+        finished = len(result.history) == train_config.epochs
+        save_albef_checkpoint(model, run_dir / "model.pt")
+        eval_dataset = target if target is not None else source
+        view = build_eval_view(eval_dataset, config.eval_split, max_words=config.max_words)
+        started = time.perf_counter()
+        if progress is not None:
+            progress(0, 1, "evaluating")
+        evaluation = evaluate_view(model, tokenizer, view, rerank_k=config.rerank_k,
+                                   batch_size=config.eval_batch_size, device=config.device)
+        metrics = {
+            "stage": config.stage, "finished_all_epochs": finished,
+            "source": source.name, "target": target.name if target is not None else None,
+            "evaluated_on": f"{eval_dataset.name}:{config.eval_split}",
+            "protocol": "text-to-image; queries = every caption of the split, gallery = every image; relevant = "
+                        "same person id; no model selection (last epoch)",
+            "evaluation": evaluation, "eval_seconds": time.perf_counter() - started,
+            "train_seconds": result.train_seconds, "resumed_from_epoch": result.resumed_from_epoch,
+            "history": result.history, "train_config": train_config.to_dict(), "init": init_info,
+            "albef": model.config.to_dict(), "seed": train_config.seed,
+        }
+        write_json_atomic(run_dir / "metrics.json", metrics)
+        return metrics
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def evaluate_run(run_dir: str | Path, dataset_dir: str | Path, *, split: str = "test", rerank_k: int = 128,
+                 batch_size: int = 64, device: str = "cpu") -> dict[str, Any]:
+    """Evaluate a finished run's model on ``split`` of another (or the same) dataset."""
+    run = Path(run_dir)
+    if not (run / "model.pt").is_file() or not (run / "vocab.txt").is_file():
+        raise DataError(f"{run}: not a finished crossret GCKD run (model.pt and vocab.txt are needed)")
+    saved = _read_yaml(run / "config.yaml")
+    model = load_albef_checkpoint(run / "model.pt", AlbefConfig.from_dict(saved["albef"])).model
+    tokenizer = CaptionTokenizer.from_vocab(run / "vocab.txt", max_length=int(saved["run"]["max_tokens"]))
+    dataset = load_person_dataset(None, dataset_dir)
+    view = build_eval_view(dataset, split, max_words=int(saved["run"]["max_words"]))
+    result = evaluate_view(model, tokenizer, view, rerank_k=rerank_k, batch_size=batch_size, device=device)
+    return {"run": str(run), "evaluated_on": f"{dataset.name}:{split}", "evaluation": result}
+
+
+__all__ = ["GckdRunConfig", "build_model", "evaluate_run", "evaluate_view", "resolve_vocab", "run_gckd"]

@@ -1,0 +1,283 @@
+"""Training batches for the GCKD trainer: one :class:`StepBatch` per optimisation step.
+
+A step holds a labelled *source* batch of pairs (identity-balanced: ``p`` ids × ``k`` pairs) and, for
+adaptation, an unlabelled *target* batch of images and captions. Following gckd.md A1 ("unpaired" is
+the default reading) the target images and captions are drawn from two independent shuffled streams,
+so no target image–caption pairing reaches training; ``target_pairing="paired"`` draws target *pairs*
+instead (same row = same pair, still without identities).
+
+Two sources of batches share the interface :class:`TrainingData`:
+
+* :class:`FeatureTrainingData` — precomputed image/text feature matrices (the feature-heads backbone);
+* :class:`PersonTrainingData` — person-retrieval datasets on disk: PIL images through an
+  :class:`~crossret.data.person.ImageTransform` and captions through a tokenizer.
+
+Every epoch's batches are a pure function of ``(seed, epoch)``, so a resumed run sees the same data.
+Target identities never appear in a batch; ``target_truth`` (image ids, caption ids) is kept apart for
+the pseudo-positive precision report only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from crossret.data.person import (
+    HIDDEN_ID,
+    IdentityBalancedBatchSampler,
+    ImageTransform,
+    TrainPairs,
+    _item_rng,
+    load_image,
+)
+from crossret.errors import ConfigError, DataError
+
+TARGET_PAIRINGS = ("unpaired", "paired")
+
+
+class StepBatch(NamedTuple):
+    """One step's inputs. ``*_images``: pixels ``(B, C, H, W)`` or features ``(B, d_img)``;
+    ``*_text``: token ids ``(B, L)`` or features ``(B, d_txt)``; ``*_mask``: ``(B, L)`` or None;
+    ``source_ids (B_s,)`` identities; ``target_*_index``: row indices into the target image / caption
+    lists (for the diagnostic report only). Target fields are None for source-only training."""
+
+    source_images: Tensor
+    source_text: Tensor
+    source_mask: Tensor | None
+    source_ids: Tensor
+    target_images: Tensor | None = None
+    target_text: Tensor | None = None
+    target_mask: Tensor | None = None
+    target_image_index: Tensor | None = None
+    target_text_index: Tensor | None = None
+
+    def to(self, device: torch.device | str) -> StepBatch:
+        return StepBatch(*(None if t is None else t.to(device, non_blocking=True) for t in self))
+
+
+class TrainingData(Protocol):
+    """What the trainer needs from a data source."""
+
+    has_target: bool
+    uses_tokens: bool
+
+    def steps_per_epoch(self) -> int: ...
+
+    def batches(self, epoch: int) -> Iterator[StepBatch]: ...
+
+    def fingerprint(self) -> dict[str, int | str]: ...
+
+    def target_truth(self) -> tuple[np.ndarray, np.ndarray] | None: ...
+
+
+def _check_pairing(pairing: str) -> str:
+    if pairing not in TARGET_PAIRINGS:
+        raise ConfigError(f"target_pairing={pairing!r}; choose one of {', '.join(TARGET_PAIRINGS)}")
+    return pairing
+
+
+def _target_index_streams(n_images: int, n_texts: int, batch: int, steps: int, seed: int, epoch: int,
+                          pairing: str, pair_image: np.ndarray | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Row indices of the target images and captions for ``steps`` steps of one epoch.
+
+    Unpaired: two independent seeded shuffles, cycled (each stream restarts with a new permutation
+    when it runs out). Paired: caption rows are drawn and each caption brings its own image
+    (``pair_image[caption]``)."""
+    rng = np.random.default_rng([seed, 7919, epoch])
+
+    def cycled(n: int) -> Iterator[np.ndarray]:
+        while True:
+            perm = rng.permutation(n)
+            for start in range(0, n - batch + 1, batch):
+                yield perm[start:start + batch]
+
+    texts = cycled(n_texts)
+    if pairing == "paired":
+        assert pair_image is not None
+        text_rows = [next(texts) for _ in range(steps)]
+        return [pair_image[t] for t in text_rows], text_rows
+    images = cycled(n_images)
+    image_rows = [next(images) for _ in range(steps)]
+    return image_rows, [next(texts) for _ in range(steps)]
+
+
+# ---------------------------------------------------------------------------------------------- features
+class FeatureTrainingData:
+    """Batches of precomputed features (the feature-heads backbone).
+
+    ``source_image (N_s, d_img)``, ``source_text (N_s, d_txt)`` row-aligned pairs with ``source_ids
+    (N_s,)``; ``target_image (N_ti, d_img)`` / ``target_text (N_tt, d_txt)`` unlabelled (None for
+    source-only). With ``target_pairing="paired"`` the target rows must be aligned pairs.
+    ``target_truth_ids = (image_ids, text_ids)`` are only used for the training report.
+    """
+
+    uses_tokens = False
+
+    def __init__(self, source_image: np.ndarray, source_text: np.ndarray, source_ids: np.ndarray, *,
+                 target_image: np.ndarray | None = None, target_text: np.ndarray | None = None,
+                 ids_per_batch: int = 8, pairs_per_id: int = 4, target_batch: int = 32, seed: int = 0,
+                 target_pairing: str = "unpaired",
+                 target_truth_ids: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        self.source_image = _as_features(source_image, "source image features")
+        self.source_text = _as_features(source_text, "source text features")
+        self.source_ids = np.asarray(source_ids, dtype=np.int64).reshape(-1)
+        if not (self.source_image.shape[0] == self.source_text.shape[0] == self.source_ids.shape[0]):
+            raise DataError(f"source pairs: {self.source_image.shape[0]} image rows, {self.source_text.shape[0]} "
+                            f"text rows and {self.source_ids.shape[0]} ids must be equal")
+        self.sampler = IdentityBalancedBatchSampler(self.source_ids, ids_per_batch, pairs_per_id, seed)
+        self.seed = int(seed)
+        self.target_pairing = _check_pairing(target_pairing)
+        self.has_target = target_image is not None or target_text is not None
+        self.target_image = self.target_text = None
+        if self.has_target:
+            if target_image is None or target_text is None:
+                raise DataError("adaptation needs both target image and target text features")
+            self.target_image = _as_features(target_image, "target image features")
+            self.target_text = _as_features(target_text, "target text features")
+            for name, arr, src in (("image", self.target_image, self.source_image),
+                                   ("text", self.target_text, self.source_text)):
+                if arr.shape[1] != src.shape[1]:
+                    raise DataError(f"target {name} features have {arr.shape[1]} dims, source {src.shape[1]}")
+            if self.target_pairing == "paired" and self.target_image.shape[0] != self.target_text.shape[0]:
+                raise DataError("target_pairing='paired' needs row-aligned target image and text features")
+            smallest = min(self.target_image.shape[0], self.target_text.shape[0])
+            if target_batch > smallest:
+                raise ConfigError(f"target_batch={target_batch} exceeds the {smallest} target items; lower it")
+        self.target_batch = int(target_batch)
+        self._truth = None if target_truth_ids is None else tuple(np.asarray(t, dtype=np.int64)
+                                                                   for t in target_truth_ids)
+
+    def steps_per_epoch(self) -> int:
+        return len(self.sampler)
+
+    def target_truth(self) -> tuple[np.ndarray, np.ndarray] | None:
+        return self._truth  # type: ignore[return-value]
+
+    def fingerprint(self) -> dict[str, int | str]:
+        return {"kind": "features", "source": int(self.source_ids.shape[0]),
+                "target_images": 0 if self.target_image is None else int(self.target_image.shape[0]),
+                "target_texts": 0 if self.target_text is None else int(self.target_text.shape[0]),
+                "checksum": _checksum(self.source_image, self.source_text, self.target_image, self.target_text)}
+
+    def batches(self, epoch: int) -> Iterator[StepBatch]:
+        source_batches = self.sampler.batches(epoch)
+        if self.has_target:
+            assert self.target_image is not None and self.target_text is not None
+            pair = np.arange(self.target_text.shape[0]) if self.target_pairing == "paired" else None
+            image_rows, text_rows = _target_index_streams(
+                self.target_image.shape[0], self.target_text.shape[0], self.target_batch, len(source_batches),
+                self.seed, epoch, self.target_pairing, pair)
+        for step, rows in enumerate(source_batches):
+            idx = np.asarray(rows)
+            batch = StepBatch(torch.from_numpy(self.source_image[idx]), torch.from_numpy(self.source_text[idx]), None,
+                              torch.from_numpy(self.source_ids[idx]))
+            if self.has_target:
+                ti, tt = image_rows[step], text_rows[step]
+                batch = batch._replace(target_images=torch.from_numpy(self.target_image[ti]),
+                                       target_text=torch.from_numpy(self.target_text[tt]),
+                                       target_image_index=torch.from_numpy(ti), target_text_index=torch.from_numpy(tt))
+            yield batch
+
+
+def _as_features(x: np.ndarray, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise DataError(f"{name}: expected a non-empty (N, d) matrix, got shape {arr.shape}")
+    if arr.dtype.kind not in "fiu":
+        raise DataError(f"{name}: expected numbers, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise DataError(f"{name}: contains NaN or inf")
+    return arr
+
+
+def _checksum(*arrays: np.ndarray | None) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    for a in arrays:
+        if a is not None:
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- person images
+TokenizeFn = Callable[[Sequence[str]], tuple[Tensor, Tensor]]
+
+
+class PersonTrainingData:
+    """Batches from person-retrieval datasets: images loaded and augmented per item, captions tokenised.
+
+    ``source``: labelled :class:`TrainPairs`; ``target``: the target training split (ids are dropped
+    here whatever they hold; ``target.image_person_ids`` / ``person_ids`` are kept aside only as the
+    diagnostic truth). ``tokenize(captions) -> (input_ids (B, L), attention_mask (B, L))``.
+    Images are decoded in the calling process (small synthetic images; for real data use
+    ``num_workers`` > 0 in a DataLoader built from :mod:`crossret.data.person` datasets).
+    """
+
+    uses_tokens = True
+
+    def __init__(self, source: TrainPairs, tokenize: TokenizeFn, transform: ImageTransform, *,
+                 target: TrainPairs | None = None, ids_per_batch: int = 8, pairs_per_id: int = 4,
+                 target_batch: int = 32, seed: int = 0, target_pairing: str = "unpaired") -> None:
+        if source.ids_hidden:
+            raise DataError("the source pairs have no identities; source training needs labelled pairs")
+        self.source = source
+        self.tokenize = tokenize
+        self.transform = transform
+        self.sampler = IdentityBalancedBatchSampler(source.person_ids, ids_per_batch, pairs_per_id, seed)
+        self.seed = int(seed)
+        self.target_pairing = _check_pairing(target_pairing)
+        self.has_target = target is not None
+        self.target_batch = int(target_batch)
+        self._truth: tuple[np.ndarray, np.ndarray] | None = None
+        if target is not None:
+            if not target.ids_hidden:
+                self._truth = (target.image_person_ids.copy(), target.person_ids.copy())
+            self.target = target.without_ids()
+            smallest = min(len(self.target.image_paths), len(self.target))
+            if self.target_batch > smallest:
+                raise ConfigError(f"target_batch={target_batch} exceeds the {smallest} target items; lower it")
+
+    def steps_per_epoch(self) -> int:
+        return len(self.sampler)
+
+    def target_truth(self) -> tuple[np.ndarray, np.ndarray] | None:
+        return self._truth
+
+    def fingerprint(self) -> dict[str, int | str]:
+        return {"kind": "person", "source": self.source.name, "source_pairs": len(self.source),
+                "target": self.target.name if self.has_target else "", "target_pairs": len(self.target)
+                if self.has_target else 0}
+
+    def _images(self, paths: Sequence[str], index: np.ndarray, epoch: int, salt: int) -> Tensor:
+        # Augmentation keyed by (seed, epoch, row): reproducible whatever the batch composition.
+        return torch.stack([self.transform(load_image(paths[i]), _item_rng(self.seed + salt, epoch, int(i)))
+                            for i in index])
+
+    def batches(self, epoch: int) -> Iterator[StepBatch]:
+        source_batches = self.sampler.batches(epoch)
+        if self.has_target:
+            pair = self.target.image_index if self.target_pairing == "paired" else None
+            image_rows, text_rows = _target_index_streams(
+                len(self.target.image_paths), len(self.target), self.target_batch, len(source_batches),
+                self.seed, epoch, self.target_pairing, pair)
+        for step, rows in enumerate(source_batches):
+            idx = np.asarray(rows)
+            images = self._images(self.source.image_paths, self.source.image_index[idx], epoch, 0)
+            ids, mask = self.tokenize([self.source.captions[i] for i in idx])
+            batch = StepBatch(images, ids, mask, torch.from_numpy(self.source.person_ids[idx]))
+            if self.has_target:
+                ti, tt = image_rows[step], text_rows[step]
+                t_ids, t_mask = self.tokenize([self.target.captions[i] for i in tt])
+                batch = batch._replace(target_images=self._images(self.target.image_paths, ti, epoch, 1),
+                                       target_text=t_ids, target_mask=t_mask,
+                                       target_image_index=torch.from_numpy(ti), target_text_index=torch.from_numpy(tt))
+            yield batch
+
+
+__all__ = ["HIDDEN_ID", "TARGET_PAIRINGS", "FeatureTrainingData", "PersonTrainingData", "StepBatch", "TrainingData"]

@@ -1,4 +1,5 @@
-"""Text-to-image person retrieval (GCKD): the ALBEF-style backbone, checkpoints and feature heads.
+"""Text-to-image person retrieval (GCKD): the ALBEF-style backbone, checkpoints, feature heads, the GCKD
+trainer, evaluation and end-to-end runs (docs/gckd.md).
 
 Names are imported lazily so that ``import crossret.textimage`` imports neither torch nor transformers.
 """
@@ -24,6 +25,18 @@ _EXPORTS = {
     "FeatureHeadsConfig": "crossret.textimage.feature_heads",
     "FeatureHeadsFeatures": "crossret.textimage.feature_heads",
     "FeatureHeadsModel": "crossret.textimage.feature_heads",
+    "GckdConfig": "crossret.textimage.gckd",
+    "GckdTrainer": "crossret.textimage.gckd",
+    "FeatureTrainingData": "crossret.textimage.streams",
+    "PersonTrainingData": "crossret.textimage.streams",
+    "StepBatch": "crossret.textimage.streams",
+    "CaptionTokenizer": "crossret.textimage.tokenize",
+    "mask_tokens": "crossret.textimage.tokenize",
+    "train_wordpiece_vocab": "crossret.textimage.tokenize",
+    "evaluate_model": "crossret.textimage.evaluate",
+    "GckdRunConfig": "crossret.textimage.pipeline",
+    "evaluate_run": "crossret.textimage.pipeline",
+    "run_gckd": "crossret.textimage.pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

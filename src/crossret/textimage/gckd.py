@@ -99,6 +99,7 @@ class GckdConfig:
     delta: float = 0.5  # threshold on the teacher's t2i probability (or cosine, delta_on="cosine")
     delta_on: str = "probability"
     kd_min_confidence: float | None = None  # optional row mask of the KD targets
+    teacher_temp: float | None = None  # τ_p of the KD targets; None: the student's τ (gckd.md §2.3)
     # loss weights (A9: all 1)
     itc_weight: float = 1.0
     itm_weight: float = 1.0
@@ -159,6 +160,8 @@ class GckdConfig:
             raise bad("gnn_dropout", "must be < 1")
         if self.kd_min_confidence is not None and not 0.0 <= number("kd_min_confidence") <= 1.0:
             raise bad("kd_min_confidence", "must be null or a probability in [0, 1]")
+        if self.teacher_temp is not None and not 0.0 < number("teacher_temp") <= 10.0:
+            raise bad("teacher_temp", "must be null or in (0, 10]")
         if self.gnn not in ("gcn", "sage"):
             raise bad("gnn", "must be 'gcn' or 'sage'")
         if not isinstance(self.use_gnn, bool):
@@ -371,8 +374,8 @@ class GckdTrainer:
         # -- CMKD: pseudo similarity targets from the (propagated) teacher, student vs teacher candidates
         with torch.no_grad():
             q_i2t, q_t2i = momentum_similarity_targets(
-                zt_vt, zt_tt, temp, text_candidates=torch.cat([zt_tt, zt_bank_tt]),
-                image_candidates=torch.cat([zt_vt, zt_bank_vt]))
+                zt_vt, zt_tt, temp if c.teacher_temp is None else c.teacher_temp,
+                text_candidates=torch.cat([zt_tt, zt_bank_tt]), image_candidates=torch.cat([zt_vt, zt_bank_vt]))
             if c.target_pairing == "paired":  # pair prior q = β·P' + (1 − β)·onehot(pair), β = α (§2.3)
                 eye = torch.zeros_like(q_i2t)
                 eye[torch.arange(b_t), torch.arange(b_t)] = 1.0

@@ -1,0 +1,326 @@
+"""GCKD against source-only training and each GCKD module switched off, on two benchmarks.
+
+    python benchmarks/gckd.py --data-dir ../shared/data [--parts wiki synth] [--seeds 0 1 2] [--jobs 2]
+
+* ``wiki`` — **real features**: the Wikipedia image–text set (Rasiwasia et al. 2010; 128-d image,
+  100-d text features) with the *feature-heads* backbone as a cross-category transfer: source = the
+  training pairs of categories 0–4 with labels, target = the training pairs of categories 5–9 without
+  labels; evaluation = text→image retrieval over the target *test* pairs (relevant = same category).
+* ``synth`` — **synthetic cross-dataset person retrieval**: datasets generated in the three real
+  annotation formats (``crossret gckd synth``; a different rendering and caption style per dataset),
+  the tiny ALBEF backbone on pixels and WordPiece tokens, all six source→target settings; evaluation =
+  text→image over the target test split (relevant = same identity).
+
+Protocol (both): per (source, seed) a model is first trained on the source only (``pretrain_epochs``);
+from that same model every variant then trains ``adapt_epochs`` more epochs:
+
+* ``source-only``  — the source losses only (ITC + MD, ITM, MLM): same schedule, no target term;
+* ``gckd``         — the full method (defaults of :class:`crossret.textimage.gckd.GckdConfig`);
+* ``no-gmp``       — no graph propagation (KD targets from raw teacher features, no propagated ITC);
+* ``no-cmkd``      — no contrastive KD on the target (``kd_weight=0``);
+* ``no-cd-itm``    — no cross-domain ITM (``cd_itm_weight=0``);
+* ``no-memory``    — no memory banks (graph and candidates from the batch only).
+
+Every variant is evaluated once at its last epoch: no model selection, no target label in any choice.
+Runs are appended to ``results/gckd_runs.jsonl`` as they finish (an interrupted benchmark resumes);
+tables (mean ± std over seeds) go to ``results/gckd.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from crossret._io import write_json_atomic, write_text_atomic
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS: dict[str, dict[str, Any] | None] = {
+    "source-only": None,  # GckdConfig.source_only
+    "gckd": {},
+    "no-gmp": {"use_gnn": False, "prop_weight": 0.0},
+    "no-cmkd": {"kd_weight": 0.0},
+    "no-cd-itm": {"cd_itm_weight": 0.0},
+    "no-memory": {"memory_size": 0},
+}
+SETTINGS = ("C->I", "C->R", "I->C", "I->R", "R->C", "R->I")
+DATASET = {"C": "cuhk-pedes", "I": "icfg-pedes", "R": "rstpreid"}
+DIRS = {"C": "CUHK-PEDES", "I": "ICFG-PEDES", "R": "RSTPReid"}
+
+# Fixed before any run (no tuning on target test labels). Wikipedia: heads trained from scratch, so a
+# larger learning rate than RaSa's 1e-5 fine-tuning rate; memory ≈ the target training size (1,053).
+WIKI = {"pretrain_epochs": 20, "adapt_epochs": 10,
+        "train": {"lr": 1e-3, "head_lr": 1e-3, "ids_per_batch": 5, "pairs_per_id": 8, "target_batch": 40,
+                  "memory_size": 1024}}
+# Synthetic: a small ALBEF (width 64) trained from scratch on 48×24 images.
+SYNTH = {"pretrain_epochs": 12, "adapt_epochs": 4, "train_ids": 100, "test_ids": 30, "images_per_id": 4,
+         "vocab_size": 400,
+         "model": {"image_size": [48, 24], "vision_width": 64, "vision_heads": 4, "text_width": 64,
+                   "text_heads": 4, "text_intermediate": 128, "text_layers": 2, "embed_dim": 32},
+         "train": {"lr": 1e-3, "head_lr": 1e-3, "ids_per_batch": 8, "pairs_per_id": 2, "target_batch": 16,
+                   "memory_size": 512, "alpha": 0.0}}
+
+
+def _variant_config(name: str, base: dict[str, Any], epochs: int) -> Any:
+    from crossret.textimage.gckd import GckdConfig
+
+    values = {**base, "epochs": epochs}
+    change = VARIANTS[name]
+    return GckdConfig.source_only(**values) if change is None else GckdConfig.from_dict({**values, **change})
+
+
+def _metrics_row(evaluation: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for ranking in ("itc", "itm"):
+        if evaluation.get(ranking):
+            out[ranking] = {k: evaluation[ranking][k] for k in ("rank1", "rank5", "rank10", "map", "minp")}
+    return out
+
+
+def _record(job: dict[str, Any], row: dict[str, Any]) -> None:
+    """Append one finished run to the runs file at once (a single short ``write`` in append mode, so
+    parallel workers do not interleave lines), so that an interrupted benchmark keeps every run done."""
+    with open(job["runs_path"], "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+    itc = row["itc"]
+    print(f"{row['setting']:16s} {row['variant']:12s} seed {row['seed']}: ITC mAP {100 * itc['map']:6.2f} "
+          f"R@1 {100 * itc['rank1']:6.2f} ({row['train_seconds']:.0f}s)", file=sys.stderr, flush=True)
+
+
+def _host() -> dict[str, Any]:
+    import torch
+
+    return {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
+# ---------------------------------------------------------------------------------------------- wiki
+def run_wiki(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Pre-train on the source categories, then every requested variant from that model."""
+    import numpy as np
+    import torch
+
+    from crossret.data.crossmodal import category_transfer_split, load_wikipedia
+    from crossret.textimage.evaluate import evaluate_model
+    from crossret.textimage.feature_heads import FeatureHeadsConfig, FeatureHeadsModel
+    from crossret.textimage.gckd import GckdConfig, GckdTrainer
+    from crossret.textimage.streams import FeatureTrainingData
+
+    torch.set_num_threads(1)
+    seed = job["seed"]
+    split = category_transfer_split(*load_wikipedia(job["data_dir"]), source_classes=(0, 1, 2, 3, 4))
+    source, target, test = split["source_train"], split["target_train"], split["target_test"]
+    # z-score with the source statistics only
+    stats = {m: (getattr(source, m).mean(0), getattr(source, m).std(0) + 1e-6) for m in ("image", "text")}
+
+    def z(s: Any, m: str) -> np.ndarray:
+        return ((getattr(s, m) - stats[m][0]) / stats[m][1]).astype(np.float32)
+
+    base = {**WIKI["train"], "seed": seed}
+    data = FeatureTrainingData(z(source, "image"), z(source, "text"), source.labels, target_image=z(target, "image"),
+                               target_text=z(target, "text"), ids_per_batch=base["ids_per_batch"],
+                               pairs_per_id=base["pairs_per_id"], target_batch=base["target_batch"], seed=seed,
+                               target_truth_ids=(target.labels, target.labels))
+    torch.manual_seed(seed)
+    model = FeatureHeadsModel(FeatureHeadsConfig(image_dim=source.image_dim, text_dim=source.text_dim))
+    GckdTrainer(model, GckdConfig.source_only(**{**base, "epochs": WIKI["pretrain_epochs"]})).fit(data)
+
+    def evaluate(m: Any) -> dict[str, Any]:
+        return evaluate_model(m, [torch.from_numpy(z(test, "image"))], [(torch.from_numpy(z(test, "text")), None)],
+                              test.labels, test.labels, rerank_k=128)
+
+    rows = []
+    for variant in job["variants"]:
+        student = copy.deepcopy(model)
+        config = _variant_config(variant, base, WIKI["adapt_epochs"])
+        started = time.perf_counter()
+        result = GckdTrainer(student, config).fit(data)
+        last = result.history[-1]
+        rows.append({"part": "wiki", "setting": "wiki 0-4 -> 5-9", "variant": variant, "seed": seed,
+                     **_metrics_row(evaluate(student)), "train_seconds": time.perf_counter() - started,
+                     "pseudo_pairs_per_step": last.get("pseudo_pairs"),
+                     "pseudo_pair_precision": last.get("pseudo_pair_precision"),
+                     "config": config.to_dict(), "pretrain_epochs": WIKI["pretrain_epochs"], "host": _host()})
+        _record(job, rows[-1])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- synth
+def run_synth(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """One (source, seed): generate the datasets, pre-train on the source, adapt to both other datasets."""
+    import torch
+
+    from crossret.data.synthetic_person import generate_person_datasets
+    from crossret.textimage.pipeline import GckdRunConfig, run_gckd
+
+    torch.set_num_threads(1)
+    seed, source = job["seed"], job["source"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="crossret-gckd-bench-") as tmp:
+        root = Path(tmp)
+        generate_person_datasets(root / "data", n_train_ids=SYNTH["train_ids"], n_test_ids=SYNTH["test_ids"],
+                                 images_per_id=SYNTH["images_per_id"], seed=seed)
+        common = {"source_dir": str(root / "data" / DIRS[source]), "model": "tiny", "model_overrides": SYNTH["model"],
+                  "vocab_size": SYNTH["vocab_size"], "rerank_k": 32}
+        # The vocabulary is trained on every dataset's training captions (unlabelled text), so that one
+        # pre-trained model serves both targets.
+        from crossret.data.synthetic_person import write_wordpiece_corpus
+        from crossret.textimage.tokenize import train_wordpiece_vocab
+
+        corpus = write_wordpiece_corpus([root / "data" / d for d in DIRS.values()], root / "corpus.txt")
+        vocab = train_wordpiece_vocab(corpus, root / "vocab.txt", vocab_size=SYNTH["vocab_size"])
+        pre = root / "pretrain"
+        run_gckd(GckdRunConfig(stage="pretrain", vocab=str(vocab), rerank_k=0,
+                               train={**SYNTH["train"], "seed": seed, "epochs": SYNTH["pretrain_epochs"]},
+                               **{k: v for k, v in common.items() if k != "rerank_k"}), pre)
+        done = {tuple(key) for key in job.get("done", [])}
+        for target in job["targets"]:
+            for variant in job["variants"]:
+                if (f"{source}->{target}", variant) in done:
+                    continue
+                change = VARIANTS[variant]
+                train = {**SYNTH["train"], "seed": seed, "epochs": SYNTH["adapt_epochs"], **(change or {})}
+                if change is None:
+                    train.update(prop_weight=0.0, kd_weight=0.0, cd_itm_weight=0.0)
+                started = time.perf_counter()
+                metrics = run_gckd(GckdRunConfig(stage="adapt", target_dir=str(root / "data" / DIRS[target]),
+                                                 init=str(pre), train=train, **common),
+                                   root / f"{target}-{variant}")
+                last = metrics["history"][-1]
+                rows.append({"part": "synth", "setting": f"{source}->{target}", "variant": variant, "seed": seed,
+                             **_metrics_row(metrics["evaluation"]), "train_seconds": time.perf_counter() - started,
+                             "pseudo_pairs_per_step": last.get("pseudo_pairs"),
+                             "pseudo_pair_precision": last.get("pseudo_pair_precision"),
+                             "config": metrics["train_config"], "pretrain_epochs": SYNTH["pretrain_epochs"],
+                             "synthetic": {k: SYNTH[k] for k in ("train_ids", "test_ids", "images_per_id")},
+                             "host": _host()})
+                _record(job, rows[-1])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["part"], row["setting"], row["variant"]), []).append(row)
+    out = []
+    for (part, setting, variant), group in sorted(groups.items()):
+        entry: dict[str, Any] = {"part": part, "setting": setting, "variant": variant,
+                                 "seeds": sorted(r["seed"] for r in group)}
+        for ranking in ("itc", "itm"):
+            for metric in ("rank1", "map", "minp"):
+                values = [r[ranking][metric] for r in group if ranking in r]
+                if values:
+                    entry[f"{ranking}_{metric}_mean"] = statistics.mean(values)
+                    entry[f"{ranking}_{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        precision = [r["pseudo_pair_precision"] for r in group if r.get("pseudo_pair_precision") is not None]
+        entry["pseudo_pair_precision_mean"] = statistics.mean(precision) if precision else None
+        entry["pseudo_pairs_per_step_mean"] = statistics.mean(r.get("pseudo_pairs_per_step") or 0.0 for r in group)
+        out.append(entry)
+    return out
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    summary = summarise(rows)
+    lines = ["# GCKD: text→image retrieval on the target (%)", "",
+             "Mean ± std over seeds; every variant continues from the same source-pretrained model for the same "
+             "number of epochs and is evaluated once at its last epoch. ITC = cosine ranking; ITM = top-k "
+             "re-ranked by the ITM head (k = 128 wiki, 32 synth). Written by `benchmarks/gckd.py`.", ""]
+    for part, title in (("wiki", "Real features: Wikipedia, categories 0-4 (labelled) → 5-9 (unlabelled)"),
+                        ("synth", "Synthetic cross-dataset person retrieval (tiny ALBEF, pixels + tokens)")):
+        entries = [e for e in summary if e["part"] == part]
+        if not entries:
+            continue
+        lines += [f"## {title}", "",
+                  "| setting | variant | ITC mAP | ITC R@1 | ITC mINP | ITM mAP | ITM R@1 | pseudo-pairs/step | "
+                  "pseudo-pair precision | seeds |", "|---|---|" + "---:|" * 8]
+        for e in sorted(entries, key=lambda e: (e["setting"], list(VARIANTS).index(e["variant"]))):
+            def cell(key: str, e: dict[str, Any] = e) -> str:
+                return (f"{100 * e[key + '_mean']:.2f} ± {100 * e[key + '_std']:.2f}" if key + "_mean" in e else "-")
+            prec = e["pseudo_pair_precision_mean"]
+            name = f"**{e['variant']}**" if e["variant"] == "gckd" else e["variant"]
+            lines.append(f"| {e['setting']} | {name} | {cell('itc_map')} | {cell('itc_rank1')} | {cell('itc_minp')} | "
+                         f"{cell('itm_map')} | {cell('itm_rank1')} | {e['pseudo_pairs_per_step_mean']:.2f} | "
+                         f"{'-' if prec is None else f'{100 * prec:.1f}'} | {len(e['seeds'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _read_runs(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by an interruption: that run is redone
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=None, help="benchmark data directory (default $CROSSRET_DATA)")
+    parser.add_argument("--parts", nargs="+", default=["wiki", "synth"], choices=("wiki", "synth"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes (1 torch thread each)")
+    parser.add_argument("--out", default=str(RESULTS / "gckd"), help="output path without extension")
+    parser.add_argument("--tables-only", action="store_true", help="only rewrite the tables from the runs file")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out)
+    runs_path = out.parent / f"{out.name}_runs.jsonl"
+    rows = _read_runs(runs_path)
+    started = time.time()
+    if not args.tables_only:
+        from crossret.data import resolve_data_dir
+
+        done = {(r["part"], r["setting"], r["variant"], r["seed"]) for r in rows}
+        jobs: list[tuple[Any, dict[str, Any]]] = []
+        for seed in args.seeds:
+            if "wiki" in args.parts:
+                todo = [v for v in args.variants if ("wiki", "wiki 0-4 -> 5-9", v, seed) not in done]
+                if todo:
+                    jobs.append((run_wiki, {"seed": seed, "variants": todo,
+                                            "data_dir": str(resolve_data_dir(args.data_dir))}))
+            if "synth" in args.parts:
+                for source in "CIR":
+                    targets = [s[-1] for s in args.settings if s[0] == source
+                               and any(("synth", s, v, seed) not in done for v in args.variants)]
+                    if targets:
+                        jobs.append((run_synth, {"seed": seed, "source": source, "targets": targets,
+                                                 "variants": [v for v in args.variants if any(
+                                                     ("synth", f"{source}->{t}", v, seed) not in done
+                                                     for t in targets)],
+                                                 "done": [[r[1], r[2]] for r in done
+                                                          if r[0] == "synth" and r[3] == seed]}))
+        for _, job in jobs:
+            job["runs_path"] = str(runs_path)
+        print(f"{len(jobs)} jobs to do ({len(rows)} runs already recorded in {runs_path})", file=sys.stderr)
+        with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = [pool.submit(fn, job) for fn, job in jobs]
+            for future in as_completed(futures):
+                future.result()  # rows are in the runs file already; this re-raises a worker's error
+        rows = _read_runs(runs_path)
+    payload = {"script": "benchmarks/gckd.py", "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "wall_seconds_this_invocation": round(time.time() - started, 1), "variants": VARIANTS,
+               "wiki_protocol": WIKI, "synth_protocol": SYNTH, "summary": summarise(rows), "rows": rows}
+    write_json_atomic(out.with_suffix(".json"), payload)
+    write_text_atomic(out.with_suffix(".md"), markdown(rows))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -131,7 +131,7 @@ def test_knn_graph_exact(n: int, k: int, chunk: int) -> None:
 
 def test_gnn_shapes_norm_grad_and_determinism() -> None:
     torch.manual_seed(0)
-    gnn = GraphPropagation(16, k=4, conv="gcn").eval()
+    gnn = GraphPropagation(16, k=4, conv="gcn", zero_init=False).eval()
     batch = _unit(6, 16, 1).requires_grad_(True)
     bank = _unit(20, 16, 2).requires_grad_(True)
     z = gnn(batch, bank)
@@ -144,8 +144,21 @@ def test_gnn_shapes_norm_grad_and_determinism() -> None:
     # Residual + propagation: output differs from the input but stays close at init.
     assert not torch.allclose(z.detach(), batch.detach())
     torch.manual_seed(0)
-    gnn2 = GraphPropagation(16, k=4, conv="gcn").eval()
+    gnn2 = GraphPropagation(16, k=4, conv="gcn", zero_init=False).eval()
     torch.testing.assert_close(gnn2(batch.detach(), bank.detach()), z.detach())
+
+
+@pytest.mark.parametrize("conv", ["gcn", "sage"])
+def test_gnn_zero_init_starts_as_the_identity_and_still_learns(conv: str) -> None:
+    torch.manual_seed(0)
+    gnn = GraphPropagation(16, k=4, conv=conv).eval()  # zero_init is the default
+    batch = _unit(6, 16, 1).requires_grad_(True)
+    bank = _unit(20, 16, 2)
+    z = gnn(batch, bank)
+    torch.testing.assert_close(z, batch.detach())  # norm(X + 0) = X for unit rows
+    z.pow(3).sum().backward()
+    # the zeroed second layer gets a gradient (its input is non-zero), so training moves it
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gnn.conv2.parameters() if p.ndim > 1)
 
 
 def test_gnn_sage_and_node_types() -> None:

@@ -94,3 +94,20 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):  # NaN and inf are not valid JSON
         return None
     return obj
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
+    """A YAML file that must hold a mapping (a run's ``config.yaml``); clear :class:`FileFormatError`
+    naming the file when it cannot be read, parsed, or is not a mapping."""
+    import yaml
+
+    from crossret.errors import FileFormatError
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise FileFormatError(f"{path}: cannot read {what} ({exc})") from exc
+    if not isinstance(data, dict):
+        raise FileFormatError(f"{path}: not a {what} (expected a mapping)")
+    return data

@@ -31,7 +31,7 @@ import numpy as np
 import yaml
 
 from crossret._config import reject_unknown_keys
-from crossret._io import save_npy_atomic, write_json_atomic, write_yaml_atomic
+from crossret._io import read_yaml_mapping, save_npy_atomic, write_json_atomic, write_yaml_atomic
 from crossret.data.domain import RetrievalSplit
 from crossret.errors import ConfigError, DataError, FileFormatError
 from crossret.hashing.base import HashMethod, make_method
@@ -100,12 +100,7 @@ class RunConfig:
     def from_yaml(cls, path: str | Path) -> RunConfig:
         """Load a ``config.yaml`` written by a run (unknown keys are an error)."""
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise FileFormatError(f"{path}: cannot read run config ({exc})") from exc
-        if not isinstance(raw, dict):
-            raise FileFormatError(f"{path}: not a run config (expected a mapping)")
+        raw = read_yaml_mapping(path, "run config")
         raw = dict(raw.get("run", raw))
         raw.pop("resolved_method_config", None)
         reject_unknown_keys(cls, raw, f"{path}: run config")
@@ -222,7 +217,7 @@ def run_experiment(
     if run_dir is not None and hasattr(method, "checkpoint_dir"):
         method.checkpoint_dir = run_dir / "checkpoints"
         method.resume = resume
-    handler = _attach_log(run_dir) if run_dir else None
+    handler = attach_run_log(run_dir) if run_dir else None
     try:
         if run_dir:
             write_yaml_atomic(run_dir / "config.yaml", _resolved_config(config, method))
@@ -354,7 +349,7 @@ def _prepare_run_dir(run_dir: Path, keep_checkpoints: bool = False) -> Path:
     return run_dir
 
 
-def _attach_log(run_dir: Path) -> logging.Handler:
+def attach_run_log(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "run.log", mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root = logging.getLogger("crossret")

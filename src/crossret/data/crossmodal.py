@@ -48,7 +48,7 @@ from typing import Any, Literal
 import numpy as np
 
 from crossret.data.benchmarks import DATA_ENV, resolve_data_dir
-from crossret.data.domain import UNKNOWN_LABEL, Domain
+from crossret.data.domain import Domain, check_features, check_labels
 from crossret.data.readers import _corrupt, _sniff
 from crossret.errors import DataError
 
@@ -99,15 +99,15 @@ class CrossModalSet:
 
     def __post_init__(self) -> None:
         where = self.origin or self.name
-        image = _feature_matrix(where, "image", self.image)
-        text = _feature_matrix(where, "text", self.text)
+        image = check_features(self.image, where, "image", "pair")
+        text = check_features(self.text, where, "text", "pair")
         if image.shape[0] != text.shape[0]:
             raise DataError(
                 f"{where}: {image.shape[0]} image rows but {text.shape[0]} text rows; the rows must be "
                 "aligned pairs (row i of image and row i of text describe the same item)"
             )
         n = image.shape[0]
-        labels = _label_vector(where, self.labels, n)
+        labels = check_labels(self.labels, where, n, "pair")
         object.__setattr__(self, "image", image)
         object.__setattr__(self, "text", text)
         object.__setattr__(self, "labels", labels)
@@ -511,47 +511,3 @@ def _split_indices(path: Path, key: str, value: Any, n: int) -> np.ndarray:
             f"{repeated[:5].tolist()}{' ...' if repeated.size > 5 else ''}; each pair may appear once"
         )
     return indices - 1
-
-
-def _feature_matrix(where: str, what: str, value: Any) -> np.ndarray:
-    """Validated float32 ``(N, d)`` features (same rules as :class:`~crossret.data.domain.Domain`)."""
-    array = np.asarray(value)
-    if array.dtype.kind not in "fiub":
-        raise DataError(f"{where}: {what} features must be numeric, got dtype {array.dtype}")
-    if array.ndim != 2:
-        raise DataError(f"{where}: {what} features must be a 2-D array (pairs x dims), got shape {array.shape}")
-    if array.shape[0] == 0:
-        raise DataError(f"{where}: the set is empty (0 pairs)")
-    if array.shape[1] == 0:
-        raise DataError(f"{where}: {what} features have 0 dimensions")
-    if array.dtype.kind == "f" and array.dtype.itemsize > 4:
-        limit = np.finfo(np.float32).max
-        too_big = np.isfinite(array) & (np.abs(array) > limit)
-        if too_big.any():
-            raise DataError(
-                f"{where}: {what} features have values beyond the float32 range (|x| > {limit:.3g}) in "
-                f"{int(too_big.any(axis=1).sum())} pair(s); rescale the features"
-            )
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    if not np.isfinite(array).all():
-        bad = int((~np.isfinite(array)).any(axis=1).sum())
-        raise DataError(f"{where}: {bad} pair(s) have NaN or inf {what} features; clean or drop them before use")
-    return array
-
-
-def _label_vector(where: str, value: Any, n: int) -> np.ndarray:
-    labels = np.asarray(value)
-    labels = labels.reshape(-1) if labels.ndim == 2 and 1 in labels.shape else labels
-    if labels.ndim != 1:
-        raise DataError(f"{where}: labels must be 1-D (or N x 1 / 1 x N), got shape {np.shape(value)}")
-    if labels.shape[0] != n:
-        raise DataError(f"{where}: {labels.shape[0]} labels for {n} pairs; there must be exactly one label per pair")
-    if labels.dtype.kind == "f":
-        if not np.isfinite(labels).all() or not np.all(labels == np.round(labels)):
-            raise DataError(f"{where}: labels must be integers, found non-integer or NaN values")
-    elif labels.dtype.kind not in "iub":
-        raise DataError(f"{where}: labels must be integers, got dtype {labels.dtype}")
-    labels = labels.astype(np.int64)
-    if (labels < UNKNOWN_LABEL).any():
-        raise DataError(f"{where}: labels must be >= 0 (or -1 for unknown), found {int(labels.min())}")
-    return np.ascontiguousarray(labels)

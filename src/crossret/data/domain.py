@@ -20,6 +20,53 @@ from crossret.errors import DataError
 UNKNOWN_LABEL = -1
 
 
+def check_features(value: Any, where: str, what: str = "", unit: str = "sample") -> np.ndarray:
+    """Validated float32 C-contiguous ``(N, d)`` features: numeric, 2-D, non-empty, within the float32
+    range (a larger finite value would silently become inf) and finite. ``what`` prefixes the noun in
+    messages (``"image"`` → "image features"); ``unit`` names a row ("sample", "pair")."""
+    noun = f"{what} features" if what else "features"
+    array = np.asarray(value)
+    if array.ndim != 2:
+        raise DataError(f"{where}: {noun} must be a 2-D array ({unit}s x dims), got shape {array.shape}")
+    if array.shape[0] == 0:
+        raise DataError(f"{where}: the {'domain' if unit == 'sample' else 'set'} is empty (0 {unit}s)")
+    if array.shape[1] == 0:
+        raise DataError(f"{where}: {noun} have 0 dimensions")
+    if array.dtype.kind not in "fiub":
+        raise DataError(f"{where}: {noun} must be numeric, got dtype {array.dtype}")
+    if array.dtype.kind == "f" and array.dtype.itemsize > 4:
+        limit = np.finfo(np.float32).max
+        too_big = np.isfinite(array) & (np.abs(array) > limit)
+        if too_big.any():
+            raise DataError(f"{where}: {noun} have values beyond the float32 range (|x| > {limit:.3g}) in "
+                            f"{int(too_big.any(axis=1).sum())} {unit}(s); rescale the features")
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).any(axis=1).sum())
+        raise DataError(f"{where}: {bad} {unit}(s) have NaN or inf {noun}; clean or drop them before use")
+    return array
+
+
+def check_labels(value: Any, where: str, n: int, unit: str = "sample") -> np.ndarray:
+    """Validated int64 ``(n,)`` labels (``N×1`` / ``1×N`` accepted): integers, ``>= 0`` or -1 (unknown)."""
+    labels = np.asarray(value)
+    labels = labels.reshape(-1) if labels.ndim == 2 and 1 in labels.shape else labels
+    if labels.ndim != 1:
+        raise DataError(f"{where}: labels must be 1-D (or N x 1 / 1 x N), got shape {np.shape(value)}")
+    if labels.shape[0] != n:
+        raise DataError(f"{where}: {labels.shape[0]} labels for {n} {unit}s; there must be exactly one label per "
+                        f"{unit}")
+    if labels.dtype.kind == "f":
+        if not np.isfinite(labels).all() or not np.all(labels == np.round(labels)):
+            raise DataError(f"{where}: labels must be integers, found non-integer or NaN values")
+    elif labels.dtype.kind not in "iub":
+        raise DataError(f"{where}: labels must be integers, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64)
+    if (labels < UNKNOWN_LABEL).any():
+        raise DataError(f"{where}: labels must be >= 0 (or -1 for unknown), found {int(labels.min())}")
+    return np.ascontiguousarray(labels)
+
+
 @dataclass(frozen=True, eq=False)
 class Domain:
     """A collection of items: ``features`` float32 ``(N, d)``, ``labels`` int64 ``(N,)`` (-1 = unknown).
@@ -34,49 +81,10 @@ class Domain:
 
     def __post_init__(self) -> None:
         where = self.origin or self.name
-        features = np.asarray(self.features)
-        labels = np.asarray(self.labels)
-        if features.ndim != 2:
-            raise DataError(f"{where}: features must be a 2-D array (samples x dims), got shape {features.shape}")
-        if features.shape[0] == 0:
-            raise DataError(f"{where}: the domain is empty (0 samples)")
-        if features.shape[1] == 0:
-            raise DataError(f"{where}: features have 0 dimensions")
-        if features.dtype.kind not in "fiub":
-            raise DataError(f"{where}: features must be numeric, got dtype {features.dtype}")
-        if features.dtype.kind == "f" and features.dtype.itemsize > 4:
-            # Finite values too large for float32 would silently become inf; say so instead.
-            limit = np.finfo(np.float32).max
-            too_big = np.isfinite(features) & (np.abs(features) > limit)
-            if too_big.any():
-                raise DataError(
-                    f"{where}: features have values beyond the float32 range (|x| > {limit:.3g}) in "
-                    f"{int(too_big.any(axis=1).sum())} sample(s); rescale the features"
-                )
-        features = np.ascontiguousarray(features, dtype=np.float32)
-        if not np.isfinite(features).all():
-            bad = int((~np.isfinite(features)).any(axis=1).sum())
-            raise DataError(
-                f"{where}: {bad} sample(s) have NaN or inf features; clean or drop them before use"
-            )
-        labels = labels.reshape(-1) if labels.ndim == 2 and 1 in labels.shape else labels
-        if labels.ndim != 1:
-            raise DataError(f"{where}: labels must be 1-D (or N x 1 / 1 x N), got shape {np.shape(self.labels)}")
-        if labels.shape[0] != features.shape[0]:
-            raise DataError(
-                f"{where}: {labels.shape[0]} labels for {features.shape[0]} samples; "
-                "there must be exactly one label per sample"
-            )
-        if labels.dtype.kind == "f":
-            if not np.isfinite(labels).all() or not np.all(labels == np.round(labels)):
-                raise DataError(f"{where}: labels must be integers, found non-integer or NaN values")
-        elif labels.dtype.kind not in "iub":
-            raise DataError(f"{where}: labels must be integers, got dtype {labels.dtype}")
-        labels = labels.astype(np.int64)
-        if (labels < UNKNOWN_LABEL).any():
-            raise DataError(f"{where}: labels must be >= 0 (or -1 for unknown), found {int(labels.min())}")
+        features = check_features(self.features, where)
+        labels = check_labels(self.labels, where, features.shape[0])
         object.__setattr__(self, "features", features)
-        object.__setattr__(self, "labels", np.ascontiguousarray(labels))
+        object.__setattr__(self, "labels", labels)
 
     # ------------------------------------------------------------------ properties
     @property

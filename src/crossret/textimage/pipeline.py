@@ -28,10 +28,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from crossret._config import reject_unknown_keys
-from crossret._io import write_json_atomic, write_yaml_atomic
+from crossret._io import read_yaml_mapping, write_json_atomic, write_yaml_atomic
 from crossret.data.person import (
     EvalView,
     ImageTransform,
@@ -40,7 +39,8 @@ from crossret.data.person import (
     load_image,
     load_person_dataset,
 )
-from crossret.errors import ConfigError, DataError, FileFormatError
+from crossret.errors import ConfigError, DataError
+from crossret.experiment import attach_run_log
 from crossret.textimage.albef import AlbefConfig, AlbefModel
 from crossret.textimage.checkpoint import load_albef_checkpoint, save_albef_checkpoint
 from crossret.textimage.gckd import GckdConfig, GckdTrainer
@@ -128,8 +128,8 @@ def build_model(config: GckdRunConfig, vocab_size: int | None = None) -> tuple[A
     preset's ``max_position`` grows to ``max_tokens`` when needed."""
     init_run = _init_run_dir(config.init)
     if init_run is not None:
-        loaded = load_albef_checkpoint(init_run / "model.pt", AlbefConfig.from_dict(_read_yaml(init_run / "config.yaml")
-                                                                                   ["albef"]))
+        saved = read_yaml_mapping(init_run / "config.yaml", "run config")
+        loaded = load_albef_checkpoint(init_run / "model.pt", AlbefConfig.from_dict(saved["albef"]))
         return loaded.model, {"init": str(init_run), "kind": "run"}
     preset = AlbefConfig.tiny if config.model == "tiny" else AlbefConfig.base
     overrides = dict(config.model_overrides)
@@ -160,16 +160,6 @@ def resolve_vocab(config: GckdRunConfig, run_dir: Path) -> Path:
                 for c in build_train_pairs(load_person_dataset(None, root, check_images=False), "train",
                                            max_words=config.max_words).captions]
     return train_wordpiece_vocab(captions, target, vocab_size=config.vocab_size)
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise FileFormatError(f"{path}: cannot read ({exc})") from exc
-    if not isinstance(data, dict):
-        raise FileFormatError(f"{path}: expected a mapping")
-    return data
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -218,17 +208,12 @@ def run_gckd(config: GckdRunConfig, out_dir: str | Path, *, resume: bool = False
     target = load_person_dataset(None, config.target_dir) if config.target_dir else None
     train_config = config.training_config()
     if resume and (run_dir / "config.yaml").is_file():
-        saved = _read_yaml(run_dir / "config.yaml").get("run")
+        saved = read_yaml_mapping(run_dir / "config.yaml").get("run")
         if saved != config.to_dict():
             raise ConfigError(f"--resume: {run_dir} was started with a different configuration; use the same "
                               "options or a new --out")
     _prepare(run_dir, overwrite, resume)
-    handler = logging.FileHandler(run_dir / "run.log", mode="a", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root = logging.getLogger("crossret")
-    root.addHandler(handler)
-    if root.level == logging.NOTSET or root.level > logging.INFO:
-        root.setLevel(logging.INFO)
+    handler = attach_run_log(run_dir)
     try:
         vocab = resolve_vocab(config, run_dir)
         tokenizer = CaptionTokenizer.from_vocab(vocab, max_length=config.max_tokens)
@@ -240,7 +225,9 @@ def run_gckd(config: GckdRunConfig, out_dir: str | Path, *, resume: bool = False
         data = PersonTrainingData(
             build_train_pairs(source, "train", max_words=config.max_words), tokenizer,
             ImageTransform.train(size),
-            target=build_train_pairs(target, "train", max_words=config.max_words, hide_ids=True)
+            # PersonTrainingData drops the target ids from every batch; it keeps them aside only for the
+            # pseudo-pair precision in the training report.
+            target=build_train_pairs(target, "train", max_words=config.max_words)
             if target is not None and train_config.adapts else None,
             ids_per_batch=train_config.ids_per_batch, pairs_per_id=train_config.pairs_per_id,
             target_batch=train_config.target_batch, seed=train_config.seed,
@@ -282,7 +269,7 @@ def run_gckd(config: GckdRunConfig, out_dir: str | Path, *, resume: bool = False
         write_json_atomic(run_dir / "metrics.json", metrics)
         return metrics
     finally:
-        root.removeHandler(handler)
+        logging.getLogger("crossret").removeHandler(handler)
         handler.close()
 
 
@@ -292,7 +279,7 @@ def evaluate_run(run_dir: str | Path, dataset_dir: str | Path, *, split: str = "
     run = Path(run_dir)
     if not (run / "model.pt").is_file() or not (run / "vocab.txt").is_file():
         raise DataError(f"{run}: not a finished crossret GCKD run (model.pt and vocab.txt are needed)")
-    saved = _read_yaml(run / "config.yaml")
+    saved = read_yaml_mapping(run / "config.yaml")
     model = load_albef_checkpoint(run / "model.pt", AlbefConfig.from_dict(saved["albef"])).model
     tokenizer = CaptionTokenizer.from_vocab(run / "vocab.txt", max_length=int(saved["run"]["max_tokens"]))
     dataset = load_person_dataset(None, dataset_dir)

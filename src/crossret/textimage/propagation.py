@@ -71,10 +71,15 @@ class GraphPropagation(nn.Module):
     ``z = norm(X + conv₂(dropout(ReLU(conv₁(X̃, A))), A))[:B]`` with ``X̃ = X + e_type`` when node-type
     embeddings are enabled (``num_node_types > 0``; the dossier's optional modality × domain tag) and
     ``X̃ = X`` otherwise. Gradients reach ``batch_feat`` and the GNN weights, never the bank.
+
+    ``zero_init`` (default) zeroes the second layer's parameters, so that ``z = norm(X)`` at the start:
+    the residual then really "keeps the ITC space usable from step 0" (gckd.md §2.2) instead of adding
+    a random 2-layer transform of ``X`` to it, which would corrupt the teacher's similarity targets
+    until the GNN has been trained. The layer still gets gradients (its input ``H¹`` is non-zero).
     """
 
     def __init__(self, dim: int = 256, *, k: int = 10, conv: Literal["gcn", "sage"] = "gcn", dropout: float = 0.1,
-                 num_node_types: int = 0) -> None:
+                 num_node_types: int = 0, zero_init: bool = True) -> None:
         super().__init__()
         if conv not in ("gcn", "sage"):
             raise ConfigError(f"GraphPropagation: conv={conv!r}; use 'gcn' or 'sage'")
@@ -87,6 +92,10 @@ class GraphPropagation(nn.Module):
         else:
             self.conv1 = SAGEConv(dim, dim, aggr="mean")
             self.conv2 = SAGEConv(dim, dim, aggr="mean")
+        if zero_init:
+            with torch.no_grad():
+                for param in self.conv2.parameters():
+                    param.zero_()
         self.type_embed = nn.Embedding(num_node_types, dim) if num_node_types > 0 else None
         if self.type_embed is not None:
             nn.init.normal_(self.type_embed.weight, std=0.02)

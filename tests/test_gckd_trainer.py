@@ -801,3 +801,38 @@ def test_non_finite_features_with_itm_raise_floating_point_error(monkeypatch: py
     _nan_images(trainer, monkeypatch)
     with pytest.raises(FloatingPointError, match="non-finite features"):
         trainer.fit(_data())
+
+
+# ------------------------------------------------------------------------------------------------ KD candidates
+@pytest.mark.parametrize("use_gnn", [False, True])
+def test_kd_targets_use_the_target_banks(monkeypatch: pytest.MonkeyPatch, use_gnn: bool) -> None:
+    """The memory columns of the CMKD targets are the *target* image / text banks (in that order of the
+    node list), never a source bank: with the GNN off (or zero-initialised, i.e. the identity at step 0)
+    the teacher candidates after the batch equal the banks' features exactly."""
+    import crossret.textimage.gckd as gckd_module
+
+    trainer = GckdTrainer(_model(), _config(use_gnn=use_gnn, memory_size=16))
+    data = _data()
+    batches = iter(data.batches(0))
+    for _ in range(2):  # fill the banks with different content per bank
+        batch = next(batches)
+        trainer.losses(batch)
+        trainer._enqueue(batch)
+    seen: list[dict[str, torch.Tensor]] = []
+    original = gckd_module.momentum_similarity_targets
+
+    def spy(image: torch.Tensor, text: torch.Tensor, temp: Any, **kwargs: torch.Tensor) -> Any:
+        seen.append(kwargs)
+        return original(image, text, temp, **kwargs)
+
+    monkeypatch.setattr(gckd_module, "momentum_similarity_targets", spy)
+    trainer.model.eval()
+    trainer.gnn.eval()
+    trainer.losses(next(batches))
+    kd_call = seen[-1]  # the target call comes after the source ITC call
+    tb = TB
+    memory = trainer.memory
+    torch.testing.assert_close(kd_call["image_candidates"][tb:], memory.target_image.features())
+    torch.testing.assert_close(kd_call["text_candidates"][tb:], memory.target_text.features())
+    target_images, source_texts = memory.target_image.features(), memory.source_text.features()
+    assert not torch.allclose(target_images, source_texts[: target_images.shape[0]])

@@ -367,9 +367,11 @@ class GckdTrainer:
             z_teacher = teacher_nodes
         batch_end = 2 * b_s + 2 * b_t
         zt_vt, zt_tt = z_teacher[2 * b_s:2 * b_s + b_t], z_teacher[2 * b_s + b_t:batch_end]
-        offsets = np.cumsum([batch_end, *n_banks])  # bank order: M_v^s, M_t^s, M_v^t, M_t^t
-        zt_bank_vt = z_teacher[offsets[1]:offsets[2]]
-        zt_bank_tt = z_teacher[offsets[2]:offsets[3]]
+        # Node order after the batch: M_v^s, M_t^s, M_v^t, M_t^t (GckdMemory.ORDER); bounds[i] is where
+        # bank i starts, bounds[i + 1] where it ends.
+        bounds = np.cumsum([batch_end, *n_banks])
+        zt_bank_vt = z_teacher[bounds[2]:bounds[3]]
+        zt_bank_tt = z_teacher[bounds[3]:bounds[4]]
 
         # -- CMKD: pseudo similarity targets from the (propagated) teacher, student vs teacher candidates
         with torch.no_grad():

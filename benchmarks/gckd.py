@@ -208,7 +208,15 @@ def run_synth(job: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- tables
+def valid_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows the tables use: a row marked ``INVALID`` (produced by superseded code, see its ``code_note``)
+    stays in the runs file for the record but only counts where the note says it is unaffected
+    (source-only rows have no target term)."""
+    return [r for r in rows if not str(r.get("code_note", "")).startswith("INVALID") or r["variant"] == "source-only"]
+
+
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = valid_rows(rows)
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["part"], row["setting"], row["variant"]), []).append(row)
@@ -240,9 +248,13 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         entries = [e for e in summary if e["part"] == part]
         if not entries:
             continue
+        excluded = len([r for r in rows if r["part"] == part]) - len([r for r in valid_rows(rows) if r["part"] == part])
         lines += [f"## {title}", "",
                   "| setting | variant | ITC mAP | ITC R@1 | ITC mINP | ITM mAP | ITM R@1 | pseudo-pairs/step | "
                   "pseudo-pair precision | seeds |", "|---|---|" + "---:|" * 8]
+        if excluded:
+            lines[-2:-2] = [f"{excluded} runs of this part were made by superseded code (their `code_note` in the runs "
+                            "file says why) and are left out of this table.", ""]
         for e in sorted(entries, key=lambda e: (e["setting"], list(VARIANTS).index(e["variant"]))):
             def cell(key: str, e: dict[str, Any] = e) -> str:
                 return (f"{100 * e[key + '_mean']:.2f} ± {100 * e[key + '_std']:.2f}" if key + "_mean" in e else "-")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from _ranking_reference import metrics_from_orders
 from crossret.errors import ConfigError, DataError
 from crossret.textimage.albef import AlbefConfig, AlbefModel
 from crossret.textimage.evaluate import (
@@ -21,26 +22,6 @@ from crossret.textimage.evaluate import (
     text_to_image_metrics,
 )
 from crossret.textimage.feature_heads import FeatureHeadsConfig, FeatureHeadsModel
-
-
-def metrics_from_orders(orders: list[list[int]], q_ids, g_ids, ks) -> dict:
-    """Rank-k / mAP / mINP from explicit per-query rankings (lists of gallery indices), in plain Python."""
-    n_q = len(orders)
-    hits_at = dict.fromkeys(ks, 0)
-    ap_total = inp_total = 0.0
-    missing = 0
-    for q, order in enumerate(orders):
-        ranks = [r + 1 for r, g in enumerate(order) if g_ids[g] == q_ids[q]]
-        if not ranks:
-            missing += 1
-            continue
-        for k in ks:
-            hits_at[k] += ranks[0] <= k
-        ap_total += sum(i / pos for i, pos in enumerate(ranks, start=1)) / len(ranks)
-        inp_total += len(ranks) / ranks[-1]
-    out = {f"rank{k}": hits_at[k] / n_q for k in ks}
-    out.update(map=ap_total / n_q, minp=inp_total / n_q, n_queries_without_relevant=missing)
-    return out
 
 
 def assert_same(ours: dict, reference: dict) -> None:

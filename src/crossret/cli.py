@@ -435,6 +435,8 @@ VocabOpt = Annotated[Path | None, typer.Option("--vocab", help="BERT vocab.txt (
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda.")]
 RerankOpt = Annotated[int, typer.Option("--rerank-k", help="ITM re-ranking of each query's top-k images "
                                         "(0: ITC ranking only).")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace a finished run in --out.")]
+GckdResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run in --out (same options).")]
 
 
 def _gckd_run(stage: str, source: Path, target: Path | None, out_dir: Path, model: str, model_set: list[str] | None,
@@ -501,8 +503,8 @@ def gckd_pretrain(
     set_: TrainSetOpt = None,
     rerank_k: RerankOpt = 128,
     device: DeviceOpt = "cpu",
-    overwrite: Annotated[bool, typer.Option(help="Replace a finished run in --out.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out (same options).")] = False,
+    overwrite: OverwriteOpt = False,
+    resume: GckdResumeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Source training (identity-aware ITC with momentum distillation, ITM with hard negatives, MLM)."""
@@ -524,8 +526,8 @@ def gckd_adapt(
     set_: TrainSetOpt = None,
     rerank_k: RerankOpt = 128,
     device: DeviceOpt = "cpu",
-    overwrite: Annotated[bool, typer.Option(help="Replace a finished run in --out.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out (same options).")] = False,
+    overwrite: OverwriteOpt = False,
+    resume: GckdResumeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """GCKD adaptation: memory banks + kNN graph + GNN, EMA teacher with contrastive KD, δ-filtered

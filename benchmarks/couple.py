@@ -13,7 +13,8 @@ Variants (config switches of the ``couple`` method, everything else at its defau
 * ``paper-defaults``  k = 3 inside each domain and one global top-50 % ranking, as the paper lists
                       (crossret's defaults use 10 and a per-class top 50 %, chosen on dev tasks).
 
-Every finished run is appended to ``<out>_runs.jsonl`` as soon as it ends, so an interrupted
+Every finished run is appended to ``<out>_runs.jsonl`` as soon as it ends (its resolved method config
+and protocol as digests into ``<out>_configs.json``, which holds each distinct record once), so an interrupted
 benchmark continues where it stopped (``--fresh`` starts over). The tables (mean ± std over seeds)
 are written to ``<out>.json`` / ``<out>.md``; baselines come from ``results/baselines.json``.
 No model selection of any kind happens here: every run trains for the configured epochs and is
@@ -75,6 +76,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "final_selected": last.get("selected"), "final_selected_accuracy": last.get("selected_accuracy"),
         "final_pseudo_label_accuracy": last.get("pseudo_label_accuracy"),
         "train_seconds": metrics["train_seconds"],
+        # The resolved method config and protocol are the same for hundreds of rows: the row keeps
+        # their content digests and `<out>_configs.json` maps each digest to the full record once.
         "method_config": metrics["method_config"], "protocol": metrics["protocol"],
         # Where the run happened: train_seconds are only comparable between rows of the same host.
         "host": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     runs_path = out.parent / f"{out.name}_runs.jsonl"
+    configs_path = out.parent / f"{out.name}_configs.json"
+    configs = _read_configs(configs_path)
     if args.fresh and runs_path.exists():
         runs_path.unlink()
     rows = _read_runs(runs_path)
@@ -138,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             futures = [pool.submit(run_one, job) for job in jobs]
             for future in as_completed(futures):
-                row = future.result()
+                row = compact_row(future.result(), configs)
+                write_json_atomic(configs_path, configs)  # before the row that refers to it
                 rows.append(row)
                 with runs_path.open("a", encoding="utf-8") as handle:  # one line per finished run
                     handle.write(json.dumps(row) + "\n")
@@ -157,12 +163,37 @@ def main(argv: list[str] | None = None) -> int:
         "map_definition": "MAP@all in [0,1]; relevance = same label; the tables show percent",
         "summary": summarise(rows),
         "baselines": mean_baselines(baselines),
-        "rows": rows,
+        "runs_file": runs_path.name,  # every run, one JSON line each (method_config_id / protocol_id)
+        "configs_file": configs_path.name,  # digest -> resolved method config / protocol
     }
     write_json_atomic(out.with_suffix(".json"), payload)
     write_text_atomic(out.with_suffix(".md"), markdown(rows, baselines))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}", file=sys.stderr)
     return 0
+
+
+def config_digest(record: Any) -> str:
+    """Stable short digest of a JSON-serialisable record (key order does not matter)."""
+    import hashlib
+
+    return hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def compact_row(row: dict[str, Any], configs: dict[str, Any]) -> dict[str, Any]:
+    """Replace the row's full ``method_config`` / ``protocol`` by ``*_id`` digests, recording the full
+    records in ``configs`` (digest → record)."""
+    row = dict(row)
+    for key in ("method_config", "protocol"):
+        if key in row:
+            record = row.pop(key)
+            digest = config_digest(record)
+            configs[digest] = record
+            row[f"{key}_id"] = digest
+    return row
+
+
+def _read_configs(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
 def _read_runs(path: Path) -> list[dict[str, Any]]:

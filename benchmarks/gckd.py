@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = _read_runs(runs_path)
     payload = {"script": "benchmarks/gckd.py", "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                "wall_seconds_this_invocation": round(time.time() - started, 1), "variants": VARIANTS,
-               "wiki_protocol": WIKI, "synth_protocol": SYNTH, "summary": summarise(rows), "rows": rows}
+               "wiki_protocol": WIKI, "synth_protocol": SYNTH, "summary": summarise(rows),
+               "runs_file": runs_path.name}  # every run with its full config, one JSON line each
     write_json_atomic(out.with_suffix(".json"), payload)
     write_text_atomic(out.with_suffix(".md"), markdown(rows))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}", file=sys.stderr)

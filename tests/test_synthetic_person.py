@@ -199,3 +199,38 @@ def test_captions_and_wordpiece_corpus(styles: dict[str, Path], tmp_path: Path) 
     tokenizer.train([str(corpus)], trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]"]))
     encoded = tokenizer.encode(lines[0])
     assert "[UNK]" not in encoded.tokens and len(encoded.tokens) >= len(lines[0].split())
+
+
+def test_generic_pretraining_corpus(tmp_path: Path, styles: dict[str, Path]) -> None:
+    kwargs = {"n_ids": 12, "images_per_id": 2, "n_test_ids": 3, "seed": 4, "image_size": (48, 24)}
+    root = synth.generate_pretraining_corpus(tmp_path / "g", **kwargs)
+    assert _tree(root) == _tree(synth.generate_pretraining_corpus(tmp_path / "g2", **kwargs))  # deterministic
+    dataset = load_person_dataset(None, root)  # written in the CUHK-PEDES format, so the pipeline reads it
+    assert dataset.name.lower().startswith("cuhk")
+    assert len(dataset.split("train")) == 24 and len(dataset.split("test")) == 6
+    people = sample_identities(15, synth.GENERIC_STYLE, seed=4)
+    assert len({p.key() for p in people}) == 15
+    openings = ("a photo of a", "a ", "an ", "picture: ", "street photo of a")
+    for record in dataset:
+        ident = people[record.person_id]
+        assert len(record.captions) == 2
+        for caption in record.captions:
+            assert caption.startswith(openings)
+            # every attribute is named, with one of the words any dataset uses for it
+            words = synth._COLOUR_WORDS[synth.GENERIC_STYLE][ident.upper_colour]
+            assert any(f"{w} " in caption for w in words), (caption, ident.upper_colour)
+            assert "hair" in caption
+    # The generic captions use the vocabulary of every dataset (ICFG's "grey", CUHK's "gray", RSTP's "tee" ...)
+    # in a template of their own: no generic caption is a caption any dataset style could write.
+    vocab = {w for r in dataset for c in r.captions for w in clean_caption(c, None).split()}
+    dataset_vocab = {w for s in STYLES for c in dataset_captions(styles[s], ("train", "test"))
+                     for w in c.split()}
+    assert {"photo", "picture"} <= vocab and not {"photo", "picture"} & dataset_vocab
+    # Random rendering styles: the background (top-left corner) varies far more across generic images
+    # than across one dataset's images.
+    def corner_spread(ds: object) -> float:
+        corners = [np.asarray(load_image(r.image_path), np.float64)[:4, :4].mean(axis=(0, 1)) for r in ds]
+        return float(np.mean(np.std(corners, axis=0)))
+    assert corner_spread(dataset) > 2 * max(corner_spread(load_person_dataset(s, styles[s])) for s in STYLES)
+    with pytest.raises(ConfigError, match="n_ids"):
+        synth.generate_pretraining_corpus(tmp_path / "bad", n_ids=0)

@@ -25,6 +25,16 @@ rstpreid    outdoor foliage + road, warm tint,  terse, comma-separated fragments
 ==========  ==================================  ===========================================  ========
 
 :func:`generate_person_dataset` is deterministic: the same arguments give byte-identical files.
+
+**Generic pre-training corpus.** The real GCKD pipeline starts from ALBEF weights pre-trained on 14M
+generic image–text pairs: a model that already grounds colour and garment words in pixels before it
+sees any person-search dataset. A tiny model trained from scratch on one synthetic dataset has no
+such prior and transfers nothing. :func:`generate_pretraining_corpus` writes the analogue: a large,
+*style-less* corpus (written in the CUHK-PEDES file format so the pipeline reads it) where every image
+has a random background, tint, contrast, blur and noise, and every caption uses a fourth, web alt-text
+like template ("a photo of a lady in a navy tee, ...") with words drawn from all the datasets'
+synonyms. It teaches word–pixel grounding, not any dataset's rendering or sentence style, so the
+source → target shift (templates, word order, rendering) remains.
 """
 
 from __future__ import annotations
@@ -47,16 +57,19 @@ from crossret.errors import ConfigError
 __all__ = [
     "ANNOTATION_FILES",
     "DATASET_DIRS",
+    "GENERIC_STYLE",
     "STYLES",
     "Identity",
     "dataset_captions",
     "generate_person_dataset",
     "generate_person_datasets",
+    "generate_pretraining_corpus",
     "sample_identities",
     "write_wordpiece_corpus",
 ]
 
 STYLES: tuple[str, ...] = ("cuhk-pedes", "icfg-pedes", "rstpreid")
+GENERIC_STYLE = "generic"  # the pre-training corpus (see the module docstring); written in the CUHK-PEDES format
 ANNOTATION_FILES = {"cuhk-pedes": "reid_raw.json", "icfg-pedes": "ICFG-PEDES.json", "rstpreid": "data_captions.json"}
 DATASET_DIRS = {"cuhk-pedes": "CUHK-PEDES", "icfg-pedes": "ICFG-PEDES", "rstpreid": "RSTPReid"}
 
@@ -108,7 +121,7 @@ def _pick(rng: np.random.Generator, options: Sequence[str], weights: Sequence[fl
 def _sample_identity(rng: np.random.Generator, style: str) -> Identity:
     names = tuple(COLOURS)
     # Colour priors differ per dataset (ICFG/RSTP come from MSMT17, winter clothes: darker), a label shift.
-    dark_weight = {"cuhk-pedes": 1.0, "icfg-pedes": 3.0, "rstpreid": 1.8}[style]
+    dark_weight = {"cuhk-pedes": 1.0, "icfg-pedes": 3.0, "rstpreid": 1.8, GENERIC_STYLE: 1.5}[style]
     weights = [dark_weight if c in _DARK else 1.0 for c in names]
     gender = _pick(rng, ("male", "female"))
     long_hair = rng.random() < (0.75 if gender == "female" else 0.12)
@@ -135,8 +148,8 @@ def _sample_identity(rng: np.random.Generator, style: str) -> Identity:
 
 def sample_identities(n: int, style: str = "cuhk-pedes", seed: int = 0) -> list[Identity]:
     """``n`` identities with pairwise distinct caption-visible attributes (deterministic for a seed)."""
-    style = _check_style(style)
-    rng = np.random.default_rng([int(seed), STYLES.index(style), 1])
+    style = GENERIC_STYLE if style == GENERIC_STYLE else _check_style(style)
+    rng = np.random.default_rng([int(seed), _style_index(style), 1])
     seen: set[tuple[object, ...]] = set()
     out: list[Identity] = []
     attempts = 0
@@ -178,6 +191,23 @@ _STYLES: dict[str, _Style] = {
     "rstpreid": _Style(1.15, (0.40, 0.55, 0.34), (0.52, 0.50, 0.47), 0.60, "blotches", 0.10, (1.12, 1.0, 0.80),
                        0.78, 0.05, 0, False, 0.08, 2, (".jpg",)),
 }
+
+
+def _style_index(style: str) -> int:
+    """Stream index of a style in the seeded generators (the generic corpus comes after the datasets)."""
+    return len(STYLES) if style == GENERIC_STYLE else STYLES.index(style)
+
+
+def _random_style(rng: np.random.Generator) -> _Style:
+    """A rendering style drawn at random for one image of the generic corpus: any wall/floor colour,
+    texture, tint, contrast, blur and noise in (and around) the ranges the three dataset styles span."""
+    wall = tuple(float(v) for v in rng.uniform(0.15, 0.9, 3))
+    floor = tuple(float(v) for v in rng.uniform(0.25, 0.7, 3))
+    tint = tuple(float(v) for v in rng.uniform(0.82, 1.18, 3))
+    return _Style(1.0, wall, floor, float(rng.uniform(0.55, 0.78)),  # type: ignore[arg-type]
+                  _pick(rng, ("none", "stripes", "blotches")), float(rng.uniform(0.0, 0.12)), tint,  # type: ignore[arg-type]
+                  float(rng.uniform(0.75, 1.15)), float(rng.uniform(0.01, 0.06)), int(rng.integers(2)),
+                  bool(rng.random() < 0.3), 0.05, 2, (".jpg",))
 
 
 def _check_style(style: str) -> str:
@@ -415,8 +445,41 @@ def _captions_rstp(ident: Identity, walking: bool, rng: np.random.Generator) -> 
     return out
 
 
+def _union(*groups: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(word for group in groups for word in group))
+
+
+# The generic corpus knows every word of every dataset (as a model pre-trained on web text does).
+_WORDS[GENERIC_STYLE] = {key: _union(*(_WORDS[s][key] for s in STYLES)) for key in _WORDS["cuhk-pedes"]}
+_COLOUR_WORDS[GENERIC_STYLE] = {name: _union(*(_COLOUR_WORDS[s].get(name, (name,)) for s in STYLES))
+                                for name in (*COLOURS, *HAIR_COLOURS)}
+
+
+def _captions_generic(ident: Identity, walking: bool, rng: np.random.Generator) -> list[str]:
+    """Two alt-text-like captions: an opening phrase, then the attributes as fragments in random order."""
+    out = []
+    for _ in range(2):
+        say = _Say(GENERIC_STYLE, rng)
+        person = say(ident.gender)
+        parts = [f"{say.colour(ident.upper_colour)} {say(ident.upper_type)}",
+                 f"{say.colour(ident.lower_colour)} {say(ident.lower_type)}",
+                 f"{say.colour(ident.shoes_colour)} {say('shoes')}",
+                 f"{ident.hair_length} {say.colour(ident.hair_colour)} hair"]
+        if ident.bag != "none":
+            parts.append(f"{_a(say.colour(ident.bag_colour))} {say(ident.bag)}")
+        if ident.hat:
+            parts.append(f"{_a(say.colour(ident.hat_colour))} {say('hat')}")
+        order = rng.permutation(len(parts))
+        body = ", ".join(parts[i] for i in order)
+        opening = _pick(rng, (f"a photo of {_a(person)} with", f"{_a(person)} with", f"picture: {person},",
+                              f"street photo of {_a(person)}:"))
+        out.append(f"{opening} {body}.")
+    return out
+
+
 _CAPTIONERS: dict[str, Callable[[Identity, bool, np.random.Generator], list[str]]] = {
     "cuhk-pedes": _captions_cuhk, "icfg-pedes": _captions_icfg, "rstpreid": _captions_rstp,
+    GENERIC_STYLE: _captions_generic,
 }
 
 
@@ -466,16 +529,47 @@ def generate_person_dataset(style: str, out_dir: str | os.PathLike, n_train_ids:
         raise ConfigError("the dataset would be empty: give n_train_ids, n_val_ids or n_test_ids > 0")
     if style == "icfg-pedes" and n_val:
         raise ConfigError("ICFG-PEDES has no val split (its json allows train and test only); set n_val_ids=0")
-    if len(image_size) != 2 or int(image_size[0]) < 16 or int(image_size[1]) < 8:
-        raise ConfigError(f"image_size must be (height >= 16, width >= 8), got {image_size!r}")
+    _check_image_size(image_size)
     spec = _STYLES[style]
     height = int(image_size[0])
     width = max(8, round(int(image_size[1]) * spec.width_factor))
     identities = sample_identities(n_train + n_val + n_test, style, seed)
     splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
-    style_index = STYLES.index(style)
+    return _write_dataset(style, style, Path(out_dir), identities, splits, per_id, seed, (height, width),
+                          lambda rng: spec, overwrite)
 
-    out = Path(out_dir)
+
+def generate_pretraining_corpus(out_dir: str | os.PathLike, n_ids: int = 1000, images_per_id: int = 2,
+                                seed: int = 0, image_size: tuple[int, int] = (48, 24), *, n_test_ids: int = 0,
+                                overwrite: bool = False) -> Path:
+    """Write the generic pre-training corpus (module docstring) into ``out_dir`` in the CUHK-PEDES format:
+    ``n_ids`` train identities (then ``n_test_ids`` test identities, to monitor the pre-training), each
+    with ``images_per_id`` images in random rendering styles and two generic captions. Deterministic for
+    the arguments; written atomically like :func:`generate_person_dataset`."""
+    n_train = _check_count("n_ids", n_ids, 1)
+    n_test = _check_count("n_test_ids", n_test_ids, 0)
+    per_id = _check_count("images_per_id", images_per_id, 1)
+    seed = _check_count("seed", seed, 0)
+    _check_image_size(image_size)
+    identities = sample_identities(n_train + n_test, GENERIC_STYLE, seed)
+    splits = ["train"] * n_train + ["test"] * n_test
+    return _write_dataset(GENERIC_STYLE, "cuhk-pedes", Path(out_dir), identities, splits, per_id, seed,
+                          (int(image_size[0]), int(image_size[1])), _random_style, overwrite)
+
+
+def _check_image_size(image_size: tuple[int, int]) -> None:
+    if len(image_size) != 2 or int(image_size[0]) < 16 or int(image_size[1]) < 8:
+        raise ConfigError(f"image_size must be (height >= 16, width >= 8), got {image_size!r}")
+
+
+def _write_dataset(style: str, file_format: str, out: Path, identities: list[Identity], splits: list[str],
+                   per_id: int, seed: int, size: tuple[int, int], spec_for: Callable[[np.random.Generator], _Style],
+                   overwrite: bool) -> Path:
+    """Render and write every image and annotation of one dataset (``style`` picks the captions and the
+    seeded streams, ``file_format`` the json layout and file names) into a temporary sibling folder that
+    is renamed into place."""
+    height, width = size
+    style_index = _style_index(style)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty; pass overwrite=True or choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -489,9 +583,10 @@ def generate_person_dataset(style: str, out_dir: str | os.PathLike, n_train_ids:
                 camera = int(rng.integers(1, 16))
                 walking = bool(rng.random() < 0.5)
                 side = 1 if rng.random() < 0.5 else -1
+                spec = spec_for(rng)
                 pixels = _render(ident, spec, rng, height, width, walking, side)
                 ext = spec.extensions[camera % len(spec.extensions)]
-                rel = _image_name(style, split, pid, k, camera, ext)
+                rel = _image_name(file_format, split, pid, k, camera, ext)
                 path = tmp / "imgs" / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
                 if ext == ".png":
@@ -499,8 +594,8 @@ def generate_person_dataset(style: str, out_dir: str | os.PathLike, n_train_ids:
                 else:
                     Image.fromarray(pixels).save(path, format="JPEG", quality=92, subsampling=0)
                 captions = _CAPTIONERS[style](ident, walking, rng)[: spec.captions_per_image]
-                entries.append(_entry(style, split, pid, rel, captions))
-        (tmp / ANNOTATION_FILES[style]).write_text(json.dumps(entries) + "\n", encoding="utf-8")
+                entries.append(_entry(file_format, split, pid, rel, captions))
+        (tmp / ANNOTATION_FILES[file_format]).write_text(json.dumps(entries) + "\n", encoding="utf-8")
         mode = 0o777 & ~_umask()
         for folder, dirs, _ in os.walk(tmp):  # mkdtemp makes a private 0700 folder; give normal permissions
             for d in dirs:

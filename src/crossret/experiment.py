@@ -15,6 +15,10 @@ A run directory holds (DESIGN "CLI"):
 * ``codes/``        ±1 int8 codes and labels of the queries, the source and the target-train set,
 * ``model.*``       the fitted method (safe formats, see each method's ``save``),
 * ``run.log``       a log of the run, and ``plots/`` when asked for.
+
+Under ``torchrun`` (docs/distributed.md) every rank trains (methods with ``data_parallel``, i.e.
+COUPLE); rank 0 alone prepares and writes the run directory, encodes and evaluates, and every rank
+returns its result.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
+from crossret import distributed
 from crossret._config import reject_unknown_keys
 from crossret._io import read_yaml_mapping, save_npy_atomic, write_json_atomic, write_yaml_atomic
 from crossret.data.domain import RetrievalSplit
@@ -201,10 +207,22 @@ def run_experiment(
     Methods that checkpoint (COUPLE) write ``checkpoints/`` into the run directory after every
     epoch; ``resume=True`` continues an interrupted run in the same directory (same config
     required) instead of starting over.
+
+    Launched by ``torchrun`` with several processes, the method trains data-parallel (gloo) and rank 0
+    writes the run directory; see docs/distributed.md.
     """
+    with distributed.process_group("gloo"):  # the hashing networks train on CPU
+        return _run_experiment(config, split, progress, overwrite, resume)
+
+
+def _run_experiment(config: RunConfig, split: RetrievalSplit | None, progress: ProgressFn, overwrite: bool,
+                    resume: bool) -> RunResult:
     config.validate()
     # Everything that can fail on bad input happens before the run directory is touched.
     method = make_method(config.method, bits=config.bits, seed=config.seed, overrides=config.method_config)
+    if distributed.active() and not method.data_parallel:
+        raise ConfigError(f"method {config.method!r} does not train data-parallel; run it without torchrun "
+                          "(see docs/distributed.md)")
     if resume and not config.out_dir:
         raise ConfigError("--resume needs the run directory of the interrupted run (--out DIR)")
     if config.out_dir:
@@ -213,14 +231,19 @@ def run_experiment(
             _check_resumable(Path(config.out_dir), config, method)
     if split is None:
         split = load_split(config)
-    run_dir = _prepare_run_dir(Path(config.out_dir), keep_checkpoints=resume) if config.out_dir else None
+    main = distributed.is_main()  # rank 0 (or the only process) writes files and reports progress
+    if not main:
+        progress = no_progress
+    run_dir = (distributed.run_on_main(partial(_prepare_run_dir, Path(config.out_dir), keep_checkpoints=resume))
+               if config.out_dir else None)
     if run_dir is not None and hasattr(method, "checkpoint_dir"):
         method.checkpoint_dir = run_dir / "checkpoints"
         method.resume = resume
-    handler = attach_run_log(run_dir) if run_dir else None
+    handler = attach_run_log(run_dir) if run_dir and main else None
     try:
         if run_dir:
-            write_yaml_atomic(run_dir / "config.yaml", _resolved_config(config, method))
+            distributed.run_on_main(partial(write_yaml_atomic, run_dir / "config.yaml",
+                                            _resolved_config(config, method)))
         logger.info("split: %s", split.summary())
         logger.info("method %s, %d bits, seed %d, config %s", config.method, config.bits, config.seed,
                     method.config_dict())
@@ -228,53 +251,9 @@ def run_experiment(
         start = time.perf_counter()
         method.fit(split.source, split.training_target(), progress=progress)
         train_seconds = time.perf_counter() - start
-
-        start = time.perf_counter()
-        codes = {
-            "queries": method.encode(split.queries.features),
-            "source": method.encode(split.source.features),
-            "target_train": method.encode(split.target_train.features),
-        }
-        encode_seconds = time.perf_counter() - start
-        if hasattr(method, "label_report"):
-            # Diagnostics only (pseudo-label accuracy per refresh); training is already over.
-            method.diagnostics["label_report"] = method.label_report(split.target_train.labels)
-
-        start = time.perf_counter()
-        evaluated = evaluate_codes(
-            codes["queries"], split.queries.labels,
-            {"cross": (codes["source"], split.source.labels),
-             "single": (codes["target_train"], split.target_train.labels)},
-            ties=config.ties, topk=config.topk, precision_ns=config.precision_ns, progress=progress,
-        )
-        eval_seconds = time.perf_counter() - start
-
-        metrics: dict[str, Any] = {
-            "method": config.method,
-            "benchmark": config.benchmark_label,
-            "bits": config.bits,
-            "seed": config.seed,
-            "split_seed": config.split_seed,
-            "ties": config.ties,
-            "topk": config.topk,
-            "map_definition": _map_definition(config.ties, config.topk),
-            "map_cross": evaluated.pop("map_cross"),
-            "map_single": evaluated.pop("map_single"),
-            **evaluated,
-            "train_seconds": round(train_seconds, 4),
-            "encode_seconds": round(encode_seconds, 4),
-            "eval_seconds": round(eval_seconds, 4),
-            "n_queries": split.queries.n,
-            "n_source": split.source.n,
-            "n_target_train": split.target_train.n,
-            "protocol": split.summary(),
-            "method_config": method.config_dict(),
-            "diagnostics": method.diagnostics,
-        }
-        logger.info("MAP cross %.4f, single %.4f (ties=%s); train %.2fs", metrics["map_cross"],
-                    metrics["map_single"], config.ties, train_seconds)
-        if run_dir:
-            _write_run(run_dir, config, method, split, codes, metrics)
+        # Encoding, evaluation and the run directory: rank 0's job under torchrun, shared with the others.
+        codes, metrics = distributed.run_on_main(
+            partial(_evaluate_and_write, config, method, split, run_dir, train_seconds, progress))
         return RunResult(config, metrics, method, split, codes, run_dir)
     except KeyboardInterrupt:
         logger.warning("interrupted; the run directory holds no metrics.json")
@@ -283,6 +262,58 @@ def run_experiment(
         if handler is not None:
             logging.getLogger("crossret").removeHandler(handler)
             handler.close()
+
+
+def _evaluate_and_write(config: RunConfig, method: HashMethod, split: RetrievalSplit, run_dir: Path | None,
+                        train_seconds: float, progress: ProgressFn) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Encode the three sets, evaluate both databases, write the run directory (when there is one)."""
+    start = time.perf_counter()
+    codes = {
+        "queries": method.encode(split.queries.features),
+        "source": method.encode(split.source.features),
+        "target_train": method.encode(split.target_train.features),
+    }
+    encode_seconds = time.perf_counter() - start
+    if hasattr(method, "label_report"):
+        # Diagnostics only (pseudo-label accuracy per refresh); training is already over.
+        method.diagnostics["label_report"] = method.label_report(split.target_train.labels)
+
+    start = time.perf_counter()
+    evaluated = evaluate_codes(
+        codes["queries"], split.queries.labels,
+        {"cross": (codes["source"], split.source.labels),
+         "single": (codes["target_train"], split.target_train.labels)},
+        ties=config.ties, topk=config.topk, precision_ns=config.precision_ns, progress=progress,
+    )
+    eval_seconds = time.perf_counter() - start
+
+    metrics: dict[str, Any] = {
+        "method": config.method,
+        "benchmark": config.benchmark_label,
+        "bits": config.bits,
+        "seed": config.seed,
+        "split_seed": config.split_seed,
+        "ties": config.ties,
+        "topk": config.topk,
+        "map_definition": _map_definition(config.ties, config.topk),
+        "map_cross": evaluated.pop("map_cross"),
+        "map_single": evaluated.pop("map_single"),
+        **evaluated,
+        "train_seconds": round(train_seconds, 4),
+        "encode_seconds": round(encode_seconds, 4),
+        "eval_seconds": round(eval_seconds, 4),
+        "n_queries": split.queries.n,
+        "n_source": split.source.n,
+        "n_target_train": split.target_train.n,
+        "protocol": split.summary(),
+        "method_config": method.config_dict(),
+        "diagnostics": method.diagnostics,
+    }
+    logger.info("MAP cross %.4f, single %.4f (ties=%s); train %.2fs", metrics["map_cross"],
+                metrics["map_single"], config.ties, train_seconds)
+    if run_dir:
+        _write_run(run_dir, config, method, split, codes, metrics)
+    return codes, metrics
 
 
 def _float_or_none(value: float | None) -> float | None:

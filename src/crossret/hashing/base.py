@@ -26,6 +26,8 @@ class HashMethod(abc.ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    # Whether fit() trains data-parallel under torchrun (docs/distributed.md); the others refuse to run there.
+    data_parallel: ClassVar[bool] = False
 
     def __init__(self, bits: int, seed: int = 0, config: Any | None = None) -> None:
         if not isinstance(bits, int) or bits <= 0:

@@ -40,6 +40,11 @@ source, as the released code), ``mixup_low`` / ``mixup_high``, ``target_ce_weigh
 Training checkpoints after every epoch into ``checkpoint_dir`` (when set) and resumes from it with
 ``resume=True``: network, optimiser, both random generators, graph and selection are restored, so
 a resumed run gives bit-identical codes on CPU.
+
+Under ``torchrun`` (docs/distributed.md) every rank draws the same global batch, runs the network on
+its shard (BatchNorm over the global batch), gathers the outputs with gradient and computes the losses
+above on the global batch; gradients are averaged over ranks. The graph and the diffusion run on rank
+0, whose selection is broadcast; rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import io
 import json
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +63,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
+from crossret import distributed
 from crossret._io import write_bytes_atomic
 from crossret.data.domain import Domain
 from crossret.errors import ConfigError, DataError, FileFormatError
@@ -72,7 +79,7 @@ from crossret.graph.knn import KNN_METHODS
 from crossret.graph.walks import random_walks
 from crossret.hashing._hashnet import ENCODE_BATCH, HashNetMethod
 from crossret.hashing.base import ProgressFn, no_progress, register
-from crossret.hashing.networks import HashNet, quantization_loss, torch_threads
+from crossret.hashing.networks import HashNet, HashNetOutput, quantization_loss, torch_threads
 from crossret.hashing.preprocessing import FeatureNormalizer, bit_balance
 
 CHECKPOINT_FORMAT = "crossret.couple.checkpoint"
@@ -245,6 +252,7 @@ class Couple(HashNetMethod):
 
     name = "couple"
     config_class = CoupleConfig
+    data_parallel = True
 
     def __init__(self, bits: int, seed: int = 0, config: CoupleConfig | None = None) -> None:
         super().__init__(bits, seed, config)
@@ -276,6 +284,7 @@ class Couple(HashNetMethod):
         with torch.random.fork_rng(devices=[]), torch_threads(cfg.num_threads):
             torch.manual_seed(self.seed)
             net = self._build(source.dim, num_classes)
+            distributed.broadcast_module_(net)  # every rank starts from rank 0's weights (a no-op in one process)
             optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             generator = torch.Generator().manual_seed(self.seed)
             rng = np.random.default_rng(self.seed)
@@ -294,7 +303,9 @@ class Couple(HashNetMethod):
                 record: dict[str, Any] = {"epoch": epoch + 1}
                 if epoch >= cfg.warmup_epochs and (selection is None
                                                    or (epoch - cfg.warmup_epochs) % cfg.graph_every == 0):
-                    selection, refresh_info = self._refresh(net, x_all, source.labels, n_s, num_classes, selection)
+                    # Under torchrun rank 0 builds the graph and diffuses; every rank gets its selection.
+                    selection, refresh_info = distributed.run_on_main(
+                        partial(self._refresh, net, x_all, source.labels, n_s, num_classes, selection))
                     record.update(refresh_info)
                     self.selection_history.append({
                         "epoch": epoch + 1,
@@ -303,14 +314,15 @@ class Couple(HashNetMethod):
                     })
                 progress_u = epoch / max(cfg.epochs - 1, 1)
                 u_max = cfg.mix_start + (cfg.mix_end - cfg.mix_start) * progress_u
-                sums = self._train_epoch(net, optimizer, generator, rng, x_all, y_source, n_s, n_t,
-                                         num_classes, selection, steps, u_max)
+                with distributed.global_batchnorm(net):  # BatchNorm sees the global batch under torchrun
+                    sums = self._train_epoch(net, optimizer, generator, rng, x_all, y_source, n_s, n_t,
+                                             num_classes, selection, steps, u_max)
                 record.update(sums)
                 record["seconds"] = round(time.perf_counter() - epoch_start, 4)
                 epoch_log.append(record)
-                if self.checkpoint_dir is not None:
-                    self._save_checkpoint(net, optimizer, generator, rng, epoch + 1, selection, epoch_log,
-                                          fingerprint)
+                if self.checkpoint_dir is not None:  # rank 0 writes, the others wait
+                    distributed.run_on_main(partial(self._save_checkpoint, net, optimizer, generator, rng, epoch + 1,
+                                                    selection, epoch_log, fingerprint))
                 progress(epoch + 1, cfg.epochs, _progress_message(record, cfg.epochs))
 
         net.eval()
@@ -349,7 +361,7 @@ class Couple(HashNetMethod):
         for step in range(steps):
             src = source_order[step * bs_s:(step + 1) * bs_s]
             tgt = target_order[step * bs_t:(step + 1) * bs_t]
-            out = net(torch.cat([x_all[src], x_all[n_s + tgt]]))
+            out = _sharded_forward(net, x_all[src], x_all[n_s + tgt])
             f_s, f_t = out.features[:bs_s], out.features[bs_s:]
             h_s, h_t = out.hash[:bs_s], out.hash[bs_s:]
             logits_s, logits_t = out.logits[:bs_s], out.logits[bs_s:]
@@ -390,7 +402,7 @@ class Couple(HashNetMethod):
                             + (1 - lam_t) * F.one_hot(label_b, num_classes).float())
                     if cfg.mixup_low and a.size > 1:  # batch norm needs 2 samples
                         mixed = lam_t * x_all[a] + (1 - lam_t) * x_all[b]
-                        loss_low = _soft_cross_entropy(net(mixed).logits, soft)
+                        loss_low = _soft_cross_entropy(_sharded_forward(net, mixed).logits, soft)
                     if cfg.mixup_high:
                         with torch.no_grad():
                             was_training = net.training
@@ -408,6 +420,7 @@ class Couple(HashNetMethod):
                      + cfg.low_mixup_weight * loss_low + cfg.high_mixup_weight * loss_high)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
+            distributed.average_gradients(net.parameters())  # a no-op in one process
             optimizer.step()
             for key, value in zip(keys, (total, loss_ce, loss_target_ce, loss_im, loss_coral, loss_quant,
                                          loss_relation, loss_low, loss_high), strict=True):
@@ -675,6 +688,26 @@ def _information_maximisation(logits: torch.Tensor) -> torch.Tensor:
     p = log_p.exp()
     mean_p = p.mean(dim=0)
     return -(p * log_p).sum(dim=1).mean() + (mean_p * torch.log(mean_p.clamp_min(1e-12))).sum()
+
+
+def _sharded_forward(net: HashNet, *groups: torch.Tensor) -> HashNetOutput:
+    """``net(cat(groups))``, the outputs of the global batch.
+
+    Under torchrun each rank runs only its shard of every group and the outputs are gathered with
+    gradient (group by group, so the row order is the single-process one); every loss computed on them
+    is then the single-process loss, pairwise terms included.
+    """
+    if not distributed.active():
+        return net(torch.cat(groups)) if len(groups) > 1 else net(groups[0])
+    parts = [group[slice(*distributed.shard_range(group.shape[0]))] for group in groups]
+    out = net(torch.cat(parts))
+    widths = [out.features.shape[1], out.hash.shape[1], out.logits.shape[1]]
+    packed = torch.cat([out.features, out.hash, out.logits], dim=1)  # one gather per group, not three
+    gathered, offset = [], 0
+    for part in parts:
+        gathered.append(distributed.gather_with_grad(packed[offset:offset + part.shape[0]]))
+        offset += part.shape[0]
+    return HashNetOutput(*torch.split(torch.cat(gathered), widths, dim=1))
 
 
 def _cycled_permutation(n: int, length: int, generator: torch.Generator) -> torch.Tensor:

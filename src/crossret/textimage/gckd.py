@@ -23,8 +23,14 @@ One step (``B_s`` labelled source pairs; ``B_t`` target images and ``B_t`` targe
 Source-only training is the same loop with every target term off (``GckdConfig.source_only()``), so
 the baseline and GCKD differ by the target terms alone. Checkpoints (model, teacher, GNN, memory,
 optimiser, RNG states) are written atomically after every epoch; ``resume=True`` continues bit-for-bit
-on CPU. Nothing here calls a collective; memory enqueue gathers across ranks only inside a process
-group (DDP-safe).
+on CPU.
+
+Data parallelism (``torchrun``, docs/distributed.md): every rank receives the same global batch, runs
+the unimodal encoders, the ITM fusion and the MLM head on its share of the rows, and gathers features,
+tokens and logits with gradient, so that every term above (ITC over the batch and the banks, hard
+negatives, the GMP graph, CMKD, the pseudo-pairs) is computed on the global batch exactly as in one
+process. Gradients are averaged over ranks; the banks receive the global batch's teacher features, so
+they hold the same contents on every rank. In one process none of this runs and no collective is called.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crossret import distributed
 from crossret._config import reject_unknown_keys
 from crossret._io import write_bytes_atomic
 from crossret.errors import ConfigError, DataError, FileFormatError
@@ -205,10 +213,15 @@ def mlm_distill_loss(logits: Tensor, labels: Tensor, teacher_logits: Tensor | No
     chosen = labels != -100
     if not bool(chosen.any()):
         return logits.sum() * 0.0
-    pred = logits[chosen].float()
-    loss = F.cross_entropy(pred, labels[chosen])
+    return _mlm_on_masked(logits[chosen].float(), labels[chosen],
+                          teacher_logits[chosen] if teacher_logits is not None else None, alpha)
+
+
+def _mlm_on_masked(pred: Tensor, labels: Tensor, teacher_logits: Tensor | None, alpha: float) -> Tensor:
+    """:func:`mlm_distill_loss` on the masked positions only: ``pred (n, V)`` float, ``labels (n,)``."""
+    loss = F.cross_entropy(pred, labels)
     if teacher_logits is not None and alpha > 0:
-        soft = F.softmax(teacher_logits[chosen].float(), dim=-1)
+        soft = F.softmax(teacher_logits.float(), dim=-1)
         loss = (1.0 - alpha) * loss + alpha * soft_contrastive_loss(pred, soft)
     return loss
 
@@ -262,6 +275,55 @@ class GckdTrainer:
         self._teacher_feats: tuple[Tensor, ...] | None = None
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        # Data parallelism (set by fit under torchrun): ranks, whether the batches' images are this rank's
+        # rows already, and a counter that gives each sharded forward of a step its own dropout stream.
+        self._world = 1
+        self._images_local = False
+        self._rng_calls = 0
+
+    # ------------------------------------------------------------------ data-parallel hooks (identity in one process)
+    def _local(self, t: Tensor | None) -> Tensor | None:
+        """This rank's rows of a global-batch tensor."""
+        if self._world == 1 or t is None:
+            return t
+        return t[slice(*distributed.shard_range(t.shape[0]))]
+
+    def _local_images(self, t: Tensor | None) -> Tensor | None:
+        return t if self._images_local else self._local(t)
+
+    def _gather(self, t: Tensor) -> Tensor:
+        """The global batch's rows of a per-rank tensor, with gradient."""
+        return t if self._world == 1 else distributed.gather_with_grad(t)
+
+    def _gather_rows(self, t: Tensor) -> Tensor:
+        return t if self._world == 1 else distributed.gather_rows(t)
+
+    def _sharded(self) -> AbstractContextManager[None]:
+        """Context of a forward on this rank's rows: its dropout draws from a stream of its own, so that the
+        generator the replicated GNN draws from stays the same on every rank."""
+        if self._world == 1:
+            return nullcontext()
+        self._rng_calls += 1
+        return distributed.rank_rng(self.config.seed, self.step, self._rng_calls, device=self.device)
+
+    def _itm(self, text_tok: Tensor, mask: Tensor | None, image_tok: Tensor, text_rows: Tensor | None = None,
+             image_rows: Tensor | None = None) -> Tensor:
+        """ITM logits of the pairs ``(text_rows[j], image_rows[j])`` (all rows in order when None).
+
+        Under torchrun the token tensors are the gathered global ones; each rank fuses a contiguous share
+        of the pairs and the logits are gathered with gradient."""
+        model = self.model
+        if self._world == 1:
+            if text_rows is None or image_rows is None:
+                return model.itm_logits(text_tok, mask, image_tok)
+            return model.itm_logits(text_tok[text_rows], _rows(mask, text_rows), image_tok[image_rows])
+        if text_rows is None or image_rows is None:
+            text_rows = image_rows = torch.arange(text_tok.shape[0], device=text_tok.device)
+        lo, hi = distributed.shard_range(text_rows.numel())
+        t, v = text_rows[lo:hi], image_rows[lo:hi]
+        with self._sharded():
+            logits = model.itm_logits(text_tok[t], _rows(mask, t), image_tok[v])
+        return distributed.gather_with_grad(logits)
 
     # ------------------------------------------------------------------ one step
     def _bank(self, domain: str, modality: str) -> tuple[Tensor, Tensor]:
@@ -283,14 +345,23 @@ class GckdTrainer:
         terms: dict[str, Tensor] = {}
         stats: dict[str, float] = {}
 
-        # -- source: student + teacher unimodal features
-        s_img_tok, f_vs = model.encode_image(batch.source_images)
-        s_txt_tok, f_ts = model.encode_text(batch.source_text, batch.source_mask)
+        # -- source: student + teacher unimodal features (this rank's rows under torchrun, then gathered)
+        images, text, text_mask = (self._local_images(batch.source_images), self._local(batch.source_text),
+                                   self._local(batch.source_mask))
+        with self._sharded():
+            s_img_tok, f_vs = model.encode_image(images)
+            s_txt_tok, f_ts = model.encode_text(text, text_mask)
+        f_vs, f_ts = self._gather(f_vs), self._gather(f_ts)
         ids = batch.source_ids
         _check_finite(f_vs, f_ts, where=f"step {self.step} (source features)")
         with torch.no_grad():
-            ts_img_tok, tf_vs = teacher.encode_image(batch.source_images)
-            _, tf_ts = teacher.encode_text(batch.source_text, batch.source_mask)
+            ts_img_tok, tf_vs = teacher.encode_image(images)
+            _, tf_ts = teacher.encode_text(text, text_mask)
+            tf_vs, tf_ts = self._gather_rows(tf_vs), self._gather_rows(tf_ts)
+        # The tokens of every row, for ITM pairs that cross shards (the rank's own tokens in one process).
+        need_tokens = c.itm_weight > 0 or (adapt and c.cd_itm_weight > 0)
+        source_tokens = ((self._gather(s_img_tok), self._gather(s_txt_tok)) if need_tokens
+                         else (s_img_tok, s_txt_tok))
         bank_vs, bank_ids = self._bank("source", "image")
         bank_ts, _ = self._bank("source", "text")
         cand_t, cand_v = torch.cat([tf_ts, bank_ts]), torch.cat([tf_vs, bank_vs])
@@ -302,31 +373,35 @@ class GckdTrainer:
 
         # -- source ITM with in-batch hard negatives (same identity never a negative)
         if c.itm_weight > 0:
-            pos = model.itm_logits(s_txt_tok, batch.source_mask, s_img_tok)
+            all_img_tok, all_txt_tok = source_tokens
+            pos = self._itm(all_txt_tok, batch.source_mask, all_img_tok)
             with torch.no_grad():
                 sim = f_vs @ f_ts.T / temp
             neg_t, neg_v = sample_hard_negatives(sim, sim.T, ids, self.generator)
             negs = []
             rows = torch.nonzero(neg_t >= 0).squeeze(1)
             if rows.numel():
-                t = neg_t[rows]
-                negs.append(model.itm_logits(s_txt_tok[t], _rows(batch.source_mask, t), s_img_tok[rows]))
+                negs.append(self._itm(all_txt_tok, batch.source_mask, all_img_tok, neg_t[rows], rows))
             rows = torch.nonzero(neg_v >= 0).squeeze(1)
             if rows.numel():
-                negs.append(model.itm_logits(s_txt_tok[rows], _rows(batch.source_mask, rows), s_img_tok[neg_v[rows]]))
+                negs.append(self._itm(all_txt_tok, batch.source_mask, all_img_tok, rows, neg_v[rows]))
             terms["itm"] = itm_loss(pos, torch.cat(negs) if negs else pos[:0])
 
         # -- MLM (ALBEF backbone only)
         if self.mask_fn is not None:
+            # The masks are drawn for the global batch (the generator advances as in one process).
             masked, labels = self.mask_fn(batch.source_text, batch.source_mask, self.generator)
-            logits = model.mlm_logits(masked, batch.source_mask, s_img_tok)
-            with torch.no_grad():
-                t_logits = teacher.mlm_logits(masked, batch.source_mask, ts_img_tok) if c.alpha > 0 else None
-            terms["mlm"] = mlm_distill_loss(logits, labels, t_logits, c.alpha)
+            if self._world == 1:
+                logits = model.mlm_logits(masked, batch.source_mask, s_img_tok)
+                with torch.no_grad():
+                    t_logits = teacher.mlm_logits(masked, batch.source_mask, ts_img_tok) if c.alpha > 0 else None
+                terms["mlm"] = mlm_distill_loss(logits, labels, t_logits, c.alpha)
+            else:
+                terms["mlm"] = self._mlm_sharded(masked, labels, text_mask, s_img_tok, ts_img_tok)
 
         self._teacher_feats = (tf_vs, tf_ts)
         if adapt:
-            self._target_terms(batch, temp, (s_img_tok, s_txt_tok), f_vs, f_ts, tf_vs, tf_ts, terms, stats)
+            self._target_terms(batch, temp, source_tokens, f_vs, f_ts, tf_vs, tf_ts, terms, stats)
 
         weights = {"itc": c.itc_weight, "itm": c.itm_weight, "mlm": c.mlm_weight, "prop": c.prop_weight,
                    "kd": c.kd_weight, "cd_itm": c.cd_itm_weight}
@@ -334,17 +409,46 @@ class GckdTrainer:
         stats.update({name: float(value.detach()) for name, value in terms.items()})
         return total, stats  # type: ignore[return-value]
 
+    def _mlm_sharded(self, masked: Tensor, labels: Tensor, text_mask: Tensor | None, img_tok: Tensor,
+                     teacher_img_tok: Tensor) -> Tensor:
+        """The MLM term under torchrun: each rank runs the MLM head on its rows; the logits of the masked
+        positions (row-major, so concatenated in rank order they are the single-process ones) are gathered
+        with gradient and the loss is :func:`mlm_distill_loss` of the global batch."""
+        c = self.config
+        chosen_all = labels != -100
+        masked_l, labels_l = self._local(masked), self._local(labels)
+        assert masked_l is not None and labels_l is not None
+        with self._sharded():
+            logits = self.model.mlm_logits(masked_l, text_mask, img_tok)
+        if not bool(chosen_all.any()):
+            return logits.sum() * 0.0
+        chosen = labels_l != -100
+        pred = distributed.gather_with_grad(logits[chosen].float())
+        t_logits = None
+        if c.alpha > 0:
+            with torch.no_grad():
+                teacher_logits = self.teacher.mlm_logits(masked_l, text_mask, teacher_img_tok)
+                t_logits = distributed.gather_rows(teacher_logits[chosen])
+        return _mlm_on_masked(pred, labels[chosen_all], t_logits, c.alpha)
+
     def _target_terms(self, batch: StepBatch, temp: Tensor, source_tokens: tuple[Tensor, Tensor], f_vs: Tensor,
                       f_ts: Tensor, tf_vs: Tensor, tf_ts: Tensor, terms: dict[str, Tensor], stats: dict[str, float]
                       ) -> None:
         c, model, teacher = self.config, self.model, self.teacher
         assert batch.target_images is not None and batch.target_text is not None
-        t_img_tok, f_vt = model.encode_image(batch.target_images)
-        t_txt_tok, f_tt = model.encode_text(batch.target_text, batch.target_mask)
+        images, text, text_mask = (self._local_images(batch.target_images), self._local(batch.target_text),
+                                   self._local(batch.target_mask))
+        with self._sharded():
+            t_img_tok, f_vt = model.encode_image(images)
+            t_txt_tok, f_tt = model.encode_text(text, text_mask)
+        f_vt, f_tt = self._gather(f_vt), self._gather(f_tt)
         _check_finite(f_vt, f_tt, where=f"step {self.step} (target features)")
         with torch.no_grad():
-            _, tf_vt = teacher.encode_image(batch.target_images)
-            _, tf_tt = teacher.encode_text(batch.target_text, batch.target_mask)
+            _, tf_vt = teacher.encode_image(images)
+            _, tf_tt = teacher.encode_text(text, text_mask)
+            tf_vt, tf_tt = self._gather_rows(tf_vt), self._gather_rows(tf_tt)
+        if c.cd_itm_weight > 0:
+            t_img_tok, t_txt_tok = self._gather(t_img_tok), self._gather(t_txt_tok)
         self._teacher_feats = (tf_vs, tf_ts, tf_vt, tf_tt)
         b_s, b_t = f_vs.shape[0], f_vt.shape[0]
         bank = self.memory.nodes()[0] if self.memory is not None else f_vs.new_zeros(0, f_vs.shape[1])
@@ -400,7 +504,7 @@ class GckdTrainer:
             tt = batch.target_text_index.cpu().numpy()[text_idx.cpu().numpy()]
             stats["pseudo_pair_precision"] = float(np.mean(img_truth[ti] == txt_truth[tt]))
         if c.cd_itm_weight > 0 and text_idx.numel():
-            pos = model.itm_logits(t_txt_tok[text_idx], _rows(batch.target_mask, text_idx), t_img_tok[image_idx])
+            pos = self._itm(t_txt_tok, batch.target_mask, t_img_tok, text_idx, image_idx)
             with torch.no_grad():
                 # candidates: source ∪ target batch; exclude the positive and every target item ≥ δ
                 above = score >= c.delta  # (T_text, T_image)
@@ -420,12 +524,10 @@ class GckdTrainer:
             negs = []
             ok = torch.nonzero(neg_for_text >= 0).squeeze(1)  # text rows with a negative image
             if ok.numel():
-                negs.append(model.itm_logits(t_txt_tok[text_idx[ok]], _rows(batch.target_mask, text_idx[ok]),
-                                             all_img_tok[neg_for_text[ok]]))
+                negs.append(self._itm(t_txt_tok, batch.target_mask, all_img_tok, text_idx[ok], neg_for_text[ok]))
             ok = torch.nonzero(neg_for_image >= 0).squeeze(1)  # image rows with a negative text
             if ok.numel():
-                j = neg_for_image[ok]
-                negs.append(model.itm_logits(all_txt_tok[j], _rows(all_mask, j), t_img_tok[image_idx[ok]]))
+                negs.append(self._itm(all_txt_tok, all_mask, t_img_tok, neg_for_image[ok], image_idx[ok]))
             terms["cd_itm"] = itm_loss(pos, torch.cat(negs) if negs else pos[:0])
 
     # ------------------------------------------------------------------ training loop
@@ -436,10 +538,28 @@ class GckdTrainer:
 
         With ``resume`` the state of ``checkpoint_dir/checkpoint.pt`` (if any) is restored first and
         training continues from its epoch. ``should_stop()`` true ends training after the current epoch's
-        checkpoint (a clean interruption)."""
+        checkpoint (a clean interruption).
+
+        Under torchrun (an initialised process group of several ranks) every rank calls ``fit`` with the
+        same data and configuration; rank 0 writes the checkpoints and decides ``should_stop``."""
         c = self.config
         if c.adapts and not data.has_target:
             raise DataError("GCKD adaptation needs target data (images and captions of the target train split)")
+        self._world = distributed.world_size() if distributed.active() else 1
+        set_shard = getattr(data, "set_image_shard", None)
+        self._images_local = self._world > 1 and set_shard is not None
+        if self._images_local:
+            set_shard(distributed.rank(), self._world)  # load and augment only this rank's images
+        try:
+            return self._fit(data, resume, progress, should_stop)
+        finally:
+            if self._images_local:
+                set_shard(None, None)
+            self._world, self._images_local = 1, False
+
+    def _fit(self, data: TrainingData, resume: bool, progress: Callable[[int, int, dict[str, float]], None] | None,
+             should_stop: Callable[[], bool] | None) -> TrainResult:
+        c = self.config
         self._truth = data.target_truth()
         steps_per_epoch = data.steps_per_epoch()
         total = steps_per_epoch * c.epochs
@@ -449,6 +569,8 @@ class GckdTrainer:
             # Dropout draws from torch's global generator: seed it so that config.seed alone fixes the
             # run (a resumed run restores the generator's state from the checkpoint instead).
             torch.manual_seed(c.seed)
+        for module in (self.model, self.teacher, self.gnn):  # rank 0's weights everywhere (no-op in one process)
+            distributed.broadcast_module_(module)
         started = time.perf_counter()
         for epoch in range(start_epoch, c.epochs):
             self.model.train()
@@ -460,6 +582,7 @@ class GckdTrainer:
                 factor = _lr_factor(self.step, total, warmup, c.min_lr / c.lr)
                 for group in self.optimizer.param_groups:
                     group["lr"] = group["base_lr"] * factor
+                self._rng_calls = 0
                 with _autocast(c, self.device):
                     loss, stats = self.losses(batch)
                 if not torch.isfinite(loss):
@@ -467,6 +590,8 @@ class GckdTrainer:
                                              "the learning rate or disable amp")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if self._world > 1:
+                    distributed.average_gradients(p for g in self.optimizer.param_groups for p in g["params"])
                 if c.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
                                                    c.grad_clip)
@@ -484,9 +609,12 @@ class GckdTrainer:
                      "temp": float(self.model.clamped_temp().detach())}
             self.history.append(entry)
             log.info("epoch %d/%d %s", epoch + 1, c.epochs, {k: round(v, 4) for k, v in entry.items()})
-            if self.checkpoint_dir is not None:
-                self.save_checkpoint(data, epoch + 1)
-            if should_stop is not None and should_stop() and epoch + 1 < c.epochs:
+            if self.checkpoint_dir is not None:  # rank 0 writes, the others wait
+                distributed.run_on_main(lambda epoch=epoch: self.save_checkpoint(data, epoch + 1))
+            stop = should_stop is not None and should_stop()
+            if self._world > 1:
+                stop = distributed.broadcast_object(stop)  # rank 0 decides, so that every rank stops together
+            if stop and epoch + 1 < c.epochs:
                 break
         return TrainResult(self.history, start_epoch, time.perf_counter() - started)
 
@@ -499,7 +627,8 @@ class GckdTrainer:
         if len(feats) == 2:  # source-only step: the target banks get nothing
             empty = feats[0].new_zeros(0, feats[0].shape[1])
             feats = (*feats, empty, empty)
-        self.memory.enqueue(*feats, source_ids=batch.source_ids)
+        # The features are the global batch's already (gathered in losses under torchrun): no second gather.
+        self.memory.enqueue(*feats, source_ids=batch.source_ids, gather=False)
         self._teacher_feats = None
 
     # ------------------------------------------------------------------ checkpoints

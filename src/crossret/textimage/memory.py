@@ -8,6 +8,8 @@ slot (``0`` source, ``1`` target), so the "two mixed banks" reading can be rebui
 
 Everything is stored in registered buffers: a bank saves in ``state_dict`` and moves with ``.to()``.
 No collective is issued unless ``torch.distributed.is_initialized()`` (see :func:`gather_if_distributed`).
+The GCKD trainer gathers the global batch itself under torchrun and enqueues it with ``gather=False``, so
+every rank's banks hold what one process's would (docs/distributed.md).
 """
 
 from __future__ import annotations

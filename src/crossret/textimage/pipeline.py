@@ -13,6 +13,10 @@ Run directory::
 
 Model selection never looks at target labels: training runs its configured epochs and the last
 model is evaluated once (gckd.md A10).
+
+Under ``torchrun`` (docs/distributed.md) every rank trains on its share of each global batch; rank 0
+alone prepares the run directory, builds the vocabulary, writes the files and evaluates, and every rank
+returns the same metrics.
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from crossret import distributed
 from crossret._config import reject_unknown_keys
 from crossret._io import read_yaml_mapping, write_json_atomic, write_yaml_atomic
 from crossret.data.person import (
@@ -200,9 +206,18 @@ def _prepare(run_dir: Path, overwrite: bool, resume: bool) -> None:
 def run_gckd(config: GckdRunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
              progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Train (pretrain or adapt), save the model, evaluate on ``eval_split`` of the target (the source
-    for ``pretrain`` without a target) and write the run directory. Returns the metrics dict."""
+    for ``pretrain`` without a target) and write the run directory. Returns the metrics dict.
+
+    Launched by ``torchrun`` with several processes, training is data-parallel (nccl for ``cuda``,
+    each rank on its ``LOCAL_RANK`` GPU; gloo on CPU) and rank 0 writes the run directory."""
     config = config.validate()
-    run_dir = Path(out_dir)
+    device = distributed.local_device(config.device)
+    with distributed.process_group("nccl" if device.type == "cuda" else "gloo"):
+        return _run_gckd(config, Path(out_dir), str(device), resume, overwrite, progress, should_stop)
+
+
+def _run_gckd(config: GckdRunConfig, run_dir: Path, device: str, resume: bool, overwrite: bool,
+              progress: ProgressFn | None, should_stop: Callable[[], bool] | None) -> dict[str, Any]:
     # Everything that can fail on bad input happens before the run directory is touched.
     source = load_person_dataset(None, config.source_dir)
     target = load_person_dataset(None, config.target_dir) if config.target_dir else None
@@ -212,15 +227,20 @@ def run_gckd(config: GckdRunConfig, out_dir: str | Path, *, resume: bool = False
         if saved != config.to_dict():
             raise ConfigError(f"--resume: {run_dir} was started with a different configuration; use the same "
                               "options or a new --out")
-    _prepare(run_dir, overwrite, resume)
-    handler = attach_run_log(run_dir)
+    main = distributed.is_main()  # rank 0 (or the only process) writes files, evaluates and reports progress
+    if not main:
+        progress = None
+    distributed.run_on_main(partial(_prepare, run_dir, overwrite, resume))
+    handler = attach_run_log(run_dir) if main else None
     try:
-        vocab = resolve_vocab(config, run_dir)
+        vocab = distributed.run_on_main(partial(resolve_vocab, config, run_dir))  # trained once, read by all
         tokenizer = CaptionTokenizer.from_vocab(vocab, max_length=config.max_tokens)
         model, init_info = build_model(config, tokenizer.vocab_size)
         check_vocab_fits(tokenizer, model.config.vocab_size, model.config.max_position)
-        write_yaml_atomic(run_dir / "config.yaml", {"run": config.to_dict(), "albef": model.config.to_dict(),
-                                                    "train": train_config.to_dict(), "init": init_info})
+        distributed.run_on_main(partial(
+            write_yaml_atomic, run_dir / "config.yaml",
+            {"run": config.to_dict(), "albef": model.config.to_dict(), "train": train_config.to_dict(),
+             "init": init_info}))
         size = tuple(model.config.image_size)
         data = PersonTrainingData(
             build_train_pairs(source, "train", max_words=config.max_words), tokenizer,
@@ -239,7 +259,7 @@ def run_gckd(config: GckdRunConfig, out_dir: str | Path, *, resume: bool = False
                                special_ids=tokenizer.special_ids.to(ids.device), attention_mask=attention,
                                mask_prob=train_config.mlm_prob, generator=generator)
 
-        trainer = GckdTrainer(model, train_config, device=config.device, mask_fn=mask_fn,
+        trainer = GckdTrainer(model, train_config, device=device, mask_fn=mask_fn,
                               checkpoint_dir=run_dir / "checkpoints")
         step_progress = None
         if progress is not None:
@@ -247,30 +267,35 @@ def run_gckd(config: GckdRunConfig, out_dir: str | Path, *, resume: bool = False
                 progress(step, total, f"{config.stage} loss {stats.get('loss', float('nan')):.3f}")
         result = trainer.fit(data, resume=resume, progress=step_progress, should_stop=should_stop)
         finished = len(result.history) == train_config.epochs
-        save_albef_checkpoint(model, run_dir / "model.pt")
-        eval_dataset = target if target is not None else source
-        view = build_eval_view(eval_dataset, config.eval_split, max_words=config.max_words)
-        started = time.perf_counter()
-        if progress is not None:
-            progress(0, 1, "evaluating")
-        evaluation = evaluate_view(model, tokenizer, view, rerank_k=config.rerank_k,
-                                   batch_size=config.eval_batch_size, device=config.device)
-        metrics = {
-            "stage": config.stage, "finished_all_epochs": finished,
-            "source": source.name, "target": target.name if target is not None else None,
-            "evaluated_on": f"{eval_dataset.name}:{config.eval_split}",
-            "protocol": "text-to-image; queries = every caption of the split, gallery = every image; relevant = "
-                        "same person id; no model selection (last epoch)",
-            "evaluation": evaluation, "eval_seconds": time.perf_counter() - started,
-            "train_seconds": result.train_seconds, "resumed_from_epoch": result.resumed_from_epoch,
-            "history": result.history, "train_config": train_config.to_dict(), "init": init_info,
-            "albef": model.config.to_dict(), "seed": train_config.seed,
-        }
-        write_json_atomic(run_dir / "metrics.json", metrics)
-        return metrics
+
+        def finish() -> dict[str, Any]:  # rank 0 under torchrun: save, evaluate once, write metrics
+            save_albef_checkpoint(model, run_dir / "model.pt")
+            eval_dataset = target if target is not None else source
+            view = build_eval_view(eval_dataset, config.eval_split, max_words=config.max_words)
+            started = time.perf_counter()
+            if progress is not None:
+                progress(0, 1, "evaluating")
+            evaluation = evaluate_view(model, tokenizer, view, rerank_k=config.rerank_k,
+                                       batch_size=config.eval_batch_size, device=device)
+            metrics = {
+                "stage": config.stage, "finished_all_epochs": finished,
+                "source": source.name, "target": target.name if target is not None else None,
+                "evaluated_on": f"{eval_dataset.name}:{config.eval_split}",
+                "protocol": "text-to-image; queries = every caption of the split, gallery = every image; relevant = "
+                            "same person id; no model selection (last epoch)",
+                "evaluation": evaluation, "eval_seconds": time.perf_counter() - started,
+                "train_seconds": result.train_seconds, "resumed_from_epoch": result.resumed_from_epoch,
+                "history": result.history, "train_config": train_config.to_dict(), "init": init_info,
+                "albef": model.config.to_dict(), "seed": train_config.seed,
+            }
+            write_json_atomic(run_dir / "metrics.json", metrics)
+            return metrics
+
+        return distributed.run_on_main(finish)
     finally:
-        logging.getLogger("crossret").removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger("crossret").removeHandler(handler)
+            handler.close()
 
 
 def evaluate_run(run_dir: str | Path, dataset_dir: str | Path, *, split: str = "test", rerank_k: int = 128,

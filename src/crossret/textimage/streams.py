@@ -13,6 +13,9 @@ Two sources of batches share the interface :class:`TrainingData`:
   :class:`~crossret.data.person.ImageTransform` and captions through a tokenizer.
 
 Every epoch's batches are a pure function of ``(seed, epoch)``, so a resumed run sees the same data.
+Under torchrun every rank draws the same global batches; after ``set_image_shard(rank, world)`` the
+image tensors of a batch hold only that rank's contiguous rows (:func:`crossret.distributed.shard_range`),
+so each rank decodes and augments only its own images, while ids, captions and indices stay global.
 Target identities never appear in a batch; ``target_truth`` (image ids, caption ids) is kept apart for
 the pseudo-positive precision report only.
 """
@@ -34,6 +37,7 @@ from crossret.data.person import (
     _item_rng,
     load_image,
 )
+from crossret.distributed import shard_range
 from crossret.errors import ConfigError, DataError
 
 TARGET_PAIRINGS = ("unpaired", "paired")
@@ -74,6 +78,22 @@ class TrainingData(Protocol):
     def target_truth(self) -> tuple[np.ndarray, np.ndarray] | None: ...
 
 
+class _ImageShard:
+    """``set_image_shard`` for both data sources: which rows of each batch's images to materialise."""
+
+    _shard: tuple[int, int] | None = None
+
+    def set_image_shard(self, rank: int | None, world: int | None) -> None:
+        """From now on yield only rank ``rank`` of ``world``'s rows of the image tensors (None: all rows)."""
+        self._shard = None if rank is None or world is None or world <= 1 else (int(rank), int(world))
+
+    def _image_rows(self, rows: np.ndarray) -> np.ndarray:
+        if self._shard is None:
+            return rows
+        lo, hi = shard_range(len(rows), *self._shard)
+        return rows[lo:hi]
+
+
 def _check_pairing(pairing: str) -> str:
     if pairing not in TARGET_PAIRINGS:
         raise ConfigError(f"target_pairing={pairing!r}; choose one of {', '.join(TARGET_PAIRINGS)}")
@@ -106,7 +126,7 @@ def _target_index_streams(n_images: int, n_texts: int, batch: int, steps: int, s
 
 
 # ---------------------------------------------------------------------------------------------- features
-class FeatureTrainingData:
+class FeatureTrainingData(_ImageShard):
     """Batches of precomputed features (the feature-heads backbone).
 
     ``source_image (N_s, d_img)``, ``source_text (N_s, d_txt)`` row-aligned pairs with ``source_ids
@@ -173,11 +193,11 @@ class FeatureTrainingData:
                 self.seed, epoch, self.target_pairing, pair)
         for step, rows in enumerate(source_batches):
             idx = np.asarray(rows)
-            batch = StepBatch(torch.from_numpy(self.source_image[idx]), torch.from_numpy(self.source_text[idx]), None,
-                              torch.from_numpy(self.source_ids[idx]))
+            batch = StepBatch(torch.from_numpy(self.source_image[self._image_rows(idx)]),
+                              torch.from_numpy(self.source_text[idx]), None, torch.from_numpy(self.source_ids[idx]))
             if self.has_target:
                 ti, tt = image_rows[step], text_rows[step]
-                batch = batch._replace(target_images=torch.from_numpy(self.target_image[ti]),
+                batch = batch._replace(target_images=torch.from_numpy(self.target_image[self._image_rows(ti)]),
                                        target_text=torch.from_numpy(self.target_text[tt]),
                                        target_image_index=torch.from_numpy(ti), target_text_index=torch.from_numpy(tt))
             yield batch
@@ -209,7 +229,7 @@ def _checksum(*arrays: np.ndarray | None) -> str:
 TokenizeFn = Callable[[Sequence[str]], tuple[Tensor, Tensor]]
 
 
-class PersonTrainingData:
+class PersonTrainingData(_ImageShard):
     """Batches from person-retrieval datasets: images loaded and augmented per item, captions tokenised.
 
     ``source``: labelled :class:`TrainPairs`; ``target``: the target training split (ids are dropped
@@ -268,13 +288,14 @@ class PersonTrainingData:
                 self.seed, epoch, self.target_pairing, pair)
         for step, rows in enumerate(source_batches):
             idx = np.asarray(rows)
-            images = self._images(self.source.image_paths, self.source.image_index[idx], epoch, 0)
+            images = self._images(self.source.image_paths, self.source.image_index[self._image_rows(idx)], epoch, 0)
             ids, mask = self.tokenize([self.source.captions[i] for i in idx])
             batch = StepBatch(images, ids, mask, torch.from_numpy(self.source.person_ids[idx]))
             if self.has_target:
                 ti, tt = image_rows[step], text_rows[step]
                 t_ids, t_mask = self.tokenize([self.target.captions[i] for i in tt])
-                batch = batch._replace(target_images=self._images(self.target.image_paths, ti, epoch, 1),
+                target_images = self._images(self.target.image_paths, self._image_rows(ti), epoch, 1)
+                batch = batch._replace(target_images=target_images,
                                        target_text=t_ids, target_mask=t_mask,
                                        target_image_index=torch.from_numpy(ti), target_text_index=torch.from_numpy(tt))
             yield batch

@@ -236,6 +236,71 @@ def test_faiss_factory_strings(kind: str) -> None:
     assert np.all(ids[:, 0] == np.arange(5)) and np.all(d[:, 0] == 0)
 
 
+def test_multihash_results_are_a_subset_of_exact() -> None:
+    rng = np.random.default_rng(12)
+    bits = 48
+    centers = rng.choice([-1, 1], size=(30, bits))
+    db_pm1 = centers[rng.integers(0, 30, 3000)]
+    db_pm1 = np.where(rng.random(db_pm1.shape) < 0.08, -db_pm1, db_pm1)
+    db, q = pack_codes(db_pm1), pack_codes(db_pm1[:40])
+    true = brute_hamming(db_pm1[:40], db_pm1)
+    d_flat, _ = BinaryIndex.from_packed(db, bits).search(q, 20)
+    index = BinaryIndex.from_packed(db, bits, "multihash", b=12, nhash=3)
+    assert index.params == {"b": 12, "nhash": 3, "nflip": 0} and index.is_trained
+    for nflip in (0, 1, 2):
+        index.set_params(nflip=nflip)
+        d, ids = index.search(q, 20)
+        found = ids >= 0
+        # every result is a real item at its true distance, rows sorted, never closer than exact
+        np.testing.assert_array_equal(np.where(found, np.take_along_axis(true, np.maximum(ids, 0), 1), d), d)
+        assert np.all(np.diff(d, axis=1) >= 0) and np.all(d >= d_flat)
+        assert np.all(found[:, 0]) and np.all(d[:, 0] == 0)  # each query is in the database
+        for row_ids in ids:  # no item twice
+            assert len(set(row_ids[row_ids >= 0].tolist())) == int((row_ids >= 0).sum())
+        lims, rd, rids = index.range_search(q, 6)
+        assert rd.size and rd.max() <= 6
+        flat_lims, _, flat_ids = BinaryIndex.from_packed(db, bits).range_search(q, 6)
+        for i in range(len(q)):
+            assert set(rids[lims[i]:lims[i + 1]].tolist()) <= set(flat_ids[flat_lims[i]:flat_lims[i + 1]].tolist())
+    # flipping every bit of one key enumerates all buckets: the candidates are the whole database
+    full = BinaryIndex.from_packed(db, bits, "multihash", b=4, nhash=1, nflip=4)
+    np.testing.assert_array_equal(full.search(q, 20)[0], d_flat)
+
+
+def test_packed_key_sort_equals_lexsort() -> None:
+    from crossret.retrieval.index import _sort_binary_rows, _sort_rows
+
+    rng = np.random.default_rng(13)
+    dist = rng.integers(0, 5, (50, 30)).astype(np.int32)
+    internal = rng.permutation(5000)[:1500].reshape(50, 30).astype(np.int64)
+    internal[::7, -4:] = -1  # missing slots, some with faiss' int32-min distance
+    dist[::14, -4:] = np.iinfo(np.int32).min
+    expected = _sort_rows(np.where(internal < 0, MISSING_DISTANCE, dist).astype(np.int32), internal)
+    for got in (_sort_binary_rows(dist, internal),
+                _sort_binary_rows(dist, np.where(internal == internal.max(), 1 << 40, internal))):
+        np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(_sort_binary_rows(dist, internal)[1], expected[1])
+
+
+def test_multihash_parameter_checks() -> None:
+    assert BinaryIndex(48, "multihash").params == {"b": 16, "nhash": 3, "nflip": 0}
+    assert BinaryIndex(8, "multihash").params == {"b": 8, "nhash": 1, "nflip": 0}
+    with pytest.raises(ConfigError, match="exceeds the 48-bit"):
+        BinaryIndex(48, "multihash", b=16, nhash=4)  # 64 bits: the last table would hash the padding
+    with pytest.raises(ConfigError, match="exceeds the 48-bit"):
+        BinaryIndex(48, "multihash", b=49)
+    with pytest.raises(ConfigError, match="nflip"):
+        BinaryIndex(48, "multihash", b=4, nflip=5)
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        BinaryIndex(48, "multihash", nprobe=2)
+    with pytest.raises(ConfigError, match="nflip applies to multi-hash"):
+        BinaryIndex(48).set_params(nflip=1)
+    index = BinaryIndex(48, "multihash", b=4)
+    with pytest.raises(ConfigError, match="cannot exceed"):
+        index.set_params(nflip=5)
+    assert index.params["nflip"] == 0 and index._faiss_index.nflip == 0
+
+
 # ------------------------------------------------------------------ user ids
 
 
@@ -266,7 +331,8 @@ def test_user_ids_are_returned_and_validated() -> None:
 # ------------------------------------------------------------------ persistence
 
 
-KINDS = [("flat", {}), ("ivf", {"nprobe": 3}), ("hnsw", {"M": 8}), ("BIVF8", {}), ("BHNSW8", {})]
+KINDS = [("flat", {}), ("ivf", {"nprobe": 3}), ("hnsw", {"M": 8}), ("BIVF8", {}), ("BHNSW8", {}),
+         ("multihash", {"b": 10, "nflip": 2})]
 
 
 @pytest.mark.parametrize(("kind", "params"), KINDS)

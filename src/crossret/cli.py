@@ -371,12 +371,24 @@ def index_build(
                                                  "directory.")] = None,
     database: Annotated[Setting, typer.Option(help="With --run: cross = source codes, single = target-train "
                                               "codes.")] = Setting.cross,
-    bits: Annotated[int | None, typer.Option(help="Code length, required for packed uint8 codes.")] = None,
-    kind: Annotated[str, typer.Option(help="flat | ivf | hnsw | a faiss binary factory string.")] = "flat",
+    bits: Annotated[int | None, typer.Option(help="Code length of packed uint8 codes (read from the "
+                                             "codes.npy.json sidecar that `index encode` writes).")] = None,
+    kind: Annotated[str, typer.Option(help="flat | ivf | hnsw | multihash | a faiss binary factory string "
+                                      "(see docs/scale.md).")] = "flat",
+    param: Annotated[list[str] | None, typer.Option("--param", help="Index parameter KEY=VALUE, e.g. nlist=1024, "
+                                                    "nprobe=16, M=32, efSearch=64, nhash=4, b=16, nflip=1 "
+                                                    "(repeatable).")] = None,
     ids: Annotated[Path | None, typer.Option(help=".npy of int64 item ids (default 0..N-1).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Codes added per batch.")] = 1 << 20,
+    train_size: Annotated[int | None, typer.Option(help="IVF: codes in the seeded training sample "
+                                                   "(default 64 per list).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the IVF training sample.")] = 0,
 ) -> None:
-    """Build a binary index from codes and save it (atomic write, checksummed)."""
-    from crossret.retrieval.index import BinaryIndex
+    """Build a binary index from codes and save it (atomic write, checksummed).
+
+    Packed uint8 codes (e.g. from `crossret index encode`) are memory-mapped and added in batches.
+    """
+    from crossret.retrieval.streaming import build_index_from_packed
 
     if (codes is None) == (run_dir is None):
         raise ConfigError("give exactly one of --codes FILE or --run RUN_DIR")
@@ -384,10 +396,16 @@ def index_build(
         name = "source" if database is Setting.cross else "target_train"
         codes = run_dir / "codes" / f"{name}_codes.npy"
     assert codes is not None
-    packed, n_bits = _as_packed(_load_npy(codes, "--codes"), bits, "--codes")
-    index = BinaryIndex.from_packed(packed, n_bits, kind=kind, ids=_load_npy(ids, "--ids") if ids else None)
+    params = _index_params(param)
+    source: Any = _packed_codes_file(codes, bits)
+    if source is None:  # ±1 / {0,1} codes: small enough to load and pack in memory
+        source, bits = _as_packed(_load_npy(codes, "--codes"), bits, "--codes")
+    with _progress_bar() as progress:
+        index = build_index_from_packed(source, bits, kind, batch_size=batch_size, train_size=train_size,
+                                        seed=seed, ids=_load_npy(ids, "--ids") if ids else None,
+                                        progress=progress, **params)
     index.save(output)
-    out.print(f"wrote {output}: {index.ntotal} codes, {n_bits} bits, kind {kind}")
+    out.print(f"wrote {output}: {index.ntotal} codes, {index.bits} bits, kind {kind} {index.params or ''}")
 
 
 @index_app.command("search")
@@ -421,6 +439,152 @@ def index_search(
     out.print(table)
     if shown < len(ids):
         out.print(f"... {len(ids) - shown} more queries (use --json or --save for all)")
+
+
+@index_app.command("encode")
+def index_encode(
+    run_dir: Annotated[Path, typer.Option("--run", help="Run directory whose fitted model (model.npz / model.pt) "
+                                          "encodes the features.")],
+    features: Annotated[Path, typer.Option(help="Feature matrix: .npy (memory-mapped, may exceed RAM) or a raw "
+                                           "binary file with --shape.")],
+    output: Annotated[Path, typer.Option("--out", help="Packed codes .npy to write (plus OUT.json with the code "
+                                         "length).")],
+    batch_size: Annotated[int, typer.Option(help="Rows encoded per batch (memory is O(batch)).")] = 65_536,
+    shape: Annotated[str | None, typer.Option(help="Raw feature file: N,D (rows, dimensions).")] = None,
+    dtype: Annotated[str, typer.Option(help="Raw feature file: element type.")] = "float32",
+    as_json: JsonOpt = False,
+) -> None:
+    """Encode a (large) feature file with a run's model into packed codes, batch by batch.
+
+    The output appears only when every batch succeeded; rows with NaN/inf stop it with an error naming them.
+    """
+    from crossret.hashing._state import load_method
+    from crossret.retrieval.streaming import encode_to_packed, open_features
+
+    models = [run_dir / name for name in ("model.npz", "model.pt") if (run_dir / name).is_file()]
+    if not models:
+        raise DataError(f"--run {run_dir}: no model.npz or model.pt; is this a finished run of a method that "
+                        "saves its model?")
+    method = load_method(models[0])
+    raw_shape = None
+    if shape is not None:
+        try:
+            raw_shape = tuple(int(v) for v in shape.split(","))
+        except ValueError:
+            raise ConfigError(f"--shape expects N,D (two integers), got {shape!r}") from None
+        if len(raw_shape) != 2:
+            raise ConfigError(f"--shape expects N,D (two integers), got {shape!r}")
+    try:
+        np.dtype(dtype)
+    except TypeError:
+        raise ConfigError(f"--dtype: unknown numpy dtype {dtype!r}") from None
+    array = open_features(features, shape=raw_shape, dtype=dtype)
+    with _progress_bar(not as_json) as progress:
+        result = encode_to_packed(method, array, output, batch_size=batch_size, progress=progress,
+                                  meta={"features": str(features), "run": str(run_dir)})
+    summary = {"out": str(result.path), "n": result.n, "bits": result.bits, "bytes_per_code": result.width,
+               "seconds": round(result.seconds, 3), "method": method.name}
+    if as_json:
+        _print_json(summary)
+        return
+    rate = result.n / result.seconds if result.seconds > 0 else float("inf")
+    out.print(f"wrote {output}: {result.n} codes, {result.bits} bits ({method.name}) in {result.seconds:.2f}s "
+              f"({rate:,.0f} rows/s); code length in {output.name}.json")
+
+
+@index_app.command("recall")
+def index_recall(
+    index_file: Annotated[Path, typer.Argument(help="Approximate index (ivf, hnsw, multihash, ...).")],
+    exact: Annotated[Path, typer.Option(help="Exact flat index over the same codes.")],
+    queries: Annotated[Path, typer.Option(help=".npy of query codes (±1 or 0/1, or packed uint8).")],
+    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per query.")] = 10,
+    param: Annotated[list[str] | None, typer.Option("--param", help="Search parameter of INDEX_FILE, e.g. "
+                                                    "nprobe=32, efSearch=128, nflip=2 (repeatable).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recall@k of an approximate index against the exact flat index, and its query speed.
+
+    An item as close as the exact k-th neighbour counts as a hit (ties at the k-th distance are not misses).
+    """
+    from crossret.retrieval.index import BinaryIndex
+    from crossret.retrieval.streaming import recall_at_k
+
+    index, reference = BinaryIndex.load(index_file), BinaryIndex.load(exact)
+    if param:
+        index.set_params(**_index_params(param))
+    packed, _ = _as_packed(_load_npy(queries, "--queries"), index.bits, "--queries")
+    t0 = time.perf_counter()
+    index.search(packed, k)
+    seconds = time.perf_counter() - t0
+    recall = recall_at_k(index, reference, packed, k)
+    summary = {"k": k, "recall": recall, "queries": len(packed), "ntotal": index.ntotal, "kind": index.kind,
+               "params": index.params, "queries_per_second": len(packed) / seconds if seconds > 0 else None}
+    if as_json:
+        _print_json(summary)
+        return
+    out.print(f"recall@{k} = {recall:.4f} ({index.kind} {index.params}, {len(packed)} queries, "
+              f"{summary['queries_per_second'] or float('inf'):,.0f} queries/s)")
+
+
+def _index_params(items: list[str] | None) -> dict[str, Any]:
+    """``--param KEY=VALUE`` items -> integer index parameters (BinaryIndex checks names and ranges)."""
+    params = _parse_overrides(items)
+    for key, value in params.items():
+        if isinstance(value, float) and value.is_integer():
+            params[key] = int(value)
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"--param {key}: index parameters are integers, got {value!r}")
+    return params
+
+
+def _packed_codes_file(path: Path, bits: int | None) -> Path | None:
+    """``path`` when it holds packed uint8 codes to stream (it has a sidecar, or ``bits`` says the rows
+    are packed); ``None`` for ±1 / {0,1} code files."""
+    from crossret.retrieval.streaming import sidecar_path
+
+    if not path.is_file():
+        raise DataError(f"--codes: file not found: {path}")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"--codes: {path} is not a readable .npy file ({exc})") from exc
+    if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != 2:
+        return None
+    if sidecar_path(path).is_file() or (bits is not None and array.shape[1] != bits):
+        return path
+    return None
+
+
+# --------------------------------------------------------------------------- serve
+@app.command()
+def serve(
+    run_dir: Annotated[Path | None, typer.Argument(help="A finished run directory (model + database codes). "
+                                                   "May be left out when --index is given (no feature search, "
+                                                   "no labels).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    database: Annotated[Setting, typer.Option(help="cross = the source codes, single = the target-train "
+                                              "codes.")] = Setting.cross,
+    index: Annotated[Path | None, typer.Option(help="Serve this saved index (.crbi) instead of building a flat "
+                                               "one over the run's codes.")] = None,
+    max_k: Annotated[int, typer.Option(min=1, help="Most results per query.")] = 1000,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most queries per request.")] = 1024,
+    max_body_bytes: Annotated[int, typer.Option(min=64, help="Largest request body (413 above).")] = 8 << 20,
+) -> None:
+    """Serve Hamming k-NN search over a run's database as a read-only JSON API (see docs/serve.md).
+
+    Needs the optional 'serve' extra: pip install 'crossret\\[serve]'.
+    """
+    from crossret.serve.app import create_app, require_serve_extra, run_server
+    from crossret.serve.state import ServiceLimits
+
+    require_serve_extra(server=True)
+    limits = ServiceLimits(max_k=max_k, max_batch=max_batch, max_body_bytes=max_body_bytes)
+    service = create_app(run_dir, database=database.value, index=index, limits=limits)
+    info = service.state.service.info()
+    err.print(f"serving {info['size']} codes ({info['bits']} bits, {info['kind']}) on http://{host}:{port}",
+              highlight=False)
+    run_server(service, host=host, port=port)
 
 
 # --------------------------------------------------------------------------- gckd

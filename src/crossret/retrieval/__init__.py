@@ -14,10 +14,16 @@ _EXPORTS = {
     "binarize": "crossret.retrieval.packing",
     "BinaryIndex": "crossret.retrieval.index",
     "DenseIndex": "crossret.retrieval.index",
+    "MilvusBinaryIndex": "crossret.retrieval.milvus",
     "evaluate_hamming": "crossret.retrieval.metrics",
     "HammingEvaluation": "crossret.retrieval.metrics",
     "mean_average_precision": "crossret.retrieval.metrics",
     "dense_retrieval_metrics": "crossret.retrieval.metrics",
+    "encode_to_packed": "crossret.retrieval.streaming",
+    "build_index_from_packed": "crossret.retrieval.streaming",
+    "read_packed_codes": "crossret.retrieval.streaming",
+    "open_features": "crossret.retrieval.streaming",
+    "recall_at_k": "crossret.retrieval.streaming",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,308 @@
+"""Encoding and indexing at scale: feature files larger than memory, indexes built in batches.
+
+* :func:`encode_to_packed` streams a feature file (``.npy`` opened memory-mapped, or a raw
+  ``np.memmap``) through a fitted :class:`~crossret.hashing.base.HashMethod` in batches and writes
+  the packed codes (faiss bit order, :func:`~crossret.retrieval.packing.pack_codes`) to a ``.npy``
+  file. Memory is O(batch): one batch of features and its codes. The output is written to a
+  temporary file that replaces ``out_path`` only when every batch succeeded (a bad batch leaves no
+  output and raises an error naming its rows). A JSON sidecar ``<out_path>.json`` records the code
+  length, which a packed file cannot carry (a 6-byte row may hold 41 to 48 bits).
+* :func:`build_index_from_packed` builds a :class:`~crossret.retrieval.index.BinaryIndex` from a
+  packed-codes file (or array) in chunks; IVF kinds are trained on a seeded random sample.
+* :func:`recall_at_k` measures an approximate index against the exact flat index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crossret._io import atomic_open, write_json_atomic
+from crossret.errors import CodeError, ConfigError, DataError, FileFormatError
+from crossret.progress import ProgressFn, no_progress
+from crossret.retrieval.index import BinaryIndex, _check_k
+from crossret.retrieval.packing import BIT_ORDER, pack_codes, packed_width
+
+__all__ = [
+    "DEFAULT_ADD_BATCH",
+    "DEFAULT_ENCODE_BATCH",
+    "PackedCodesFile",
+    "build_index_from_packed",
+    "encode_to_packed",
+    "open_features",
+    "read_packed_codes",
+    "recall_at_k",
+    "sidecar_path",
+]
+
+DEFAULT_ENCODE_BATCH = 65_536
+DEFAULT_ADD_BATCH = 1 << 20
+SIDECAR_FORMAT = "crossret-packed-codes"
+# IVF training sample: this many codes per list (faiss' k-means warns below 39 and subsamples
+# above 256 anyway; 64 keeps training at 1M+ codes to seconds on a few cores).
+TRAIN_POINTS_PER_LIST = 64
+
+
+@dataclass
+class PackedCodesFile:
+    """A packed-codes ``.npy`` written by :func:`encode_to_packed`."""
+
+    path: Path
+    n: int
+    bits: int
+    width: int
+    seconds: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON sidecar of a packed-codes file: ``codes.npy`` -> ``codes.npy.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+# --------------------------------------------------------------------------------------------
+# features
+
+
+def open_features(path: str | os.PathLike, *, shape: tuple[int, int] | None = None,
+                  dtype: Any = np.float32, offset: int = 0) -> np.ndarray:
+    """Open a feature matrix without reading it: a ``.npy`` memory-mapped read-only, or a raw binary
+    file as an ``np.memmap`` of the given ``shape``/``dtype`` (``shape`` given = raw file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"features: file not found: {path}")
+    if shape is not None:
+        try:
+            return np.memmap(path, dtype=np.dtype(dtype), mode="r", shape=tuple(shape), offset=offset)
+        except (ValueError, OSError) as exc:
+            raise DataError(f"features: cannot map {path} as a raw {np.dtype(dtype)} array of shape "
+                            f"{tuple(shape)} at offset {offset} ({exc})") from exc
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"features: {path} is not a readable .npy file ({exc}); for a raw binary file "
+                        "give its shape and dtype") from exc
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        raise DataError(f"features: {path} is not a single-array .npy file")
+    return array
+
+
+def _check_feature_matrix(features: Any) -> np.ndarray:
+    if not isinstance(features, np.ndarray):
+        features = np.asarray(features)
+    if features.ndim != 2:
+        raise DataError(f"features: expected a 2-D array (items x dims), got shape {features.shape}")
+    if features.dtype.kind not in "fiu":
+        raise DataError(f"features: expected real-valued numbers, got dtype {features.dtype}")
+    return features
+
+
+# --------------------------------------------------------------------------------------------
+# streaming encode
+
+
+def encode_to_packed(method: Any, features: Any, out_path: str | os.PathLike, *,
+                     batch_size: int = DEFAULT_ENCODE_BATCH, progress: ProgressFn = no_progress,
+                     meta: dict[str, Any] | None = None) -> PackedCodesFile:
+    """Encode ``features`` with a fitted ``method`` batch by batch into packed codes at ``out_path``.
+
+    ``features``: an array (typically ``np.load(path, mmap_mode="r")`` or an ``np.memmap``) or a
+    path to a ``.npy`` file (memory-mapped). Rows are read ``batch_size`` at a time, checked for
+    NaN/inf (the error names the rows), encoded with ``method.encode`` and packed; memory stays
+    O(batch_size). The ``.npy`` appears at ``out_path`` only when every batch succeeded; the sidecar
+    ``<out_path>.json`` (bits, rows, method, ``meta``) is written after it.
+    """
+    if isinstance(features, (str, os.PathLike)):
+        source: str | None = str(features)
+        features = open_features(features)
+    else:
+        source = None
+    features = _check_feature_matrix(features)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    bits = int(method.bits)
+    input_dim = getattr(method, "input_dim", None)
+    if input_dim is None:
+        raise ConfigError(f"{getattr(method, 'name', 'method')}: not fitted; load or fit a method before encoding")
+    if features.shape[1] != input_dim:
+        raise DataError(f"features have {features.shape[1]} dimensions but the method expects {input_dim}")
+    n, width = int(features.shape[0]), packed_width(bits)
+    out_path = Path(out_path)
+    side = sidecar_path(out_path)
+    t0 = time.perf_counter()
+    progress(0, n, "encoding")
+    with atomic_open(out_path, "wb") as handle:
+        # The .npy header is written first (the shape is known), then each batch is appended, so
+        # nothing larger than a batch is ever held in memory.
+        np.lib.format.write_array_header_1_0(
+            handle, {"descr": np.dtype(np.uint8).str, "fortran_order": False, "shape": (n, width)})
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            packed = _encode_batch(method, features, start, stop, bits)
+            handle.write(packed.tobytes())
+            progress(stop, n, "encoding")
+        # Drop a stale sidecar before the new codes replace the old ones: a file and a sidecar that
+        # disagree would be worse than a file without one.
+        with contextlib.suppress(FileNotFoundError):
+            side.unlink()
+    seconds = time.perf_counter() - t0
+    record = {
+        "format": SIDECAR_FORMAT, "bits": bits, "n": n, "width": width, "bit_order": BIT_ORDER,
+        "method": getattr(method, "name", type(method).__name__), "features": source,
+        "batch_size": int(batch_size), "seconds": round(seconds, 4), **(meta or {}),
+    }
+    write_json_atomic(side, record)
+    return PackedCodesFile(path=out_path, n=n, bits=bits, width=width, seconds=seconds, meta=record)
+
+
+def _encode_batch(method: Any, features: np.ndarray, start: int, stop: int, bits: int) -> np.ndarray:
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: reported below
+        batch = np.asarray(features[start:stop], dtype=np.float32)
+    finite = np.isfinite(batch).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise DataError(
+            f"features rows {start}..{stop - 1}: {bad.size} row(s) contain NaN or inf (or values beyond "
+            f"float32 range), first at row {start + int(bad[0])}; no codes were written"
+        )
+    codes = method.encode(batch)
+    if codes.shape != (stop - start, bits):
+        raise CodeError(f"method returned codes of shape {codes.shape} for rows {start}..{stop - 1}; "
+                        f"expected {(stop - start, bits)}")
+    return pack_codes(codes)
+
+
+# --------------------------------------------------------------------------------------------
+# packed-codes files
+
+
+def read_packed_codes(path: str | os.PathLike, bits: int | None = None) -> tuple[np.ndarray, int]:
+    """A packed-codes ``.npy`` memory-mapped read-only, and its code length.
+
+    The length comes from ``bits`` or else from the sidecar written by :func:`encode_to_packed`;
+    when both exist they must agree.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"codes: file not found: {path}")
+    try:
+        codes = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"codes: {path} is not a readable .npy file ({exc})") from exc
+    if not isinstance(codes, np.ndarray) or codes.dtype != np.uint8 or codes.ndim != 2:
+        raise CodeError(f"codes: {path} does not hold packed codes (a 2-D uint8 array); got "
+                        f"{getattr(codes, 'dtype', '?')} {getattr(codes, 'shape', '?')}")
+    recorded = _sidecar_bits(path, codes)
+    if bits is None:
+        if recorded is None:
+            raise ConfigError(f"codes: {path} holds packed uint8 codes and has no sidecar "
+                              f"{sidecar_path(path).name}; give the code length (bits / --bits)")
+        bits = recorded
+    elif recorded is not None and recorded != bits:
+        raise CodeError(f"codes: {path} holds {recorded}-bit codes (per {sidecar_path(path).name}) but "
+                        f"{bits} bits were given")
+    return codes, int(bits)
+
+
+def _sidecar_bits(path: Path, codes: np.ndarray) -> int | None:
+    side = sidecar_path(path)
+    if not side.is_file():
+        return None
+    try:
+        record = json.loads(side.read_text(encoding="utf-8"))
+        bits, n, width = int(record["bits"]), int(record["n"]), int(record["width"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FileFormatError(f"{side}: not a readable packed-codes sidecar ({exc})") from exc
+    if record.get("format") != SIDECAR_FORMAT or record.get("bit_order") != BIT_ORDER:
+        raise FileFormatError(f"{side}: not a crossret packed-codes sidecar (format/bit order)")
+    if (n, width) != codes.shape:
+        raise FileFormatError(f"{side}: describes {n} x {width} codes but {path.name} holds {codes.shape}; "
+                              "the two files do not belong together")
+    return bits
+
+
+# --------------------------------------------------------------------------------------------
+# batched index build
+
+
+def build_index_from_packed(codes: Any, bits: int | None = None, kind: str = "flat", *,
+                            batch_size: int = DEFAULT_ADD_BATCH, train_size: int | None = None,
+                            seed: int = 0, ids: Any = None, progress: ProgressFn = no_progress,
+                            **params: Any) -> BinaryIndex:
+    """Build a :class:`BinaryIndex` from packed codes, adding ``batch_size`` rows at a time.
+
+    ``codes``: a path to a packed-codes ``.npy`` (memory-mapped; ``bits`` from its sidecar when not
+    given) or a uint8 array. Kinds and ``params`` as :class:`BinaryIndex` (``flat``, ``ivf``,
+    ``hnsw``, ``multihash`` or a faiss factory string). IVF kinds are trained on ``train_size``
+    codes drawn without replacement with ``seed`` (default ``min(N, 64 · nlist)``); the default
+    ``nlist`` is chosen from the full size N, not the sample.
+    """
+    if isinstance(codes, (str, os.PathLike)):
+        codes, bits = read_packed_codes(codes, bits)
+    elif bits is None:
+        raise ConfigError("bits: the code length is needed for packed codes given as an array")
+    codes = np.asarray(codes) if not isinstance(codes, np.ndarray) else codes
+    if codes.ndim != 2 or codes.dtype != np.uint8:
+        raise CodeError(f"codes: expected packed uint8 codes (items x bytes), got {codes.dtype} {codes.shape}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    n = int(codes.shape[0])
+    if ids is not None:
+        ids = np.asarray(ids)
+        if ids.shape != (n,):
+            raise ConfigError(f"ids: expected {n} ids (one per code), got shape {ids.shape}")
+    if kind == "ivf" and "nlist" not in params:
+        params["nlist"] = BinaryIndex.default_nlist(n)
+    index = BinaryIndex(bits, kind, **params)
+    if not index.is_trained:
+        nlist = int(getattr(index._faiss_index, "nlist", 1))
+        m = min(n, train_size if train_size is not None else TRAIN_POINTS_PER_LIST * nlist)
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))  # sorted: mmap reads in order
+        progress(0, n, f"training {kind} on {m} codes")
+        index.train(np.asarray(codes[rows]))
+    progress(0, n, f"adding codes ({kind})")
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        index.add(np.asarray(codes[start:stop]), ids=None if ids is None else ids[start:stop])
+        progress(stop, n, f"adding codes ({kind})")
+    return index
+
+
+# --------------------------------------------------------------------------------------------
+# recall
+
+
+def recall_at_k(index: BinaryIndex, exact_index: BinaryIndex, queries: np.ndarray, k: int, *,
+                per_query: bool = False) -> float | np.ndarray:
+    """Recall@k of ``index`` against the exact flat ``exact_index`` over the same codes.
+
+    A returned item is a hit when its distance is ``<=`` the exact k-th distance of the query: with
+    ties at the k-th distance any of the tied items is a correct k-th neighbour, so an approximate
+    result that picks a different tied item is not penalised. Recall = hits / min(k, N) per query,
+    averaged (or the per-query array with ``per_query``). This relies on the distances an index
+    returns being exact Hamming distances, which holds for every faiss binary index (they store the
+    full codes); missing results (id -1) are misses.
+    """
+    if exact_index.kind not in ("flat", "BFlat"):
+        raise ConfigError(f"recall_at_k: the reference must be an exact flat index, not kind {exact_index.kind!r}")
+    if index.bits != exact_index.bits or index.ntotal != exact_index.ntotal:
+        raise ConfigError(
+            f"recall_at_k: the indexes differ ({index.bits} bits, {index.ntotal} codes vs {exact_index.bits} bits, "
+            f"{exact_index.ntotal} codes); build both over the same codes"
+        )
+    if exact_index.ntotal == 0:
+        raise ConfigError("recall_at_k: the indexes are empty")
+    kk = min(_check_k(k), exact_index.ntotal)
+    d_exact, _ = exact_index.search(queries, kk)
+    d_approx, ids = index.search(queries, kk)
+    hits = ((ids >= 0) & (d_approx <= d_exact[:, -1:])).sum(axis=1)
+    recall = hits / kk
+    return recall if per_query else float(recall.mean()) if recall.size else float("nan")

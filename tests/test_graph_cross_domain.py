@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 
 from crossret.errors import DataError
-from crossret.graph import CrossDomainGraph, build_cross_domain_graph
+from crossret.graph import CrossDomainGraph, build_cross_domain_graph, knn_search, l2_normalize, mutual_pairs
 
 # ------------------------------------------------------------------ brute force
 
@@ -306,3 +306,124 @@ def test_non_finite_features() -> None:
     ft[0, 0] = np.nan
     with pytest.raises(DataError, match="NaN or inf"):
         build_cross_domain_graph(fs, ys, ft)
+
+
+# ------------------------------------------------------------------ previous construction, ivf
+
+
+def previous_construction(fs: np.ndarray, ys: np.ndarray, ft: np.ndarray, k: int) -> tuple[sp.csr_matrix, dict]:
+    """The graph exactly as built before the index reuse / class grouping / 1-D unique changes: three
+    one-off exact searches, a mask per class and ``np.unique(axis=1)``."""
+    xs, xt = l2_normalize(fs), l2_normalize(ft)
+    n_s, n_t = xs.shape[0], xt.shape[0]
+    _, t_to_s = knn_search(xt, xs, k, normalized=True)
+    _, s_to_t = knn_search(xs, xt, k, normalized=True)
+    s_idx, t_idx = mutual_pairs(s_to_t, t_to_s, n_t)
+    _, t_to_t = knn_search(xt, xt, k, exclude_self=True, normalized=True)
+    a, b = mutual_pairs(t_to_t, t_to_t, n_t)
+    keep = a < b
+    pairs = []
+    for cls in np.unique(ys):
+        members = np.flatnonzero(ys == cls)
+        if members.size < 2:
+            continue
+        _, local = knn_search(xs[members], xs[members], k, exclude_self=True, normalized=True)
+        u, v = np.repeat(members, local.shape[1]), members[local.reshape(-1)]
+        pairs.append(np.stack([np.minimum(u, v), np.maximum(u, v)]))
+    source = np.unique(np.concatenate(pairs, axis=1), axis=1)
+    row = np.concatenate([s_idx, n_s + a[keep], source[0]])
+    col = np.concatenate([n_s + t_idx, n_s + b[keep], source[1]])
+    nodes = np.concatenate([xs, xt])
+    weight = np.einsum("ij,ij->i", nodes[row], nodes[col]).astype(np.float64)
+    counts = {"cross": s_idx.size, "target": int(keep.sum()), "source": source.shape[1]}
+    start, positive = 0, weight > 0
+    for kind in ("cross", "target", "source"):
+        counts[kind], start = int(positive[start:start + counts[kind]].sum()), start + counts[kind]
+    upper = sp.coo_matrix((weight[positive], (row[positive], col[positive])), shape=(n_s + n_t,) * 2)
+    adjacency = (upper + upper.T).tocsr()
+    adjacency.sum_duplicates()
+    adjacency.sort_indices()
+    return adjacency, counts
+
+
+@pytest.mark.parametrize(("seed", "ns", "nt", "classes", "knn"),
+                         [(20, 1500, 1200, 7, "exact"), (21, 900, 2000, 3, "auto"), (22, 600, 700, 40, "exact")])
+def test_exact_graph_is_bitwise_the_previous_construction(seed: int, ns: int, nt: int, classes: int, knn: str) -> None:
+    fs, ys, ft = clustered_data(seed, ns, nt, 12, classes)
+    ys = ys * 3 + 1  # non-contiguous class ids
+    graph = build_cross_domain_graph(fs, ys, ft, knn=knn)
+    ref, counts = previous_construction(fs, ys, ft, 3)
+    assert graph.edge_counts == counts
+    np.testing.assert_array_equal(graph.adjacency.indptr, ref.indptr)
+    np.testing.assert_array_equal(graph.adjacency.indices, ref.indices)
+    np.testing.assert_array_equal(graph.adjacency.data, ref.data)
+
+
+def test_ivf_graph_keeps_most_exact_edges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With small cells the ivf search is genuinely approximate; the graph keeps the structure
+    invariants and most of the exact graph's edges."""
+    import crossret.graph.knn as knn_module
+
+    monkeypatch.setattr(knn_module, "IVF_CELL_ROWS", 60)
+    monkeypatch.setattr(knn_module, "IVF_PROBES", 6)
+    fs, ys, ft = clustered_data(23, 2500, 2500, 16, 5)
+    exact = build_cross_domain_graph(fs, ys, ft, knn="exact")
+    approx = build_cross_domain_graph(fs, ys, ft, knn="ivf")
+    assert knn_module.KnnIndex(l2_normalize(ft), method="ivf").approximate
+    check_structure(approx, ys)
+    e, a = exact.adjacency, approx.adjacency
+    shared = e.multiply(a > 0).nnz
+    assert shared / e.nnz > 0.9
+    assert shared / a.nnz > 0.9
+    # shared edges carry the same cosine weight
+    np.testing.assert_allclose(e.multiply(a > 0).data, a.multiply(e > 0).data, atol=1e-6)
+
+
+# ------------------------------------------------------------------ benchmarks/graph_scaling.py
+
+
+def _graph_scaling_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "graph_scaling.py"
+    spec = importlib.util.spec_from_file_location("graph_scaling_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_measure_graph_scaling_smoke(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows, recall (approximate above a lowered threshold) and exponents of the scaling benchmark."""
+    import crossret.graph.knn as knn_module
+
+    bench = _graph_scaling_module()
+    monkeypatch.setattr(knn_module, "AUTO_APPROX_ROWS", 500)
+    monkeypatch.setattr(knn_module, "IVF_CELL_ROWS", 50)
+    monkeypatch.setattr(knn_module, "IVF_PROBES", 4)
+    out = bench.measure_graph_scaling([600, 1600], dim=8, classes=3, repeat_up_to=600, recall_queries=100)
+    small, large = out["rows"]
+    assert (small["nodes"], large["nodes"]) == (600, 1600)
+    assert (small["repeats"], large["repeats"]) == (2, 1)
+    assert small["recall"]["cross_target_to_source"] is None  # 300 rows: exact
+    for key in ("cross_target_to_source", "cross_source_to_target", "target"):
+        assert 0.5 < large["recall"][key] <= 1.0
+    assert large["converged"] and large["edges"] == large["edges_cross"] + large["edges_target"] + large[
+        "edges_source"]
+    assert set(out["exponents"]) >= {"total_seconds_vs_nodes", "graph_cpu_seconds_vs_edges"}
+    assert out["exponents_approximate_regime"] == {}  # only one size above 2 × 500 nodes
+
+
+def test_isotropic_generator_is_the_earlier_one() -> None:
+    bench = _graph_scaling_module()
+    xs, ys, xt = bench.synthetic(501, 6, 3, 7, intrinsic_dim=None)
+    rng = np.random.default_rng(7)  # the earlier generator, draw for draw
+    centres = rng.normal(size=(3, 6)) * 2.0
+    ys_ref, yt_ref = rng.integers(0, 3, 250), rng.integers(0, 3, 251)
+    xs_ref = centres[ys_ref] + rng.normal(size=(250, 6))
+    xt_ref = centres[yt_ref] + rng.normal(size=6) + rng.normal(size=(251, 6)) * 1.2
+    np.testing.assert_array_equal(ys, ys_ref)
+    np.testing.assert_array_equal(xs, xs_ref.astype(np.float32))
+    np.testing.assert_array_equal(xt, xt_ref.astype(np.float32))
+    xs16, _, xt16 = bench.synthetic(501, 6, 3, 7, intrinsic_dim=2)
+    assert xs16.shape == (250, 6) and xt16.shape == (251, 6)

@@ -8,6 +8,7 @@ import pytest
 
 from crossret.errors import DataError
 from crossret.graph import knn_search, l2_normalize, mutual_pairs
+from crossret.graph.knn import KnnIndex
 
 # ------------------------------------------------------------------ helpers
 
@@ -324,3 +325,137 @@ def test_hnsw_search_is_reproducible_and_restores_faiss_threads():
     exact = knn_search(x[:300], x, 5, method="exact")[1]
     recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(first[1], exact, strict=True)])
     assert recall > 0.95
+
+
+# ------------------------------------------------------------------ KnnIndex and the ivf cell search
+
+
+def clustered(seed: int, n: int, dim: int = 16, classes: int = 6, rank: int = 4) -> np.ndarray:
+    """Unit rows around ``classes`` centres, varying in a ``rank``-dimensional subspace per class."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim)) * 2
+    basis = rng.normal(size=(classes, rank, dim))
+    labels = rng.integers(0, classes, n)
+    z = rng.normal(size=(n, rank))
+    x = centres[labels] + np.einsum("nr,nrd->nd", z, basis[labels]) + rng.normal(size=(n, dim)) * 0.1
+    return l2_normalize(x)
+
+
+def recall(approx: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / exact.shape[1] for a, b in zip(approx, exact, strict=True)]))
+
+
+def test_ivf_recall_against_exact() -> None:
+    """Genuinely approximate (60 cells, 6 probed): most neighbours found, every returned similarity is
+    the true cosine of the returned pair, best first, and never better than the exact k-th."""
+    db = clustered(0, 6000)
+    q = clustered(1, 800)
+    index = KnnIndex(db, method="ivf", cell_rows=100, probes=6)
+    assert index.approximate
+    sims, idx = index.search(q, 5)
+    exact_sims, exact_idx = knn_search(q, db, 5)
+    assert recall(idx, exact_idx) > 0.9
+    np.testing.assert_allclose(sims, np.einsum("qd,qkd->qk", q, db[idx]), atol=1e-5)
+    assert (np.diff(sims, axis=1) <= 1e-6).all()
+    assert (sims <= exact_sims + 1e-5).all()
+    assert all(len(set(row.tolist())) == 5 for row in idx)
+
+
+def test_ivf_exclude_self_recall_and_no_self() -> None:
+    x = clustered(2, 5000)
+    _, idx = KnnIndex(x, method="ivf", cell_rows=100, probes=6).search(x, 4, exclude_self=True)
+    assert not (idx == np.arange(x.shape[0])[:, None]).any()
+    _, exact = knn_search(x, x, 4, exclude_self=True)
+    assert recall(idx, exact) > 0.9
+
+
+def test_ivf_is_exact_when_probes_cover_all_cells() -> None:
+    """probes >= number of cells: the flat exact search, bit for bit (also the small-database case)."""
+    db = clustered(3, 900)
+    q = clustered(4, 120)
+    index = KnnIndex(db, method="ivf", cell_rows=100, probes=9)
+    assert not index.approximate
+    np.testing.assert_array_equal(index.search(q, 4)[1], knn_search(q, db, 4)[1])
+    np.testing.assert_array_equal(index.search(q, 4)[0], knn_search(q, db, 4)[0])
+
+
+def test_ivf_is_deterministic() -> None:
+    db = clustered(5, 4000)
+    q = clustered(6, 300)
+    first = KnnIndex(db, method="ivf", cell_rows=100, probes=4).search(q, 3)
+    second = KnnIndex(db, method="ivf", cell_rows=100, probes=4).search(q, 3)
+    np.testing.assert_array_equal(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
+
+
+def test_ivf_tiny_cells_fall_back_to_exact_for_short_rows() -> None:
+    """Probed cells holding fewer than k rows: those queries get the exact answer, never -1."""
+    rng = np.random.default_rng(7)
+    db = l2_normalize(rng.normal(size=(60, 8)))
+    q = l2_normalize(rng.normal(size=(40, 8)))
+    sims, idx = KnnIndex(db, method="ivf", cell_rows=2, probes=2).search(q, 12)
+    assert (idx >= 0).all()
+    exact_sims, _ = knn_search(q, db, 12)
+    assert (sims <= exact_sims + 1e-5).all()
+    assert all(len(set(row.tolist())) == 12 for row in idx)
+
+
+@pytest.mark.parametrize("method", ["exact", "hnsw", "ivf"])
+def test_index_reuse_equals_one_off_searches(method: str) -> None:
+    """Searching one built index twice gives what two single-use knn_search calls give."""
+    db = clustered(8, 3000)
+    q1, q2 = clustered(9, 200), clustered(10, 150)
+    index = KnnIndex(db, method=method, cell_rows=100, probes=5) if method == "ivf" else KnnIndex(db, method=method)
+    for q in (q1, q2):
+        got = index.search(q, 3)
+        if method == "ivf":
+            ref = KnnIndex(db, method="ivf", cell_rows=100, probes=5).search(q, 3)
+        else:
+            ref = knn_search(q, db, 3, method=method)
+        np.testing.assert_array_equal(got[1], ref[1])
+        np.testing.assert_array_equal(got[0], ref[0])
+    # exclude_self on the same index after plain searches
+    np.testing.assert_array_equal(index.search(db, 2, exclude_self=True)[1],
+                                  (KnnIndex(db, method=method, cell_rows=100, probes=5) if method == "ivf"
+                                   else KnnIndex(db, method=method)).search(db, 2, exclude_self=True)[1])
+
+
+def test_auto_switches_to_ivf_above_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    import crossret.graph.knn as knn_module
+
+    db = clustered(11, 500)
+    assert KnnIndex(db, method="auto").method == "exact"
+    monkeypatch.setattr(knn_module, "AUTO_APPROX_ROWS", 400)
+    assert KnnIndex(db, method="auto").method == "ivf"
+    assert KnnIndex(db[:400], method="auto").method == "exact"
+
+
+def test_spherical_kmeans_gives_unit_centroids_and_is_seeded() -> None:
+    from crossret.graph.knn import _spherical_kmeans
+
+    x = clustered(12, 2000)
+    c1 = _spherical_kmeans(x, 20, seed=3)
+    c2 = _spherical_kmeans(x, 20, seed=3)
+    np.testing.assert_array_equal(c1, c2)
+    np.testing.assert_allclose(np.linalg.norm(c1, axis=1), 1.0, atol=1e-5)
+    # Lloyd steps do not make the objective Σ max_j <x, c_j> worse than the random initial rows.
+    init = x[np.sort(np.random.default_rng(3).choice(2000, 20, replace=False))]
+    assert (x @ c1.T).max(axis=1).sum() >= (x @ init.T).max(axis=1).sum() - 1e-3
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"method": "annoy"}, "method must be one of"),
+                                                 ({"cell_rows": 0}, "cell_rows"), ({"probes": -1}, "probes"),
+                                                 ({"probes": True}, "probes")])
+def test_knn_index_rejects_bad_settings(kwargs: dict, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        KnnIndex(np.ones((4, 3)), **kwargs)
+
+
+def test_knn_index_search_errors() -> None:
+    index = KnnIndex(np.random.default_rng(13).normal(size=(5, 3)), method="ivf")
+    with pytest.raises(DataError, match="equal dimension"):
+        index.search(np.ones((2, 4)), 2)
+    with pytest.raises(DataError, match="same rows"):
+        index.search(np.ones((2, 3)), 2, exclude_self=True)
+    with pytest.raises(DataError, match="positive integer"):
+        index.search(np.ones((2, 3)), 0)

@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from crossret.errors import DataError
-from crossret.graph.knn import knn_search, l2_normalize, mutual_pairs
+from crossret.graph.knn import KnnIndex, l2_normalize, mutual_pairs
 
 
 @dataclass
@@ -88,10 +88,13 @@ def build_cross_domain_graph(
         target_features: ``(n_t, d)``.
         k_cross, k_target, k_source: neighbourhood sizes of the three edge kinds (COUPLE: 3);
             ``0`` switches a kind off.
-        knn: ``exact`` | ``hnsw`` | ``auto`` neighbour search (:func:`~crossret.graph.knn.knn_search`);
-            exact search costs ``O(n² d)``, HNSW about ``O(n log n · d)``.
+        knn: ``exact`` | ``hnsw`` | ``ivf`` | ``auto`` neighbour search
+            (:class:`~crossret.graph.knn.KnnIndex`; ``auto`` = exact up to 20,000 rows per searched
+            database, ``ivf`` above). Exact search costs ``O(n² d)``, ``ivf`` about ``O(n (n/B + p·B) d)``
+            with cells of ``B`` = 1,000 rows and ``p`` = 8 probes, i.e. near-linear up to millions of rows.
 
-    Cost: three exact faiss searches, ``O((n_s + n_t)² d)`` flops, ``O((n_s + n_t) k)`` memory.
+    Cost: one index per domain (the target index serves both the cross and the intra-target search)
+    and one per source class; ``O((n_s + n_t) k)`` memory besides the features.
     """
     xs = l2_normalize(source_features)
     xt = l2_normalize(target_features)
@@ -111,10 +114,12 @@ def build_cross_domain_graph(
     cols: list[np.ndarray] = []
     counts: dict[str, int] = {}
 
+    target_index = KnnIndex(xt, method=knn, normalized=True)  # searched twice, built once (lazily)
     # Cross-domain mutual kNN: node ids source i, target n_s + j.
     if k_cross > 0:
-        _, t_to_s = knn_search(xt, xs, k_cross, normalized=True, method=knn)  # (n_t, k): source neighbours of targets
-        _, s_to_t = knn_search(xs, xt, k_cross, normalized=True, method=knn)  # (n_s, k): target neighbours of sources
+        # (n_t, k): source neighbours of targets; (n_s, k): target neighbours of sources
+        _, t_to_s = KnnIndex(xs, method=knn, normalized=True).search(xt, k_cross, normalized=True)
+        _, s_to_t = target_index.search(xs, k_cross, normalized=True)
         s_idx, t_idx = mutual_pairs(s_to_t, t_to_s, n_t)
         rows.append(s_idx)
         cols.append(n_s + t_idx)
@@ -124,7 +129,7 @@ def build_cross_domain_graph(
 
     # Intra-target mutual kNN (each undirected pair is found in both directions; keep i < j).
     if k_target > 0 and n_t > 1:
-        _, t_to_t = knn_search(xt, xt, k_target, exclude_self=True, normalized=True, method=knn)
+        _, t_to_t = target_index.search(xt, k_target, exclude_self=True, normalized=True)
         a, b = mutual_pairs(t_to_t, t_to_t, n_t)
         keep = a < b
         rows.append(n_s + a[keep])
@@ -168,15 +173,22 @@ def _same_label_knn_pairs(xs: np.ndarray, labels: np.ndarray, k: int, knn: str =
     """Unordered pairs ``(i < j)`` with ``y_i = y_j`` and one among the other's ``k`` same-class
     nearest neighbours; ``(2, E)`` int64, unique."""
     pairs = []
-    for cls in np.unique(labels):
-        members = np.flatnonzero(labels == cls)
+    # Rows grouped by class once (stable: members in index order), not one O(n) mask per class.
+    order = np.argsort(labels, kind="stable")
+    bounds = np.flatnonzero(np.diff(labels[order])) + 1
+    for members in np.split(order, bounds):
         if members.size < 2:
             continue
-        _, local = knn_search(xs[members], xs[members], k, exclude_self=True, normalized=True, method=knn)
+        x = xs[members]
+        _, local = KnnIndex(x, method=knn, normalized=True).search(x, k, exclude_self=True, normalized=True)
         a = np.repeat(members, local.shape[1])
         b = members[local.reshape(-1)]
         pairs.append(np.stack([np.minimum(a, b), np.maximum(a, b)]))
     if not pairs:
         return np.zeros((2, 0), np.int64)
-    both = np.concatenate(pairs, axis=1)
-    return np.unique(both, axis=1)
+    both = np.concatenate(pairs, axis=1).astype(np.int64)
+    # Unique pairs in (i, j) lexicographic order via the 1-D key i·n + j (np.unique(axis=1) sorts
+    # structured rows, several times slower).
+    n = int(labels.size)
+    key = np.unique(both[0] * n + both[1])
+    return np.stack([key // n, key % n])

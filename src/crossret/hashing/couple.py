@@ -109,7 +109,8 @@ class CoupleConfig:
         all; 3 / 10 / 10 were chosen on the development tasks (``benchmarks/couple_dev.py``): a
         denser graph *inside* each domain gives a cleaner selected set, while the cross-domain
         mutual-kNN edges stay as sparse as the paper's.
-    knn: neighbour search, ``exact`` | ``hnsw`` | ``auto`` (HNSW above 20,000 rows per search).
+    knn: neighbour search, ``exact`` | ``ivf`` | ``hnsw`` | ``auto`` (exact up to 20,000 rows per searched
+        database, ``ivf`` k-means cells above; docs/couple.md).
     selection: ``diffusion`` or ``classifier`` (ablation: softmax confidence instead).
     target_fill: seed mass beyond the seeds' capacity, as a multiple of a class's share of the
         target volume (see :func:`~crossret.graph.diffusion.class_seed_mass`).

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from crossret.cli import main
+from _cli import cli
 from crossret.data import load_benchmark, make_split
 from crossret.data.benchmarks import demo_domains
 from crossret.data.domain import Domain
@@ -619,15 +618,6 @@ def test_a_new_run_in_an_interrupted_directory_starts_over(demo_split, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------- 10. CLI
-def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["crossret", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_run_couple_and_resume(tmp_path, monkeypatch, capsys):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from crossret.cli import main
+from _cli import cli
 from crossret.data.domain import Domain
 from crossret.errors import CodeError, ConfigError, DataError
 from crossret.hashing import make_method
@@ -179,15 +178,6 @@ def test_recall_counts_tied_items_as_hits() -> None:
 # ------------------------------------------------------------------ CLI
 
 
-def cli(monkeypatch, capsys, *args: object) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["crossret", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_encode_build_search_recall(tmp_path: Path, monkeypatch, capsys) -> None:

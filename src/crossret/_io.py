@@ -111,3 +111,23 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "file") -> dict[str, 
     if not isinstance(data, dict):
         raise FileFormatError(f"{path}: not a {what} (expected a mapping)")
     return data
+
+
+def load_npy(path: str | os.PathLike, what: str, *, mmap: bool = False, missing: str | None = None,
+             hint: str = "") -> np.ndarray:
+    """One ``.npy`` array (never pickles; memory-mapped read-only with ``mmap``), with errors that name
+    ``what`` and the file: :class:`DataError` when it is missing (``missing`` replaces the message) or
+    unreadable (``hint`` is appended), or holds an ``.npz`` archive instead of one array."""
+    from crossret.errors import DataError  # errors imports nothing from here; local to keep _io leaf-light
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(missing or f"{what}: file not found: {path}")
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{what}: {path} is not a readable .npy file ({exc}){hint}") from exc
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        array.close()
+        raise DataError(f"{what}: {path} is not a single-array .npy file")
+    return array

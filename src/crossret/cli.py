@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from crossret._io import load_npy
 from crossret.errors import ConfigError, CrossretError, DataError
 from crossret.hashing.base import ProgressFn, available_methods
 
@@ -142,12 +143,7 @@ def _pct(value: float | None) -> str:
 
 
 def _load_npy(path: Path, what: str) -> np.ndarray:
-    if not path.is_file():
-        raise DataError(f"{what}: file not found: {path}")
-    try:
-        return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"{what}: {path} is not a readable .npy file ({exc})") from exc
+    return load_npy(path, what)
 
 
 # --------------------------------------------------------------------------- demo
@@ -542,13 +538,8 @@ def _packed_codes_file(path: Path, bits: int | None) -> Path | None:
     are packed); ``None`` for ±1 / {0,1} code files."""
     from crossret.retrieval.streaming import sidecar_path
 
-    if not path.is_file():
-        raise DataError(f"--codes: file not found: {path}")
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"--codes: {path} is not a readable .npy file ({exc})") from exc
-    if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != 2:
+    array = load_npy(path, "--codes", mmap=True)
+    if array.dtype != np.uint8 or array.ndim != 2:
         return None
     if sidecar_path(path).is_file() or (bits is not None and array.shape[1] != bits):
         return path

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from crossret._io import atomic_open, write_json_atomic
+from crossret._io import atomic_open, load_npy, write_json_atomic
 from crossret.errors import CodeError, ConfigError, DataError, FileFormatError
 from crossret.progress import ProgressFn, no_progress
 from crossret.retrieval.index import BinaryIndex, _check_k
@@ -85,14 +85,7 @@ def open_features(path: str | os.PathLike, *, shape: tuple[int, int] | None = No
         except (ValueError, OSError) as exc:
             raise DataError(f"features: cannot map {path} as a raw {np.dtype(dtype)} array of shape "
                             f"{tuple(shape)} at offset {offset} ({exc})") from exc
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"features: {path} is not a readable .npy file ({exc}); for a raw binary file "
-                        "give its shape and dtype") from exc
-    if not isinstance(array, np.ndarray):  # an .npz archive
-        raise DataError(f"features: {path} is not a single-array .npy file")
-    return array
+    return load_npy(path, "features", mmap=True, hint="; for a raw binary file give its shape and dtype")
 
 
 def _check_feature_matrix(features: Any) -> np.ndarray:
@@ -191,13 +184,8 @@ def read_packed_codes(path: str | os.PathLike, bits: int | None = None) -> tuple
     when both exist they must agree.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"codes: file not found: {path}")
-    try:
-        codes = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"codes: {path} is not a readable .npy file ({exc})") from exc
-    if not isinstance(codes, np.ndarray) or codes.dtype != np.uint8 or codes.ndim != 2:
+    codes = load_npy(path, "codes", mmap=True)
+    if codes.dtype != np.uint8 or codes.ndim != 2:
         raise CodeError(f"codes: {path} does not hold packed codes (a 2-D uint8 array); got "
                         f"{getattr(codes, 'dtype', '?')} {getattr(codes, 'shape', '?')}")
     recorded = _sidecar_bits(path, codes)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from crossret._io import load_npy
 from crossret.errors import CodeError, ConfigError, CrossretError, DataError, FileFormatError
 
 __all__ = [
@@ -145,12 +146,12 @@ class Snapshot:
 
 
 def _load_npy(path: Path, what: str) -> np.ndarray:
-    if not path.is_file():
-        raise DataError(f"{path}: missing {what}; is this a finished crossret run directory?")
     try:
-        return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise FileFormatError(f"{path}: cannot read {what} ({exc})") from exc
+        return load_npy(path, what, missing=f"{path}: missing {what}; is this a finished crossret run directory?")
+    except DataError as exc:
+        if not path.is_file():
+            raise
+        raise FileFormatError(str(exc)) from exc
 
 
 def _load_model(run_dir: Path) -> Any | None:

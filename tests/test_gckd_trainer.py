@@ -836,3 +836,48 @@ def test_kd_targets_use_the_target_banks(monkeypatch: pytest.MonkeyPatch, use_gn
     torch.testing.assert_close(kd_call["text_candidates"][tb:], memory.target_text.features())
     target_images, source_texts = memory.target_image.features(), memory.source_text.features()
     assert not torch.allclose(target_images, source_texts[: target_images.shape[0]])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+def test_student_itc_candidates_are_the_students_own_batch(alpha: float) -> None:
+    """itc_candidates="student": ITC over the student's in-batch features (gradient to both towers, no
+    bank), momentum-distillation targets over the teacher's batch only; "teacher" differs from it."""
+    from crossret.textimage.losses import itc_loss, momentum_similarity_targets
+
+    config = _config(prop_weight=0, kd_weight=0, cd_itm_weight=0, itm_weight=0, alpha=alpha, momentum=0.5,
+                     itc_candidates="student")
+    def moved(trainer: GckdTrainer) -> GckdTrainer:
+        """The student moved away from the teacher (a copy of it at construction), as after training."""
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for param in trainer.model.parameters():
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+        trainer.model.eval()  # no dropout, so the features recomputed below are the step's
+        trainer.teacher.eval()
+        return trainer
+
+    trainer = moved(GckdTrainer(_model(), config))
+    batch = _first_batch(_data(target=False))
+    # The step's teacher = EMA update of the teacher towards the student, made first inside losses().
+    total, stats = trainer.losses(batch)
+    with torch.no_grad():
+        _, f_vs = trainer.model.encode_image(batch.source_images)
+        _, f_ts = trainer.model.encode_text(batch.source_text)
+        _, tf_vs = trainer.teacher.encode_image(batch.source_images)
+        _, tf_ts = trainer.teacher.encode_text(batch.source_text)
+        temp = trainer.model.clamped_temp()
+        soft = momentum_similarity_targets(tf_vs, tf_ts, temp, text_candidates=tf_ts, image_candidates=tf_vs)
+        expected = itc_loss(f_vs, f_ts, temp, batch.source_ids, soft, alpha)
+    assert stats["itc"] == pytest.approx(float(expected), rel=1e-5)
+    total.backward()  # the text tower gets ITC gradient through the candidates too
+    text_grads = [p.grad for name, p in trainer.model.named_parameters() if "text" in name and p.ndim > 1]
+    assert text_grads and all(g is not None and float(g.abs().sum()) > 0 for g in text_grads)
+    teacher_mode = moved(GckdTrainer(_model(), _config(prop_weight=0, kd_weight=0, cd_itm_weight=0, itm_weight=0,
+                                                       alpha=alpha, momentum=0.5)))
+    _, other = teacher_mode.losses(batch)
+    assert other["itc"] != pytest.approx(stats["itc"], rel=1e-3)
+
+
+def test_itc_candidates_config_error() -> None:
+    with pytest.raises(ConfigError, match="itc_candidates"):
+        _config(itc_candidates="bank")

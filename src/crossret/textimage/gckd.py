@@ -95,6 +95,12 @@ class GckdConfig:
     target_pairing: str = "unpaired"  # gckd.md A1
     # ALBEF
     alpha: float = 0.4  # momentum-distillation weight
+    # Source ITC candidates: "teacher" = the EMA teacher's batch features + the source banks (ALBEF's
+    # loss_ita; right when starting from pre-trained weights); "student" = the student's own in-batch
+    # features, gradient to both towers, no bank (CLIP-style). From random weights the teacher's text
+    # [CLS] features are nearly identical for hundreds of steps, so "teacher" candidates give the vision
+    # tower no gradient and the temperature collapses (measured: held-out mAP 9 vs 44; docs/gckd.md).
+    itc_candidates: str = "teacher"
     momentum: float = 0.999  # EMA teacher m
     mlm_prob: float = 0.15
     # GMP
@@ -180,6 +186,8 @@ class GckdConfig:
             raise bad("delta", "must be in [-1, 1]")
         if self.target_pairing not in ("unpaired", "paired"):
             raise bad("target_pairing", "must be 'unpaired' or 'paired'")
+        if self.itc_candidates not in ("teacher", "student"):
+            raise bad("itc_candidates", "must be 'teacher' or 'student'")
         if self.amp not in ("auto", "off", "bf16"):
             raise bad("amp", "must be one of auto, off, bf16 (bf16 needs no loss scaling)")
         if self.grad_clip is not None and not number("grad_clip") > 0:
@@ -364,9 +372,13 @@ class GckdTrainer:
                          else (s_img_tok, s_txt_tok))
         bank_vs, bank_ids = self._bank("source", "image")
         bank_ts, _ = self._bank("source", "text")
-        cand_t, cand_v = torch.cat([tf_ts, bank_ts]), torch.cat([tf_vs, bank_vs])
-        cand_ids = torch.cat([ids, bank_ids])
-        soft = momentum_similarity_targets(tf_vs, tf_ts, temp, text_candidates=cand_t, image_candidates=cand_v)
+        if c.itc_candidates == "student":  # in-batch student candidates; MD targets over the teacher's batch
+            cand_t, cand_v, cand_ids = f_ts, f_vs, ids
+            soft = momentum_similarity_targets(tf_vs, tf_ts, temp, text_candidates=tf_ts, image_candidates=tf_vs)
+        else:
+            cand_t, cand_v = torch.cat([tf_ts, bank_ts]), torch.cat([tf_vs, bank_vs])
+            cand_ids = torch.cat([ids, bank_ids])
+            soft = momentum_similarity_targets(tf_vs, tf_ts, temp, text_candidates=cand_t, image_candidates=cand_v)
         if c.itc_weight > 0:
             terms["itc"] = itc_loss(f_vs, f_ts, temp, ids, soft, c.alpha, text_candidates=cand_t,
                                     image_candidates=cand_v, candidate_ids=cand_ids)

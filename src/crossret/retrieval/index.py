@@ -157,6 +157,15 @@ def _check_ids(ids: Any, n: int, existing: np.ndarray | None) -> np.ndarray:
     return ids
 
 
+def check_ids_mode(mode: bool | None, use_ids: bool) -> None:
+    """The id rule of every index: all adds pass ids or none do (``mode`` = what the first add did)."""
+    if mode is not None and mode != use_ids:
+        raise ConfigError(
+            "ids: pass ids to every add() of this index or to none of them "
+            f"(this index {'uses' if mode else 'does not use'} user ids)"
+        )
+
+
 def _sort_rows(keys_primary: np.ndarray, internal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sort each row by (primary key, internal id); padded slots (id -1) go last."""
     missing = internal < 0
@@ -339,11 +348,7 @@ class _FaissIndex:
         use_ids = ids is not None
         if self.ntotal == 0:  # nothing indexed yet: the first non-empty add decides the mode
             self._ids, self._ids_mode = None, None
-        if self._ids_mode is not None and self._ids_mode != use_ids:
-            raise ConfigError(
-                "ids: pass ids to every add() of this index or to none of them "
-                f"(this index {'uses' if self._ids_mode else 'does not use'} user ids)"
-            )
+        check_ids_mode(self._ids_mode, use_ids)
         if use_ids:
             checked = _check_ids(ids, n, self._ids)
             self._ids = checked if self._ids is None else np.concatenate([self._ids, checked])

@@ -52,6 +52,7 @@ from crossret.retrieval.index import (
     _check_ids,
     _check_int_param,
     _check_k,
+    check_ids_mode,
 )
 from crossret.retrieval.packing import BIT_ORDER, packed_width, padded_bits
 
@@ -454,11 +455,7 @@ class MilvusBinaryIndex:
         use_ids = ids is not None
         if self._ntotal == 0:  # nothing stored yet: the first non-empty add decides the mode
             self._ids_mode, self._known_uids = None, None
-        if self._ids_mode is not None and self._ids_mode != use_ids:
-            raise ConfigError(
-                "ids: pass ids to every add() of this index or to none of them "
-                f"(this index {'uses' if self._ids_mode else 'does not use'} user ids)"
-            )
+        check_ids_mode(self._ids_mode, use_ids)
         checked = None
         if use_ids:
             checked = _check_ids(ids, n, self._stored_uids())

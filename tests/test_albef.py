@@ -355,6 +355,21 @@ def test_corrupt_truncated_and_foreign_files(model, tmp_path):
             load_albef_checkpoint(path, AlbefConfig.tiny())
 
 
+def test_altered_weights_fail_the_zip_crc_check(model, tmp_path):
+    # torch.load itself would silently return the altered tensor; the CRC-32 check refuses the file.
+    path = tmp_path / "altered.pth"
+    state = model_to_albef_state(model)
+    torch.save({"model": state}, path)
+    raw = bytearray(path.read_bytes())
+    weight = state["text_encoder.bert.embeddings.word_embeddings.weight"].numpy().tobytes()
+    raw[raw.find(weight) + 7] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FileFormatError, match=r"altered\.pth: checksum mismatch in member"):
+        load_albef_checkpoint(path, AlbefConfig.tiny())
+    key = "text_encoder.bert.embeddings.word_embeddings.weight"
+    assert not torch.equal(torch.load(path, weights_only=True)["model"][key], state[key])  # the reason for the check
+
+
 _UNPICKLED: list[str] = []
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from crossret._sealed import open_payload
 from crossret.data.domain import Domain
 from crossret.errors import ConfigError, DataError, FileFormatError
 from crossret.hashing import available_methods, make_method
@@ -354,6 +355,12 @@ def test_corrupt_files_raise_file_format_error(name: str, tmp_path: Path, two_do
     for bad in (truncated, garbage, flipped, tmp_path / "missing.bin"):
         with pytest.raises(FileFormatError, match=bad.name):
             cls.load(bad)
+    # One bit of a stored array (near the end: tensor/array data, which no parser would notice).
+    for offset in (len(good) // 2, len(good) - 200):
+        one_bit = tmp_path / f"one_bit_{offset}.bin"
+        one_bit.write_bytes(good[:offset] + bytes([good[offset] ^ 1]) + good[offset + 1:])
+        with pytest.raises(FileFormatError, match=rf"{one_bit.name}: checksum mismatch"):
+            cls.load(one_bit)
 
 
 def test_foreign_and_mismatched_files(tmp_path: Path, two_domains) -> None:
@@ -368,7 +375,8 @@ def test_foreign_and_mismatched_files(tmp_path: Path, two_domains) -> None:
         with pytest.raises(FileFormatError, match=name):
             LSH.load(tmp_path / name)
     # A header from a newer format version.
-    with np.load(lsh_path, allow_pickle=False) as npz:
+    # (A method file is a sealed container around an npz; files without the container are still read.)
+    with open_payload(lsh_path, "crossret.hashing.method", 1) as (_, stream), np.load(stream) as npz:
         arrays = {k: npz[k] for k in npz.files}
     header = json.loads(arrays["__header__"].tobytes().decode())
     header["version"] = 999

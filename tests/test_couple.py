@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from _cli import cli
+from crossret._sealed import save_torch
 from crossret.data import load_benchmark, make_split
 from crossret.data.benchmarks import demo_domains
 from crossret.data.domain import Domain
@@ -21,7 +22,14 @@ from crossret.errors import ConfigError, DataError, FileFormatError
 from crossret.experiment import RunConfig, run_experiment
 from crossret.hashing import make_method
 from crossret.hashing._state import load_method
-from crossret.hashing.couple import CHECKPOINT_NAME, Couple, CoupleConfig
+from crossret.hashing.couple import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    CHECKPOINT_VERSION,
+    Couple,
+    CoupleConfig,
+    read_checkpoint,
+)
 
 TINY = {"epochs": 4, "warmup_epochs": 1, "graph_every": 1, "batch_size": 32, "target_batch_size": 32,
         "hash_hidden": 32, "encoder_dim": 32}
@@ -193,7 +201,7 @@ def test_interrupted_and_resumed_fit_is_bit_identical(domains, tmp_path, overrid
     first.checkpoint_dir = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         first.fit(source, target.without_labels(), progress=stop_after(interrupt_at))
-    header = json.loads(torch.load(tmp_path / "cut" / CHECKPOINT_NAME, weights_only=True)["header"])
+    header = json.loads(read_checkpoint(tmp_path / "cut" / CHECKPOINT_NAME)["header"])
     assert header["epochs_done"] == interrupt_at
 
     resumed = Couple(BITS, seed=0, config=config)
@@ -212,7 +220,7 @@ def test_interrupted_and_resumed_fit_is_bit_identical(domains, tmp_path, overrid
         assert np.array_equal(got["selected"], want["selected"])
         assert np.array_equal(got["pseudo_labels"], want["pseudo_labels"])
     # the final checkpoints agree too (a resumed run can be resumed again)
-    final = json.loads(torch.load(tmp_path / "cut" / CHECKPOINT_NAME, weights_only=True)["header"])
+    final = json.loads(read_checkpoint(tmp_path / "cut" / CHECKPOINT_NAME)["header"])
     assert final["epochs_done"] == 4
 
 
@@ -268,9 +276,9 @@ def test_resume_refuses_a_checkpoint_of_other_data(domains, fitted, tmp_path):
 
 
 def _rewrite_checkpoint(path: Path, edit) -> None:
-    payload = torch.load(path, weights_only=True)
+    payload = read_checkpoint(path)
     edit(payload)
-    torch.save(payload, path)
+    save_torch(path, payload, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
 
 
 def _set_header(key, value):
@@ -283,9 +291,11 @@ def _set_header(key, value):
 
 
 @pytest.mark.parametrize(("damage", "message"), [
-    ("truncate", "cannot read the COUPLE checkpoint"),
-    ("garbage", "cannot read the COUPLE checkpoint"),
-    ("empty", "cannot read the COUPLE checkpoint"),
+    ("truncate", "truncated"),
+    ("garbage", "not a COUPLE checkpoint"),
+    ("empty", "truncated"),
+    ("altered", "checksum mismatch"),
+    ("legacy_altered", "checksum mismatch in member"),
     ("format", "not a COUPLE checkpoint"),
     ("version", "not a COUPLE checkpoint"),
     ("no_rng", "inconsistent"),
@@ -301,6 +311,15 @@ def test_damaged_checkpoint_is_a_file_format_error_naming_the_file(domains, fitt
         path.write_bytes(b"this is not a checkpoint" * 10)
     elif damage == "empty":
         path.write_bytes(b"")
+    elif damage == "altered":  # one bit anywhere (here the last byte) fails the SHA-256 check
+        path.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+    elif damage == "legacy_altered":  # a pre-container (bare torch.save) file: its zip CRC-32s are checked
+        payload = read_checkpoint(path)
+        torch.save(payload, path)
+        legacy = bytearray(path.read_bytes())
+        weight = next(iter(payload["model"].values())).numpy().tobytes()
+        legacy[legacy.find(weight) + 3] ^= 1
+        path.write_bytes(bytes(legacy))
     elif damage == "format":
         _rewrite_checkpoint(path, _set_header("format", "something.else"))
     elif damage == "version":
@@ -508,7 +527,7 @@ def test_diagnostics_record_every_epoch(domains, fitted):
         assert record["selected"] == min(30, record["targets_reached"])
         assert 0.0 <= record["classifier_agreement"] <= 1.0
     # the checkpoint holds the same log
-    header = json.loads(torch.load(fitted.checkpoint_dir / CHECKPOINT_NAME, weights_only=True)["header"])
+    header = json.loads(read_checkpoint(fitted.checkpoint_dir / CHECKPOINT_NAME)["header"])
     assert header["epochs_done"] == 4 and header["seed"] == 0 and header["bits"] == BITS
     assert header["config"] == dataclasses.asdict(fitted.config)
     assert without_timings(header["epoch_log"]) == without_timings(epochs)
@@ -611,7 +630,7 @@ def test_a_new_run_in_an_interrupted_directory_starts_over(demo_split, tmp_path)
     result = run_experiment(_run_config(run_dir, epochs=2, lr=2e-4), split=demo_split)
     assert result.metrics["diagnostics"]["resumed_from_epoch"] == 0
     assert result.method.config.lr == 2e-4
-    header = json.loads(torch.load(run_dir / "checkpoints" / CHECKPOINT_NAME, weights_only=True)["header"])
+    header = json.loads(read_checkpoint(run_dir / "checkpoints" / CHECKPOINT_NAME)["header"])
     assert header["config"]["lr"] == 2e-4 and header["epochs_done"] == 2
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["method_config"]["lr"] == 2e-4

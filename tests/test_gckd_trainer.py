@@ -16,11 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from crossret._sealed import save_torch
 from crossret.errors import ConfigError, DataError, FileFormatError
 from crossret.textimage.albef import AlbefConfig, AlbefModel
 from crossret.textimage.feature_heads import FeatureHeadsConfig, FeatureHeadsModel
 from crossret.textimage.gckd import (
     CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
     GckdConfig,
     GckdTrainer,
     _lr_factor,
@@ -644,9 +646,14 @@ def _corrupt(kind: str, good: Path, path: Path) -> None:
     elif kind == "tensor":
         torch.save(torch.zeros(3), path)
     elif kind == "version":
-        state = torch.load(good, weights_only=True)
+        state = read_checkpoint(good)
         state["version"] = 99
-        torch.save(state, path)
+        save_torch(path, state, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+    elif kind == "altered":  # one flipped bit in the middle fails the sealed container's SHA-256
+        middle = len(raw) // 2
+        path.write_bytes(raw[:middle] + bytes([raw[middle] ^ 4]) + raw[middle + 1:])
+    elif kind == "other_kind":  # a sealed file of another kind (a COUPLE checkpoint's container)
+        save_torch(path, read_checkpoint(good), "crossret.couple.checkpoint", 1)
     elif kind == "pickle":
         torch.save({"format": CHECKPOINT_FORMAT, "obj": _Opaque()}, path)
     else:  # pragma: no cover
@@ -657,7 +664,7 @@ class _Opaque:
     """Not loadable with weights_only=True."""
 
 
-CORRUPTIONS = ["truncated", "random", "empty", "foreign", "tensor", "version", "pickle"]
+CORRUPTIONS = ["truncated", "random", "empty", "foreign", "tensor", "version", "pickle", "altered", "other_kind"]
 
 
 @pytest.mark.parametrize("kind", CORRUPTIONS)
@@ -669,8 +676,11 @@ def test_read_checkpoint_rejects_corrupt_files(kind: str, trained_checkpoint: Pa
     assert str(path) in str(info.value)
     if kind == "version":
         assert "version 99" in str(info.value)
-    if kind in ("foreign", "tensor"):
+    if kind in ("foreign", "tensor"):  # bare torch.save files (the pre-container layout) are parsed, then refused
         assert "not a crossret GCKD checkpoint" in str(info.value)
+    expected = {"truncated": "truncated", "altered": "checksum mismatch", "other_kind": "not a GCKD checkpoint"}
+    if kind in expected:
+        assert expected[kind] in str(info.value)
 
 
 @pytest.mark.parametrize("kind", ["truncated", "random", "foreign"])
@@ -684,10 +694,10 @@ def test_resume_rejects_corrupt_checkpoint(kind: str, trained_checkpoint: Path, 
 
 
 def test_resume_rejects_inconsistent_state(trained_checkpoint: Path, tmp_path: Path) -> None:
-    state = torch.load(trained_checkpoint, weights_only=True)
+    state = read_checkpoint(trained_checkpoint)
     del state["model"]["itm_head.weight"]
     path = tmp_path / "checkpoint.pt"
-    torch.save(state, path)
+    save_torch(path, state, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
     trainer = GckdTrainer(_model(), _config(epochs=1), checkpoint_dir=tmp_path)
     with pytest.raises(FileFormatError, match="inconsistent") as info:
         trainer.fit(_data(), resume=True)
@@ -702,7 +712,7 @@ def test_failed_checkpoint_write_leaves_old_file(trained_checkpoint: Path, tmp_p
     trainer = GckdTrainer(_model(), _config(epochs=1), checkpoint_dir=tmp_path)
 
     def boom(src: Any, dst: Any) -> None:
-        assert Path(src).read_bytes().startswith(b"PK")  # the new checkpoint was written to a temporary file
+        assert Path(src).read_bytes().startswith(b"CRSEALED")  # the new checkpoint went to a temporary file
         raise OSError("disk full")
 
     monkeypatch.setattr("crossret._io.os.replace", boom)

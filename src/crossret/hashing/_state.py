@@ -1,7 +1,7 @@
 """Saving and loading fitted hashing methods: one place for the file format.
 
-A fitted method is one file, written atomically (:mod:`crossret._io`), in a format that never
-executes code when read:
+A fitted method is one sealed file (:mod:`crossret._sealed`: kind, format version, size and SHA-256
+verified before parsing), written atomically, whose payload never executes code when read:
 
 * ``npz`` storage (LSH, ITQ): ``numpy.savez`` of the method's arrays plus ``__header__``, a uint8
   array holding UTF-8 JSON; read with ``allow_pickle=False``.
@@ -22,11 +22,12 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 import numpy as np
 
-from crossret._io import atomic_open, to_jsonable, write_bytes_atomic
+from crossret._io import to_jsonable
+from crossret._sealed import open_payload, write_sealed
 from crossret.errors import ConfigError, FileFormatError
 
 FORMAT_NAME = "crossret.hashing.method"
@@ -67,17 +68,17 @@ def _check_header(header: Any, path: Path, expected_method: str | None) -> dict[
     return header
 
 
-def _read_npz(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    with np.load(path, allow_pickle=False) as npz:
+def _read_npz(stream: BinaryIO) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    with np.load(stream, allow_pickle=False) as npz:
         arrays = {key: npz[key] for key in npz.files}
     raw = arrays.pop(_HEADER_KEY)
     return json.loads(raw.astype(np.uint8).tobytes().decode("utf-8")), arrays
 
 
-def _read_torch(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+def _read_torch(stream: BinaryIO) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
     import torch
 
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = torch.load(stream, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or not isinstance(payload.get("header"), str):
         raise ValueError("no header")
     arrays = {str(k): v.numpy() for k, v in dict(payload.get("arrays", {})).items()}
@@ -85,10 +86,11 @@ def _read_torch(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], dict
     return json.loads(payload["header"]), arrays, state_dict
 
 
-def _storage_of(path: Path) -> str:
+def _storage_of(stream: BinaryIO) -> str:
     """``npz`` or ``torch``: both are zip archives; an npz names its members ``*.npy``."""
-    with zipfile.ZipFile(path) as archive:
+    with zipfile.ZipFile(stream) as archive:
         names = archive.namelist()
+    stream.seek(0)
     return "npz" if f"{_HEADER_KEY}.npy" in names else "torch"
 
 
@@ -99,20 +101,20 @@ def read_method_file(
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(f"{path}: no such file (expected a method saved with .save())")
-    try:
-        storage = _storage_of(path)
-        if storage == "npz":
-            header, arrays = _read_npz(path)
-            state_dict: dict[str, Any] = {}
-        else:
-            header, arrays, state_dict = _read_torch(path)
-    except FileFormatError:
-        raise
-    except Exception as exc:  # any parse failure of an untrusted file is a format error
-        raise FileFormatError(
-            f"{path}: cannot read a saved crossret method ({type(exc).__name__}: {exc}); "
-            "the file is corrupt, truncated or not a crossret file"
-        ) from exc
+    # Size and SHA-256 are verified before anything is parsed; files from before the sealed container
+    # are read too, after their zip CRC-32s check out.
+    with open_payload(path, FORMAT_NAME, FORMAT_VERSION, "saved crossret method") as (_, stream):
+        try:
+            if _storage_of(stream) == "npz":
+                header, arrays = _read_npz(stream)
+                state_dict: dict[str, Any] = {}
+            else:
+                header, arrays, state_dict = _read_torch(stream)
+        except Exception as exc:  # any parse failure of an untrusted file is a format error
+            raise FileFormatError(
+                f"{path}: cannot read a saved crossret method ({type(exc).__name__}: {exc}); "
+                "the file is corrupt, truncated or not a crossret file"
+            ) from exc
     return _check_header(header, path, expected_method), arrays, state_dict
 
 
@@ -161,22 +163,20 @@ class PersistentMethod:
         path = Path(path)
         header = json.dumps(_header(self))
         arrays, state_dict = self._get_state()
+        buffer = io.BytesIO()
         if self.storage == "npz":
             blob = np.frombuffer(header.encode("utf-8"), dtype=np.uint8)
-            with atomic_open(path, "wb") as handle:
-                np.savez(handle, **{_HEADER_KEY: blob}, **arrays)
+            np.savez(buffer, **{_HEADER_KEY: blob}, **arrays)
         else:
             import torch
 
-            buffer = io.BytesIO()
             payload = {
                 "header": header,
                 "arrays": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},
                 "state_dict": state_dict,
             }
             torch.save(payload, buffer)
-            write_bytes_atomic(path, buffer.getvalue())
-        return path
+        return write_sealed(path, FORMAT_NAME, FORMAT_VERSION, buffer.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Any:

@@ -50,8 +50,8 @@ above on the global batch; gradients are averaged over ranks. The graph and the 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from crossret import distributed
-from crossret._io import write_bytes_atomic
+from crossret._sealed import load_torch, save_torch
 from crossret.data.domain import Domain
 from crossret.errors import ConfigError, DataError, FileFormatError
 from crossret.graph.cross_domain import CrossDomainGraph, build_cross_domain_graph
@@ -85,6 +85,16 @@ from crossret.hashing.preprocessing import FeatureNormalizer, bit_balance
 CHECKPOINT_FORMAT = "crossret.couple.checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A COUPLE checkpoint's payload ``{"header": json, "model", "optimizer", "arrays"}``, read safely: the
+    sealed container's kind, version, size and SHA-256 are verified, then ``torch.load(weights_only=True)``.
+    Damaged or foreign files raise :class:`~crossret.errors.FileFormatError` naming the file."""
+    payload = load_torch(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "COUPLE checkpoint")
+    if not isinstance(payload, dict):
+        raise FileFormatError(f"{path}: not a COUPLE checkpoint (the payload is a {type(payload).__name__})")
+    return payload
 
 SELECTIONS = ("diffusion", "classifier")
 SOLVERS = ("active-set", "push")
@@ -572,11 +582,10 @@ class Couple(HashNetMethod):
         for i, entry in enumerate(self.selection_history):
             arrays[f"history_{i}_selected"] = torch.from_numpy(entry["selected"].astype(np.int64))
             arrays[f"history_{i}_pseudo"] = torch.from_numpy(entry["pseudo_labels"])
-        buffer = io.BytesIO()
-        torch.save({"header": json.dumps(header), "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                    "arrays": arrays}, buffer)
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(self.checkpoint_dir / CHECKPOINT_NAME, buffer.getvalue())
+        # Sealed (kind, version, SHA-256) and written atomically: a kill mid-write leaves the previous one.
+        save_torch(self.checkpoint_dir / CHECKPOINT_NAME,
+                   {"header": json.dumps(header), "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                    "arrays": arrays}, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
 
     def _restore(self, net: HashNet, optimizer: torch.optim.Optimizer, generator: torch.Generator,
                  fingerprint: str) -> tuple[int, _Selection | None, list[dict[str, Any]], dict[str, Any]] | None:
@@ -586,8 +595,8 @@ class Couple(HashNetMethod):
         path = self.checkpoint_dir / CHECKPOINT_NAME
         if not path.is_file():
             return None
+        payload = read_checkpoint(path)
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
             header = json.loads(payload["header"])
         except Exception as exc:  # an untrusted / damaged file: refuse, naming it
             raise FileFormatError(f"{path}: cannot read the COUPLE checkpoint ({type(exc).__name__}: {exc}); "

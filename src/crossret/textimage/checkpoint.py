@@ -4,6 +4,9 @@ An ALBEF checkpoint (``ALBEF.pth``, ``ALBEF_4M.pth``, RaSa/retrieval fine-tunes)
 of ``{"model": state_dict, "config": ..., "optimizer": ..., ...}``; only ``"model"`` is read. Files
 are read with ``torch.load(map_location="cpu", weights_only=True)``: no arbitrary object is ever
 unpickled, and a file that needs one is refused with a :class:`~crossret.errors.FileFormatError`.
+Before loading, the CRC-32 of every member of the zip archive is verified (``torch.load`` does not),
+so a truncated or altered file is refused with a message naming it. Files written here keep ALBEF's
+layout (ALBEF's own code loads them); their version is ``payload["crossret"]["version"]``.
 
 Key mapping (ALBEF layout → this package's module names; ``T`` = ``AlbefConfig.text_layers``)
 ------------------------------------------------------------------------------------------------
@@ -65,6 +68,7 @@ import torch
 from torch import Tensor
 
 from crossret._io import atomic_open
+from crossret._sealed import is_zip_file, verify_zip
 from crossret.errors import DataError, FileFormatError
 from crossret.textimage.albef import AlbefConfig, AlbefModel, interpolate_pos_embed
 
@@ -300,6 +304,10 @@ class AlbefCheckpoint:
 def _read_payload(path: Path) -> Any:
     if not path.is_file():
         raise FileFormatError(f"{path}: no such checkpoint file")
+    # ALBEF's layout has no room for our sealed container (ALBEF's own code must load the file), so the
+    # integrity check is the zip archive's CRC-32 of every member, which torch.load never verifies.
+    if is_zip_file(path):
+        verify_zip(path, "checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

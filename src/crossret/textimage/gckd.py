@@ -36,7 +36,6 @@ they hold the same contents on every rank. In one process none of this runs and 
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import math
 import time
@@ -53,7 +52,7 @@ from torch import Tensor, nn
 
 from crossret import distributed
 from crossret._config import reject_unknown_keys
-from crossret._io import write_bytes_atomic
+from crossret._sealed import load_torch, save_torch
 from crossret.errors import ConfigError, DataError, FileFormatError
 from crossret.textimage.albef import ema_update, momentum_copy
 from crossret.textimage.losses import (
@@ -658,12 +657,8 @@ class GckdTrainer:
             "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(), "history": self.history,
         }
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        path = self.checkpoint_dir / CHECKPOINT_NAME
-        write_bytes_atomic(path, buffer.getvalue())
-        return path
+        # Sealed (kind, version, SHA-256) and written atomically: a kill mid-write leaves the previous one.
+        return save_torch(self.checkpoint_dir / CHECKPOINT_NAME, state, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
 
     def _restore(self, data: TrainingData) -> int:
         if self.checkpoint_dir is None:
@@ -695,11 +690,7 @@ class GckdTrainer:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a GCKD training checkpoint safely (``weights_only``); clear errors for foreign/corrupt files."""
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise FileFormatError(f"{path}: cannot read the GCKD checkpoint ({type(exc).__name__}: {exc}); the file "
-                              "is corrupt or not a crossret GCKD checkpoint") from exc
+    state = load_torch(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "GCKD checkpoint")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise FileFormatError(f"{path}: not a crossret GCKD checkpoint")
     if state.get("version") != CHECKPOINT_VERSION:

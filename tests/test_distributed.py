@@ -214,9 +214,7 @@ def _worker(rank: int, port: int, root: str) -> None:
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     import crossret._io as io_module
-    from crossret import distributed, experiment
-    from crossret.hashing import _state, couple
-    from crossret.textimage import gckd
+    from crossret import _sealed, distributed, experiment
 
     # Count every file write of this rank: under torchrun only rank 0 may write.
     writes: list[str] = []
@@ -230,8 +228,8 @@ def _worker(rank: int, port: int, root: str) -> None:
 
         setattr(module, name, wrapper)
 
-    for module, name in ((couple, "write_bytes_atomic"), (gckd, "write_bytes_atomic"),
-                         (io_module, "write_bytes_atomic"), (_state, "write_bytes_atomic"),
+    # Checkpoints and saved methods go through the sealed container's writer; other binary files through _io's.
+    for module, name in ((_sealed, "write_bytes_atomic"), (io_module, "write_bytes_atomic"),
                          (experiment, "write_json_atomic"),
                          (experiment, "write_yaml_atomic"), (experiment, "save_npy_atomic")):
         counting(module, name)

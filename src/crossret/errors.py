@@ -22,3 +22,9 @@ class CodeError(CrossretError, ValueError):
 
 class FileFormatError(CrossretError):
     """A saved crossret file (index, checkpoint, run directory) is corrupt, truncated or foreign."""
+
+
+class NumericalError(CrossretError, FloatingPointError):
+    """A computation produced NaN or inf from finite inputs: training diverged (a learning rate too large
+    for the data) or values overflowed float32. Also a :class:`FloatingPointError`, so code that catches
+    the built-in (e.g. around a training loop) still does."""

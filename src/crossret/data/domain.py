@@ -42,9 +42,32 @@ def check_features(value: Any, where: str, what: str = "", unit: str = "sample")
                             f"{int(too_big.any(axis=1).sum())} {unit}(s); rescale the features")
     array = np.ascontiguousarray(array, dtype=np.float32)
     if not np.isfinite(array).all():
-        bad = int((~np.isfinite(array)).any(axis=1).sum())
-        raise DataError(f"{where}: {bad} {unit}(s) have NaN or inf {noun}; clean or drop them before use")
+        rows = np.flatnonzero(~np.isfinite(array).all(axis=1))
+        raise DataError(f"{where}: {rows.size} {unit}(s) have NaN or inf {noun} ({describe_rows(rows)}); "
+                        "clean or drop them before use")
     return array
+
+
+def describe_rows(rows: np.ndarray, limit: int = 10) -> str:
+    """``"rows 3, 7"`` / ``"row 3"`` / ``"rows 0, 1, …, 9 and 5 more"``: 0-based row indices for messages."""
+    rows = np.asarray(rows).reshape(-1)
+    shown = ", ".join(str(int(r)) for r in rows[:limit])
+    more = f" and {rows.size - limit} more" if rows.size > limit else ""
+    return f"row{'s' if rows.size != 1 else ''} {shown}{more}"
+
+
+MAX_CLASS_ID = (1 << 20) - 1  # classifier heads and per-class seed matrices are sized max id + 1
+
+
+def class_count(labels: np.ndarray, where: str) -> int:
+    """``max label + 1``, the number of classifier outputs a method allocates for ``labels`` (ids ``>= 0``).
+    Ids above :data:`MAX_CLASS_ID` are refused: they would allocate a head of that size (out of memory)."""
+    top = int(np.max(labels))
+    if top > MAX_CLASS_ID:
+        raise DataError(f"{where}: label id {top} is too large (ids must be < {MAX_CLASS_ID + 1}: a classifier of "
+                        f"max id + 1 outputs is allocated); renumber the classes to 0..C-1, e.g. with "
+                        "np.unique(labels, return_inverse=True)")
+    return top + 1
 
 
 def check_labels(value: Any, where: str, n: int, unit: str = "sample") -> np.ndarray:
@@ -61,6 +84,11 @@ def check_labels(value: Any, where: str, n: int, unit: str = "sample") -> np.nda
             raise DataError(f"{where}: labels must be integers, found non-integer or NaN values")
     elif labels.dtype.kind not in "iub":
         raise DataError(f"{where}: labels must be integers, got dtype {labels.dtype}")
+    # Range before the int64 cast: a float 1e20 or a uint64 above 2^63 would wrap to a negative label.
+    if labels.size and labels.dtype.kind in "fu" and (
+            int(labels.max()) > np.iinfo(np.int64).max if labels.dtype.kind == "u" else labels.max() >= 2.0 ** 63):
+        raise DataError(f"{where}: labels must be integers below 2^63, found {float(labels.max()):.6g}; renumber the "
+                        "classes 0..C-1")
     labels = labels.astype(np.int64)
     if (labels < UNKNOWN_LABEL).any():
         raise DataError(f"{where}: labels must be >= 0 (or -1 for unknown), found {int(labels.min())}")

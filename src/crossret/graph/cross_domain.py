@@ -36,6 +36,10 @@ class CrossDomainGraph:
     n_source: int
     n_target: int
     edge_counts: dict[str, int] = field(default_factory=dict)  # undirected edges by kind
+    # Neighbourhood sizes actually searched: the requested k clipped to the rows available.
+    # cross_source: source neighbours per target, min(k_cross, n_s); cross_target: target neighbours per
+    # source, min(k_cross, n_t); target: min(k_target, n_t − 1); source: min(k_source, largest class − 1).
+    k_used: dict[str, int] = field(default_factory=dict)
 
     @property
     def n_nodes(self) -> int:
@@ -65,7 +69,9 @@ class CrossDomainGraph:
         return {
             "nodes": self.n_nodes,
             **{f"edges_{kind}": int(count) for kind, count in self.edge_counts.items()},
+            **{f"k_{kind}_used": int(k) for kind, k in self.k_used.items()},
             "isolated_nodes": int((degree_count == 0).sum()),
+            "isolated_targets": int((degree_count[targets] == 0).sum()),
             "targets_with_cross_edge": int(source_neighbour[targets].sum()),
         }
 
@@ -95,10 +101,23 @@ def build_cross_domain_graph(
 
     Cost: one index per domain (the target index serves both the cross and the intra-target search)
     and one per source class; ``O((n_s + n_t) k)`` memory besides the features.
+
+    Degenerate inputs (each a deliberate rule, tested in ``tests/test_numerical_robustness.py``):
+
+    * NaN/inf features: :class:`DataError` naming the domain and the rows.
+    * A ``k`` larger than the rows available is clipped (``k_used``, in :meth:`CrossDomainGraph.summary`);
+      a domain of one sample has no intra-domain edges, a class of one sample no source edges.
+    * Exactly-zero feature rows have cosine 0 with everything, hence no edges (isolated nodes); any other
+      row is normalised whatever its scale. Identical rows (kNN ties) are ordered as faiss returns them,
+      which is deterministic; all their edges have weight 1.
+    * Isolated nodes are kept (degree 0): the diffusion gives them no mass, walks cannot leave them.
     """
-    xs = l2_normalize(source_features)
-    xt = l2_normalize(target_features)
     labels = np.asarray(source_labels)
+    for name, value in (("k_cross", k_cross), ("k_target", k_target), ("k_source", k_source)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise DataError(f"graph: {name} must be an integer >= 0, got {value!r}")
+    xs = l2_normalize(source_features, "source features")
+    xt = l2_normalize(target_features, "target features")
     n_s, n_t = xs.shape[0], xt.shape[0]
     if n_s == 0 or n_t == 0:
         raise DataError(f"graph: both domains need samples (source {n_s}, target {n_t})")
@@ -106,9 +125,9 @@ def build_cross_domain_graph(
         raise DataError(f"graph: source features are {xs.shape[1]}-d but target features {xt.shape[1]}-d")
     if labels.shape != (n_s,) or labels.dtype.kind not in "iu" or (labels < 0).any():
         raise DataError("graph: source labels must be (n_source,) non-negative integers")
-    for name, value in (("k_cross", k_cross), ("k_target", k_target), ("k_source", k_source)):
-        if not isinstance(value, (int, np.integer)) or value < 0:
-            raise DataError(f"graph: {name} must be an integer >= 0, got {value!r}")
+    largest_class = int(np.unique(labels, return_counts=True)[1].max())
+    k_used = {"cross_source": int(min(k_cross, n_s)), "cross_target": int(min(k_cross, n_t)),
+              "target": int(min(k_target, n_t - 1)), "source": int(min(k_source, largest_class - 1))}
 
     rows: list[np.ndarray] = []
     cols: list[np.ndarray] = []
@@ -158,7 +177,7 @@ def build_cross_domain_graph(
     adjacency = (upper + upper.T).tocsr()
     adjacency.sum_duplicates()
     adjacency.sort_indices()
-    return CrossDomainGraph(adjacency=adjacency, n_source=n_s, n_target=n_t, edge_counts=counts)
+    return CrossDomainGraph(adjacency=adjacency, n_source=n_s, n_target=n_t, edge_counts=counts, k_used=k_used)
 
 
 def _kind_ranges(counts: dict[str, int]) -> list[tuple[str, int, int]]:

@@ -25,6 +25,20 @@ Several diffusions (e.g. one per class) run together as the columns of ``(n, C)`
 
 A solution exists iff in every connected component the mass fits: ``Σ_comp Δ ≤ Σ_comp T``
 (strictly, for finite convergence); :func:`check_feasible` says which component fails.
+
+Degenerate inputs, each a deliberate rule (``tests/test_numerical_robustness.py``):
+
+* **Infeasible mass**: both solvers raise :class:`DataError` naming the component, its mass and its
+  capacity; they never rescale silently. Callers that want an always-feasible problem scale the mass
+  down explicitly with :func:`clip_to_feasible` (COUPLE does, and records how many (component, class)
+  pairs it clipped as ``diffusion_clipped_components``).
+* **Isolated nodes** (degree 0) cannot push or receive: mass seeded on one is infeasible unless its own
+  capacity holds it; their potential is 0. COUPLE seeds ``α·deg = 0`` on them, so they never matter.
+* **A class whose source nodes reach no target** keeps its mass on the source side of its component
+  (after clipping): its column's potentials on target nodes are 0, so it labels no target.
+* **Scale**: the problem ``(cW, cΔ, cT)`` has the same potentials as ``(W, Δ, T)``; the feasibility test
+  and the solvers' tolerances are relative, so 1e-30 and 1e30 graphs are solved like unit ones.
+* An empty graph (0 nodes) is a :class:`DataError`; zero mass gives ``x = 0`` at once.
 """
 
 from __future__ import annotations
@@ -73,6 +87,8 @@ def check_graph(adjacency: sp.spmatrix) -> sp.csr_matrix:
     n, m = adjacency.shape
     if n != m:
         raise DataError(f"flow diffusion: the adjacency must be square, got {adjacency.shape}")
+    if n == 0:
+        raise DataError("flow diffusion: the graph has no nodes; build it from at least one sample")
     data = adjacency.data
     if not np.isfinite(data).all() or (data < 0).any():
         raise DataError("flow diffusion: edge weights must be finite and >= 0")
@@ -92,15 +108,28 @@ def _without_zeros(adjacency: sp.spmatrix) -> sp.csr_matrix:
     return adjacency
 
 
+def _round_off_floor(mass: np.ndarray, capacity: np.ndarray, unit: float) -> float:
+    """``unit`` times the problem's scale, capped at ``unit``: the absolute slack for round-off on nodes of
+    zero capacity. Relative on tiny problems (weights ~1e-30 would otherwise hide any excess), and the
+    fixed ``unit`` on ordinary and large ones (where the relative ``1e-12`` term dominates anyway)."""
+    scale = max(float(np.max(mass, initial=0.0)), float(np.max(capacity, initial=0.0)))
+    return unit * min(1.0, scale)
+
+
 def check_feasible(adjacency: sp.csr_matrix, source_mass: np.ndarray, capacity: np.ndarray) -> None:
-    """Raise :class:`DataError` unless every connected component can hold its mass in every column."""
+    """Raise :class:`DataError` unless every connected component can hold its mass in every column.
+
+    The test is scale-free (``need ≤ cap·(1 + 1e-12)`` plus a round-off slack relative to the problem's
+    scale), so the same problem multiplied by 1e-30 or 1e30 is judged alike. Components that are exactly
+    at capacity are feasible (the push solver then converges only asymptotically)."""
     _, component = csgraph.connected_components(_without_zeros(adjacency), directed=False)
     mass = source_mass.reshape(source_mass.shape[0], -1)
     n_comp = int(component.max()) + 1 if component.size else 0
     cap = np.bincount(component, weights=capacity, minlength=n_comp)
+    slack = _round_off_floor(mass, capacity, 1e-12)
     for col in range(mass.shape[1]):
         need = np.bincount(component, weights=mass[:, col], minlength=n_comp)
-        over = need > cap * (1 + 1e-12) + 1e-12
+        over = need > cap * (1 + 1e-12) + slack
         if over.any():
             worst = int(np.argmax(need - cap))
             raise DataError(
@@ -222,6 +251,7 @@ def l2_flow_diffusion_active_set(
     degree = lap.diagonal()
     n, n_cols = mass0.shape
     threshold = tol * np.maximum(mass0.sum(axis=0), np.finfo(float).tiny)
+    slack = _round_off_floor(mass0, cap, 1e-15)
     rhs_full = mass0 - cap[:, None]
     saturated = (rhs_full > 0) & (degree[:, None] > 0)
     potential = np.zeros_like(mass0)
@@ -245,7 +275,7 @@ def l2_flow_diffusion_active_set(
         if (excess.sum(axis=0) <= threshold).all():
             converged = True
             break
-        violators = (mass > cap[:, None] * (1 + 1e-12) + 1e-15) & ~saturated & (degree[:, None] > 0)
+        violators = (mass > cap[:, None] * (1 + 1e-12) + slack) & ~saturated & (degree[:, None] > 0)
         if rounds >= max_rounds or not violators.any():
             # Nothing left to add: what excess remains is solver tolerance inside S.
             converged = (excess.sum(axis=0) <= threshold).all()

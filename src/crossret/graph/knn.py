@@ -14,22 +14,40 @@ import scipy.sparse as sp
 
 from crossret.errors import DataError
 
-# Rows whose norm is below this are treated as all-zero: they are kept (a zero vector has cosine 0
-# with everything) instead of being divided into NaN.
+# Centroid sums (of unit vectors) below this norm are treated as empty in the spherical k-means.
 _MIN_NORM = 1e-12
 
 
-def l2_normalize(features: np.ndarray) -> np.ndarray:
-    """Row-wise ``x / ||x||`` as C-contiguous float32; all-zero rows stay zero."""
-    x = np.asarray(features, dtype=np.float32)
+def l2_normalize(features: np.ndarray, what: str = "features") -> np.ndarray:
+    """Row-wise ``x / ||x||`` as C-contiguous float32; all-zero rows stay zero.
+
+    Cosine is scale-invariant, so every row with a non-zero entry is normalised, however small or
+    large its norm (1e-30 and 1e30 rows alike: the norm is taken in float64, where neither
+    underflows nor overflows for float32 input). Only rows that are exactly zero have no direction:
+    they stay zero, i.e. cosine 0 with everything (no edge in a graph, since edges need ``cos > 0``).
+    NaN/inf rows are a :class:`DataError` naming them (``what`` names the matrix in the message).
+    """
+    x = np.asarray(features)
     if x.ndim != 2:
         raise DataError(f"kNN: expected a 2-D feature matrix, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise DataError("kNN: features contain NaN or inf")
-    norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
-    tiny = norms < _MIN_NORM
-    unit = x / np.where(tiny, 1.0, norms)
-    unit[tiny[:, 0]] = 0.0  # numerically zero rows: cosine 0 with everything
+    if x.dtype.kind not in "fiub":
+        raise DataError(f"kNN: {what} must be numeric, got dtype {x.dtype}")
+    x64 = x.astype(np.float64)
+    finite = np.isfinite(x64).all(axis=1)
+    if not finite.all():
+        from crossret.data.domain import describe_rows
+
+        bad = np.flatnonzero(~finite)
+        raise DataError(f"kNN: {what} contain NaN or inf in {bad.size} row(s) ({describe_rows(bad)}); clean or "
+                        "drop them")
+    with np.errstate(over="ignore"):
+        norms = np.linalg.norm(x64, axis=1, keepdims=True)
+    if np.isinf(norms).any():  # float64 input near its own limit: rescale the rows first (exact for powers of 2)
+        peak = np.abs(x64).max(axis=1, keepdims=True)
+        x64 = x64 / np.where(peak > 0, peak, 1.0)
+        norms = np.linalg.norm(x64, axis=1, keepdims=True)
+    zero = norms == 0.0
+    unit = x64 / np.where(zero, 1.0, norms)
     return np.ascontiguousarray(unit, dtype=np.float32)
 
 

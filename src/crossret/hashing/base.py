@@ -54,18 +54,20 @@ class HashMethod(abc.ABC):
         return binarize(self.encode_real(features))
 
     def _check_features(self, features: np.ndarray) -> np.ndarray:
+        from crossret.data.domain import check_features
         from crossret.errors import DataError
 
         if self.input_dim is None:
             raise ConfigError(f"{self.name}: call fit() before encode()")
-        features = np.asarray(features, dtype=np.float32)
-        if features.ndim != 2 or features.shape[1] != self.input_dim:
+        array = np.asarray(features)
+        if array.ndim != 2 or array.shape[1] != self.input_dim:
             raise DataError(
-                f"{self.name}: expected features of shape (N, {self.input_dim}), got {features.shape}"
+                f"{self.name}: expected features of shape (N, {self.input_dim}), got {array.shape}"
             )
-        if not np.isfinite(features).all():
-            raise DataError(f"{self.name}: features contain NaN or inf")
-        return features
+        if array.shape[0] == 0:  # encoding nothing is valid (an empty query batch)
+            return np.empty((0, self.input_dim), np.float32)
+        # One rule for every entry point: dtype, float32 range, NaN/inf with the offending row numbers.
+        return check_features(array, f"{self.name}.encode")
 
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)

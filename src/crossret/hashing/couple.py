@@ -65,7 +65,7 @@ import torch.nn.functional as F
 
 from crossret import distributed
 from crossret._sealed import load_torch, save_torch
-from crossret.data.domain import Domain
+from crossret.data.domain import Domain, class_count
 from crossret.errors import ConfigError, DataError, FileFormatError
 from crossret.graph.cross_domain import CrossDomainGraph, build_cross_domain_graph
 from crossret.graph.diffusion import (
@@ -79,7 +79,14 @@ from crossret.graph.knn import KNN_METHODS
 from crossret.graph.walks import random_walks
 from crossret.hashing._hashnet import ENCODE_BATCH, HashNetMethod
 from crossret.hashing.base import ProgressFn, no_progress, register
-from crossret.hashing.networks import HashNet, HashNetOutput, quantization_loss, torch_threads
+from crossret.hashing.networks import (
+    HashNet,
+    HashNetOutput,
+    check_finite_loss,
+    check_finite_network,
+    quantization_loss,
+    torch_threads,
+)
 from crossret.hashing.preprocessing import FeatureNormalizer, bit_balance
 
 CHECKPOINT_FORMAT = "crossret.couple.checkpoint"
@@ -282,7 +289,7 @@ class Couple(HashNetMethod):
                             f"(source {source.n}, target {target.n})")
         if source.dim != target.dim:
             raise DataError(f"couple: source features are {source.dim}-d but target features {target.dim}-d")
-        num_classes = int(source.labels.max()) + 1
+        num_classes = class_count(source.labels, "COUPLE source labels")
         n_s, n_t = source.n, target.n
         # Normalisation statistics from all *training* data (unlabelled target included).
         self.normalizer = FeatureNormalizer(center=True, scale=False).fit(
@@ -303,6 +310,10 @@ class Couple(HashNetMethod):
             selection: _Selection | None = None
             epoch_log: list[dict[str, Any]] = []
             self.selection_history = []
+            if self.resume and self.checkpoint_dir is not None and distributed.is_main():
+                from crossret._leftovers import remove_stale_temporaries
+
+                remove_stale_temporaries(self.checkpoint_dir)  # of checkpoint writes killed before their rename
             restored = self._restore(net, optimizer, generator, fingerprint) if self.resume else None
             if restored is not None:
                 first_epoch, selection, epoch_log, rng_state = restored
@@ -336,6 +347,7 @@ class Couple(HashNetMethod):
                                                     selection, epoch_log, fingerprint))
                 progress(epoch + 1, cfg.epochs, _progress_message(record, cfg.epochs))
 
+        check_finite_network(net, where="couple", lr=cfg.lr)
         net.eval()
         self.network, self.num_classes, self.input_dim = net, num_classes, source.dim
         hash_out = self._forward_eval(x_all)[0]
@@ -348,6 +360,7 @@ class Couple(HashNetMethod):
             "parameters": int(sum(p.numel() for p in net.parameters())),
             "final_losses": {k: v for k, v in final.items() if k.startswith("loss_")},
             "train_bit_balance": bit_balance(hash_out.numpy()),
+            "feature_rescale": self.normalizer.global_scale,
             "resumed_from_epoch": restored[0] if restored is not None else 0,
             "fit_seconds": round(time.perf_counter() - start_time, 4),
             "epochs": epoch_log,
@@ -429,6 +442,9 @@ class Couple(HashNetMethod):
                      + cfg.target_im_weight * loss_im + cfg.coral_weight * loss_coral
                      + cfg.quant_weight * loss_quant + cfg.relation_weight * loss_relation
                      + cfg.low_mixup_weight * loss_low + cfg.high_mixup_weight * loss_high)
+            check_finite_loss(total, dict(zip(keys[1:], (loss_ce, loss_target_ce, loss_im, loss_coral, loss_quant,
+                                                         loss_relation, loss_low, loss_high), strict=True)),
+                              where=f"couple: step {step + 1}/{steps} of an epoch", lr=cfg.lr)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             distributed.average_gradients(net.parameters())  # a no-op in one process
@@ -541,6 +557,10 @@ class Couple(HashNetMethod):
                 "diffusion_clipped_components": int(clipped),
                 "diffusion_mass_to_target": round(float(mass.sum()) / seed_total, 6) if seed_total > 0 else 0.0,
                 "targets_reached": int(reached.sum()),
+                # Seeded classes none of whose mass reached a target (no path from their sources to a
+                # target node): their (clipped) mass stays on source nodes and they label no target.
+                "diffusion_classes_without_target": int(((seed.sum(axis=0) > 0) & ~(
+                    mass > 1e-12 * max(float(degree.max(initial=0.0)), 1.0)).any(axis=0)).sum()),
                 "targets_saturated": int(saturated.sum()),
                 "classifier_agreement": round(float((labels[reached] == classifier_labels[reached]).mean()), 6)
                 if reached.any() else None,

@@ -15,6 +15,12 @@ iteration starts from a seeded random orthogonal matrix. Codes are ``sign((x −
 
 ITQ is unsupervised, so it fits on source ∪ target-train features (labels are never read).
 
+Degenerate data: constant features centre to exactly 0 and drop out of the PCA (the rank counts only
+directions with variance); when *every* training row is the same point there is no direction at all,
+and the projection is 0: every item gets the all-(+1) code (``pca_rank`` 0 in the diagnostics). Feature
+magnitudes far from 1 (1e30, 1e-30) are handled by the normaliser's power-of-two rescale, which leaves
+the codes unchanged.
+
 **More bits than the data's rank** (``L > r``, e.g. 128 bits on 64-d features, or ``L > n − 1``):
 PCA gives only ``r`` informative directions. ``overflow`` chooses what the other ``L − r`` bits are
 (recorded in ``diagnostics["overflow"]``):
@@ -149,6 +155,11 @@ class ITQ(PersistentMethod, HashMethod):
 
         self.normalizer = FeatureNormalizer(center=True, scale=cfg.standardize)
         x = self.normalizer.fit_transform(train)
+        if not x.any():
+            # Every training row is the same point (constant features centre to exactly 0): there is no
+            # direction to learn. PCA would divide 0 by 0; instead the projection is 0, so every item
+            # (training or not) gets the all-(+1) code by the sign(0) = +1 rule.
+            return self._fit_without_variance(n, dim, start, progress)
         n_components = min(self.bits, n, dim)
         # svd_solver="full" is exact and deterministic; randomized only when the problem is big.
         solver = "full" if min(n, dim) <= 2048 else "randomized"
@@ -198,6 +209,7 @@ class ITQ(PersistentMethod, HashMethod):
             "overflow": overflow,
             "overflow_bits": int(self.bits - rank),
             "explained_variance": float(pca.explained_variance_ratio_[:rank].sum()),
+            "feature_rescale": self.normalizer.global_scale,
             "quantization_loss_first": history[0],
             "quantization_loss_last": history[-1],
             "iterations": cfg.n_iter,
@@ -205,6 +217,31 @@ class ITQ(PersistentMethod, HashMethod):
             "fit_seconds": time.perf_counter() - start,
         }
         progress(cfg.n_iter + 1, cfg.n_iter + 1, f"itq: done, loss {history[-1]:.4f}")
+        return self
+
+    def _fit_without_variance(self, n: int, dim: int, start: float, progress: ProgressFn) -> ITQ:
+        """The degenerate fit of :meth:`fit` when all training rows are identical (documented there)."""
+        self.rotation = np.eye(self.bits)
+        self.loss_history = [1.0]  # ||B − 0||² / (n L) with B = sign(0) = +1
+        self.projection = np.zeros((dim, self.bits))
+        self.offset = np.zeros(self.bits)
+        self.input_dim = dim
+        assert self.normalizer is not None
+        self.diagnostics = {
+            "n_train": int(n),
+            "pca_rank": 0,
+            "overflow": "none",
+            "overflow_bits": int(self.bits),
+            "explained_variance": 0.0,
+            "quantization_loss_first": 1.0,
+            "quantization_loss_last": 1.0,
+            "iterations": 0,
+            "train_bit_balance": 0.5,
+            "feature_rescale": self.normalizer.global_scale,
+            "degenerate": "all training rows are identical: every code is all +1",
+            "fit_seconds": time.perf_counter() - start,
+        }
+        progress(self.config.n_iter + 1, self.config.n_iter + 1, "itq: done (no variance in the training data)")
         return self
 
     def encode_real(self, features: np.ndarray) -> np.ndarray:

@@ -73,6 +73,7 @@ class LSH(PersistentMethod, HashMethod):
         self.diagnostics = {
             "n_train": int(train.shape[0]),
             "train_bit_balance": bit_balance(self.encode(train)),
+            "feature_rescale": self.normalizer.global_scale,
             "fit_seconds": time.perf_counter() - start,
         }
         progress(1, 1, "lsh: done")

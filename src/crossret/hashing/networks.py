@@ -13,16 +13,42 @@ need a 4,096 × 4,096 encoder (the default ``e = min(d, 1024)``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crossret.errors import ConfigError
+from crossret.errors import ConfigError, DataError, NumericalError
 
 PAIR_LOSSES = ("couple", "cosine", "dpsh")
+
+
+def check_finite_loss(total: torch.Tensor, terms: Mapping[str, torch.Tensor], *, where: str, lr: float) -> None:
+    """Raise :class:`NumericalError` if the training loss ``total`` is NaN or inf, *before* the optimiser
+    step (so the weights of the last good step are kept). ``terms`` name the loss terms; the message lists
+    the non-finite ones. One host sync per call."""
+    if bool(torch.isfinite(total)):
+        return
+    bad = [name for name, value in terms.items() if not bool(torch.isfinite(value).all())]
+    raise NumericalError(
+        f"{where}: the training loss became {float(total.detach())} (non-finite terms: {', '.join(bad) or 'the sum'}); "
+        f"training has diverged. Lower the learning rate (lr is {lr:g}) and, if the input features have very "
+        "different scales, standardise them")
+
+
+def check_finite_network(net: nn.Module, *, where: str, lr: float) -> None:
+    """Raise :class:`NumericalError` naming the parameters/buffers of ``net`` that hold NaN or inf (e.g. after
+    an optimiser step that overflowed): a network that cannot give finite codes is never returned."""
+    bad = [name for name, tensor in [*net.named_parameters(), *net.named_buffers()]
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        lr_text = "" if math.isnan(lr) else f" (lr is {lr:g})"
+        raise NumericalError(f"{where}: the trained network holds NaN or inf in {', '.join(bad[:5])}"
+                             f"{' and more' if len(bad) > 5 else ''}; training has diverged. Lower the learning "
+                             f"rate{lr_text}")
 
 
 class HashNetOutput(NamedTuple):
@@ -100,11 +126,29 @@ class HashNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> HashNetOutput:
         features = self.encoder(x)
-        return HashNetOutput(features, self.hash_head(features), self.classifier(features))
+        out = HashNetOutput(features, self.hash_head(features), self.classifier(features))
+        if not self.training:  # inference: never hand NaN codes on (training checks its loss instead)
+            _check_finite_outputs(self, x, out)
+        return out
 
     def hash(self, x: torch.Tensor) -> torch.Tensor:
         """tanh outputs ``H(E(x))``; their sign is the code."""
         return self.hash_head(self.encoder(x))
+
+
+def _check_finite_outputs(net: nn.Module, x: torch.Tensor, out: HashNetOutput) -> None:
+    """NaN/inf outputs in eval mode: :class:`NumericalError` if the network's own weights are not finite
+    (diverged training), else :class:`DataError`: the inputs are so far outside the training range that
+    float32 overflows inside the network."""
+    finite = torch.isfinite(out.hash).all(dim=1) & torch.isfinite(out.logits).all(dim=1)
+    if bool(finite.all()):
+        return
+    check_finite_network(net, where="HashNet", lr=float("nan"))
+    bad = (~finite).nonzero().flatten()
+    largest = float(x[bad].abs().max()) if x.numel() else float("nan")
+    raise DataError(f"HashNet: {bad.numel()} of {x.shape[0]} input row(s) give NaN or inf outputs (their largest "
+                    f"normalised |x| is {largest:.3g}): float32 overflows inside the network for inputs this far "
+                    "outside the training range; encode features of the same kind and scale as the training data")
 
 
 # ---------------------------------------------------------------------------------------- losses

@@ -13,9 +13,16 @@ import numpy as np
 
 from crossret.errors import ConfigError, DataError
 
-# Features whose training standard deviation is below this are treated as constant: dividing by
+# Features whose training standard deviation is below this (times the largest feature std when that
+# is below 1, so that uniformly tiny data is still standardised) are treated as constant: dividing by
 # a ~0 std would blow their (noise) values up to the scale of informative features.
 _MIN_STD = 1e-8
+# The normalised training data's RMS is kept inside [2^-20, 2^20] (about 1e-6 .. 1e6): outside it, a
+# power of two brings it to [0.5, 1). Float32 networks overflow on inputs near 1e19 (BatchNorm squares
+# them) and lose inputs near 1e-30 below BatchNorm's eps; a power of two is exact, so sign- and
+# angle-based codes (LSH, ITQ) do not change, and data inside the window is not touched at all.
+_RMS_WINDOW = (2.0 ** -20, 2.0 ** 20)
+_CHUNK_VALUES = 1 << 22  # float64 values per temporary block (32 MiB)
 
 
 @dataclass
@@ -23,29 +30,64 @@ class FeatureNormalizer:
     """Affine per-feature normaliser ``x -> (x - mean) / scale``.
 
     ``center`` subtracts the training mean, ``scale`` divides by the training standard deviation
-    (a z-score, as sklearn's ``StandardScaler``; constant features keep scale 1). Unlike
-    ``StandardScaler`` the fitted statistics are plain arrays, so they are saved with a method
-    (:meth:`state` / :meth:`from_state`) without pickling.
+    (a z-score, as sklearn's ``StandardScaler``). Unlike ``StandardScaler`` the fitted statistics are
+    plain arrays, so they are saved with a method (:meth:`state` / :meth:`from_state`) without pickling.
+
+    Numerical rules (``tests/test_numerical_robustness.py``):
+
+    * a constant feature (all training values equal) keeps scale 1 and its mean is that value, so it
+      normalises to exactly 0 on the training data (never 0/0, never rounding noise);
+    * a training set whose normalised RMS lies outside ``[2^-20, 2^20]`` (e.g. features of magnitude
+      1e30 or 1e-30) is multiplied by the power of two bringing the RMS to ``[0.5, 1)``, folded into
+      ``scale_`` (so it is saved with the method) and reported as :attr:`global_scale`; data inside the
+      window is untouched;
+    * NaN/inf inputs are a :class:`DataError` naming the rows, and so is :meth:`transform` output that
+      would overflow the requested dtype.
     """
 
     center: bool = True
     scale: bool = False
     mean_: np.ndarray | None = None
     scale_: np.ndarray | None = None
+    # The power of two the magnitude rule divided by (1.0 = none); fit() sets it, for diagnostics.
+    global_scale: float = 1.0
 
     def fit(self, features: np.ndarray) -> FeatureNormalizer:
         """Compute the statistics of ``features`` (the *training* data)."""
-        x = np.asarray(features, dtype=np.float64)
+        x = np.asarray(features)
         if x.ndim != 2 or x.shape[0] == 0:
             raise DataError(f"normaliser: expected a non-empty 2-D feature matrix, got shape {x.shape}")
-        dim = x.shape[1]
+        if x.dtype.kind not in "fiub":
+            raise DataError(f"normaliser: features must be numeric, got dtype {x.dtype}")
         # Statistics in float64: a float32 running sum over ~1e5 rows loses digits of the mean.
-        self.mean_ = x.mean(axis=0) if self.center else np.zeros(dim)
+        x = x.astype(np.float64, copy=False)
+        _require_finite(x, "normaliser: training features")
+        dim = x.shape[1]
+        low, high = x.min(axis=0), x.max(axis=0)
+        constant = low == high
+        if self.center:
+            mean = x.mean(axis=0)
+            mean[constant] = low[constant]  # exactly the value: the feature centres to exactly 0
+        else:
+            mean = np.zeros(dim)
         if self.scale:
             std = x.std(axis=0)
-            self.scale_ = np.where(std > _MIN_STD, std, 1.0)
+            varying = std[~constant]
+            floor = _MIN_STD * min(1.0, float(varying.max(initial=0.0)))
+            scale = np.where(~constant & (std > floor), std, 1.0)
         else:
-            self.scale_ = np.ones(dim)
+            scale = np.ones(dim)
+        # Mean square of the normalised training data, in row chunks (no second n x d copy).
+        square_sum, rows = 0.0, max(1, _CHUNK_VALUES // dim)
+        for lo in range(0, x.shape[0], rows):
+            block = (x[lo:lo + rows] - mean) / scale
+            square_sum += float(np.square(block).sum())
+        rms = float(np.sqrt(square_sum / x.size))
+        self.global_scale = 1.0
+        if rms > 0 and not _RMS_WINDOW[0] <= rms <= _RMS_WINDOW[1]:
+            self.global_scale = float(2.0 ** np.frexp(rms)[1])  # rms / 2^e in [0.5, 1)
+            scale = scale * self.global_scale
+        self.mean_, self.scale_ = mean, scale
         return self
 
     @property
@@ -65,7 +107,20 @@ class FeatureNormalizer:
         x = np.asarray(features, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.mean_.shape[0]:
             raise DataError(f"normaliser: expected features (N, {self.mean_.shape[0]}), got {x.shape}")
-        return ((x - self.mean_) / self.scale_).astype(dtype, copy=False)
+        _require_finite(x, "normaliser: features")
+        out = (x - self.mean_) / self.scale_
+        if np.dtype(dtype).kind == "f" and np.dtype(dtype).itemsize < 8:
+            limit = float(np.finfo(dtype).max)
+            too_big = np.flatnonzero((np.abs(out) > limit).any(axis=1))
+            if too_big.size:
+                from crossret.data.domain import describe_rows
+
+                raise DataError(
+                    f"normaliser: {too_big.size} row(s) ({describe_rows(too_big)}) exceed the {np.dtype(dtype).name} "
+                    f"range after normalisation (|x| up to {float(np.abs(out[too_big]).max()):.3g}): they are "
+                    "far outside the scale of the training features; encode features of the same kind and scale "
+                    "as the training data")
+        return out.astype(dtype, copy=False)
 
     def fit_transform(self, features: np.ndarray, dtype: type = np.float64) -> np.ndarray:
         return self.fit(features).transform(features, dtype=dtype)
@@ -93,6 +148,16 @@ class FeatureNormalizer:
         if not (np.isfinite(mean).all() and np.isfinite(scale).all() and (scale > 0).all()):
             raise ValueError("normaliser statistics are not finite / positive")
         return cls(center=bool(flags[0]), scale=bool(flags[1]), mean_=mean, scale_=scale)
+
+
+def _require_finite(x: np.ndarray, what: str) -> None:
+    """:class:`DataError` naming the rows of ``x`` that hold NaN or inf."""
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        from crossret.data.domain import describe_rows
+
+        bad = np.flatnonzero(~finite)
+        raise DataError(f"{what}: {bad.size} row(s) contain NaN or inf ({describe_rows(bad)}); clean or drop them")
 
 
 def bit_balance(codes: np.ndarray) -> float:

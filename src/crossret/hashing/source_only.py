@@ -21,12 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from crossret.data.domain import Domain
+from crossret.data.domain import Domain, class_count
 from crossret.errors import ConfigError, DataError
 from crossret.hashing._hashnet import HashNetMethod
 from crossret.hashing.base import ProgressFn, no_progress, register
 from crossret.hashing.networks import (
     PAIR_LOSSES,
+    check_finite_loss,
+    check_finite_network,
     pairwise_similarity_loss,
     quantization_loss,
     torch_threads,
@@ -115,7 +117,7 @@ class SourceOnly(HashNetMethod):
         cfg = self.config
         source.require_labels()
         labels_np = source.labels
-        num_classes = int(labels_np.max()) + 1
+        num_classes = class_count(labels_np, "source-only source labels")
         self.normalizer = FeatureNormalizer(center=True, scale=cfg.standardize).fit(source.features)
         x = torch.from_numpy(self.normalizer.transform(source.features, dtype=np.float32))
         y = torch.from_numpy(labels_np)
@@ -145,6 +147,8 @@ class SourceOnly(HashNetMethod):
                     pair = pairwise_similarity_loss(out.hash, y[idx], cfg.pair_loss)
                     quant = quantization_loss(out.hash)
                     total = cfg.ce_weight * ce + cfg.pair_weight * pair + cfg.quant_weight * quant
+                    check_finite_loss(total, {"ce": ce, "pair": pair, "quant": quant},
+                                      where=f"source-only: epoch {epoch + 1}, step {steps + 1}", lr=cfg.lr)
                     optimizer.zero_grad(set_to_none=True)
                     total.backward()
                     optimizer.step()
@@ -158,6 +162,7 @@ class SourceOnly(HashNetMethod):
                     f"source-only: epoch {epoch + 1}/{cfg.epochs} loss {sums['total']:.4f} "
                     f"(ce {sums['ce']:.4f}, pair {sums['pair']:.4f}, quant {sums['quant']:.4f})",
                 )
+        check_finite_network(net, where="source-only", lr=cfg.lr)
         net.eval()
         self.network = net
         self.num_classes = num_classes
@@ -178,6 +183,7 @@ class SourceOnly(HashNetMethod):
             "source_train_accuracy": float((logits.argmax(1) == y).float().mean()),
             "source_mean_abs_hash": float(hash_out.abs().mean()),
             "train_bit_balance": bit_balance(hash_out.numpy()),
+            "feature_rescale": self.normalizer.global_scale,
             "fit_seconds": train_seconds,
         }
         return self

@@ -91,6 +91,41 @@ class FeatureHeadsFeatures(NamedTuple):
     text_feat: Tensor  # (N, E), unit norm, float32
 
 
+def _rows_text(rows: Tensor) -> str:
+    shown = ", ".join(str(int(r)) for r in rows[:10])
+    more = f" and {rows.numel() - 10} more" if rows.numel() > 10 else ""
+    return f"row{'s' if rows.numel() != 1 else ''} {shown}{more}"
+
+
+def _check_finite_rows(x: Tensor, what: str, cast: torch.dtype | None = None) -> None:
+    finite = torch.isfinite(x).all(dim=1)
+    if bool(finite.all()):
+        return
+    rows = (~finite).nonzero().flatten().cpu()
+    if cast is None:
+        raise DataError(f"{what}: {rows.numel()} row(s) contain NaN or inf ({_rows_text(rows)}); clean or drop them")
+    raise DataError(f"{what}: {rows.numel()} row(s) ({_rows_text(rows)}) overflow {cast} (the model's dtype); "
+                    "rescale the features, e.g. L2-normalise each row")
+
+
+def _check_finite_outputs(x: Tensor, feat: Tensor, what: str) -> None:
+    """Finite inputs that give NaN/inf embeddings: the magnitudes overflow inside the MLP (LayerNorm squares
+    them), or the weights diverged. Raised as a :class:`~crossret.hashing.networks.NumericalError` (a
+    :class:`CrossretError` *and* a :class:`FloatingPointError`, as the GCKD trainer's own check)."""
+    finite = torch.isfinite(feat).all(dim=1)
+    if bool(finite.all()):
+        return
+    from crossret.errors import NumericalError
+
+    rows = (~finite).nonzero().flatten()
+    largest = float(x[rows].abs().max())
+    raise NumericalError(
+        f"{what}: {rows.numel()} row(s) ({_rows_text(rows.cpu())}) give NaN/inf embeddings from finite inputs "
+        f"(largest |x| in them: {largest:.3g}). Inputs of such magnitude overflow float32 in the projection MLP: "
+        "rescale the features (e.g. L2-normalise each row). If the inputs are ordinary, training diverged: lower "
+        "the learning rate or disable amp")
+
+
 def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim),
                          nn.LayerNorm(out_dim))
@@ -119,23 +154,38 @@ class FeatureHeadsModel(LearnableTemperature, nn.Module):
     # -- encoders ----------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _check(x: Tensor, dim: int, what: str) -> None:
+    def _check(x: Tensor, dim: int, what: str, encoder: nn.Sequential) -> Tensor:
+        """Shape-checked ``x`` in the encoder's weight dtype (integer, float16 or float64 features are cast;
+        autocast still picks the compute dtype); NaN/inf rows are a :class:`DataError` naming them."""
         if x.dim() != 2 or x.shape[1] != dim:
             raise DataError(f"{what} must have shape (N, {dim}), got {tuple(x.shape)}")
+        if x.is_complex() or x.dtype == torch.bool:
+            raise DataError(f"{what} must be real numbers, got dtype {x.dtype}")
+        weight_dtype = encoder[0].weight.dtype
+        if x.is_floating_point():
+            _check_finite_rows(x, what)
+        if x.dtype != weight_dtype:
+            x = x.to(weight_dtype)
+            _check_finite_rows(x, what, cast=weight_dtype)
+        return x
 
     def encode_image(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``images (N, d_img)`` precomputed features → ``(image_tokens (N, 1, F), image_feat (N, E))``."""
-        self._check(images, self.config.image_dim, "image features")
+        images = self._check(images, self.config.image_dim, "image features", self.image_encoder)
         tokens = self.image_encoder(images).unsqueeze(1)
-        return tokens, F.normalize(self.vision_proj(tokens[:, 0]).float(), dim=-1)
+        feat = F.normalize(self.vision_proj(tokens[:, 0]).float(), dim=-1)
+        _check_finite_outputs(images, feat, "image features")
+        return tokens, feat
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``input_ids``: here the precomputed text features ``(N, d_txt)`` (the name matches
         :meth:`AlbefModel.encode_text`); ``attention_mask`` is ignored. → ``(text_tokens (N, 1, F),
         text_feat (N, E))``."""
-        self._check(input_ids, self.config.text_dim, "text features")
+        input_ids = self._check(input_ids, self.config.text_dim, "text features", self.text_encoder)
         tokens = self.text_encoder(input_ids).unsqueeze(1)
-        return tokens, F.normalize(self.text_proj(tokens[:, 0]).float(), dim=-1)
+        feat = F.normalize(self.text_proj(tokens[:, 0]).float(), dim=-1)
+        _check_finite_outputs(input_ids, feat, "text features")
+        return tokens, feat
 
     def fuse(self, text_tokens: Tensor, attention_mask: Tensor | None, image_tokens: Tensor,
              image_atts: Tensor | None = None) -> Tensor:

@@ -38,6 +38,7 @@ import yaml
 from crossret import distributed
 from crossret._config import reject_unknown_keys
 from crossret._io import read_yaml_mapping, save_npy_atomic, write_json_atomic, write_yaml_atomic
+from crossret._leftovers import remove_stale_temporaries
 from crossret.data.domain import RetrievalSplit
 from crossret.errors import ConfigError, DataError, FileFormatError
 from crossret.hashing.base import HashMethod, make_method
@@ -368,13 +369,16 @@ def _check_resumable(run_dir: Path, config: RunConfig, method: HashMethod) -> No
 def _prepare_run_dir(run_dir: Path, keep_checkpoints: bool = False) -> Path:
     """Create the run directory; remove what an earlier run left there, the completion marker
     (metrics.json) first, so that a failure now can never leave stale results looking finished.
-    ``keep_checkpoints`` keeps ``checkpoints/`` and ``run.log`` (resuming)."""
+    ``keep_checkpoints`` keeps ``checkpoints/``, ``run.log`` and ``config.yaml`` (resuming: the same
+    configuration, checked before; it is rewritten atomically, so a kill now never leaves the checkpoint
+    without it). Temporary files of writes an earlier process was killed in are removed."""
     (run_dir / "metrics.json").unlink(missing_ok=True)
     for stale in ("codes", "plots", *(() if keep_checkpoints else ("checkpoints",))):
         if (run_dir / stale).is_dir():
             shutil.rmtree(run_dir / stale)
-    logs = [] if keep_checkpoints else [run_dir / "run.log"]
-    for stale in [*run_dir.glob("model.*"), *logs, run_dir / "config.yaml"]:
+    remove_stale_temporaries(run_dir, run_dir / "checkpoints")
+    kept = [] if keep_checkpoints else [run_dir / "run.log", run_dir / "config.yaml"]
+    for stale in [*run_dir.glob("model.*"), *kept]:
         stale.unlink(missing_ok=True)
     (run_dir / "codes").mkdir(parents=True, exist_ok=True)
     return run_dir

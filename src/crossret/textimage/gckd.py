@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from crossret import distributed
 from crossret._config import reject_unknown_keys
 from crossret._sealed import load_torch, save_torch
-from crossret.errors import ConfigError, DataError, FileFormatError
+from crossret.errors import ConfigError, DataError, FileFormatError, NumericalError
 from crossret.textimage.albef import ema_update, momentum_copy
 from crossret.textimage.losses import (
     cmkd_loss,
@@ -575,6 +575,10 @@ class GckdTrainer:
         steps_per_epoch = data.steps_per_epoch()
         total = steps_per_epoch * c.epochs
         warmup = round(c.warmup_epochs * steps_per_epoch)
+        if resume and self.checkpoint_dir is not None and distributed.is_main():
+            from crossret._leftovers import remove_stale_temporaries
+
+            remove_stale_temporaries(self.checkpoint_dir)  # of checkpoint writes killed before their rename
         start_epoch = self._restore(data) if resume else 0
         if start_epoch == 0:
             # Dropout draws from torch's global generator: seed it so that config.seed alone fixes the
@@ -597,8 +601,8 @@ class GckdTrainer:
                 with _autocast(c, self.device):
                     loss, stats = self.losses(batch)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"GCKD: non-finite loss at step {self.step} (terms {stats}); lower "
-                                             "the learning rate or disable amp")
+                    raise NumericalError(f"GCKD: non-finite loss at step {self.step} (terms {stats}); lower "
+                                          "the learning rate or disable amp")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if self._world > 1:
@@ -701,7 +705,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def _check_finite(*features: Tensor, where: str) -> None:
     if not all(bool(torch.isfinite(f).all()) for f in features):
-        raise FloatingPointError(f"GCKD: non-finite features at {where}; lower the learning rate or disable amp")
+        raise NumericalError(f"GCKD: non-finite features at {where}; lower the learning rate or disable amp")
 
 
 def _rows(mask: Tensor | None, idx: Tensor) -> Tensor | None:

@@ -37,6 +37,7 @@ import torch
 from crossret import distributed
 from crossret._config import reject_unknown_keys
 from crossret._io import read_yaml_mapping, write_json_atomic, write_yaml_atomic
+from crossret._leftovers import remove_stale_temporaries
 from crossret.data.person import (
     EvalView,
     ImageTransform,
@@ -198,6 +199,7 @@ def _prepare(run_dir: Path, overwrite: bool, resume: bool) -> None:
                           "pass --overwrite")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.json").unlink(missing_ok=True)
+    remove_stale_temporaries(run_dir, run_dir / "checkpoints")  # of writes a killed run left unfinished
     if not resume:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         (run_dir / "run.log").unlink(missing_ok=True)

@@ -244,7 +244,8 @@ def test_cli_serve_is_registered() -> None:
 
     result = CliRunner().invoke(app, ["serve", "--help"])
     assert result.exit_code == 0
-    for option in ("--host", "--port", "--database", "--index", "--max-k", "--max-batch"):
+    for option in ("--host", "--port", "--database", "--index", "--max-k", "--max-batch", "--max-body-bytes",
+                   "--request-timeout", "--max-concurrent", "--max-connections"):
         assert option in result.output
 
 

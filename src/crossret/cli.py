@@ -561,21 +561,37 @@ def serve(
     max_k: Annotated[int, typer.Option(min=1, help="Most results per query.")] = 1000,
     max_batch: Annotated[int, typer.Option(min=1, help="Most queries per request.")] = 1024,
     max_body_bytes: Annotated[int, typer.Option(min=64, help="Largest request body (413 above).")] = 8 << 20,
+    request_timeout: Annotated[float, typer.Option(min=0.001, max=86400.0, help="Seconds a request may take from "
+                                                   "its headers to its answer: a body not received by then gets "
+                                                   "408, a search not finished 503 'timeout'.")] = 30.0,
+    max_concurrent: Annotated[int | None, typer.Option(min=1, help="Most requests parsed and searched at once "
+                                                       "(others wait, within --request-timeout). Default: the "
+                                                       "number of CPUs, between 2 and 8.")] = None,
+    max_connections: Annotated[int, typer.Option(min=1, help="Most open client connections; beyond it the "
+                                                 "server answers 503.")] = 128,
 ) -> None:
     """Serve Hamming k-NN search over a run's database as a read-only JSON API (see docs/serve.md).
 
+    Bounded by design: request size, batch, k and results are capped (4xx above), every request has a
+    deadline (--request-timeout), at most --max-concurrent requests compute at once, and slow clients are
+    cut off (request heads within 10 s, idle keep-alive connections closed after 5 s). Files are chosen on
+    this command line only: no request value reaches the file system. No authentication: bind to loopback
+    (the default) or put a proxy in front.
+
     Needs the optional 'serve' extra: pip install 'crossret\\[serve]'.
     """
-    from crossret.serve.app import create_app, require_serve_extra, run_server
+    from crossret.serve.app import ServerSettings, create_app, require_serve_extra, run_server
     from crossret.serve.state import ServiceLimits
 
     require_serve_extra(server=True)
-    limits = ServiceLimits(max_k=max_k, max_batch=max_batch, max_body_bytes=max_body_bytes)
+    limits = ServiceLimits(max_k=max_k, max_batch=max_batch, max_body_bytes=max_body_bytes,
+                           request_timeout=request_timeout,
+                           **({"max_concurrent": max_concurrent} if max_concurrent is not None else {}))
     service = create_app(run_dir, database=database.value, index=index, limits=limits)
     info = service.state.service.info()
     err.print(f"serving {info['size']} codes ({info['bits']} bits, {info['kind']}) on http://{host}:{port}",
               highlight=False)
-    run_server(service, host=host, port=port)
+    run_server(service, host=host, port=port, settings=ServerSettings(max_connections=max_connections))
 
 
 # --------------------------------------------------------------------------- gckd

@@ -15,6 +15,8 @@ _EXPORTS = {
     "build_app": "crossret.serve.app",
     "run_server": "crossret.serve.app",
     "require_serve_extra": "crossret.serve.app",
+    "server_config": "crossret.serve.app",
+    "ServerSettings": "crossret.serve.app",
     "ServiceLimits": "crossret.serve.state",
     "ServiceState": "crossret.serve.state",
     "RequestError": "crossret.serve.state",

@@ -1,27 +1,53 @@
 """The HTTP layer of the search service: a FastAPI app over a :class:`~crossret.serve.state.ServiceState`.
 
-Endpoints (all JSON; see docs/serve.md): ``GET /health``, ``GET /info``, ``POST /search`` (a mixed
-batch), ``POST /search/features``, ``POST /search/codes``, ``POST /search/ids``. The app is
-read-only: no endpoint writes anything and no request value reaches the file system.
+Endpoints (all JSON; see docs/serve.md): ``GET /health``, ``GET /info``, ``GET /openapi.json``,
+``POST /search`` (a mixed batch), ``POST /search/features``, ``POST /search/codes``,
+``POST /search/ids``. The app is read-only: no endpoint writes anything, no route has path or query
+parameters, and no request value reaches the file system.
 
-Every refusal is a 4xx response ``{"error": KIND, "detail": MESSAGE}``. Bodies larger than
-``limits.max_body_bytes`` get 413 from an ASGI middleware before anything parses them; parsing and
-searching run in the thread pool so a large request never blocks the event loop.
+Every refusal is a 4xx (or 503) response ``{"error": KIND, "detail": MESSAGE}``. Bodies larger than
+``limits.max_body_bytes`` get 413 from an ASGI middleware before anything parses them, and a body
+not received within ``limits.request_timeout`` gets 408. Parsing and searching run in worker threads
+(at most ``limits.max_concurrent`` at once) so a large request never blocks the event loop; a request
+whose answer is not ready by its deadline gets 503 ``timeout`` at once, and its worker stops at its
+next check of the deadline. :func:`run_server` adds the server-side bounds on slow clients
+(:class:`ServerSettings`).
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations (``Request``,
 # imported inside build_app so that this module imports without the extra) at definition time.
+import asyncio
+import json
 import logging
+import math
+import threading
+import time
+import weakref
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from crossret.errors import ConfigError
-from crossret.serve.state import Query, RequestError, ServiceLimits, ServiceState
+from crossret.serve.state import (
+    _FLOAT32_MAX,
+    Query,
+    RequestError,
+    ServiceLimits,
+    ServiceState,
+    timeout_error,
+)
 
 logger = logging.getLogger("crossret.serve")
 
 INSTALL_HINT = "pip install 'crossret[serve]'"
+
+#: Where the middleware leaves a request's deadline (a ``time.monotonic()`` value) in the ASGI scope.
+DEADLINE_KEY = "crossret.deadline"
+
+#: The routes the service has (method, path); tests assert that there are no others.
+ROUTES = (("GET", "/health"), ("GET", "/info"), ("GET", "/openapi.json"), ("POST", "/search"),
+          ("POST", "/search/features"), ("POST", "/search/codes"), ("POST", "/search/ids"))
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -45,7 +71,8 @@ def create_app(run_dir: str | Path | None, *, database: str = "cross", index: st
     """A FastAPI app serving a finished run directory (and/or a saved ``.crbi`` index).
 
     ``database``: ``cross`` (the source codes) or ``single`` (the target-train codes). ``index``: serve
-    this saved index instead of building a ``kind`` index over the run's codes. ``search_threads``:
+    this saved index instead of building a ``kind`` index over the run's codes. ``limits``: request
+    bounds, the request timeout and the compute concurrency (:class:`ServiceLimits`). ``search_threads``:
     faiss threads per search (1: concurrent requests use the cores; ``None``: faiss' default). The service state
     (with :meth:`~crossret.serve.state.ServiceState.reload`) is ``app.state.service``.
     Loading errors raise before any app exists.
@@ -68,7 +95,9 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     text = ""
     for part in loc:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "body"
+    text = text or "body"
+    # A field name comes from the client: never echo a megabyte of it back.
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 # pydantic error types -> what the field must be (plain JSON words rather than pydantic's "valid array").
@@ -76,12 +105,23 @@ _TYPE_WORDS = {"list_type": "a list", "float_type": "a number", "int_type": "an 
                "int_from_float": "an integer", "bool_type": "true or false", "string_type": "a string"}
 
 
-def _validation_error(exc: Any, fields: list[str]) -> RequestError:
+def _validation_error(exc: Any, fields: list[str], max_batch: int) -> RequestError:
     """A pydantic ValidationError -> one RequestError whose message names each offending field."""
+    from crossret.serve.schemas import BATCH_FIELDS
+
     errors = exc.errors(include_url=False, include_input=False)
     if any(err["type"] == "json_invalid" for err in errors):
         detail = next(err["msg"] for err in errors if err["type"] == "json_invalid")
         return RequestError(400, "invalid_json", f"the request body is not valid JSON ({detail})")
+    for err in errors:  # the batch bounds are checked while parsing; report them like the library does
+        if len(err["loc"]) == 1 and err["loc"][0] in BATCH_FIELDS:
+            if err["type"] == "too_long":
+                n = err.get("ctx", {}).get("actual_length")
+                return RequestError(422, "batch_too_large",
+                                    f"batch of {n} queries exceeds the limit of {max_batch} queries per request; "
+                                    "split it")
+            if err["type"] == "too_short":
+                return RequestError(422, "empty_batch", "the request holds no queries; send at least one")
     parts = []
     for err in errors[:3]:
         where, kind = _format_loc(tuple(err["loc"])), err["type"]
@@ -103,38 +143,70 @@ def _validation_error(exc: Any, fields: list[str]) -> RequestError:
     return RequestError(422, "invalid_request", "; ".join(parts) + more)
 
 
-def _parse(model: Any, body: bytes) -> Any:
+def _prescan(body: bytes, max_batch: int, per_query: int) -> None:
+    """Refuse, before parsing, a body with far more JSON values than any valid request can hold.
+
+    Parsing costs time and memory per JSON value (~40x the body size for a long list of numbers, and
+    seconds for millions of small arrays), while a valid request is small: at most ``max_batch``
+    queries of ``per_query`` numbers each (the feature dimension or the code length), one array or
+    object per query, and a few flags. No valid string holds '[', '{' or ',', so counting these bytes
+    (C speed) bounds the values from above without false refusals. The bounds are twice the most a
+    valid request holds, so a batch only a little too large still gets its precise error from parsing.
+    """
+    containers = body.count(b"[") + body.count(b"{")
+    if containers > 4 * max_batch + 4:
+        raise RequestError(422, "too_many_values",
+                           f"the body holds {containers} JSON arrays/objects; a request of at most {max_batch} "
+                           f"queries holds at most {2 * max_batch + 2}; split it")
+    separators = body.count(b",")
+    if separators > 2 * max_batch * (per_query + 2) + 16:
+        raise RequestError(422, "too_many_values",
+                           f"the body holds more than {separators} JSON values; a request of at most {max_batch} "
+                           f"queries of {per_query} values each holds at most {max_batch * (per_query + 2) + 8}; "
+                           "split it, or check the length of each query")
+
+
+def _parse(model: Any, body: bytes, max_batch: int) -> Any:
     from pydantic import ValidationError
 
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
-        raise _validation_error(exc, list(model.model_fields)) from None
+        raise _validation_error(exc, list(model.model_fields), max_batch) from None
 
 
 def _check_json_content_type(headers: Any) -> None:
     content_type = headers.get("content-type", "")
     if content_type.split(";", 1)[0].strip().lower() != "application/json":
-        shown = content_type or "none"
+        shown = content_type if len(content_type) <= 80 else f"{content_type[:60]}..."
         raise RequestError(415, "unsupported_media_type",
-                           f"send the body as JSON with 'Content-Type: application/json' (got {shown})")
+                           f"send the body as JSON with 'Content-Type: application/json' (got {shown or 'none'})")
+
+
+def _dump(payload: Any) -> bytes:
+    """JSON bytes of an answer (the encoding starlette's JSONResponse uses), made in the worker thread."""
+    return json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
 # --------------------------------------------------------------------------------------------
-# body size limit
+# body size limit and body deadline
 
 
 class BodyLimitMiddleware:
-    """Reject bodies over ``max_bytes`` with 413 before they are parsed (pure ASGI).
+    """Reject bodies over ``max_bytes`` with 413 before they are parsed, and bodies that do not arrive
+    within ``timeout`` seconds with 408 (pure ASGI).
 
-    A declared ``Content-Length`` over the limit is refused without reading a byte; otherwise the
-    body is read in chunks, counting, and refused as soon as the count passes the limit (chunked
-    uploads declare no length). A body within the limit is replayed to the app unchanged.
+    Each request gets a deadline ``timeout`` seconds after its head arrived (``scope[DEADLINE_KEY]``;
+    the endpoints answer 503 once it has passed). A declared ``Content-Length`` over the limit is
+    refused without reading a byte; otherwise the body is read in chunks, counting, and refused as soon
+    as the count passes the limit (chunked uploads declare no length). A body within the limit is
+    replayed to the app unchanged.
     """
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, timeout: float = 30.0) -> None:
         self.app = app
         self.max_bytes = int(max_bytes)
+        self.timeout = float(timeout)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, kind: str,
                       message: str) -> None:
@@ -144,29 +216,38 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        import anyio
+
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        deadline = time.monotonic() + self.timeout
+        scope[DEADLINE_KEY] = deadline
         too_large = (f"request body exceeds the limit of {self.max_bytes} bytes; send fewer or smaller queries "
                      "(see GET /info for the limits)")
         declared = [value for key, value in scope.get("headers", []) if key.lower() == b"content-length"]
         if declared:
-            try:
-                length = int(declared[0])
-                if length < 0:
-                    raise ValueError
-            except ValueError:
+            text = declared[0].strip()
+            if not text or not text.isdigit():  # bytes.isdigit: ASCII digits only (no sign, '_' or spaces)
                 await self._refuse(scope, receive, send, 400, "invalid_content_length",
                                    "the Content-Length header is not a non-negative integer")
                 return
-            if length > self.max_bytes:
-                await self._refuse(scope, receive, send, 413, "body_too_large",
-                                   f"{too_large} (Content-Length: {length})")
+            if len(text) > 18 or int(text) > self.max_bytes:
+                shown = text.decode() if len(text) <= 20 else f"{len(text)} digits"
+                await self._refuse(scope, receive, send, 413, "body_too_large", f"{too_large} (Content-Length: "
+                                   f"{shown})")
                 return
         chunks: list[bytes] = []
         total = 0
         while True:
-            message = await receive()
+            message = None
+            with anyio.move_on_after(max(deadline - time.monotonic(), 0.0)):
+                message = await receive()
+            if message is None:
+                await self._refuse(scope, receive, send, 408, "body_timeout",
+                                   f"the request body did not arrive within the request timeout of {self.timeout:g} "
+                                   "s; send it at once")
+                return
             if message["type"] == "http.disconnect":
                 return  # the client went away; nothing to answer
             chunk = message.get("body", b"")
@@ -191,33 +272,227 @@ class BodyLimitMiddleware:
 
 
 # --------------------------------------------------------------------------------------------
+# bounded, deadline-aware compute
+
+
+def _to_thread_kwargs() -> dict[str, bool]:
+    import inspect
+
+    import anyio.to_thread
+
+    params = inspect.signature(anyio.to_thread.run_sync).parameters
+    return {"abandon_on_cancel": True} if "abandon_on_cancel" in params else {"cancellable": True}
+
+
+class WorkSlots:
+    """At most ``n`` request computations run at once; a slot stays taken until its thread really ends.
+
+    :meth:`run` waits for a slot and runs ``func`` in a worker thread, both within the deadline. When
+    the deadline passes first it raises the 503 ``timeout`` error at once; the thread (which cannot be
+    killed) keeps its slot until it returns — ``func`` checks the deadline itself and stops early — so
+    requests that time out cannot pile up unbounded work. One semaphore per event loop (uvicorn runs one).
+    """
+
+    def __init__(self, n: int, timeout: float) -> None:
+        self.n = int(n)
+        self.timeout = float(timeout)
+        self._semaphores: weakref.WeakKeyDictionary[Any, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+        self._thread_kwargs = _to_thread_kwargs()
+        self._running = 0
+        self._count_lock = threading.Lock()
+
+    @property
+    def running(self) -> int:
+        """Computations whose threads have started and not yet returned (answered or abandoned)."""
+        return self._running
+
+    def _semaphore(self) -> tuple[Any, asyncio.Semaphore]:
+        loop = asyncio.get_running_loop()
+        semaphore = self._semaphores.get(loop)
+        if semaphore is None:
+            semaphore = self._semaphores[loop] = asyncio.Semaphore(self.n)
+        return loop, semaphore
+
+    async def run(self, func: Callable[[], Any], deadline: float) -> Any:
+        import anyio
+        import anyio.to_thread
+
+        loop, semaphore = self._semaphore()
+        lock = threading.Lock()
+        stage = ["waiting"]  # -> "running" (the thread took it) or "dropped" (cancelled before it started)
+
+        def release_from_thread() -> None:
+            try:
+                loop.call_soon_threadsafe(semaphore.release)
+            except RuntimeError:  # the event loop is gone (server shut down): nothing waits for the slot
+                pass
+
+        def job() -> Any:
+            with lock:
+                if stage[0] == "dropped":
+                    return None
+                stage[0] = "running"
+            with self._count_lock:
+                self._running += 1
+            try:
+                return func()
+            finally:
+                with self._count_lock:
+                    self._running -= 1
+                release_from_thread()
+
+        with anyio.move_on_after(max(deadline - time.monotonic(), 0.0)):
+            await semaphore.acquire()
+            try:
+                return await anyio.to_thread.run_sync(job, **self._thread_kwargs)
+            except BaseException:
+                with lock:
+                    if stage[0] == "waiting":  # never started: its slot is free now
+                        stage[0] = "dropped"
+                        semaphore.release()
+                raise
+        raise timeout_error(self.timeout)
+
+
+# --------------------------------------------------------------------------------------------
+# OpenAPI
+
+
+def _non_null(prop: dict[str, Any]) -> dict[str, Any]:
+    """The non-null branch of an ``X | None`` property schema (the property itself otherwise)."""
+    for branch in prop.get("anyOf", []):
+        if branch.get("type") != "null":
+            return branch
+    return prop
+
+
+def _hex_pattern(bits: int) -> str:
+    """A regular expression for exactly the valid packed codes: the right length, and no bit set past ``bits``."""
+    width = (bits + 7) // 8
+    rest = bits - 8 * (width - 1)  # bits used in the last byte, 1..8
+    digit = "[0-9a-fA-F]"
+    if rest == 8:
+        last = digit * 2
+    elif rest > 4:  # the high digit holds bits 4..rest-1
+        last = f"[0-{2 ** (rest - 4) - 1}]{digit}"
+    else:
+        last = "0" + ("[0-9a-fA-F]" if rest == 4 else f"[0-{2 ** rest - 1}]")
+    return f"^{digit}{{{2 * (width - 1)}}}{last}$"
+
+
+def _document_request_schemas(components: dict[str, Any], limits: ServiceLimits, snap: Any) -> None:
+    """Add the rules the service checks (k, ids, feature dimension, code form, one kind per query) to
+    the request schemas.
+
+    pydantic's schemas say what parses; these say what the current snapshot accepts, so generated
+    requests (and clients) can aim at valid ones. Every rule added here is enforced with a 4xx; some
+    checks stay out of the schema (queries x k <= max_results, k <= size - 1 with exclude_self, which
+    ids an index holds, values a model refuses).
+    """
+    width = 2 * ((snap.bits + 7) // 8)
+    hex_schema = {"type": "string", "minLength": width, "maxLength": width, "pattern": _hex_pattern(snap.bits),
+                  "description": f"packed {snap.bits}-bit code: {width} hex digits, least significant bit first, "
+                                 "bits past the code length 0 (see GET /info code_formats)"}
+    code_schema = {"type": "array", "minItems": snap.bits, "maxItems": snap.bits,
+                   "items": {"type": "integer", "minimum": -1, "maximum": 1},
+                   "anyOf": [{"items": {"enum": [-1, 1]}}, {"items": {"enum": [0, 1]}}],
+                   "description": f"{snap.bits} values, all ±1 or all 0/1"}
+    feature_schema: dict[str, Any] = {"type": "array", "items": {"type": "number", "minimum": -_FLOAT32_MAX,
+                                                                 "maximum": _FLOAT32_MAX}}
+    if snap.feature_dim is not None:
+        feature_schema.update(minItems=snap.feature_dim, maxItems=snap.feature_dim,
+                              description=f"{snap.feature_dim} finite numbers (float32 range)")
+    else:
+        feature_schema["description"] = "this service has no model: feature search is refused (422 no_model)"
+    id_schema: dict[str, Any] = {"type": "integer", "minimum": 0}
+    if snap.item_ids is None:
+        id_schema["maximum"] = snap.size - 1
+    given = {"not": {"type": "null"}}
+    for name in ("BatchRequest", "FeaturesRequest", "CodesRequest", "IdsRequest", "QueryItem"):
+        props = components[name]["properties"]
+        if "k" in props:
+            props["k"].update(minimum=1, maximum=min(limits.max_k, snap.size))
+    components["FeaturesRequest"]["properties"]["features"]["items"] = feature_schema
+    codes = components["CodesRequest"]
+    _non_null(codes["properties"]["codes"])["items"] = code_schema
+    _non_null(codes["properties"]["hex"])["items"] = hex_schema
+    codes["oneOf"] = [{"required": ["codes"], "properties": {"codes": given, "hex": {"type": "null"}}},
+                      {"required": ["hex"], "properties": {"hex": given, "codes": {"type": "null"}}}]
+    components["IdsRequest"]["properties"]["ids"]["items"] = id_schema
+    item = components["QueryItem"]
+    kinds = {"features": feature_schema, "code": code_schema, "hex": hex_schema, "id": id_schema}
+    for kind, schema in kinds.items():
+        item["properties"][kind]["anyOf"][0] = schema
+    item["oneOf"] = [{"required": [kind], "properties": {
+        **{other: ({"type": "null"} if other != kind else given) for other in kinds},
+        **({} if kind == "id" else {"exclude_self": {"const": False}})}} for kind in kinds]
+    item["description"] = ("exactly one of features, code, hex or id (the others absent or null); exclude_self "
+                           "only with id")
+
+
+def _openapi_schema(app: Any, limits: ServiceLimits, snap: Any, models: dict[str, Any]) -> dict[str, Any]:
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in models.values():
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[model.__name__] = body
+    _document_request_schemas(components, limits, snap)
+    return schema
+
+
+# --------------------------------------------------------------------------------------------
 # the app
+
+
+def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    from crossret.serve.schemas import ErrorResponse
+
+    words = {400: "invalid JSON, or a malformed Content-Length header",
+             404: "an item id that is not in the database",
+             408: "the body did not arrive within the request timeout",
+             413: "the body is larger than max_body_bytes",
+             415: "the body is not sent as application/json",
+             422: "the request is invalid (the message names the field and the problem)",
+             503: "the request did not finish within the request timeout (error 'timeout')"}
+    return {status: {"model": ErrorResponse, "description": words[status]} for status in statuses}
 
 
 def build_app(state: ServiceState) -> Any:
     """The FastAPI app over an existing service state."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-    from starlette.concurrency import run_in_threadpool
+    from fastapi.responses import JSONResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from crossret import __version__
     from crossret.serve import schemas
 
-    # No OpenAPI/docs routes: the service exposes exactly the endpoints documented in docs/serve.md.
-    app = FastAPI(title="crossret search", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    limits = state.limits
+    models = schemas.request_models(limits.max_batch)
+    slots = WorkSlots(limits.max_concurrent, limits.request_timeout)
+    # The machine-readable schema is served (GET /openapi.json, read-only); the interactive docs pages are not.
+    app = FastAPI(title="crossret search", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json",
+                  description="Read-only Hamming k-NN search over a crossret run's database; see docs/serve.md. "
+                              "Request schemas describe the snapshot being served (its code length, feature "
+                              "dimension and size).")
     app.state.service = state
-    app.add_middleware(BodyLimitMiddleware, max_bytes=state.limits.max_body_bytes)
+    app.state.work_slots = slots
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes, timeout=limits.request_timeout)
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
-        return JSONResponse(_error_body(exc.kind, exc.message), status_code=exc.status)
+        headers = {"Retry-After": str(max(1, math.ceil(limits.request_timeout / 10)))} if exc.status == 503 else None
+        return JSONResponse(_error_body(exc.kind, exc.message), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kinds = {404: "not_found", 405: "method_not_allowed"}
-        messages = {404: f"no endpoint {request.url.path!r}; see docs/serve.md",
-                    405: f"{request.method} is not allowed on {request.url.path!r}"}
+        path = request.url.path if len(request.url.path) <= 80 else f"{request.url.path[:60]}..."
+        messages = {404: f"no endpoint {path!r}; see docs/serve.md",
+                    405: f"{request.method} is not allowed on {path!r}"}
         message = messages.get(exc.status_code, str(exc.detail))
         return JSONResponse(_error_body(kinds.get(exc.status_code, "http_error"), message),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
@@ -228,46 +503,77 @@ def build_app(state: ServiceState) -> Any:
         logger.exception("internal error while serving a request")
         return JSONResponse(_error_body("internal", "internal server error; see the server log"), status_code=500)
 
-    async def answer(request: Request, model: Any, to_queries: Callable[[Any], list[Query]]) -> JSONResponse:
+    openapi_cache: dict[str, Any] = {}
+    openapi_lock = threading.Lock()
+
+    def openapi() -> dict[str, Any]:
+        # The request schemas follow the snapshot being served: rebuilt (~0.1 s) once per snapshot generation.
+        snap = state.snapshot()
+        with openapi_lock:
+            if openapi_cache.get("generation") != snap.generation:
+                openapi_cache.update(generation=snap.generation, schema=_openapi_schema(app, limits, snap, models))
+            return openapi_cache["schema"]
+
+    app.openapi = openapi
+
+    async def answer(request: Request, path: str, to_queries: Callable[[Any], list[Query]]) -> Response:
         _check_json_content_type(request.headers)
         body = await request.body()
+        deadline = request.scope.get(DEADLINE_KEY) or time.monotonic() + limits.request_timeout
+        model = models[path]
 
-        def work() -> dict[str, Any]:
-            parsed = _parse(model, body)
-            return state.search(to_queries(parsed), parsed.k, return_codes=parsed.return_codes)
+        def work() -> bytes:
+            snap = state.snapshot()  # one snapshot for the checks and the search
+            _prescan(body, limits.max_batch, max(snap.feature_dim or 0, snap.bits))
+            parsed = _parse(model, body, limits.max_batch)
+            return _dump(state.search(to_queries(parsed), parsed.k, return_codes=parsed.return_codes,
+                                      deadline=deadline, snapshot=snap))
 
-        return JSONResponse(await run_in_threadpool(work))
+        return Response(await slots.run(work, deadline), media_type="application/json")
 
-    @app.get("/health")
-    def health() -> dict[str, Any]:
+    search_errors = (400, 404, 408, 413, 415, 422, 503)
+    body_errors = (400, 408, 413, 415, 422, 503)  # no item ids: no 404
+
+    def _body(path: str) -> dict[str, Any]:
+        ref = {"$ref": f"#/components/schemas/{models[path].__name__}"}
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+    @app.get("/health", response_class=JSONResponse,
+             responses={200: {"model": schemas.HealthResponse}, **_responses(400, 408, 413)})
+    async def health() -> JSONResponse:
         """Liveness: status, index size, code length, snapshot generation."""
-        return state.health()
+        return JSONResponse(state.health())
 
-    @app.get("/info")
-    def info() -> dict[str, Any]:
+    @app.get("/info", response_class=JSONResponse,
+             responses={200: {"model": schemas.InfoResponse}, **_responses(400, 408, 413)})
+    async def info() -> JSONResponse:
         """Code length, size, index kind, method, database, limits and the run's metadata."""
-        return state.info()
+        return JSONResponse(state.info())
 
-    @app.post("/search")
-    async def search(request: Request) -> JSONResponse:
+    @app.post("/search", response_class=Response, openapi_extra=_body("/search"),
+              responses={200: {"model": schemas.SearchResponse}, **_responses(*search_errors)})
+    async def search(request: Request) -> Response:
         """A mixed batch: each query is one of features / code / hex / id."""
-        return await answer(request, schemas.BatchRequest, _batch_queries)
+        return await answer(request, "/search", _batch_queries)
 
-    @app.post("/search/features")
-    async def search_features(request: Request) -> JSONResponse:
+    @app.post("/search/features", response_class=Response, openapi_extra=_body("/search/features"),
+              responses={200: {"model": schemas.SearchResponse}, **_responses(*body_errors)})
+    async def search_features(request: Request) -> Response:
         """Raw feature vectors, encoded by the run's model."""
-        return await answer(request, schemas.FeaturesRequest,
+        return await answer(request, "/search/features",
                             lambda p: [Query("features", row, f"features[{i}]") for i, row in enumerate(p.features)])
 
-    @app.post("/search/codes")
-    async def search_codes(request: Request) -> JSONResponse:
+    @app.post("/search/codes", response_class=Response, openapi_extra=_body("/search/codes"),
+              responses={200: {"model": schemas.SearchResponse}, **_responses(*body_errors)})
+    async def search_codes(request: Request) -> Response:
         """Codes as ±1/0-1 lists (``codes``) or packed hex strings (``hex``)."""
-        return await answer(request, schemas.CodesRequest, _code_queries)
+        return await answer(request, "/search/codes", _code_queries)
 
-    @app.post("/search/ids")
-    async def search_ids(request: Request) -> JSONResponse:
+    @app.post("/search/ids", response_class=Response, openapi_extra=_body("/search/ids"),
+              responses={200: {"model": schemas.SearchResponse}, **_responses(*search_errors)})
+    async def search_ids(request: Request) -> Response:
         """Database items by id: each item's own code is the query."""
-        return await answer(request, schemas.IdsRequest, lambda p: [
+        return await answer(request, "/search/ids", lambda p: [
             Query("id", value, f"ids[{i}]", p.exclude_self) for i, value in enumerate(p.ids)])
 
     return app
@@ -294,9 +600,124 @@ def _batch_queries(parsed: Any) -> list[Query]:
     return queries
 
 
-def run_server(app: Any, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve ``app`` with uvicorn until interrupted (one process: the index lives in its memory)."""
+# --------------------------------------------------------------------------------------------
+# the server
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the HTTP server bounds its clients (uvicorn settings, plus a deadline for request heads).
+
+    keep_alive_timeout: an idle keep-alive connection is closed after this many seconds.
+    header_timeout: a connection must deliver a complete request head (request line and headers)
+        within this many seconds of opening, or of its previous answer; otherwise it is closed
+        (slow-header clients). The body is bounded by ``ServiceLimits.request_timeout`` (408).
+    max_connections: most open connections (and in-flight requests); beyond it uvicorn answers
+        ``503 Service Unavailable`` (plain text, from the server, before the app sees the request).
+    backlog: most connections waiting to be accepted by the operating system.
+    max_header_bytes: largest request head; a larger one gets ``400`` from the server and is closed.
+    shutdown_timeout: on shutdown, requests still running after this many seconds are cancelled.
+    """
+
+    keep_alive_timeout: float = 5.0
+    header_timeout: float = 10.0
+    max_connections: int = 128
+    backlog: int = 256
+    max_header_bytes: int = 16 * 1024
+    shutdown_timeout: float = 10.0
+
+    def validate(self) -> "ServerSettings":
+        for name in ("keep_alive_timeout", "header_timeout", "shutdown_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value > 0):
+                raise ConfigError(f"server setting {name} must be a positive number of seconds, got {value!r}")
+        for name, minimum in (("max_connections", 1), ("backlog", 1), ("max_header_bytes", 1024)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"server setting {name} must be an integer >= {minimum}, got {value!r}")
+        return self
+
+
+def _header_timeout_protocol(header_timeout: float) -> Any:
+    """uvicorn's h11 protocol, closing connections that do not deliver a request head in time.
+
+    uvicorn bounds idle keep-alive connections but not a client that connects and then sends its
+    headers slowly (or never): that connection is held until the client leaves. This subclass arms a
+    timer when a connection opens and after each answer, and disarms it once a request's head has
+    been parsed. Returns None when uvicorn's internals are not as expected (then plain h11 is used).
+    """
+    try:
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+    except ImportError:  # pragma: no cover - uvicorn without h11
+        return None
+    needed = ("connection_made", "connection_lost", "handle_events", "on_response_complete")
+    if not all(hasattr(H11Protocol, name) for name in needed):  # pragma: no cover - another uvicorn layout
+        return None
+
+    class HeaderTimeoutH11Protocol(H11Protocol):  # type: ignore[misc, valid-type]
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _arm_head_timer(self) -> None:
+            self._disarm_head_timer()
+            self._head_timer = self.loop.call_later(header_timeout, self._head_timed_out)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _waiting_for_head(self) -> bool:
+            cycle = getattr(self, "cycle", None)
+            return cycle is None or cycle.response_complete
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self._waiting_for_head() and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if not self._waiting_for_head():
+                self._disarm_head_timer()
+
+        def on_response_complete(self) -> None:
+            # Armed first: a pipelined request handled inside the call below disarms it again.
+            self._arm_head_timer()
+            super().on_response_complete()
+
+    return HeaderTimeoutH11Protocol
+
+
+def server_config(app: Any, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+                  settings: ServerSettings | None = None) -> Any:
+    """The ``uvicorn.Config`` that :func:`run_server` serves ``app`` with."""
     require_serve_extra(server=True)
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    settings = (settings or ServerSettings()).validate()
+    protocol = _header_timeout_protocol(settings.header_timeout)
+    if protocol is None:  # pragma: no cover
+        logger.warning("this uvicorn version does not allow a request-head timeout; slow-header clients are "
+                       "bounded by max_connections only")
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                          http=protocol or "h11", timeout_keep_alive=settings.keep_alive_timeout,
+                          limit_concurrency=settings.max_connections, backlog=settings.backlog,
+                          h11_max_incomplete_event_size=settings.max_header_bytes,
+                          timeout_graceful_shutdown=settings.shutdown_timeout)
+
+
+def run_server(app: Any, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+               settings: ServerSettings | None = None) -> None:
+    """Serve ``app`` with uvicorn until interrupted (one process: the index lives in its memory)."""
+    import uvicorn
+
+    uvicorn.Server(server_config(app, host=host, port=port, log_level=log_level, settings=settings)).run()

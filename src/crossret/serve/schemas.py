@@ -1,16 +1,31 @@
-"""Request bodies of the search service (pydantic, strict).
+"""Request and response bodies of the search service (pydantic, strict).
 
 Strict mode is what makes "validate every input" cheap and exact: a boolean or a string is never
 taken for a number, ``1.0`` is not an integer, NaN/Infinity are refused, and unknown fields are an
 error rather than silently ignored. Semantic checks (dimensions, code lengths, k bounds, ids) live
 in :mod:`crossret.serve.state` so the library API gets them too.
+
+:func:`request_models` builds the request models a service parses with: the same fields, with the
+batch size bounded by the service's ``max_batch`` *while parsing* (a 6 MB list of ids is refused
+after counting it, before a million Python objects exist) and every list failing fast on its first
+bad element (one error, not a million; pydantic >= 2.8). The response models document the answers in the OpenAPI
+schema; the service builds its answers as plain dicts.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+import inspect
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 DEFAULT_K = 10
+
+# Stop validating a list at its first bad element (pydantic >= 2.8; older versions report every one).
+_FAIL_FAST: dict[str, Any] = {"fail_fast": True} if "fail_fast" in inspect.signature(Field).parameters else {}
+
+#: Fields that hold the queries of a request (their list length is the batch size).
+BATCH_FIELDS = ("features", "codes", "hex", "ids", "queries")
 
 
 class _Body(BaseModel):
@@ -59,3 +74,100 @@ class BatchRequest(_Body):
     queries: list[QueryItem]
     k: int = DEFAULT_K
     return_codes: bool = False
+
+
+def _row(item: Any) -> Any:
+    """One query's list (a feature vector, a code): fails on its first bad element."""
+    return Annotated[list[item], Field(**_FAIL_FAST)]
+
+
+def _batch(item: Any, max_batch: int) -> Any:
+    """The list of queries: 1..max_batch elements, counted before its elements are built."""
+    return Annotated[list[item], Field(min_length=1, max_length=max_batch, **_FAIL_FAST)]
+
+
+def request_models(max_batch: int) -> dict[str, type[BaseModel]]:
+    """The request models of a service whose batches hold at most ``max_batch`` queries, by endpoint path."""
+    config = _Body.model_config
+    query_item = create_model(
+        "QueryItem", __config__=config, __doc__=QueryItem.__doc__,
+        features=(_row(float) | None, None), code=(_row(int) | None, None), hex=(str | None, None),
+        id=(int | None, None), exclude_self=(bool, False))
+    features = create_model("FeaturesRequest", __config__=config, __doc__=FeaturesRequest.__doc__,
+                            features=(_batch(_row(float), max_batch), ...), k=(int, DEFAULT_K),
+                            return_codes=(bool, False))
+    codes = create_model("CodesRequest", __config__=config, __doc__=CodesRequest.__doc__,
+                         codes=(_batch(_row(int), max_batch) | None, None), hex=(_batch(str, max_batch) | None, None),
+                         k=(int, DEFAULT_K), return_codes=(bool, False))
+    ids = create_model("IdsRequest", __config__=config, __doc__=IdsRequest.__doc__,
+                       ids=(_batch(int, max_batch), ...), k=(int, DEFAULT_K), exclude_self=(bool, False),
+                       return_codes=(bool, False))
+    batch = create_model("BatchRequest", __config__=config, __doc__=BatchRequest.__doc__,
+                         queries=(_batch(query_item, max_batch), ...), k=(int, DEFAULT_K), return_codes=(bool, False))
+    return {"/search": batch, "/search/features": features, "/search/codes": codes, "/search/ids": ids}
+
+
+# --------------------------------------------------------------------------------------------
+# responses (documentation: the OpenAPI schema; the service answers with plain dicts)
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorResponse(_Answer):
+    """Every refusal: a machine-readable kind and a message naming the field and the problem."""
+
+    error: str
+    detail: str
+
+
+class HealthResponse(_Answer):
+    """``GET /health``."""
+
+    status: Literal["ok"]
+    size: int
+    bits: int
+    generation: int
+
+
+class InfoResponse(_Answer):
+    """``GET /info``: what is served, from where, and the limits."""
+
+    service: Literal["crossret"]
+    version: str
+    bits: int
+    size: int
+    kind: str
+    method: str | None
+    database: str | None
+    feature_dim: int | None
+    feature_search: bool
+    labels_known: bool
+    labels_note: str | None
+    item_ids: str
+    run_dir: str | None
+    index_file: str | None
+    run: dict[str, Any] | None
+    generation: int
+    limits: dict[str, int | float]
+    code_formats: dict[str, str]
+
+
+class SearchResult(_Answer):
+    """One query's answer: nearest items first (Hamming distance, ties by index position)."""
+
+    ids: list[int]
+    distances: list[int]
+    labels: list[int | None] | None
+    query_hex: str | None = Field(None, description="the query's packed code; present with return_codes")
+
+
+class SearchResponse(_Answer):
+    """Every search endpoint: one result per query, in request order."""
+
+    k: int
+    bits: int
+    size: int
+    generation: int
+    results: list[SearchResult]

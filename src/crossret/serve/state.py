@@ -15,8 +15,11 @@ message naming the problem); loading a bad run directory or index raises the usu
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import string
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +38,9 @@ __all__ = [
     "ServiceLimits",
     "ServiceState",
     "Snapshot",
+    "check_deadline",
     "load_snapshot",
+    "timeout_error",
 ]
 
 #: ``--database`` choice -> the run's ``codes/<name>_codes.npy`` (DESIGN: cross = source, single = target-train).
@@ -51,9 +56,17 @@ CODE_FORMATS = {
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _QUERY_KINDS = ("features", "code", "hex", "id")
 
+#: Largest accepted ``request_timeout`` (one day): a timeout is meant to bound a request, not to disable it.
+MAX_REQUEST_TIMEOUT = 86_400.0
+
+#: Queries searched per index call when a request has a deadline: between chunks the deadline is checked,
+#: so a request that timed out stops computing soon after (its answer was already a 503).
+_SEARCH_CHUNK = 256
+
 
 class RequestError(CrossretError):
-    """A request the service refuses: ``status`` (HTTP 4xx), ``kind`` (machine-readable), message."""
+    """A request the service refuses: ``status`` (HTTP 4xx, or 503 for a timeout), ``kind`` (machine-readable),
+    message."""
 
     def __init__(self, status: int, kind: str, message: str) -> None:
         super().__init__(message)
@@ -62,30 +75,59 @@ class RequestError(CrossretError):
         self.message = message
 
 
+def timeout_error(timeout: float) -> RequestError:
+    """The 503 answer for a request that did not finish within the service's request timeout."""
+    return RequestError(503, "timeout", f"the request did not finish within the service's request timeout of "
+                        f"{timeout:g} s (the service is busy, or the request is too large); retry later, or send "
+                        "fewer queries or a smaller k")
+
+
+def check_deadline(deadline: float | None, timeout: float) -> None:
+    """Raise :func:`timeout_error` once ``time.monotonic()`` has passed ``deadline`` (None: no deadline)."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise timeout_error(timeout)
+
+
+def _default_max_concurrent() -> int:
+    return max(2, min(8, os.cpu_count() or 1))
+
+
 @dataclass(frozen=True)
 class ServiceLimits:
-    """Bounds on what one request may ask for (each is checked; exceeding one is a 4xx error).
+    """Bounds on what one request may ask for and how long it may take (exceeding one is a 4xx/503 error).
 
     max_k: most results per query (k is also capped by the index size).
-    max_batch: most queries in one request.
+    max_batch: most queries in one request (checked while the body is parsed).
     max_body_bytes: largest request body; larger bodies get 413 before any parsing.
     max_results: most results in one response (queries x k), bounding the response size.
+    request_timeout: seconds from the moment a request's head has arrived until its answer is ready:
+        a body not received by then gets 408, a search not finished by then 503 (error ``timeout``).
+    max_concurrent: most requests parsed and searched at once; the others wait for a slot (within
+        ``request_timeout``). Bounds the CPU and memory a burst of large requests can take.
     """
 
     max_k: int = 1000
     max_batch: int = 1024
     max_body_bytes: int = 8 * 1024 * 1024
     max_results: int = 200_000
+    request_timeout: float = 30.0
+    max_concurrent: int = field(default_factory=_default_max_concurrent)
 
     def validate(self) -> ServiceLimits:
-        for name, minimum in (("max_k", 1), ("max_batch", 1), ("max_body_bytes", 64), ("max_results", 1)):
+        for name, minimum in (("max_k", 1), ("max_batch", 1), ("max_body_bytes", 64), ("max_results", 1),
+                              ("max_concurrent", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
                 raise ConfigError(f"service limit {name} must be an integer >= {minimum}, got {value!r}")
+        timeout = self.request_timeout
+        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer, np.floating))
+                or not math.isfinite(timeout) or not 0 < timeout <= MAX_REQUEST_TIMEOUT):
+            raise ConfigError(f"service limit request_timeout must be a number of seconds in (0, "
+                              f"{MAX_REQUEST_TIMEOUT:g}], got {timeout!r}")
         return self
 
-    def to_dict(self) -> dict[str, int]:
-        return {k: int(v) for k, v in dataclasses.asdict(self).items()}
+    def to_dict(self) -> dict[str, int | float]:
+        return {k: (float(v) if k == "request_timeout" else int(v)) for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -367,18 +409,37 @@ class ServiceState:
 
     # -- search
 
-    def search(self, queries: Sequence[Query], k: Any, *, return_codes: bool = False) -> dict[str, Any]:
+    def search(self, queries: Sequence[Query], k: Any, *, return_codes: bool = False,
+               deadline: float | None = None, snapshot: Snapshot | None = None) -> dict[str, Any]:
         """Answer a batch of queries against one snapshot: per query the ``k`` nearest items by Hamming
-        distance (ties by index position), their distances and labels."""
-        snap = self.snapshot()
+        distance (ties by index position), their distances and labels.
+
+        ``deadline`` (a ``time.monotonic()`` value): checked between the stages of the work and between
+        chunks of the search; once passed, the search stops with a 503 ``timeout`` :class:`RequestError`.
+        ``snapshot``: answer from this snapshot (one the caller took with :meth:`snapshot`) rather than
+        the current one.
+        """
+        snap = snapshot if snapshot is not None else self.snapshot()
+        timeout = float(self.limits.request_timeout)
+        check_deadline(deadline, timeout)
         queries = list(queries)
         self._check_batch(len(queries))
         excluding = any(q.exclude_self for q in queries)
         k = self._check_k(k, snap, excluding, len(queries))
         packed, self_ids = self._encode_queries(snap, queries)
+        check_deadline(deadline, timeout)
         k_search = min(k + 1, snap.size) if excluding else k
         self._limit_search_threads()
-        distances, ids = snap.index.search(packed, k_search)
+        if deadline is None or len(queries) <= _SEARCH_CHUNK:
+            distances, ids = snap.index.search(packed, k_search)
+        else:
+            parts = []
+            for start in range(0, len(queries), _SEARCH_CHUNK):
+                check_deadline(deadline, timeout)
+                parts.append(snap.index.search(packed[start:start + _SEARCH_CHUNK], k_search))
+            distances = np.concatenate([d for d, _ in parts])
+            ids = np.concatenate([i for _, i in parts])
+        check_deadline(deadline, timeout)
         results = []
         for row, query in enumerate(queries):
             keep = ids[row] >= 0  # approximate kinds may find fewer than k items
@@ -525,7 +586,7 @@ class ServiceState:
                                    f"{query.where}: has {len(value)} values but the index holds {snap.bits}-bit codes")
         try:
             matrix = np.asarray([q.value for q in queries])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             matrix = np.asarray([[0.5]])
         if matrix.ndim != 2 or matrix.dtype.kind not in "iu":
             raise RequestError(422, "invalid_code", "codes must be lists of small integers (±1 or 0/1)")

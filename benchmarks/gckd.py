@@ -302,6 +302,45 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def synth_overview(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant, the current protocol's ITC mAP averaged over the six settings for each seed that has all
+    six, then mean ± std over those seeds; Δ and (setting, seed) wins are paired against source-only."""
+    runs = [r for r in valid_rows(rows) if r["part"] == "synth" and r.get("synth_version", 1) == SYNTH_VERSION]
+    by = {(r["variant"], r["seed"], r["setting"]): r["itc"]["map"] for r in runs}
+    out = []
+    for variant in VARIANTS:
+        seeds = sorted({s for (v, s, _) in by if v == variant
+                        if all((variant, s, k) in by and ("source-only", s, k) in by for k in SETTINGS)})
+        if not seeds:
+            continue
+        per_seed = [statistics.mean(by[(variant, s, k)] for k in SETTINGS) for s in seeds]
+        base = [statistics.mean(by[("source-only", s, k)] for k in SETTINGS) for s in seeds]
+        wins = sum(by[(variant, s, k)] > by[("source-only", s, k)] for s in seeds for k in SETTINGS)
+        out.append({"variant": variant, "seeds": seeds, "itc_map_per_seed": per_seed,
+                    "itc_map_mean": statistics.mean(per_seed),
+                    "itc_map_std": statistics.stdev(per_seed) if len(seeds) > 1 else 0.0,
+                    "delta_vs_source_only": statistics.mean(per_seed) - statistics.mean(base),
+                    "wins_vs_source_only": wins, "pairs": len(seeds) * len(SETTINGS)})
+    return out
+
+
+def _overview_lines(rows: list[dict[str, Any]]) -> list[str]:
+    overview = synth_overview(rows)
+    if not overview:
+        return []
+    lines = [f"Mean over the six settings (protocol v{SYNTH_VERSION}; per seed, then mean ± std over seeds; wins = "
+             "(setting, seed) pairs where the variant's ITC mAP beats source-only's):", "",
+             "| variant | ITC mAP, mean of 6 settings | Δ vs source-only | per seed | wins vs source-only |",
+             "|---|---:|---:|---|---:|"]
+    for o in overview:
+        name = f"**{o['variant']}**" if o["variant"] == "gckd" else o["variant"]
+        seeds = ", ".join(f"{100 * v:.2f} (s{s})" for s, v in zip(o["seeds"], o["itc_map_per_seed"], strict=True))
+        wins = "-" if o["variant"] == "source-only" else f"{o['wins_vs_source_only']}/{o['pairs']}"
+        lines.append(f"| {name} | {100 * o['itc_map_mean']:.2f} ± {100 * o['itc_map_std']:.2f} | "
+                     f"{100 * o['delta_vs_source_only']:+.2f} | {seeds} | {wins} |")
+    return [*lines, ""]
+
+
 def markdown(rows: list[dict[str, Any]], generic: dict[str, Any] | None = None) -> str:
     summary = summarise(rows)
     lines = ["# GCKD: text→image retrieval on the target (%)", "",
@@ -332,6 +371,8 @@ def markdown(rows: list[dict[str, Any]], generic: dict[str, Any] | None = None) 
                             f"R@1 {100 * itc.get('rank1', float('nan')):.2f}. "
                             + (f"{v2_runs} v{SYNTH_VERSION} runs recorded." if v2_runs else
                                f"No v{SYNTH_VERSION} runs recorded yet (see docs/benchmarks.md)."), ""]
+        if part == "synth":
+            lines[-2:-2] = _overview_lines(rows)
         for e in sorted(entries, key=lambda e: (e["setting"], list(VARIANTS).index(e["variant"]))):
             def cell(key: str, e: dict[str, Any] = e) -> str:
                 return (f"{100 * e[key + '_mean']:.2f} ± {100 * e[key + '_std']:.2f}" if key + "_mean" in e else "-")
@@ -415,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"script": "benchmarks/gckd.py", "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                "wall_seconds_this_invocation": round(time.time() - started, 1), "variants": VARIANTS,
                "wiki_protocol": WIKI, "synth_protocol": {**SYNTH, "version": SYNTH_VERSION},
-               "generic_pretraining": generic, "summary": summarise(rows),
+               "generic_pretraining": generic, "summary": summarise(rows), "synth_overview": synth_overview(rows),
                "runs_file": runs_path.name}  # every run with its full config, one JSON line each
     write_json_atomic(out.with_suffix(".json"), payload)
     write_text_atomic(out.with_suffix(".md"), markdown(rows, generic))

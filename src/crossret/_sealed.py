@@ -80,13 +80,17 @@ def write_sealed(path: str | os.PathLike, kind: str, version: int, payload: byte
     return path
 
 
-def is_sealed(path: str | os.PathLike) -> bool:
-    """Whether ``path`` starts with the sealed-container magic (no verification)."""
+def _starts_with(path: str | os.PathLike, magic: bytes) -> bool:
     try:
         with open(path, "rb") as handle:
-            return handle.read(len(MAGIC)) == MAGIC
+            return handle.read(len(magic)) == magic
     except OSError:
         return False
+
+
+def is_sealed(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts with the sealed-container magic (no verification)."""
+    return _starts_with(path, MAGIC)
 
 
 class _PayloadView(io.RawIOBase):
@@ -210,11 +214,7 @@ def open_payload(path: str | os.PathLike, kind: str, max_version: int, what: str
 
 def is_zip_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` starts like a zip archive (``torch.save``'s default format since torch 1.6)."""
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
-    except OSError:
-        return False
+    return _starts_with(path, _ZIP_MAGIC)
 
 
 def verify_zip(path: str | os.PathLike, what: str = "file", *, handle: BinaryIO | None = None) -> None:

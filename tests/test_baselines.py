@@ -399,3 +399,25 @@ def test_foreign_and_mismatched_files(tmp_path: Path, two_domains) -> None:
 def test_save_before_fit(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="fit"):
         LSH(8).save(tmp_path / "x.npz")
+
+
+def test_method_file_declaring_a_huge_array_is_refused_before_allocating(tmp_path: Path, two_domains) -> None:
+    import io as _io_module
+
+    from crossret._sealed import write_sealed
+
+    source, target, _, _ = two_domains
+    path = _fitted("lsh", source, target).save(tmp_path / "lsh.npz")
+    buffer = _io_module.BytesIO()
+    with open_payload(path, "crossret.hashing.method", 1) as (_, stream), zipfile.ZipFile(stream) as original, \
+            zipfile.ZipFile(buffer, "w") as crafted:
+        for info in original.infolist():
+            crafted.writestr(info.filename, original.read(info))
+        # a valid .npy header declaring 2**33 float64 (64 GiB) followed by 32 bytes of data
+        member = _io_module.BytesIO()
+        np.lib.format.write_array_header_1_0(member, {"descr": "<f8", "fortran_order": False, "shape": (1 << 33,)})
+        crafted.writestr("huge.npy", member.getvalue() + bytes(32))
+    write_sealed(tmp_path / "huge.npz", "crossret.hashing.method", 1, buffer.getvalue())
+    with pytest.raises(FileFormatError, match=r"huge\.npz: huge\.npy.*") as info:
+        LSH.load(tmp_path / "huge.npz")
+    assert "MemoryError" not in str(info.value)  # refused from the header, not after a failed allocation

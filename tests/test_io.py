@@ -41,3 +41,39 @@ def test_npy_round_trip_without_pickle(tmp_path):
     array = np.arange(12, dtype=np.int8).reshape(3, 4)
     save_npy_atomic(tmp_path / "c.npy", array)
     np.testing.assert_array_equal(np.load(tmp_path / "c.npy", allow_pickle=False), array)
+
+
+def test_the_directory_is_fsynced_after_the_rename(tmp_path, monkeypatch) -> None:
+    import crossret._io as io_module
+
+    seen = []
+    original = io_module._fsync_directory
+
+    def record(directory):
+        seen.append((directory, (tmp_path / "out.txt").read_text(encoding="utf-8")))  # the rename happened first
+        original(directory)
+
+    monkeypatch.setattr(io_module, "_fsync_directory", record)
+    io_module.write_text_atomic(tmp_path / "out.txt", "new")
+    assert seen == [(tmp_path, "new")]
+
+
+@pytest.mark.parametrize("content", [b"a: \xa6", b"a: " + b"[" * 20000, b"run: [1, 2]", b"run: abc", b"run: {1: 2}",
+                                     b"run: {method: lsh}"])
+def test_hostile_run_configs_are_file_format_errors(tmp_path, content) -> None:
+    from crossret.errors import FileFormatError
+    from crossret.experiment import RunConfig
+
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    with pytest.raises(FileFormatError, match="config.yaml"):
+        RunConfig.from_yaml(path)
+
+
+def test_hostile_metrics_json_is_a_file_format_error(tmp_path) -> None:
+    from crossret.errors import FileFormatError
+    from crossret.experiment import read_run_metrics
+
+    (tmp_path / "metrics.json").write_text("[" * 100000, encoding="utf-8")
+    with pytest.raises(FileFormatError, match="metrics.json"):
+        read_run_metrics(tmp_path)

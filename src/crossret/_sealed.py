@@ -32,6 +32,7 @@ import json
 import os
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -223,7 +224,8 @@ def verify_zip(path: str | os.PathLike, what: str = "file", *, handle: BinaryIO 
     try:
         with zipfile.ZipFile(handle if handle is not None else path) as archive:
             bad = archive.testzip()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError,
+            zlib.error, RuntimeError) as exc:  # RuntimeError: an encrypted member
         raise FileFormatError(f"{path}: the {what} is corrupt or truncated (not a readable zip archive: "
                               f"{exc})") from exc
     if bad is not None:

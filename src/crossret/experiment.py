@@ -37,7 +37,7 @@ import yaml
 
 from crossret import distributed
 from crossret._config import reject_unknown_keys
-from crossret._io import read_yaml_mapping, save_npy_atomic, write_json_atomic, write_yaml_atomic
+from crossret._io import read_json_file, read_yaml_mapping, save_npy_atomic, write_json_atomic, write_yaml_atomic
 from crossret._leftovers import remove_stale_temporaries
 from crossret.data.domain import RetrievalSplit
 from crossret.errors import ConfigError, DataError, FileFormatError
@@ -108,10 +108,18 @@ class RunConfig:
         """Load a ``config.yaml`` written by a run (unknown keys are an error)."""
         path = Path(path)
         raw = read_yaml_mapping(path, "run config")
-        raw = dict(raw.get("run", raw))
+        raw = raw.get("run", raw)
+        if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+            raise FileFormatError(f"{path}: not a run config ('run' must map option names to values)")
+        raw = dict(raw)
         raw.pop("resolved_method_config", None)
         reject_unknown_keys(cls, raw, f"{path}: run config")
-        return cls(**raw)
+        try:
+            config = cls(**raw)
+        except TypeError as exc:  # a required option is missing
+            raise FileFormatError(f"{path}: incomplete run config ({exc})") from exc
+        config.validate()
+        return config
 
 
 @dataclass
@@ -414,15 +422,14 @@ def _write_run(run_dir: Path, config: RunConfig, method: HashMethod, split: Retr
 
 def read_run_metrics(run_dir: str | Path) -> dict[str, Any]:
     """Load ``metrics.json`` of a finished run directory (clear error when missing or corrupt)."""
-    import json
 
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
         raise DataError(f"{run_dir}: no metrics.json; is this a finished crossret run directory?")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise FileFormatError(f"{path}: cannot parse metrics ({exc})") from exc
+    metrics = read_json_file(path, "metrics")
+    if not isinstance(metrics, dict):
+        raise FileFormatError(f"{path}: cannot parse metrics (expected a JSON object)")
+    return metrics
 
 
 def default_run_dir(config: RunConfig, root: str | Path = "runs") -> str:

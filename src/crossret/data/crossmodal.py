@@ -49,7 +49,7 @@ import numpy as np
 
 from crossret.data.benchmarks import DATA_ENV, resolve_data_dir
 from crossret.data.domain import Domain, check_features, check_labels
-from crossret.data.readers import _corrupt, _sniff
+from crossret.data.readers import _corrupt, _dense, _sniff, check_mat_sizes
 from crossret.errors import DataError
 
 Modality = Literal["image", "text"]
@@ -406,6 +406,9 @@ def _load_struct(path: Path) -> Mapping[str, Any]:
             f"{path}: not a MATLAB v5 .mat file (no 'MATLAB 5.0 MAT-file' header); expected the MAT v5 file "
             "wiki.mat from kding1225/RoPH"
         )
+    # Every declared size against the bytes present, before scipy allocates (or reads out of bounds).
+    if "data" in check_mat_sizes(path):
+        raise DataError(f"{path}: 'data' is a MATLAB object, not the struct with fields X1, X2, Y and split")
     try:
         variables = [name for name, _shape, _cls in scipy.io.whosmat(str(path))]
         if "data" not in variables:
@@ -448,7 +451,7 @@ def _field_matrix(path: Path, key: str, value: Any) -> np.ndarray:
     import scipy.sparse
 
     if scipy.sparse.issparse(value):
-        value = value.toarray()
+        value = _dense(path, f"data.{key}", value)
     array = np.asarray(value)
     if array.dtype.kind not in "fiub":
         raise DataError(
@@ -484,7 +487,7 @@ def _split_indices(path: Path, key: str, value: Any, n: int) -> np.ndarray:
     import scipy.sparse
 
     if scipy.sparse.issparse(value):
-        value = value.toarray()
+        value = _dense(path, f"split.{key}", value)
     array = np.asarray(value)
     if array.dtype.kind not in "fiu":
         raise DataError(f"{path}: split.{key} is not a numeric array (dtype {array.dtype}); expected 1-based indices")

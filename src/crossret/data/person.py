@@ -330,6 +330,9 @@ def _read_json_list(path: Path) -> list[Any]:
                         "the file is truncated or corrupt, re-extract it") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read the annotation file ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # integers too long to convert, lists/objects nested too deeply
+        raise DataError(f"{path}: not a valid annotation file ({type(exc).__name__}: {exc}); the file is corrupt, "
+                        "re-extract it") from exc
     if not isinstance(data, list):
         raise DataError(f"{path}: the top level must be a JSON list of entries, got {type(data).__name__}")
     if not data:
@@ -369,6 +372,8 @@ def _parse_entries(raw: list[Any], fmt: _Format, image_root: Path) -> tuple[list
                 issues.append(f"'id' is negative ({pid})")
             elif pid < fmt.id_base:
                 issues.append(f"'id' is {pid} but {fmt.display} ids are {fmt.id_base}-based")
+            elif pid > _MAX_PERSON_ID:
+                issues.append(f"'id' is {pid}, larger than any dataset's (at most {_MAX_PERSON_ID})")
 
         captions = entry.get("captions")
         if "captions" in entry:
@@ -389,6 +394,9 @@ def _parse_entries(raw: list[Any], fmt: _Format, image_root: Path) -> tuple[list
                 issues.append(f"'{fmt.path_key}' must be a non-empty string, got {_type_name(rel)} {rel!r}")
             elif os.path.isabs(rel) or ".." in Path(rel).parts:
                 issues.append(f"'{fmt.path_key}' {rel!r} must be a path relative to imgs/ (no '..')")
+            elif not _is_file_name(rel):
+                issues.append(f"'{fmt.path_key}' {rel!r} holds characters no file name can have (NUL or an "
+                              "unpaired surrogate)")
 
         if issues:
             problems.append((index, "; ".join(issues)))
@@ -401,6 +409,19 @@ def _parse_entries(raw: list[Any], fmt: _Format, image_root: Path) -> tuple[list
             continue
         records.append(PersonRecord(os.path.join(root_text, rel), list(captions), person_id, split, rel, index))
     return records, problems
+
+
+_MAX_PERSON_ID = 1 << 62  # ids are stored as int64
+
+
+def _is_file_name(text: str) -> bool:
+    if "\x00" in text:
+        return False
+    try:
+        os.fsencode(text)
+    except UnicodeError:
+        return False
+    return True
 
 
 def _missing_images(records: Sequence[PersonRecord]) -> list[tuple[int, str]]:
@@ -417,7 +438,7 @@ def _missing_images(records: Sequence[PersonRecord]) -> list[tuple[int, str]]:
             try:
                 with os.scandir(folder) as it:
                     listings[folder] = {e.name for e in it if e.is_file()}
-            except OSError:
+            except (OSError, ValueError):  # ValueError: a name the file system cannot encode
                 listings[folder] = None
         names = listings[folder]
         if names is None or name not in names:
@@ -775,13 +796,30 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """
     try:
         with Image.open(path) as image:
+            _check_image_size(path, image)
             image.load()  # decode now, so that truncation surfaces here and not inside a transform
             return image.convert("RGB")
     except FileNotFoundError as exc:
         raise DataError(f"{path}: image file not found") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: cannot decode the image ({exc}); the file is corrupt or not an image, "
-                        "replace it") from exc
+    except DataError:
+        raise
+    except Exception as exc:  # an untrusted file: PIL's decoders raise OSError, SyntaxError, struct.error, ...
+        raise DataError(f"{path}: cannot decode the image ({type(exc).__name__}: {exc}); the file is corrupt or "
+                        "not an image, replace it") from exc
+
+
+#: No image format stores more pixels per byte than a 1-bit deflated PNG (8 x deflate's 1032:1).
+_MAX_PIXELS_PER_BYTE = 8 * 1032
+
+
+def _check_image_size(path: str | os.PathLike, image: Image.Image) -> None:
+    """Refuse an image whose header declares more pixels than its bytes can encode, before PIL
+    allocates the declared size."""
+    width, height = image.size
+    file_size = os.path.getsize(path)
+    if width * height > _MAX_PIXELS_PER_BYTE * file_size + 65536:
+        raise DataError(f"{path}: the image header declares {width} x {height} pixels but the file has only "
+                        f"{file_size} bytes; the file is corrupt or truncated, replace it")
 
 
 @dataclass(frozen=True)

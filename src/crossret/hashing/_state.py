@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, ClassVar
 
 import numpy as np
 
-from crossret._io import to_jsonable
+from crossret._io import read_npy_header, to_jsonable
 from crossret._sealed import open_payload, write_sealed
 from crossret.errors import ConfigError, FileFormatError
 
@@ -68,7 +68,13 @@ def _check_header(header: Any, path: Path, expected_method: str | None) -> dict[
     return header
 
 
-def _read_npz(stream: BinaryIO) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _read_npz(stream: BinaryIO, where: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    # numpy allocates an npz member's declared shape before reading it: check every header first.
+    with zipfile.ZipFile(stream) as archive:
+        for info in archive.infolist():
+            with archive.open(info) as member:
+                read_npy_header(member, f"{where}: {info.filename}", info.file_size, error=FileFormatError)
+    stream.seek(0)
     with np.load(stream, allow_pickle=False) as npz:
         arrays = {key: npz[key] for key in npz.files}
     raw = arrays.pop(_HEADER_KEY)
@@ -106,7 +112,7 @@ def read_method_file(
     with open_payload(path, FORMAT_NAME, FORMAT_VERSION, "saved crossret method") as (_, stream):
         try:
             if _storage_of(stream) == "npz":
-                header, arrays = _read_npz(stream)
+                header, arrays = _read_npz(stream, str(path))
                 state_dict: dict[str, Any] = {}
             else:
                 header, arrays, state_dict = _read_torch(stream)

@@ -34,7 +34,7 @@ import numba as nb
 import numpy as np
 from numba import prange
 
-from crossret.errors import CodeError
+from crossret.errors import CodeError, ConfigError, DataError
 from crossret.retrieval.packing import check_packed, packed_to_words
 
 # SWAR popcount constants. They must be uint64: mixing uint64 with int64 makes numba fall back to
@@ -184,7 +184,7 @@ def _index_rank_kernel(q_words, q_labels, db_words, db_labels, before, before_re
 
 
 @nb.njit(cache=True)
-def harmonic_difference(a: int, n: int) -> float:
+def _harmonic_difference(a: int, n: int) -> float:
     """``S = H(a + n) - H(a) = sum_{i=1..n} 1 / (a + i)`` for integers ``a >= 0``, ``n >= 0``.
 
     Accurate to a few ulps for any size: the first terms (up to ``_DIRECT_TERMS``) are summed
@@ -237,14 +237,14 @@ def _group_terms(n_before: int, n: int) -> tuple[float, float]:
             s += inv
             t += (i - 1) * inv
         return s, t
-    s = harmonic_difference(n_before, n)
+    s = _harmonic_difference(n_before, n)
     # n >= 65 here, so T >= n (n - 1) / (2 (N_b + n)) and the cancellation costs at most a factor
     # 2 (N_b + n) / (n - 1) ~ 3e4 at N_b = 1e6: ~1e-11 relative.
     return s, n - (n_before + 1) * s
 
 
 @nb.njit(cache=True)
-def expected_group_sum(n_before: int, rel_before: int, n: int, r: int) -> float:
+def _expected_group_sum(n_before: int, rel_before: int, n: int, r: int) -> float:
     """Expected sum of precision@rank over the relevant items of a randomly ordered tie group.
 
     A group of ``n`` items (``r`` relevant) follows ``N_b = n_before`` items (``R_b = rel_before``
@@ -266,13 +266,13 @@ def expected_group_sum(n_before: int, rel_before: int, n: int, r: int) -> float:
 
 
 @nb.njit(cache=True)
-def expected_truncated_ap(partial_full: float, n_before: int, rel_before: int, n: int, r: int,
-                          m: int) -> float:
+def _expected_truncated_ap(partial_full: float, n_before: int, rel_before: int, n: int, r: int,
+                           m: int) -> float:
     """E[AP@k] when the cut at ``k`` falls inside a tie group (``0 < m = k - N_b < n``).
 
     The number ``j`` of relevant items among the ``m`` kept positions is hypergeometric
     ``(n, r, m)``; given ``j`` they are uniform among the ``m`` positions, so their expected
-    precision sum is :func:`expected_group_sum` with ``n -> m, r -> j``, which is
+    precision sum is :func:`_expected_group_sum` with ``n -> m, r -> j``, which is
     ``(j/m)(R_b + 1) S_m + j (j - 1) / (m (m - 1)) T_m``. Then::
 
         E[AP@k] = sum_j P(j) (P_full + partial(j)) / (R_b + j)     (term 0 when R_b + j = 0)
@@ -345,8 +345,8 @@ def _expected_kernel(counts, rel_counts, topk, ns, ap, apk, rel_at_n):  # pragma
                 if rel_before + r == 0:
                     apk_value = 0.0
                 else:
-                    apk_value = expected_truncated_ap(psum, n_before, rel_before, n, r, topk - n_before)
-            psum += expected_group_sum(n_before, rel_before, n, r)
+                    apk_value = _expected_truncated_ap(psum, n_before, rel_before, n, r, topk - n_before)
+            psum += _expected_group_sum(n_before, rel_before, n, r)
             if apk_value < 0.0 and n_after == topk:
                 apk_value = psum / (rel_before + r) if rel_before + r > 0 else 0.0
             n_before = n_after
@@ -361,6 +361,136 @@ def _expected_kernel(counts, rel_counts, topk, ns, ap, apk, rel_at_n):  # pragma
         apk[q] = apk_value
 
 
+@nb.njit(cache=True)
+def _scan_bit_table(buf, b, id_bits, buckets, ntotal):  # pragma: no cover - compiled
+    """Walk one faiss multi-hash table (``IndexBinaryMultiHash`` on disk): ``buckets`` records of a
+    ``b``-bit key, an ``id_bits``-bit count and that many ``id_bits``-bit ids, packed least
+    significant bit first in ``buf``. Returns the number of ids listed, ``-1`` when the records
+    run past the bit string or list more than ``ntotal`` ids, ``-2`` for an id ``>= ntotal``
+    (checked before faiss reads the table, :mod:`crossret.retrieval._faiss_format`)."""
+    nbits = buf.size * 8
+    pos = 0
+    total = 0
+    for _ in range(buckets):
+        if pos + b + id_bits > nbits:
+            return -1
+        pos += b
+        count = 0
+        for i in range(id_bits):
+            p = pos + i
+            count |= np.int64((buf[p >> 3] >> (p & 7)) & 1) << i
+        pos += id_bits
+        total += count
+        if total > ntotal or pos + count * id_bits > nbits:
+            return -1
+        for _ in range(count):
+            value = 0
+            for i in range(id_bits):
+                p = pos + i
+                value |= np.int64((buf[p >> 3] >> (p & 7)) & 1) << i
+            pos += id_bits
+            if value >= ntotal:
+                return -2
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks. The kernels are compiled without bounds checks: a distance beyond a histogram row, a
+# state array of the wrong shape or counts that contradict each other would read or write outside
+# the arrays. Every public entry point checks its inputs first (O(inputs), no Q x N work).
+
+_MAX_COUNT = 1 << 62  # counts and ranks stay far from int64 overflow
+
+
+def _as_int(value: object, name: str, minimum: int = 0, error: type[Exception] = DataError) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise error(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if not minimum <= value <= _MAX_COUNT:
+        raise error(f"{name} must be between {minimum} and 2**62, got {value}")
+    return value
+
+
+def _words(words: object, name: str) -> np.ndarray:
+    array = np.asarray(words)
+    if array.dtype != np.uint64 or array.ndim != 2 or array.shape[1] < 1:
+        raise CodeError(f"{name}: expected uint64 words (items x words, >= 1 word), got {array.dtype} {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+def _vector(values: object, name: str, dtype: type, n: int) -> np.ndarray:
+    array = np.asarray(values)
+    if array.dtype != dtype or array.shape != (n,):
+        raise DataError(f"{name}: expected {np.dtype(dtype)} of shape ({n},), got {array.dtype} {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+def _state(array: object, name: str, dtype: type, shape: tuple[int, ...]) -> np.ndarray:
+    """An array updated in place: exact dtype and shape, C-contiguous and writable."""
+    if not isinstance(array, np.ndarray) or array.dtype != dtype or array.shape != shape:
+        got = f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
+        raise DataError(f"{name}: expected a {np.dtype(dtype)} array of shape {shape}, got {got}")
+    if not array.flags.c_contiguous or not array.flags.writeable:
+        raise DataError(f"{name}: must be a C-contiguous, writable array (it is updated in place)")
+    return array
+
+
+def _max_distance(q_words: np.ndarray, db_words: np.ndarray) -> int:
+    """An upper bound of every query-item distance: the bits set in any code."""
+    union = np.zeros(q_words.shape[1], np.uint64)
+    for words in (q_words, db_words):
+        if words.shape[0]:
+            union |= np.bitwise_or.reduce(words, axis=0)
+    return int(np.unpackbits(union.view(np.uint8)).sum())
+
+
+def _pair_inputs(q_words: object, q_labels: object, db_words: object, db_labels: object, n_dist: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    q_words = _words(q_words, "query words")
+    db_words = _words(db_words, "database words")
+    if q_words.shape[1] != db_words.shape[1]:
+        raise CodeError(f"query codes have {q_words.shape[1]} words but database codes {db_words.shape[1]}")
+    q_labels = _vector(q_labels, "query label codes", np.int32, q_words.shape[0])
+    db_labels = _vector(db_labels, "database label codes", np.int32, db_words.shape[0])
+    if _max_distance(q_words, db_words) >= n_dist:
+        raise CodeError(f"codes set bits beyond the {n_dist - 1}-bit length the counts are sized for "
+                        "(padding bits must be zero)")
+    return q_words, q_labels, db_words, db_labels
+
+
+def harmonic_difference(a: int, n: int) -> float:
+    """``S = H(a + n) - H(a) = sum_{i=1..n} 1 / (a + i)`` for integers ``a >= 0``, ``n >= 0``
+    (see :func:`_harmonic_difference`, the compiled version the kernels use)."""
+    return float(_harmonic_difference(_as_int(a, "a"), _as_int(n, "n")))
+
+
+def expected_group_sum(n_before: int, rel_before: int, n: int, r: int) -> float:
+    """Expected precision sum of a randomly ordered tie group (:func:`_expected_group_sum`); needs
+    ``0 <= r <= n`` and ``0 <= rel_before <= n_before``."""
+    n_before, rel_before = _as_int(n_before, "n_before"), _as_int(rel_before, "rel_before")
+    n, r = _as_int(n, "n"), _as_int(r, "r")
+    if r > n or rel_before > n_before or n_before + n > _MAX_COUNT:
+        raise DataError(f"inconsistent counts: r={r} relevant of n={n}, rel_before={rel_before} of "
+                        f"n_before={n_before}")
+    return float(_expected_group_sum(n_before, rel_before, n, r))
+
+
+def expected_truncated_ap(partial_full: float, n_before: int, rel_before: int, n: int, r: int, m: int) -> float:
+    """E[AP@k] when the cut at ``k`` falls inside a tie group (:func:`_expected_truncated_ap`); needs
+    ``0 < m < n``, ``0 <= r <= n``, ``0 <= rel_before <= n_before`` and a finite ``partial_full``."""
+    n_before, rel_before = _as_int(n_before, "n_before"), _as_int(rel_before, "rel_before")
+    n, r, m = _as_int(n, "n"), _as_int(r, "r"), _as_int(m, "m")
+    if isinstance(partial_full, (bool, np.bool_)) or not isinstance(partial_full, (int, float, np.integer,
+                                                                                 np.floating)):
+        raise DataError(f"partial_full must be a number, got {partial_full!r}")
+    if not np.isfinite(partial_full):
+        raise DataError(f"partial_full must be finite, got {partial_full!r}")
+    if not 0 < m < n or r > n or rel_before > n_before or n_before + n > _MAX_COUNT:
+        raise DataError(f"inconsistent counts: cut m={m} inside a group of n={n} (need 0 < m < n), r={r}, "
+                        f"rel_before={rel_before} of n_before={n_before}")
+    return float(_expected_truncated_ap(float(partial_full), n_before, rel_before, n, r, m))
+
+
 # ----------------------------------------------------------------------------------------------
 # Thin typed wrappers (the metrics module calls these; they fix dtypes and contiguity once).
 
@@ -373,6 +503,11 @@ def distance_histograms(q_words: np.ndarray, q_labels: np.ndarray, db_words: np.
     ``(n, W)``, ``db_labels`` int32 ``(n,)``, ``hist`` int64 ``(Q, 2 (L + 1))`` with
     ``hist[q, d]`` += # non-relevant and ``hist[q, L + 1 + d]`` += # relevant items at distance ``d``.
     """
+    if not isinstance(hist, np.ndarray) or hist.ndim != 2 or hist.shape[1] < 2 or hist.shape[1] % 2:
+        raise DataError(f"hist: expected an int64 array (Q, 2 (L + 1)), got {getattr(hist, 'shape', hist)!r}")
+    q_words, q_labels, db_words, db_labels = _pair_inputs(q_words, q_labels, db_words, db_labels,
+                                                          hist.shape[1] // 2)
+    hist = _state(hist, "hist", np.int64, (q_words.shape[0], hist.shape[1]))
     with _threads_for(q_words.shape[0] * db_words.shape[0]):
         _histogram_kernel(q_words, q_labels, db_words, db_labels, hist)
 
@@ -392,6 +527,23 @@ def index_rank_pass(q_words: np.ndarray, q_labels: np.ndarray, db_words: np.ndar
     precision; ``apk_sum`` / ``n_rel_topk`` (``(Q,)``) add it / count it when ``rank <= topk``;
     ``rel_at_n[q, t]`` (int64 ``(Q, T)``) counts relevant items with ``rank <= ns[t]``.
     """
+    if not isinstance(before, np.ndarray) or before.ndim != 2 or before.shape[1] < 1:
+        raise DataError(f"before: expected an int64 array (Q, L + 1), got {getattr(before, 'shape', before)!r}")
+    q_words, q_labels, db_words, db_labels = _pair_inputs(q_words, q_labels, db_words, db_labels,
+                                                          before.shape[1])
+    shape = (q_words.shape[0], before.shape[1])
+    before, before_rel, seen, seen_rel = (_state(a, name, np.int64, shape) for a, name in (
+        (before, "before"), (before_rel, "before_rel"), (seen, "seen"), (seen_rel, "seen_rel")))
+    ns = np.asarray(ns)
+    if ns.dtype != np.int64 or ns.ndim != 1:
+        raise DataError(f"ns: expected a 1-D int64 array, got {ns.dtype} {ns.shape}")
+    ns = np.ascontiguousarray(ns)
+    n_q = q_words.shape[0]
+    ap_sum = _state(ap_sum, "ap_sum", np.float64, (n_q,))
+    apk_sum = _state(apk_sum, "apk_sum", np.float64, (n_q,))
+    n_rel_topk = _state(n_rel_topk, "n_rel_topk", np.int64, (n_q,))
+    rel_at_n = _state(rel_at_n, "rel_at_n", np.int64, (n_q, ns.shape[0]))
+    topk = _as_int(topk, "topk", 0, ConfigError)
     with _threads_for(q_words.shape[0] * db_words.shape[0]):
         _index_rank_kernel(q_words, q_labels, db_words, db_labels, before, before_rel, seen, seen_rel,
                            np.int64(topk), ns, ap_sum, apk_sum, n_rel_topk, rel_at_n)
@@ -411,6 +563,23 @@ def expected_rank_metrics(counts: np.ndarray, rel_counts: np.ndarray, topk: int,
     Returns ``(ap (Q,), ap_at_k (Q,), rel_at_n (Q, T))``, float64; queries with no relevant item
     get AP 0 and AP@k 0.
     """
+    counts, rel_counts = np.asarray(counts), np.asarray(rel_counts)
+    if counts.dtype != np.int64 or counts.ndim != 2 or counts.shape[1] < 1 or rel_counts.dtype != np.int64 \
+            or rel_counts.shape != counts.shape:
+        raise DataError(f"counts / rel_counts: expected two int64 arrays of one shape (Q, L + 1), got "
+                        f"{counts.dtype} {counts.shape} and {rel_counts.dtype} {rel_counts.shape}")
+    if counts.size and (rel_counts.min() < 0 or np.any(rel_counts > counts)
+                        or np.any(counts.sum(axis=1, dtype=object) > _MAX_COUNT)):
+        raise DataError("counts / rel_counts: need 0 <= relevant <= items at every distance (and totals below "
+                        "2**62)")
+    counts, rel_counts = np.ascontiguousarray(counts), np.ascontiguousarray(rel_counts)
+    topk = _as_int(topk, "topk", 1, ConfigError)
+    ns = np.asarray(ns)
+    if ns.ndim != 1 or (ns.size and ns.dtype.kind not in "iu"):
+        raise DataError(f"ns: expected a 1-D integer array, got {ns.dtype} {ns.shape}")
+    if ns.size and (ns.min() < 1 or int(ns.max()) > _MAX_COUNT):
+        raise ConfigError(f"ns: the N of precision@N must be between 1 and 2**62, got {ns.tolist()[:5]}")
+    ns = np.ascontiguousarray(ns, dtype=np.int64)
     n_q = counts.shape[0]
     ap = np.zeros(n_q)
     apk = np.zeros(n_q)
@@ -449,6 +618,7 @@ def hamming_distances(q_packed: np.ndarray, db_packed: np.ndarray, bits: int) ->
 # distance, so the merged result is the same.
 
 _TOPK_MIN_CHUNK = 1 << 16  # items per database chunk when one query is split across threads
+_MAX_PADDED_RESULTS = 1 << 28  # result slots allowed when k > N (all but N per row are padding)
 _LANES = 4  # pass 1 keeps 4 histograms (item j counts in lane j % 4), summed at the end
 # SWAR "some lane below n" test (exact for n up to half the lane range): constants per lane width.
 _SWAR_LOW = {1: np.uint64(0x0101010101010101), 2: np.uint64(0x0001000100010001)}
@@ -654,11 +824,17 @@ def hamming_topk(q_words: np.ndarray, db_words: np.ndarray, k: int, threads: int
     thread. Many queries run one query per thread (one parallel region in all); fewer queries than
     twice the threads split each query's database into chunks across the threads instead.
     """
-    q_words = np.ascontiguousarray(q_words, dtype=np.uint64)
-    db_words = np.ascontiguousarray(db_words, dtype=np.uint64)
+    q_words = _words(q_words, "query words")
+    db_words = _words(db_words, "database words")
     n_q, n_db = q_words.shape[0], db_words.shape[0]
     if q_words.shape[1] != db_words.shape[1]:
         raise CodeError(f"query codes have {q_words.shape[1]} words but database codes {db_words.shape[1]}")
+    k = _as_int(k, "k", 1, ConfigError)
+    if k > n_db and n_q * k > _MAX_PADDED_RESULTS:
+        raise ConfigError(f"k={k} exceeds the {n_db} database items and {n_q} x {k} result slots would be "
+                          "allocated, nearly all of them empty; ask for at most the database size")
+    if threads is not None:
+        threads = _as_int(threads, "threads", 0, ConfigError)
     out_d = np.full((n_q, k), np.iinfo(np.int32).max, np.int32)
     out_i = np.full((n_q, k), -1, np.int64)
     if n_q == 0 or n_db == 0:

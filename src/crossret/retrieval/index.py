@@ -98,6 +98,9 @@ _PREFIX = struct.Struct("<8sIQ")  # magic, format version, header length
 _MAX_HEADER_BYTES = 1 << 24  # a header is a few hundred bytes; anything huge is garbage
 
 _HNSW_DEFAULTS = {"M": 32, "efConstruction": 40, "efSearch": 64}
+# faiss layout (fourcc) each built-in kind serializes to (factory strings may give any of them).
+_BINARY_LAYOUTS = {"flat": "IBxF", "ivf": "IBwF", "hnsw": "IBHf", "multihash": "IBHm"}
+_DENSE_LAYOUTS = {"flat": "IxFI", "hnsw": "IHNf"}
 _MULTIHASH_MAX_B = 64  # faiss reads each hash key as one 64-bit word
 # Queries per block of faiss' exhaustive binary search (faiss' default is 32). Each block runs one
 # OpenMP parallel region per 65,536 database codes, so with 32 a search of 300 queries over 1M codes
@@ -134,8 +137,9 @@ def _check_k(k: Any) -> int:
 
 
 def _check_int_param(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"index parameter {name} must be an integer >= {minimum}, got {value!r}")
+    # faiss stores its parameters as C ints: larger values raise OverflowError deep inside the wrapper.
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not minimum <= value <= _INT32_MAX:
+        raise ConfigError(f"index parameter {name} must be an integer >= {minimum} (and below 2**31), got {value!r}")
     return int(value)
 
 
@@ -174,6 +178,7 @@ def _sort_rows(keys_primary: np.ndarray, internal: np.ndarray) -> tuple[np.ndarr
     return np.take_along_axis(keys_primary, order, 1), np.take_along_axis(internal, order, 1)
 
 
+_INT32_MAX = int(np.iinfo(np.int32).max)
 _ID_BITS = 36  # ids below 2**36 (68.7e9 items) and distances below 2**26 share one int64 sort key
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -214,24 +219,33 @@ def _frame(magic: bytes, header: dict[str, Any], payload: bytes) -> bytes:
 
 
 def _read_frame(path: str | os.PathLike, magic: bytes) -> tuple[dict[str, Any], bytes]:
-    """Read and verify a framed index file; return (header, payload)."""
+    """Read and verify a framed index file; return (header, payload).
+
+    The header is read and its declared sizes checked against the file's size before the payload is
+    read, so a corrupt or foreign file never makes this allocate more than the file holds."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            head = handle.read(min(size, _PREFIX.size + _MAX_HEADER_BYTES))
+            header = _parse_header(path, head, magic)
+            start = _PREFIX.size + header["_header_bytes"]
+            expected = header["payload_bytes"]
+            present = size - start
+            if present < expected:
+                raise FileFormatError(
+                    f"{path}: truncated — the payload has {present} of {expected} bytes; rebuild or re-copy it"
+                )
+            if present > expected:
+                raise FileFormatError(f"{path}: {present - expected} unexpected bytes after the payload")
+            handle.seek(start)
+            payload = handle.read(expected)
     except FileNotFoundError:
         raise FileFormatError(f"{path}: no such index file") from None
     except OSError as exc:
         raise FileFormatError(f"{path}: cannot read the index file ({exc})") from exc
-    header = _parse_header(path, data, magic)
-    start = _PREFIX.size + header["_header_bytes"]
-    payload = data[start:]
-    expected = header["payload_bytes"]
-    if len(payload) < expected:
-        raise FileFormatError(
-            f"{path}: truncated — the payload has {len(payload)} of {expected} bytes; rebuild or re-copy it"
-        )
-    if len(payload) > expected:
-        raise FileFormatError(f"{path}: {len(payload) - expected} unexpected bytes after the payload")
+    if len(payload) != expected:  # the file changed while it was read
+        raise FileFormatError(f"{path}: truncated — the payload has {len(payload)} of {expected} bytes")
     if hashlib.sha256(payload).hexdigest() != header["sha256"]:
         raise FileFormatError(f"{path}: checksum mismatch — the file was altered or corrupted")
     return header, payload
@@ -264,7 +278,7 @@ def _parse_header(path: Path, data: bytes, magic: bytes) -> dict[str, Any]:
     raw = data[_PREFIX.size : _PREFIX.size + header_len]
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, integers too long, nesting too deep
         raise FileFormatError(f"{path}: garbage header — not valid UTF-8 JSON ({exc})") from None
     if not isinstance(header, dict):
         raise FileFormatError(f"{path}: garbage header — expected a JSON object")
@@ -283,6 +297,8 @@ def _parse_header(path: Path, data: bytes, magic: bytes) -> dict[str, Any]:
         header["faiss_bytes"], header["ids_bytes"], header["ntotal"]
     ) < 0:
         raise FileFormatError(f"{path}: garbage header — inconsistent payload sizes")
+    if not isinstance(header.get("kind"), str) or not header["kind"]:
+        raise FileFormatError(f"{path}: garbage header — empty index kind")
     header["_header_bytes"] = header_len
     return header
 
@@ -309,7 +325,47 @@ def _split_payload(path: Path, header: dict[str, Any], payload: bytes) -> tuple[
     if header["ids_bytes"] != 8 * header["ntotal"]:
         raise FileFormatError(f"{path}: the stored id map does not have one id per item")
     ids = np.frombuffer(payload, dtype="<i8", offset=header["faiss_bytes"]).astype(np.int64)
+    if ids.size and (ids.min() < 0 or np.unique(ids).size != ids.size):
+        raise FileFormatError(f"{path}: the stored user ids are negative or repeated")
     return faiss_part, ids
+
+
+def _check_payload(path: Path, faiss_part: np.ndarray, kind: str, kinds: dict[str, str], dense: bool
+                   ) -> dict[str, Any]:
+    """The faiss payload's structure (``_faiss_format``) before faiss reads it; its type must be the
+    one ``kind`` builds (factory strings: any layout crossret writes)."""
+    from crossret.retrieval._faiss_format import FaissLayoutError, check_binary_payload, check_dense_payload
+
+    try:
+        info = (check_dense_payload if dense else check_binary_payload)(faiss_part)
+    except FaissLayoutError as exc:
+        raise FileFormatError(f"{path}: the faiss payload is corrupt or not written by crossret ({exc})") from None
+    if kind in kinds and info["type"] != kinds[kind]:
+        raise FileFormatError(f"{path}: header says kind {kind!r} but the payload holds a faiss {info['type']} "
+                              "index; the file is corrupt")
+    return info
+
+
+def _check_stored_params(path: Path, params: dict[str, Any], allowed: set[str]) -> dict[str, int]:
+    """Parameters from a file's header: known names, integers, and no value that makes the first search
+    allocate gigabytes (efSearch) or never end (nflip: every key within nflip of b bits is probed)."""
+    from crossret.retrieval._faiss_format import MAX_EF, MAX_FLIP_PROBES, flip_probes
+
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise FileFormatError(f"{path}: garbage header — unknown parameter(s) {', '.join(map(str, unknown))}")
+    try:
+        checked = {name: _check_int_param(name, value, 0 if name in _ZERO_OK_PARAMS else 1)
+                   for name, value in params.items()}
+    except ConfigError as exc:
+        raise FileFormatError(f"{path}: garbage header — {exc}") from None
+    too_large = [name for name in ("efSearch", "efConstruction", "M") if checked.get(name, 0) > MAX_EF]
+    if "nflip" in checked and flip_probes(checked.get("b", 64), checked["nflip"]) > MAX_FLIP_PROBES:
+        too_large.append("nflip")
+    if too_large:
+        raise FileFormatError(f"{path}: garbage header — parameter(s) {', '.join(too_large)} far beyond any "
+                              f"useful value ({checked})")
+    return checked
 
 
 # --------------------------------------------------------------------------------------------
@@ -657,12 +713,17 @@ class BinaryIndex(_FaissIndex):
         if header.get("bit_order") != BIT_ORDER:
             raise FileFormatError(f"{path}: unsupported bit order {header.get('bit_order')!r}")
         faiss_part, ids = _split_payload(path, header, payload)
+        kind = header["kind"]
+        params = _check_stored_params(path, header["params"], cls._BUILTIN_PARAMS.get(kind, cls._FACTORY_PARAMS))
+        _check_payload(path, faiss_part, kind, _BINARY_LAYOUTS, dense=False)
         faiss = _faiss()
         try:
             # faiss' Python wrapper returns the concrete (downcast) class already.
             index = faiss.deserialize_index_binary(faiss_part)
         except RuntimeError as exc:
             raise FileFormatError(f"{path}: the faiss payload cannot be read ({exc})") from None
+        if not index.is_trained:
+            raise FileFormatError(f"{path}: the stored index is not trained (crossret saves trained indexes only)")
         if index.d != pbits or index.ntotal != header["ntotal"]:
             raise FileFormatError(
                 f"{path}: header says {pbits} padded bits and {header['ntotal']} items but the stored "
@@ -670,8 +731,8 @@ class BinaryIndex(_FaissIndex):
             )
         _tune_flat(index)  # a search-time setting: faiss does not store it
         obj = cls.__new__(cls)
-        obj.bits, obj.padded_bits, obj.kind = bits, pbits, header["kind"]
-        obj.params = dict(header["params"])
+        obj.bits, obj.padded_bits, obj.kind = bits, pbits, kind
+        obj.params = params
         obj._faiss_index = index
         obj._ids = ids
         obj._ids_mode = ids is not None if index.ntotal else None
@@ -801,11 +862,15 @@ class DenseIndex(_FaissIndex):
         if header["kind"] not in cls._KIND_PARAMS:
             raise FileFormatError(f"{path}: unknown dense index kind {header['kind']!r}")
         faiss_part, ids = _split_payload(path, header, payload)
+        params = _check_stored_params(path, header["params"], cls._KIND_PARAMS[header["kind"]])
+        _check_payload(path, faiss_part, header["kind"], _DENSE_LAYOUTS, dense=True)
         faiss = _faiss()
         try:
             index = faiss.deserialize_index(faiss_part)
         except RuntimeError as exc:
             raise FileFormatError(f"{path}: the faiss payload cannot be read ({exc})") from None
+        if not index.is_trained:
+            raise FileFormatError(f"{path}: the stored index is not trained (crossret saves trained indexes only)")
         if index.d != dim or index.ntotal != header["ntotal"] or index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise FileFormatError(
                 f"{path}: header says {dim}-d inner-product index with {header['ntotal']} items but the "
@@ -813,7 +878,7 @@ class DenseIndex(_FaissIndex):
             )
         obj = cls.__new__(cls)
         obj.dim, obj.kind, obj.normalize = dim, header["kind"], normalize
-        obj.params = dict(header["params"])
+        obj.params = params
         obj._faiss_index = index
         obj._ids = ids
         obj._ids_mode = ids is not None if index.ntotal else None

@@ -157,11 +157,17 @@ def _as_labels(labels: Any, n: int, name: str) -> np.ndarray:
         raise DataError(f"{name}: labels must be 1-D (one per code), got shape {np.shape(labels)}")
     if array.shape[0] != n:
         raise DataError(f"{name}: {array.shape[0]} labels for {n} codes; give exactly one label per code")
-    if array.dtype.kind in "iub":
+    if array.dtype.kind in "ib":
+        return array.astype(np.int64)
+    if array.dtype.kind == "u":
+        if array.size and array.max() > np.iinfo(np.int64).max:
+            raise DataError(f"{name}: labels above 2**63 - 1 do not fit in int64")
         return array.astype(np.int64)
     if array.dtype.kind == "f":
         if not np.isfinite(array).all() or np.any(array != np.round(array)):
             raise DataError(f"{name}: labels must be integers (found NaN, inf or fractional values)")
+        if array.size and np.abs(array).max() >= 2.0**63:
+            raise DataError(f"{name}: labels beyond +-2**63 do not fit in int64")
         return array.astype(np.int64)
     raise DataError(f"{name}: labels must be integers, got dtype {array.dtype}")
 

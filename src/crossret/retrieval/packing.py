@@ -17,23 +17,26 @@ from crossret.errors import CodeError
 
 BIT_ORDER = "lsb-first"  # recorded in saved indexes; the only order crossret writes
 WORD_BITS = 64
+_MAX_PAD_MULTIPLE = 4096  # pad_packed's granularity: SIMD widths are 64 to 512 bits
 
 
 def packed_width(bits: int) -> int:
     """Bytes per packed code of ``bits`` bits."""
-    _check_bits(bits)
+    bits = _check_bits(bits)
     return (bits + 7) // 8
 
 
 def padded_bits(bits: int) -> int:
     """Code length rounded up to a multiple of 64 (the width used for search)."""
-    _check_bits(bits)
+    bits = _check_bits(bits)
     return -(-bits // WORD_BITS) * WORD_BITS
 
 
 def binarize(values: np.ndarray) -> np.ndarray:
     """Real values -> ±1 int8 codes with ``sign(0) = +1``. Shape is kept. NaN is an error."""
     values = np.asarray(values)
+    if values.dtype.kind not in "biuf":
+        raise CodeError(f"cannot binarize: expected real numbers, got dtype {values.dtype}")
     if values.dtype.kind == "f" and not np.isfinite(values).all():
         raise CodeError("cannot binarize: the values contain NaN or inf")
     return np.where(values >= 0, 1, -1).astype(np.int8)
@@ -78,6 +81,7 @@ def pack_codes(codes: np.ndarray) -> np.ndarray:
 
 def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
     """Inverse of :func:`pack_codes`: uint8 ``(N, >= ceil(L/8))`` -> ±1 int8 ``(N, L)``."""
+    bits = _check_bits(bits)
     packed = check_packed(packed, bits, allow_padding=True)
     unpacked = np.unpackbits(packed, axis=1, count=bits, bitorder="little")
     return (unpacked.astype(np.int8) * 2 - 1).astype(np.int8)
@@ -85,6 +89,12 @@ def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
 
 def pad_packed(packed: np.ndarray, bits: int, multiple_bits: int = WORD_BITS) -> np.ndarray:
     """Zero-pad packed codes to a multiple of ``multiple_bits`` (default 64). No copy if aligned."""
+    bits = _check_bits(bits)
+    if isinstance(multiple_bits, bool) or not isinstance(multiple_bits, (int, np.integer)) \
+            or not 8 <= multiple_bits <= _MAX_PAD_MULTIPLE or multiple_bits % 8:
+        raise CodeError(f"multiple_bits must be a multiple of 8 between 8 and {_MAX_PAD_MULTIPLE}, got "
+                        f"{multiple_bits!r}")
+    multiple_bits = int(multiple_bits)
     packed = check_packed(packed, bits, allow_padding=True)
     width = -(-bits // multiple_bits) * multiple_bits // 8
     if packed.shape[1] == width:
@@ -112,7 +122,7 @@ def check_packed(packed: np.ndarray, bits: int, *, allow_padding: bool = False,
 
     With ``allow_padding`` the row may be wider (zero bytes up to a multiple of 64 bits).
     """
-    _check_bits(bits)
+    bits = _check_bits(bits)
     packed = np.asarray(packed)
     if packed.dtype != np.uint8:
         raise CodeError(f"{name}: expected uint8 packed codes, got dtype {packed.dtype}; use pack_codes()")
@@ -132,6 +142,8 @@ def check_packed(packed: np.ndarray, bits: int, *, allow_padding: bool = False,
     return packed
 
 
-def _check_bits(bits: int) -> None:
-    if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or bits <= 0:
+def _check_bits(bits: int) -> int:
+    """``bits`` as a Python int (numpy integer types would overflow in the width arithmetic)."""
+    if not isinstance(bits, (int, np.integer)) or isinstance(bits, (bool, np.bool_)) or bits <= 0:
         raise CodeError(f"code length must be a positive integer, got {bits!r}")
+    return int(bits)

@@ -48,6 +48,7 @@ SIDECAR_FORMAT = "crossret-packed-codes"
 # IVF training sample: this many codes per list (faiss' k-means warns below 39 and subsamples
 # above 256 anyway; 64 keeps training at 1M+ codes to seconds on a few cores).
 TRAIN_POINTS_PER_LIST = 64
+_MAX_SIDECAR_BYTES = 1 << 20
 
 
 @dataclass
@@ -82,9 +83,9 @@ def open_features(path: str | os.PathLike, *, shape: tuple[int, int] | None = No
     if shape is not None:
         try:
             return np.memmap(path, dtype=np.dtype(dtype), mode="r", shape=tuple(shape), offset=offset)
-        except (ValueError, OSError) as exc:
-            raise DataError(f"features: cannot map {path} as a raw {np.dtype(dtype)} array of shape "
-                            f"{tuple(shape)} at offset {offset} ({exc})") from exc
+        except (ValueError, TypeError, OverflowError, OSError) as exc:
+            raise DataError(f"features: cannot map {path} as a raw {dtype} array of shape "
+                            f"{shape} at offset {offset} ({exc})") from exc
     return load_npy(path, "features", mmap=True, hint="; for a raw binary file give its shape and dtype")
 
 
@@ -205,15 +206,22 @@ def _sidecar_bits(path: Path, codes: np.ndarray) -> int | None:
     if not side.is_file():
         return None
     try:
+        if side.stat().st_size > _MAX_SIDECAR_BYTES:
+            raise ValueError(f"{side.stat().st_size} bytes; a sidecar is a few hundred")
         record = json.loads(side.read_text(encoding="utf-8"))
-        bits, n, width = int(record["bits"]), int(record["n"]), int(record["width"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        bits, n, width = (record[key] for key in ("bits", "n", "width"))
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise FileFormatError(f"{side}: not a readable packed-codes sidecar ({exc})") from exc
     if record.get("format") != SIDECAR_FORMAT or record.get("bit_order") != BIT_ORDER:
         raise FileFormatError(f"{side}: not a crossret packed-codes sidecar (format/bit order)")
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (bits, n, width)) or bits < 1:
+        raise FileFormatError(f"{side}: bits, n and width must be integers (bits >= 1), got {bits!r}, {n!r}, "
+                              f"{width!r}")
     if (n, width) != codes.shape:
         raise FileFormatError(f"{side}: describes {n} x {width} codes but {path.name} holds {codes.shape}; "
                               "the two files do not belong together")
+    if packed_width(bits) != width:
+        raise FileFormatError(f"{side}: {bits}-bit codes take {packed_width(bits)} bytes per row, not {width}")
     return bits
 
 

@@ -66,7 +66,7 @@ def test_hostile_run_configs_are_file_format_errors(tmp_path, content) -> None:
 
     path = tmp_path / "config.yaml"
     path.write_bytes(content)
-    with pytest.raises(FileFormatError, match="config.yaml"):
+    with pytest.raises(FileFormatError, match=r"config\.yaml"):
         RunConfig.from_yaml(path)
 
 
@@ -75,5 +75,5 @@ def test_hostile_metrics_json_is_a_file_format_error(tmp_path) -> None:
     from crossret.experiment import read_run_metrics
 
     (tmp_path / "metrics.json").write_text("[" * 100000, encoding="utf-8")
-    with pytest.raises(FileFormatError, match="metrics.json"):
+    with pytest.raises(FileFormatError, match=r"metrics\.json"):
         read_run_metrics(tmp_path)

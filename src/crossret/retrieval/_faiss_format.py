@@ -342,19 +342,19 @@ def _read_dense(r: _Reader, depth: int = 0) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- entry points
 
 
-def check_binary_payload(data: Any) -> dict[str, Any]:
-    """Check a ``faiss.serialize_index_binary`` payload; returns its ``type``, ``d``, ``ntotal``."""
+def _check_whole(data: Any, read: Any) -> dict[str, Any]:
     r = _Reader(data)
-    info = _read_binary(r)
+    info = read(r)
     if r.left:
         raise FaissLayoutError(f"{r.left} unexpected bytes after the index")
     return info
+
+
+def check_binary_payload(data: Any) -> dict[str, Any]:
+    """Check a ``faiss.serialize_index_binary`` payload; returns its ``type``, ``d``, ``ntotal``."""
+    return _check_whole(data, _read_binary)
 
 
 def check_dense_payload(data: Any) -> dict[str, Any]:
     """Check a ``faiss.serialize_index`` payload of a dense crossret index."""
-    r = _Reader(data)
-    info = _read_dense(r)
-    if r.left:
-        raise FaissLayoutError(f"{r.left} unexpected bytes after the index")
-    return info
+    return _check_whole(data, _read_dense)

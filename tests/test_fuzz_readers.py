@@ -537,3 +537,22 @@ def test_hdf5_external_storage_and_links_are_not_followed(tmp_path: Path) -> Non
         handle["target"] = np.arange(3)
     with pytest.raises(DataError, match="no known set of arrays"):
         read_domain(linked)
+
+
+def _bits_lsb_first(*fields: tuple[int, int]) -> np.ndarray:
+    """Pack ``(value, width)`` fields least significant bit first into uint8 (faiss' BitstringWriter)."""
+    bits = [(value >> i) & 1 for value, width in fields for i in range(width)]
+    bits += [0] * (-len(bits) % 8)
+    return np.packbits(np.array(bits, np.uint8), bitorder="little")
+
+
+def test_multihash_bit_table_scan_counts_ids_and_refuses_bad_records() -> None:
+    from crossret.retrieval.hamming import _scan_bit_table
+
+    # one bucket: a 4-bit key 0b1010, a 3-bit count 2, then the 3-bit ids 1 and 5
+    table = _bits_lsb_first((0b1010, 4), (2, 3), (1, 3), (5, 3))
+    assert _scan_bit_table(table, 4, 3, 1, 6) == 2
+    assert _scan_bit_table(table, 4, 3, 1, 5) == -2  # id 5 >= ntotal
+    assert _scan_bit_table(table, 4, 3, 1, 1) == -1  # lists more ids than the index holds
+    assert _scan_bit_table(table, 4, 3, 2, 6) == -1  # a second bucket would run past the bits
+    assert _scan_bit_table(table[:1], 4, 3, 1, 6) == -1  # truncated before the ids

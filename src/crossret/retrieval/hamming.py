@@ -375,23 +375,26 @@ def _scan_bit_table(buf, b, id_bits, buckets, ntotal):  # pragma: no cover - com
         if pos + b + id_bits > nbits:
             return -1
         pos += b
-        count = 0
-        for i in range(id_bits):
-            p = pos + i
-            count |= np.int64((buf[p >> 3] >> (p & 7)) & 1) << i
+        count = _read_bits(buf, pos, id_bits)
         pos += id_bits
         total += count
         if total > ntotal or pos + count * id_bits > nbits:
             return -1
         for _ in range(count):
-            value = 0
-            for i in range(id_bits):
-                p = pos + i
-                value |= np.int64((buf[p >> 3] >> (p & 7)) & 1) << i
-            pos += id_bits
-            if value >= ntotal:
+            if _read_bits(buf, pos, id_bits) >= ntotal:
                 return -2
+            pos += id_bits
     return total
+
+
+@nb.njit(cache=True)
+def _read_bits(buf, pos, width):  # pragma: no cover - compiled
+    """The ``width``-bit unsigned integer at bit ``pos`` of ``buf`` (least significant bit first)."""
+    value = np.int64(0)
+    for i in range(width):
+        p = pos + i
+        value |= np.int64((buf[p >> 3] >> (p & 7)) & 1) << i
+    return value
 
 
 # ----------------------------------------------------------------------------------------------

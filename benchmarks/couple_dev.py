@@ -7,7 +7,9 @@ Tasks (no reported benchmark's *target* appears in them):
 
 * ``dev-m2opt``: source = the 2,000 MNIST digits of ``MNIST_vs_USPS.mat``; target = scikit-learn's
   bundled optdigits (1,797 8×8 digits, no download) upsampled to 16×16 by bilinear zoom;
-* ``dev-u2opt``: source = the 1,800 USPS digits of the same file; target = optdigits16.
+* ``dev-u2opt``: source = the 1,800 USPS digits of the same file; target = optdigits16;
+* ``dev-m200opt``: source = 200 of the MNIST digits (20 per class, a fixed draw), target = optdigits16:
+  the small-source regime of Office-Caltech's DSLR (157) and Webcam (295) sources.
 
 500 optdigits images are queries (split seed 313), the rest is target-train. USPS is a reported
 *target* of digits M→U, but here it is only a labelled *source*: its labels are what a source gives
@@ -35,7 +37,9 @@ from couple import _read_runs  # same runs-file format and recovery rule
 from crossret._io import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TASKS = ("dev-m2opt", "dev-u2opt")
+TASKS = ("dev-m2opt", "dev-u2opt", "dev-m200opt")
+MEAN_TASKS = ("dev-m2opt", "dev-u2opt")  # the "mean" column (the small-source task has its own column)
+SMALL_SOURCE_PER_CLASS = 20
 DEV_SPLIT_SEED = 313
 DEV_QUERIES = 500
 
@@ -64,6 +68,12 @@ def dev_split(task: str, data_dir: str):
     digits = load_benchmark("digits-m2u", data_dir)
     if task == "dev-m2opt":
         source = digits.source
+    elif task == "dev-m200opt":
+        picker = np.random.default_rng(DEV_SPLIT_SEED)
+        keep = np.sort(np.concatenate([
+            picker.choice(np.flatnonzero(digits.source.labels == c), SMALL_SOURCE_PER_CLASS, replace=False)
+            for c in np.unique(digits.source.labels)]))
+        source = Domain("mnist200", digits.source.features[keep], digits.source.labels[keep])
     elif task == "dev-u2opt":  # USPS = the whole target side of digits M→U, used as a labelled source
         source = Domain("usps", np.concatenate([digits.target_train.features, digits.queries.features]),
                         np.concatenate([digits.target_train.labels, digits.queries.labels]))
@@ -152,8 +162,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                "seeds": sorted(r["seed"] for r in runs),
                                "selected_accuracy": _mean(r["selected_accuracy"] for r in runs),
                                "pseudo_label_accuracy": _mean(r["pseudo_label_accuracy"] for r in runs)}
-        maps = [entry[t]["map_cross"] for t in TASKS if t in entry]
-        entry["mean_map_cross"] = statistics.mean(maps) if len(maps) == len(TASKS) else None
+        maps = [entry[t]["map_cross"] for t in MEAN_TASKS if t in entry]
+        entry["mean_map_cross"] = statistics.mean(maps) if len(maps) == len(MEAN_TASKS) else None
         out.append(entry)
     return out
 
@@ -187,13 +197,13 @@ def markdown(summary: list[dict[str, Any]]) -> str:
              "selected set / of all target-train samples at the last refresh. Each tag is one configuration; the "
              "third column lists how it differs from the *current* `couple` defaults. Written by "
              "`benchmarks/couple_dev.py`.", "",
-             "| tag | bits | differs from current defaults | dev-m2opt | dev-u2opt | mean |",
-             "|---|---:|---|---|---|---:|"]
+             "| tag | bits | differs from current defaults | dev-m2opt | dev-u2opt | mean | dev-m200opt |",
+             "|---|---:|---|---|---|---:|---|"]
     for e in summary:
         overrides = ", ".join(f"{k}={v}" for k, v in e["differs_from_current_defaults"].items()) or "(defaults)"
         mean = f"{100 * e['mean_map_cross']:.2f}" if e["mean_map_cross"] is not None else "-"
         lines.append(f"| {e['tag']} | {e['bits']} | {overrides} | {cell(e, 'dev-m2opt')} | "
-                     f"{cell(e, 'dev-u2opt')} | {mean} |")
+                     f"{cell(e, 'dev-u2opt')} | {mean} | {cell(e, 'dev-m200opt')} |")
     return "\n".join(lines) + "\n"
 
 

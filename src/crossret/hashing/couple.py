@@ -109,6 +109,7 @@ SELECT_RULES = ("top-ratio", "positive")
 PAIRINGS = ("random-walk", "nearest")
 GRAPH_FEATURES = ("encoder", "input")
 HIGH_MIXUP_LOSSES = ("mse", "soft-ce")
+MIX_PAIRS = ("consecutive", "endpoints")
 
 
 @dataclass
@@ -137,9 +138,16 @@ class CoupleConfig:
         ICLR 2024 uses 0.01–0.1); targets take the previous round's pseudo-labels.
     select_rule, select_ratio: ``top-ratio`` keeps the ``select_ratio`` most confident targets
         among those the diffusion reached; ``positive`` keeps every target with ``x > 0``.
+    select_ratio_end: when set, the ratio grows linearly from ``select_ratio`` at the end of the
+        warm-up to this value at the last epoch (a self-training curriculum; off).
     select_balance: with ``top-ratio``, keep the ``select_ratio`` most confident targets *of each
         pseudo-class* instead of overall, so that easy classes cannot fill the whole budget (on by
         default, chosen on the development tasks; the paper's code ranks all targets together).
+    select_agreement: only targets whose diffusion label equals the classifier's argmax may be
+        selected (a co-training style filter; off).
+    target_seed_weight: from the second refresh on, the previous round's selected targets also
+        seed their pseudo-class with ``w · α · deg`` (α: the source seeds' multiplier), so the
+        diffusion spreads inside the target domain from the already trusted targets (0 = off).
     coral_weight: weight of the CORAL term on the batch's encoder features,
         ``||Cov(f_s) − Cov(f_t)||_F² / (4e²)`` (Sun & Saenko, ECCV-W 2016); 0 = off (the paper).
     target_im_weight: weight of the information-maximisation term on every batch target,
@@ -153,6 +161,14 @@ class CoupleConfig:
         levels (``mse`` on logits as the code, or ``soft-ce``).
     mix_start, mix_end: the fraction ``u_max`` of a path that mixing may reach, at the first and at
         the last epoch (the code's fixed 0.8/0.2 mix is ``u_max = 0.2`` on one-hop paths).
+    mix_pairs: ``consecutive`` mixes two consecutive nodes of a walk at position ``u`` (see the module
+        doc); ``endpoints`` mixes the walk's source start with the target it reached, ``λ = 1 − u``,
+        ``u ~ U[0, u_max]``.
+    high_mixup_detach: the high-level Mixup mixes *detached* encoder features, so only the classifier
+        learns from it (the code); ``false`` lets its gradient reach the encoder.
+    ema_decay: > 0 keeps an exponential moving average of the weights (mean teacher, Tarvainen &
+        Valpola, NeurIPS 2017; ``torch.optim.swa_utils.AveragedModel`` with BatchNorm buffers), updated
+        after every step; the graph refreshes and the final codes use it. 0 = off.
     num_threads: torch CPU threads (1 is fastest for these small networks, see source-only).
     """
 
@@ -177,7 +193,10 @@ class CoupleConfig:
     disagreement_weight: float = 1.0
     select_rule: str = "top-ratio"
     select_ratio: float = 0.5
+    select_ratio_end: float | None = None
     select_balance: bool = True
+    select_agreement: bool = False
+    target_seed_weight: float = 0.0
     ce_weight: float = 1.0
     target_ce_weight: float = 1.0
     target_im_weight: float = 0.0
@@ -194,8 +213,11 @@ class CoupleConfig:
     low_mixup_weight: float = 0.1
     high_mixup_weight: float = 1.0
     high_mixup_loss: str = "mse"
+    high_mixup_detach: bool = True
+    mix_pairs: str = "consecutive"
     mix_start: float = 0.2
     mix_end: float = 0.5
+    ema_decay: float = 0.0
     num_threads: int = 1
 
     def validate(self) -> CoupleConfig:
@@ -230,6 +252,10 @@ class CoupleConfig:
         for key in ("quant_source_ratio", "relation_source_ratio", "mix_start", "mix_end"):
             number(key, 0.0, 1.0)
         number("select_ratio", 0.0, 1.0)
+        if self.select_ratio_end is not None:
+            number("select_ratio_end", 0.0, 1.0)
+        number("target_seed_weight")
+        number("ema_decay", 0.0, 0.99999)
         number("diffusion_tol", 1e-12, 1.0)
         number("disagreement_weight", 1e-6, 1.0)
         choice("selection", SELECTIONS)
@@ -238,8 +264,10 @@ class CoupleConfig:
         choice("pairing", PAIRINGS)
         choice("graph_features", GRAPH_FEATURES)
         choice("high_mixup_loss", HIGH_MIXUP_LOSSES)
+        choice("mix_pairs", MIX_PAIRS)
         choice("knn", KNN_METHODS)
-        for key in ("mixup_low", "mixup_high", "target_relation", "select_balance"):
+        for key in ("mixup_low", "mixup_high", "target_relation", "select_balance", "select_agreement",
+                    "high_mixup_detach"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"couple: {key} must be true or false, got {getattr(self, key)!r}")
         if self.selection == "diffusion" and self.k_cross == 0:
@@ -275,6 +303,7 @@ class Couple(HashNetMethod):
     def __init__(self, bits: int, seed: int = 0, config: CoupleConfig | None = None) -> None:
         super().__init__(bits, seed, config)
         self.checkpoint_dir: Path | None = None
+        self._ema: torch.optim.swa_utils.AveragedModel | None = None
         self.resume = False
         # Per graph refresh: epoch, selected target indices and pseudo-labels (for label-based reports).
         self.selection_history: list[dict[str, Any]] = []
@@ -304,6 +333,11 @@ class Couple(HashNetMethod):
             net = self._build(source.dim, num_classes)
             distributed.broadcast_module_(net)  # every rank starts from rank 0's weights (a no-op in one process)
             optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            # Mean-teacher weights (Tarvainen & Valpola, NeurIPS 2017): the graph, the pseudo-labels and
+            # the final codes come from the EMA of the weights, which is steadier than the last step's.
+            self._ema = (torch.optim.swa_utils.AveragedModel(
+                net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+                if cfg.ema_decay > 0 else None)
             generator = torch.Generator().manual_seed(self.seed)
             rng = np.random.default_rng(self.seed)
             first_epoch = 0
@@ -327,7 +361,8 @@ class Couple(HashNetMethod):
                                                    or (epoch - cfg.warmup_epochs) % cfg.graph_every == 0):
                     # Under torchrun rank 0 builds the graph and diffuses; every rank gets its selection.
                     selection, refresh_info = distributed.run_on_main(
-                        partial(self._refresh, net, x_all, source.labels, n_s, num_classes, selection))
+                        partial(self._refresh, self._teacher(net), x_all, source.labels, n_s, num_classes, selection,
+                                self._select_ratio_at(epoch)))
                     record.update(refresh_info)
                     self.selection_history.append({
                         "epoch": epoch + 1,
@@ -347,6 +382,7 @@ class Couple(HashNetMethod):
                                                     selection, epoch_log, fingerprint))
                 progress(epoch + 1, cfg.epochs, _progress_message(record, cfg.epochs))
 
+        net = self._teacher(net)
         check_finite_network(net, where="couple", lr=cfg.lr)
         net.eval()
         self.network, self.num_classes, self.input_dim = net, num_classes, source.dim
@@ -428,7 +464,7 @@ class Couple(HashNetMethod):
                         mixed = lam_t * x_all[a] + (1 - lam_t) * x_all[b]
                         loss_low = _soft_cross_entropy(_sharded_forward(net, mixed).logits, soft)
                     if cfg.mixup_high:
-                        with torch.no_grad():
+                        with torch.set_grad_enabled(not cfg.high_mixup_detach):
                             was_training = net.training
                             net.eval()  # running BN statistics: the extra forward must not shift them
                             f_a, f_b = net.encoder(x_all[a]), net.encoder(x_all[b])
@@ -449,6 +485,8 @@ class Couple(HashNetMethod):
             total.backward()
             distributed.average_gradients(net.parameters())  # a no-op in one process
             optimizer.step()
+            if self._ema is not None:
+                self._ema.update_parameters(net)
             for key, value in zip(keys, (total, loss_ce, loss_target_ce, loss_im, loss_coral, loss_quant,
                                          loss_relation, loss_low, loss_high), strict=True):
                 sums[key] += float(value.detach())
@@ -489,16 +527,34 @@ class Couple(HashNetMethod):
             if not usable.any():
                 return None
             paths, lengths = walks.nodes[usable], walks.lengths[usable]
+            if cfg.mix_pairs == "endpoints":
+                # Mix the walk's source start with the target it reached; λ = 1 − u, u ~ U[0, u_max].
+                lam = 1.0 - rng.random(lengths.size) * u_max
+                rows = np.arange(lengths.size)
+                return paths[:, 0], paths[rows, lengths], lam
         position = rng.random(lengths.size) * u_max * lengths
         segment = np.minimum(np.floor(position).astype(np.int64), lengths - 1)
         lam = 1.0 - (position - segment)
         rows = np.arange(lengths.size)
         return paths[rows, segment], paths[rows, segment + 1], lam
 
+    def _teacher(self, net: HashNet) -> HashNet:
+        """The network that builds the graph and gives the codes: the EMA copy when ``ema_decay > 0``."""
+        return net if self._ema is None else self._ema.module
+
     # ------------------------------------------------------------------ graph + diffusion
+    def _select_ratio_at(self, epoch: int) -> float:
+        """``select_ratio`` at the first refresh, growing linearly to ``select_ratio_end`` at the last epoch."""
+        cfg = self.config
+        if cfg.select_ratio_end is None:
+            return cfg.select_ratio
+        span = max(cfg.epochs - 1 - cfg.warmup_epochs, 1)
+        t = min(max((epoch - cfg.warmup_epochs) / span, 0.0), 1.0)
+        return cfg.select_ratio + (cfg.select_ratio_end - cfg.select_ratio) * t
+
     @torch.no_grad()
     def _refresh(self, net: HashNet, x_all: torch.Tensor, source_labels: np.ndarray, n_s: int, num_classes: int,
-                 previous: _Selection | None) -> tuple[_Selection, dict[str, Any]]:
+                 previous: _Selection | None, ratio: float) -> tuple[_Selection, dict[str, Any]]:
         """Rebuild the graph on the current features, diffuse, and select the low-noise targets."""
         cfg = self.config
         started = time.perf_counter()
@@ -532,6 +588,12 @@ class Couple(HashNetMethod):
                 adjacency = disagreement_reweight(adjacency, node_labels, cfg.disagreement_weight)
             degree = np.asarray(adjacency.sum(axis=1)).ravel()
             seed = class_seed_mass(degree, n_s, source_labels, num_classes, cfg.target_fill)
+            if cfg.target_seed_weight > 0 and previous is not None and previous.selected.any():
+                # Progressive seeding: last round's selected targets also seed their pseudo-class.
+                alpha = float(seed[:n_s].sum() / max(degree[:n_s].sum(), np.finfo(float).tiny))
+                chosen = np.flatnonzero(previous.selected)
+                seed[n_s + chosen, previous.pseudo_labels[chosen]] = (cfg.target_seed_weight * alpha
+                                                                     * degree[n_s + chosen])
             seed, clipped = clip_to_feasible(adjacency, seed, degree)
             if cfg.solver == "active-set":
                 # Inner CG to 1e-2 of the outer tolerance: the labels and the ranking need no more
@@ -570,10 +632,12 @@ class Couple(HashNetMethod):
             score = probs.max(axis=1)
             candidates = np.ones(n_t, dtype=bool)
 
+        if cfg.select_agreement:
+            candidates = candidates & (labels == classifier_labels)
         if cfg.selection == "diffusion" and cfg.select_rule == "positive":
             selected = candidates.copy()
         else:
-            selected = _select_top(score, candidates, labels if cfg.select_balance else None, cfg.select_ratio)
+            selected = _select_top(score, candidates, labels if cfg.select_balance else None, ratio)
         info["selected"] = int(selected.sum())
         info["refresh_seconds"] = round(time.perf_counter() - started, 4)
         return _Selection(labels, selected, graph.adjacency if graph is not None else None), info
@@ -603,9 +667,11 @@ class Couple(HashNetMethod):
             arrays[f"history_{i}_selected"] = torch.from_numpy(entry["selected"].astype(np.int64))
             arrays[f"history_{i}_pseudo"] = torch.from_numpy(entry["pseudo_labels"])
         # Sealed (kind, version, SHA-256) and written atomically: a kill mid-write leaves the previous one.
-        save_torch(self.checkpoint_dir / CHECKPOINT_NAME,
-                   {"header": json.dumps(header), "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                    "arrays": arrays}, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+        payload = {"header": json.dumps(header), "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                   "arrays": arrays}
+        if self._ema is not None:
+            payload["ema"] = self._ema.state_dict()
+        save_torch(self.checkpoint_dir / CHECKPOINT_NAME, payload, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
 
     def _restore(self, net: HashNet, optimizer: torch.optim.Optimizer, generator: torch.Generator,
                  fingerprint: str) -> tuple[int, _Selection | None, list[dict[str, Any]], dict[str, Any]] | None:
@@ -631,6 +697,8 @@ class Couple(HashNetMethod):
             raise ConfigError(f"{path}: the checkpoint was trained on different data; refusing to resume")
         try:
             net.load_state_dict(payload["model"], strict=True)
+            if self._ema is not None:
+                self._ema.load_state_dict(payload["ema"], strict=True)
             optimizer.load_state_dict(payload["optimizer"])
             arrays = payload["arrays"]
             generator.set_state(arrays["torch_rng"])

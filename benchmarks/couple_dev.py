@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    reference = _reference_maps(rows)
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["tag"], row["bits"]), []).append(row)
@@ -162,10 +163,26 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                "seeds": sorted(r["seed"] for r in runs),
                                "selected_accuracy": _mean(r["selected_accuracy"] for r in runs),
                                "pseudo_label_accuracy": _mean(r["pseudo_label_accuracy"] for r in runs)}
+                deltas = [r["map_cross"] - reference[(task, bits, r["seed"])] for r in runs
+                          if (task, bits, r["seed"]) in reference]
+                if deltas and entry["differs_from_current_defaults"]:
+                    entry[task].update(paired_delta=statistics.mean(deltas), paired_wins=sum(d > 0 for d in deltas),
+                                       paired_seeds=len(deltas))
         maps = [entry[t]["map_cross"] for t in MEAN_TASKS if t in entry]
         entry["mean_map_cross"] = statistics.mean(maps) if len(maps) == len(MEAN_TASKS) else None
         out.append(entry)
     return out
+
+
+def _reference_maps(rows: list[dict[str, Any]]) -> dict[tuple[str, int, int], float]:
+    """Mean cross MAP of the runs with today's default configuration, per (task, bits, seed): the
+    reference of the paired differences (a tag is compared with the defaults on the same seeds only,
+    because the seed spread of one configuration is larger than most differences between them)."""
+    runs: dict[tuple[str, int, int], list[float]] = {}
+    for row in rows:
+        if not _differences(row["method_config"]):
+            runs.setdefault((row["task"], row["bits"], row["seed"]), []).append(row["map_cross"])
+    return {key: statistics.mean(values) for key, values in runs.items()}
 
 
 def _differences(method_config: dict[str, Any]) -> dict[str, Any]:
@@ -190,11 +207,15 @@ def markdown(summary: list[dict[str, Any]]) -> str:
         e = entry[task]
         acc = "/".join(f"{100 * v:.0f}" if v is not None else "-"
                        for v in (e["selected_accuracy"], e["pseudo_label_accuracy"]))
-        return f"{100 * e['map_cross']:.2f} ({acc}; {len(e['seeds'])} seeds)"
+        paired = (f"; Δ {100 * e['paired_delta']:+.2f}, {e['paired_wins']}/{e['paired_seeds']} better"
+                  if "paired_delta" in e else "")
+        return f"{100 * e['map_cross']:.2f} ({acc}; {len(e['seeds'])} seeds{paired})"
 
     lines = ["# COUPLE development tasks (MNIST/USPS → optdigits16)", "",
              "Cross-domain MAP@all (%) averaged over seeds; in brackets the pseudo-label accuracy (%) of the "
-             "selected set / of all target-train samples at the last refresh. Each tag is one configuration; the "
+             "selected set / of all target-train samples at the last refresh, then Δ: the mean paired "
+             "difference to the runs of today's defaults on the same seeds, and on how many of those seeds "
+             "the tag was better. Each tag is one configuration; the "
              "third column lists how it differs from the *current* `couple` defaults. Written by "
              "`benchmarks/couple_dev.py`.", "",
              "| tag | bits | differs from current defaults | dev-m2opt | dev-u2opt | mean | dev-m200opt |",

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from _cli import cli
+from _couple_common import BITS, TINY, fit_codes, gaussian_domains, stop_after, tiny, without_timings
 from crossret._sealed import save_torch
 from crossret.data import load_benchmark, make_split
 from crossret.data.benchmarks import demo_domains
@@ -31,28 +32,11 @@ from crossret.hashing.couple import (
     read_checkpoint,
 )
 
-TINY = {"epochs": 4, "warmup_epochs": 1, "graph_every": 1, "batch_size": 32, "target_batch_size": 32,
-        "hash_hidden": 32, "encoder_dim": 32}
 LOSS_KEYS = ("loss_total", "loss_ce", "loss_target_ce", "loss_target_im", "loss_coral", "loss_quant",
              "loss_relation", "loss_mix_low", "loss_mix_high")
-BITS = 16
-
-
-def tiny(**overrides) -> CoupleConfig:
-    return CoupleConfig(**{**TINY, **overrides})
 
 
 # ---------------------------------------------------------------------------------------- data
-def gaussian_domains(seed: int = 0, n_per_class: int = 20, dim: int = 16, shift: float = 1.5):
-    """3 well-separated Gaussian classes; the target is the same classes shifted by ``shift``."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(0.0, 3.0, size=(3, dim))
-    labels = np.repeat(np.arange(3), n_per_class)
-    xs = centres[labels] + rng.standard_normal((labels.size, dim))
-    xt = centres[labels] + rng.standard_normal((labels.size, dim)) + shift
-    return Domain("src", xs, labels), Domain("tgt", xt, labels.copy())
-
-
 @pytest.fixture(scope="module")
 def domains():
     """(source, labelled target): 60 + 60 points in 16-d."""
@@ -72,32 +56,10 @@ def fitted(domains, tmp_path_factory):
     return method
 
 
-def fit_codes(source, target, config: CoupleConfig, seed: int = 0, **attrs) -> tuple[Couple, np.ndarray]:
-    method = Couple(BITS, seed=seed, config=config)
-    for key, value in attrs.items():
-        setattr(method, key, value)
-    method.fit(source, target)
-    return method, method.encode_real(target.features)
-
-
-def stop_after(epoch: int):
-    """A progress callback that interrupts training after ``epoch`` completed epochs."""
-
-    def progress(step, total, message=""):
-        if message.startswith("couple:") and step == epoch:
-            raise KeyboardInterrupt
-
-    return progress
-
-
 def copy_checkpoint(method: Couple, where: Path) -> Path:
     where.mkdir(parents=True, exist_ok=True)
     shutil.copy(method.checkpoint_dir / CHECKPOINT_NAME, where / CHECKPOINT_NAME)
     return where / CHECKPOINT_NAME
-
-
-def without_timings(log: list[dict]) -> list[dict]:
-    return [{k: v for k, v in record.items() if "seconds" not in k} for record in log]
 
 
 # ---------------------------------------------------------------------------------------- 1. config
@@ -115,6 +77,19 @@ BAD_VALUES = [
     ("mixup_low", "yes"), ("mixup_high", 1), ("target_relation", None),
     ("diffusion_tol", 0.0), ("diffusion_tol", 2.0), ("disagreement_weight", 0.0), ("disagreement_weight", 1.5),
     ("lr", "0.001"), ("select_ratio", None), ("target_im_weight", -1.0), ("select_balance", "yes"),
+]
+
+
+BAD_VALUES += [  # the options added in session 7 (tests/test_couple_options.py tests their behaviour)
+    ("select_ratio_end", 1.5), ("select_ratio_end", -0.01), ("select_ratio_end", float("nan")),
+    ("select_ratio_end", "0.5"), ("select_ratio_end", True),
+    ("select_agreement", "yes"), ("select_agreement", 1), ("select_agreement", None),
+    ("target_seed_weight", -0.1), ("target_seed_weight", float("inf")), ("target_seed_weight", None),
+    ("target_seed_weight", False),
+    ("mix_pairs", "ends"), ("mix_pairs", None), ("mix_pairs", "Endpoints"),
+    ("high_mixup_detach", 0), ("high_mixup_detach", "false"),
+    ("ema_decay", 1.0), ("ema_decay", -0.1), ("ema_decay", 0.999999), ("ema_decay", float("nan")),
+    ("ema_decay", True), ("ema_decay", "0.9"),
 ]
 
 

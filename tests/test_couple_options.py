@@ -21,8 +21,8 @@ import scipy.sparse as sp
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from _couple_common import BITS, fit_codes, gaussian_domains, stop_after, tiny, without_timings
 from crossret._sealed import save_torch
-from crossret.data.domain import Domain
 from crossret.errors import ConfigError, FileFormatError
 from crossret.graph.walks import random_walks
 from crossret.hashing import couple as couple_module
@@ -39,24 +39,7 @@ from crossret.hashing.couple import (
     read_checkpoint,
 )
 
-TINY = {"epochs": 4, "warmup_epochs": 1, "graph_every": 1, "batch_size": 32, "target_batch_size": 32,
-        "hash_hidden": 32, "encoder_dim": 32}
-BITS = 16
 N_PER_SIDE = 60  # targets (and sources) of gaussian_domains()
-
-
-def tiny(**overrides) -> CoupleConfig:
-    return CoupleConfig(**{**TINY, **overrides})
-
-
-def gaussian_domains(seed: int = 0, n_per_class: int = 20, dim: int = 16, shift: float = 1.5):
-    """3 well-separated Gaussian classes; the target is the same classes shifted by ``shift``."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(0.0, 3.0, size=(3, dim))
-    labels = np.repeat(np.arange(3), n_per_class)
-    xs = centres[labels] + rng.standard_normal((labels.size, dim))
-    xt = centres[labels] + rng.standard_normal((labels.size, dim)) + shift
-    return Domain("src", xs, labels), Domain("tgt", xt, labels.copy())
 
 
 @pytest.fixture(scope="module")
@@ -64,28 +47,6 @@ def domains():
     """(source, unlabelled target): 60 + 60 points in 16-d."""
     source, target = gaussian_domains()
     return source, target.without_labels()
-
-
-def fit_codes(source, target, config: CoupleConfig, seed: int = 0, **attrs) -> tuple[Couple, np.ndarray]:
-    method = Couple(BITS, seed=seed, config=config)
-    for key, value in attrs.items():
-        setattr(method, key, value)
-    method.fit(source, target)
-    return method, method.encode_real(target.features)
-
-
-def stop_after(epoch: int):
-    """A progress callback that interrupts training after ``epoch`` completed epochs."""
-
-    def progress(step, total, message=""):
-        if message.startswith("couple:") and step == epoch:
-            raise KeyboardInterrupt
-
-    return progress
-
-
-def without_timings(log: list[dict]) -> list[dict]:
-    return [{k: v for k, v in record.items() if "seconds" not in k} for record in log]
 
 
 def refresh_records(method: Couple) -> list[dict]:
@@ -120,29 +81,7 @@ def refresh_spy(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------- 1. validation
-BAD_VALUES = [
-    ("select_ratio_end", 1.5), ("select_ratio_end", -0.01), ("select_ratio_end", float("nan")),
-    ("select_ratio_end", "0.5"), ("select_ratio_end", True),
-    ("select_agreement", "yes"), ("select_agreement", 1), ("select_agreement", None),
-    ("target_seed_weight", -0.1), ("target_seed_weight", float("inf")), ("target_seed_weight", None),
-    ("target_seed_weight", False),
-    ("mix_pairs", "ends"), ("mix_pairs", None), ("mix_pairs", "Endpoints"),
-    ("high_mixup_detach", 0), ("high_mixup_detach", "false"),
-    ("ema_decay", 1.0), ("ema_decay", -0.1), ("ema_decay", 0.999999), ("ema_decay", float("nan")),
-    ("ema_decay", True), ("ema_decay", "0.9"),
-]
-
-
-@pytest.mark.parametrize(("key", "value"), BAD_VALUES)
-def test_invalid_new_option_values_raise_config_error_naming_the_key(key, value):
-    with pytest.raises(ConfigError, match=rf"couple: {key}\b"):
-        CoupleConfig(**{key: value}).validate()
-    with pytest.raises(ConfigError, match=rf"\b{key}\b"):
-        Couple(BITS, config=CoupleConfig(**{key: value}))
-    with pytest.raises(ConfigError, match=rf"\b{key}\b"):
-        make_method("couple", BITS, overrides={key: value})
-
-
+# (the bad values of the new options are in test_couple.py's BAD_VALUES)
 def test_error_messages_state_the_allowed_values():
     with pytest.raises(ConfigError, match=r"couple: mix_pairs must be one of consecutive, endpoints, got 'ends'"):
         CoupleConfig(mix_pairs="ends").validate()

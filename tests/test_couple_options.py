@@ -613,3 +613,36 @@ def test_save_load_round_trip_with_ema(domains, tmp_path):
     # the fitted method is deterministic with EMA too
     again = Couple(BITS, seed=2, config=tiny(ema_decay=0.9)).fit(source, target)
     assert np.array_equal(copy.deepcopy(again).encode_real(target.features), method.encode_real(target.features))
+
+
+# ---------------------------------------------------------------------------------------- graph_features=both
+def test_both_graph_features_are_the_unit_input_beside_the_unit_encoder_features(domains, monkeypatch):
+    """At the first refresh (training before it does not depend on the graph) the ``both`` graph is built
+    on ``[x/|x|, f/|f|]``: ``x`` the normalised inputs, ``f`` the features the ``encoder`` run's graph used."""
+    source, target = domains
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
+    original = couple_module.build_cross_domain_graph
+
+    def spy(source_features, source_labels, target_features, **kwargs):
+        seen.append((np.array(source_features), np.array(target_features)))
+        return original(source_features, source_labels, target_features, **kwargs)
+
+    monkeypatch.setattr(couple_module, "build_cross_domain_graph", spy)
+    fit_codes(source, target, tiny(epochs=2))
+    encoder_input = np.concatenate(seen[0])
+    seen.clear()
+    both_run, _ = fit_codes(source, target, tiny(epochs=2, graph_features="both"))
+    both_input = np.concatenate(seen[0])
+
+    x = both_run.normalizer.transform(np.concatenate([source.features, target.features]), dtype=np.float64)
+    width = x.shape[1]
+    assert both_input.shape == (x.shape[0], width + encoder_input.shape[1])
+    np.testing.assert_allclose(both_input[:, :width], x / np.linalg.norm(x, axis=1, keepdims=True), atol=1e-6)
+    f = encoder_input.astype(np.float64)
+    np.testing.assert_allclose(both_input[:, width:], f / np.linalg.norm(f, axis=1, keepdims=True), atol=1e-6)
+    # so the cosine of two nodes is the mean of their input and encoder cosines
+    both_cos = both_input @ both_input.T / 2
+    in_cos = both_input[:, :width] @ both_input[:, :width].T
+    enc_cos = both_input[:, width:] @ both_input[:, width:].T
+    np.testing.assert_allclose(both_cos, (in_cos + enc_cos) / 2, atol=1e-6)
+    assert not np.allclose(in_cos, enc_cos, atol=1e-2)  # the two halves really differ

@@ -75,7 +75,7 @@ from crossret.graph.diffusion import (
     l2_flow_diffusion,
     l2_flow_diffusion_active_set,
 )
-from crossret.graph.knn import KNN_METHODS
+from crossret.graph.knn import KNN_METHODS, l2_normalize
 from crossret.graph.walks import random_walks
 from crossret.hashing._hashnet import ENCODE_BATCH, HashNetMethod
 from crossret.hashing.base import ProgressFn, no_progress, register
@@ -107,7 +107,7 @@ SELECTIONS = ("diffusion", "classifier")
 SOLVERS = ("active-set", "push")
 SELECT_RULES = ("top-ratio", "positive")
 PAIRINGS = ("random-walk", "nearest")
-GRAPH_FEATURES = ("encoder", "input")
+GRAPH_FEATURES = ("encoder", "input", "both")
 HIGH_MIXUP_LOSSES = ("mse", "soft-ce")
 MIX_PAIRS = ("consecutive", "endpoints")
 
@@ -122,7 +122,9 @@ class CoupleConfig:
     warmup_epochs: epochs on the source losses only, before the first graph (features of an
         untrained encoder make a meaningless graph).
     graph_every: rebuild graph + diffusion every this many epochs after the warm-up.
-    graph_features: ``encoder`` (current ``E(x)``, the paper's progressive reading) or ``input``.
+    graph_features: ``encoder`` (current ``E(x)``, the paper's progressive reading), ``input``, or
+        ``both``: ``[x/‖x‖, E(x)/‖E(x)‖]``, whose cosine is the mean of the two cosines (the input half
+        does not depend on the seed, which steadies the first graphs).
     k_cross, k_target, k_source: neighbourhood sizes of the three edge kinds. The paper uses 3 for
         all; 3 / 10 / 10 were chosen on the development tasks (``benchmarks/couple_dev.py``): a
         denser graph *inside* each domain gives a cleaner selected set, while the cross-domain
@@ -569,7 +571,13 @@ class Couple(HashNetMethod):
         encoded = torch.cat(features).numpy()
         probs = torch.softmax(torch.cat(logits)[n_s:], dim=1).numpy()
         classifier_labels = probs.argmax(axis=1).astype(np.int64)
-        graph_input = encoded if cfg.graph_features == "encoder" else x_all.numpy()
+        if cfg.graph_features == "encoder":
+            graph_input = encoded
+        elif cfg.graph_features == "input":
+            graph_input = x_all.numpy()
+        else:
+            graph_input = np.concatenate(
+                [l2_normalize(x_all.numpy(), "inputs"), l2_normalize(encoded, "encoder features")], axis=1)
         n_t = x_all.shape[0] - n_s
         info: dict[str, Any] = {}
 

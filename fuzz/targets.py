@@ -47,6 +47,15 @@ def guarded(fn: Callable[[], Any]) -> Any:
         return None
 
 
+def _read_file_quietly(data: bytes, path: Path, reader: Callable[[Path], Any]) -> Any:
+    """Write ``data`` to ``path`` and read it with ``reader``, library warnings silenced; a
+    CrossretError is an accepted outcome (returns None)."""
+    path.write_bytes(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return guarded(lambda: reader(path))
+
+
 def _touch(array: Any) -> None:
     """Read every byte of an array (memory-mapped reads fault here if the file is short)."""
     array = np.asarray(array)
@@ -182,11 +191,7 @@ def _seeds_csv() -> list[bytes]:
 def _run_wiki(data: bytes, work: Path) -> None:
     from crossret.data.crossmodal import category_transfer_split, read_wikipedia_mat
 
-    path = work / "wiki.mat"
-    path.write_bytes(data)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sets = guarded(lambda: read_wikipedia_mat(path))
+    sets = _read_file_quietly(data, work / "wiki.mat", read_wikipedia_mat)
     if sets is not None:
         train, test = sets
         _touch(train.image), _touch(test.text)
@@ -247,11 +252,7 @@ def _seeds_person() -> list[bytes]:
 def _run_image(data: bytes, work: Path) -> None:
     from crossret.data.person import load_image
 
-    path = work / "image.bin"
-    path.write_bytes(data)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        image = guarded(lambda: load_image(path))
+    image = _read_file_quietly(data, work / "image.bin", load_image)
     if image is not None:
         assert image.mode == "RGB"
         np.asarray(image).sum()

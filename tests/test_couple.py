@@ -229,6 +229,24 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(domains, fitted, t
     with pytest.raises(ConfigError, match="different configuration") as info:
         method.fit(source, target.without_labels())
     assert str(path) in str(info.value)
+    changed = next(iter(change.get("config", change)))
+    assert f"(differs: {changed})" in str(info.value), "the message names exactly the setting that differs"
+
+
+def test_resume_of_an_older_versions_checkpoint_names_the_options_it_lacks(domains, fitted, tmp_path):
+    """A checkpoint from before an option existed has no entry for it: the refusal says so."""
+    source, target = domains
+    path = copy_checkpoint(fitted, tmp_path / "ck")
+    payload = read_checkpoint(path)
+    header = json.loads(payload["header"])
+    del header["config"]["ema_decay"], header["config"]["mix_pairs"]
+    payload["header"] = json.dumps(header)
+    save_torch(path, payload, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+    method = Couple(BITS, seed=0, config=tiny())
+    method.checkpoint_dir, method.resume = tmp_path / "ck", True
+    with pytest.raises(ConfigError, match=r"\(not in the checkpoint \(written by an older crossret\): "
+                                          r"ema_decay, mix_pairs\)"):
+        method.fit(source, target.without_labels())
 
 
 def test_resume_refuses_a_checkpoint_of_other_data(domains, fitted, tmp_path):

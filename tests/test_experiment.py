@@ -36,7 +36,7 @@ class SpyMethod(HashMethod):
         progress(1, 1, "fitted")
         return self
 
-    def encode_real(self, features):
+    def encode_real(self, features, domain="target"):
         return features @ self.projection
 
     def save(self, path):

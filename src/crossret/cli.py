@@ -54,6 +54,11 @@ class Setting(str, Enum):
     single = "single"
 
 
+class EncodeDomain(str, Enum):
+    target = "target"
+    source = "source"
+
+
 DataDirOpt = Annotated[
     Path | None,
     typer.Option("--data-dir", help="Directory with the benchmark files (default: $CROSSRET_DATA)."),
@@ -448,6 +453,10 @@ def index_encode(
     batch_size: Annotated[int, typer.Option(help="Rows encoded per batch (memory is O(batch)).")] = 65_536,
     shape: Annotated[str | None, typer.Option(help="Raw feature file: N,D (rows, dimensions).")] = None,
     dtype: Annotated[str, typer.Option(help="Raw feature file: element type.")] = "float32",
+    domain: Annotated[EncodeDomain, typer.Option(help="Which domain the features come from: target (queries, new "
+                                                 "data of the adapted domain) or source (e.g. a labelled source "
+                                                 "database). COUPLE centres each domain on its own mean; other "
+                                                 "methods give the same codes for both.")] = EncodeDomain.target,
     as_json: JsonOpt = False,
 ) -> None:
     """Encode a (large) feature file with a run's model into packed codes, batch by batch.
@@ -477,9 +486,9 @@ def index_encode(
     array = open_features(features, shape=raw_shape, dtype=dtype)
     with _progress_bar(not as_json) as progress:
         result = encode_to_packed(method, array, output, batch_size=batch_size, progress=progress,
-                                  meta={"features": str(features), "run": str(run_dir)})
+                                  meta={"features": str(features), "run": str(run_dir)}, domain=domain.value)
     summary = {"out": str(result.path), "n": result.n, "bits": result.bits, "bytes_per_code": result.width,
-               "seconds": round(result.seconds, 3), "method": method.name}
+               "seconds": round(result.seconds, 3), "method": method.name, "domain": domain.value}
     if as_json:
         _print_json(summary)
         return

@@ -279,7 +279,7 @@ def _evaluate_and_write(config: RunConfig, method: HashMethod, split: RetrievalS
     start = time.perf_counter()
     codes = {
         "queries": method.encode(split.queries.features),
-        "source": method.encode(split.source.features),
+        "source": method.encode(split.source.features, domain="source"),
         "target_train": method.encode(split.target_train.features),
     }
     encode_seconds = time.perf_counter() - start

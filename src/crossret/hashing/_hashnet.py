@@ -2,8 +2,9 @@
 → codes at inference, classifier predictions, and the saved state (normaliser + ``state_dict``).
 
 Subclasses (source-only, COUPLE) implement ``fit`` and set ``normalizer``, ``network``,
-``num_classes`` and ``input_dim``; their config has ``encoder_dim``, ``hash_hidden`` and
-``num_threads`` (and optionally ``dropout``).
+``num_classes`` and ``input_dim`` (and ``source_normalizer`` when the source domain has its own
+input statistics: ``encode(x, domain="source")`` then uses it, every other call ``normalizer``);
+their config has ``encoder_dim``, ``hash_hidden`` and ``num_threads`` (and optionally ``dropout``).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import numpy as np
 import torch
 
 from crossret.hashing._state import PersistentMethod
-from crossret.hashing.base import HashMethod
+from crossret.hashing.base import HashMethod, check_domain
 from crossret.hashing.networks import HashNet, torch_threads
 from crossret.hashing.preprocessing import FeatureNormalizer
 
 ENCODE_BATCH = 4096
+SOURCE_PREFIX = "srcnorm_"  # saved arrays of the source domain's own normaliser
 
 
 class HashNetMethod(PersistentMethod, HashMethod):
@@ -30,6 +32,7 @@ class HashNetMethod(PersistentMethod, HashMethod):
         super().__init__(bits, seed, config)
         self.config.validate()
         self.normalizer: FeatureNormalizer | None = None
+        self.source_normalizer: FeatureNormalizer | None = None
         self.network: HashNet | None = None
         self.num_classes: int | None = None
 
@@ -53,27 +56,40 @@ class HashNetMethod(PersistentMethod, HashMethod):
             return torch.zeros(0, self.bits), torch.zeros(0, self.network.classifier.out_features)
         return torch.cat(hashes), torch.cat(logits)
 
-    def _outputs(self, features: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self._check_features(features)
+    def _normalizer_for(self, domain: str) -> FeatureNormalizer:
+        check_domain(domain)
         assert self.normalizer is not None
+        if domain == "source" and self.source_normalizer is not None:
+            return self.source_normalizer
+        return self.normalizer
+
+    def _outputs(self, features: np.ndarray, domain: str = "target") -> tuple[torch.Tensor, torch.Tensor]:
+        normalizer = self._normalizer_for(domain)
+        features = self._check_features(features)
         with torch_threads(self.config.num_threads):
-            return self._forward_eval(torch.from_numpy(self.normalizer.transform(features, dtype=np.float32)))
+            return self._forward_eval(torch.from_numpy(normalizer.transform(features, dtype=np.float32)))
 
-    def encode_real(self, features: np.ndarray) -> np.ndarray:
-        return self._outputs(features)[0].numpy()
+    def encode_real(self, features: np.ndarray, domain: str = "target") -> np.ndarray:
+        return self._outputs(features, domain)[0].numpy()
 
-    def predict(self, features: np.ndarray) -> np.ndarray:
+    def predict(self, features: np.ndarray, domain: str = "target") -> np.ndarray:
         """Class predictions of the classifier head (diagnostics)."""
-        return self._outputs(features)[1].argmax(1).numpy()
+        return self._outputs(features, domain)[1].argmax(1).numpy()
 
     # ------------------------------------------------------------------ persistence
     def _get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         assert self.normalizer is not None and self.network is not None and self.num_classes is not None
         arch = np.array([self.num_classes, self.network.encoder_dim], dtype=np.int64)
-        return {**self.normalizer.state(), "arch": arch}, self.network.state_dict()
+        source = self.source_normalizer.state(SOURCE_PREFIX) if self.source_normalizer is not None else {}
+        return {**self.normalizer.state(), **source, "arch": arch}, self.network.state_dict()
 
     def _set_state(self, arrays: dict[str, np.ndarray], state_dict: dict[str, Any]) -> None:
         self.normalizer = FeatureNormalizer.from_state(arrays)
+        # Files written before per-domain statistics existed have none: both domains use ``normalizer``.
+        self.source_normalizer = (FeatureNormalizer.from_state(arrays, SOURCE_PREFIX)
+                                  if f"{SOURCE_PREFIX}mean" in arrays else None)
+        if self.source_normalizer is not None and self.source_normalizer.dim != self.normalizer.dim:
+            raise ValueError("the source normaliser's size does not match the target normaliser's")
         num_classes, encoder_dim = (int(v) for v in np.asarray(arrays["arch"]).reshape(-1)[:2])
         if self.input_dim is None or self.normalizer.dim != self.input_dim:
             raise ValueError("normaliser size does not match input_dim")

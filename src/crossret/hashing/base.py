@@ -43,15 +43,22 @@ class HashMethod(abc.ABC):
         """Learn from labelled ``source`` and unlabelled ``target`` (its labels are all -1)."""
 
     @abc.abstractmethod
-    def encode_real(self, features: np.ndarray) -> np.ndarray:
-        """Real-valued outputs ``(N, bits)`` whose sign is the code."""
+    def encode_real(self, features: np.ndarray, domain: str = "target") -> np.ndarray:
+        """Real-valued outputs ``(N, bits)`` whose sign is the code (``domain``: see :meth:`encode`)."""
 
-    def encode(self, features: np.ndarray) -> np.ndarray:
-        """±1 int8 codes ``(N, bits)``; ``sign(0) = +1``."""
+    def encode(self, features: np.ndarray, domain: str = "target") -> np.ndarray:
+        """±1 int8 codes ``(N, bits)``; ``sign(0) = +1``.
+
+        ``domain`` names where the features come from, ``"target"`` (the default: queries and any new
+        data of the adapted domain) or ``"source"`` (e.g. the labelled source as a cross-domain
+        database). Methods with per-domain input statistics (COUPLE's ``center_per_domain``) normalise
+        each domain with its own; the others ignore it.
+        """
         from crossret.retrieval.packing import binarize
 
+        check_domain(domain)
         features = self._check_features(features)
-        return binarize(self.encode_real(features))
+        return binarize(self.encode_real(features, domain=domain))
 
     def _check_features(self, features: np.ndarray) -> np.ndarray:
         from crossret.data.domain import check_features
@@ -71,6 +78,16 @@ class HashMethod(abc.ABC):
 
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
+
+
+DOMAINS = ("target", "source")
+
+
+def check_domain(domain: str) -> str:
+    """``domain`` if it is one of :data:`DOMAINS`, else a :class:`ConfigError` listing them."""
+    if domain not in DOMAINS:
+        raise ConfigError(f"domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
+    return domain
 
 
 _REGISTRY: dict[str, type[HashMethod]] = {}

@@ -244,7 +244,8 @@ class ITQ(PersistentMethod, HashMethod):
         progress(self.config.n_iter + 1, self.config.n_iter + 1, "itq: done (no variance in the training data)")
         return self
 
-    def encode_real(self, features: np.ndarray) -> np.ndarray:
+    def encode_real(self, features: np.ndarray, domain: str = "target") -> np.ndarray:
+        # One normaliser for both domains: ``domain`` does not change the codes.
         features = self._check_features(features)
         assert self.normalizer is not None and self.projection is not None and self.offset is not None
         return self.normalizer.transform(features) @ self.projection - self.offset

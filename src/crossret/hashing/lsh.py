@@ -79,7 +79,8 @@ class LSH(PersistentMethod, HashMethod):
         progress(1, 1, "lsh: done")
         return self
 
-    def encode_real(self, features: np.ndarray) -> np.ndarray:
+    def encode_real(self, features: np.ndarray, domain: str = "target") -> np.ndarray:
+        # One normaliser for both domains: ``domain`` does not change the codes.
         features = self._check_features(features)
         assert self.normalizer is not None and self.projection is not None  # set with input_dim
         return self.normalizer.transform(features) @ self.projection

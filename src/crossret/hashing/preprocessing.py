@@ -54,40 +54,21 @@ class FeatureNormalizer:
 
     def fit(self, features: np.ndarray) -> FeatureNormalizer:
         """Compute the statistics of ``features`` (the *training* data)."""
-        x = np.asarray(features)
-        if x.ndim != 2 or x.shape[0] == 0:
-            raise DataError(f"normaliser: expected a non-empty 2-D feature matrix, got shape {x.shape}")
-        if x.dtype.kind not in "fiub":
-            raise DataError(f"normaliser: features must be numeric, got dtype {x.dtype}")
-        # Statistics in float64: a float32 running sum over ~1e5 rows loses digits of the mean.
-        x = x.astype(np.float64, copy=False)
-        _require_finite(x, "normaliser: training features")
+        x = _training_matrix(features)
         dim = x.shape[1]
-        low, high = x.min(axis=0), x.max(axis=0)
-        constant = low == high
-        if self.center:
-            mean = x.mean(axis=0)
-            mean[constant] = low[constant]  # exactly the value: the feature centres to exactly 0
-        else:
-            mean = np.zeros(dim)
+        mean = _feature_means(x) if self.center else np.zeros(dim)
         if self.scale:
+            low, high = x.min(axis=0), x.max(axis=0)
+            constant = low == high
             std = x.std(axis=0)
             varying = std[~constant]
             floor = _MIN_STD * min(1.0, float(varying.max(initial=0.0)))
             scale = np.where(~constant & (std > floor), std, 1.0)
         else:
             scale = np.ones(dim)
-        # Mean square of the normalised training data, in row chunks (no second n x d copy).
-        square_sum, rows = 0.0, max(1, _CHUNK_VALUES // dim)
-        for lo in range(0, x.shape[0], rows):
-            block = (x[lo:lo + rows] - mean) / scale
-            square_sum += float(np.square(block).sum())
-        rms = float(np.sqrt(square_sum / x.size))
-        self.global_scale = 1.0
-        if rms > 0 and not _RMS_WINDOW[0] <= rms <= _RMS_WINDOW[1]:
-            self.global_scale = float(2.0 ** np.frexp(rms)[1])  # rms / 2^e in [0.5, 1)
-            scale = scale * self.global_scale
-        self.mean_, self.scale_ = mean, scale
+        square_sum = _square_sum(x, mean, scale)
+        self.global_scale = _window_scale(float(np.sqrt(square_sum / x.size)))
+        self.mean_, self.scale_ = mean, scale * self.global_scale
         return self
 
     @property
@@ -148,6 +129,66 @@ class FeatureNormalizer:
         if not (np.isfinite(mean).all() and np.isfinite(scale).all() and (scale > 0).all()):
             raise ValueError("normaliser statistics are not finite / positive")
         return cls(center=bool(flags[0]), scale=bool(flags[1]), mean_=mean, scale_=scale)
+
+
+def fit_per_domain(*domains: np.ndarray) -> list[FeatureNormalizer]:
+    """One centring normaliser per domain: each domain's features minus *its own* training mean, with
+    one shared (magnitude-rule) scale, so that the domains stay on the same scale.
+
+    ``x -> x - mean_D`` for the features of domain ``D``: the first-order statistics of the domains
+    are aligned before any learning (the input-level analogue of AdaBN, Li et al., ICLR-W 2017;
+    CORAL, Sun et al., AAAI 2016, aligns the second order too). The same rules as
+    :meth:`FeatureNormalizer.fit` hold per domain (constant features, NaN/inf, float64 statistics).
+    """
+    if not domains:
+        raise DataError("normaliser: fit_per_domain needs at least one domain")
+    matrices = [_training_matrix(x) for x in domains]
+    if len({x.shape[1] for x in matrices}) != 1:
+        raise DataError("normaliser: the domains' feature sizes differ "
+                        f"({', '.join(str(x.shape[1]) for x in matrices)})")
+    means = [_feature_means(x) for x in matrices]
+    ones = np.ones(matrices[0].shape[1])
+    square_sum = sum(_square_sum(x, mean, ones) for x, mean in zip(matrices, means, strict=True))
+    global_scale = _window_scale(float(np.sqrt(square_sum / sum(x.size for x in matrices))))
+    return [FeatureNormalizer(center=True, scale=False, mean_=mean, scale_=ones * global_scale,
+                              global_scale=global_scale) for mean in means]
+
+
+def _training_matrix(features: np.ndarray) -> np.ndarray:
+    """``features`` as a finite, non-empty 2-D float64 matrix (statistics in float64: a float32 running
+    sum over ~1e5 rows loses digits of the mean)."""
+    x = np.asarray(features)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise DataError(f"normaliser: expected a non-empty 2-D feature matrix, got shape {x.shape}")
+    if x.dtype.kind not in "fiub":
+        raise DataError(f"normaliser: features must be numeric, got dtype {x.dtype}")
+    x = x.astype(np.float64, copy=False)
+    _require_finite(x, "normaliser: training features")
+    return x
+
+
+def _feature_means(x: np.ndarray) -> np.ndarray:
+    """Per-feature means; a constant feature's mean is exactly its value (it centres to exactly 0)."""
+    low, high = x.min(axis=0), x.max(axis=0)
+    mean = x.mean(axis=0)
+    constant = low == high
+    mean[constant] = low[constant]
+    return mean
+
+
+def _square_sum(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> float:
+    """``sum(((x - mean) / scale)^2)`` in row chunks (no second n x d copy)."""
+    total, rows = 0.0, max(1, _CHUNK_VALUES // x.shape[1])
+    for lo in range(0, x.shape[0], rows):
+        total += float(np.square((x[lo:lo + rows] - mean) / scale).sum())
+    return total
+
+
+def _window_scale(rms: float) -> float:
+    """The power of two that brings an RMS outside ``[2^-20, 2^20]`` to ``[0.5, 1)``; 1.0 inside."""
+    if rms > 0 and not _RMS_WINDOW[0] <= rms <= _RMS_WINDOW[1]:
+        return float(2.0 ** np.frexp(rms)[1])  # rms / 2^e in [0.5, 1)
+    return 1.0
 
 
 def _require_finite(x: np.ndarray, what: str) -> None:

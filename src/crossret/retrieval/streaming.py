@@ -105,15 +105,20 @@ def _check_feature_matrix(features: Any) -> np.ndarray:
 
 def encode_to_packed(method: Any, features: Any, out_path: str | os.PathLike, *,
                      batch_size: int = DEFAULT_ENCODE_BATCH, progress: ProgressFn = no_progress,
-                     meta: dict[str, Any] | None = None) -> PackedCodesFile:
+                     meta: dict[str, Any] | None = None, domain: str = "target") -> PackedCodesFile:
     """Encode ``features`` with a fitted ``method`` batch by batch into packed codes at ``out_path``.
 
     ``features``: an array (typically ``np.load(path, mmap_mode="r")`` or an ``np.memmap``) or a
     path to a ``.npy`` file (memory-mapped). Rows are read ``batch_size`` at a time, checked for
     NaN/inf (the error names the rows), encoded with ``method.encode`` and packed; memory stays
     O(batch_size). The ``.npy`` appears at ``out_path`` only when every batch succeeded; the sidecar
-    ``<out_path>.json`` (bits, rows, method, ``meta``) is written after it.
+    ``<out_path>.json`` (bits, rows, method, domain, ``meta``) is written after it. ``domain``
+    (``target`` | ``source``) is passed to ``method.encode``: a model with per-domain input statistics
+    (COUPLE) encodes a source-domain database with ``domain="source"``.
     """
+    from crossret.hashing.base import check_domain
+
+    check_domain(domain)
     if isinstance(features, (str, os.PathLike)):
         source: str | None = str(features)
         features = open_features(features)
@@ -140,7 +145,7 @@ def encode_to_packed(method: Any, features: Any, out_path: str | os.PathLike, *,
             handle, {"descr": np.dtype(np.uint8).str, "fortran_order": False, "shape": (n, width)})
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            packed = _encode_batch(method, features, start, stop, bits)
+            packed = _encode_batch(method, features, start, stop, bits, domain)
             handle.write(packed.tobytes())
             progress(stop, n, "encoding")
         # Drop a stale sidecar before the new codes replace the old ones: a file and a sidecar that
@@ -150,14 +155,14 @@ def encode_to_packed(method: Any, features: Any, out_path: str | os.PathLike, *,
     seconds = time.perf_counter() - t0
     record = {
         "format": SIDECAR_FORMAT, "bits": bits, "n": n, "width": width, "bit_order": BIT_ORDER,
-        "method": getattr(method, "name", type(method).__name__), "features": source,
+        "method": getattr(method, "name", type(method).__name__), "features": source, "domain": domain,
         "batch_size": int(batch_size), "seconds": round(seconds, 4), **(meta or {}),
     }
     write_json_atomic(side, record)
     return PackedCodesFile(path=out_path, n=n, bits=bits, width=width, seconds=seconds, meta=record)
 
 
-def _encode_batch(method: Any, features: np.ndarray, start: int, stop: int, bits: int) -> np.ndarray:
+def _encode_batch(method: Any, features: np.ndarray, start: int, stop: int, bits: int, domain: str) -> np.ndarray:
     with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: reported below
         batch = np.asarray(features[start:stop], dtype=np.float32)
     finite = np.isfinite(batch).all(axis=1)
@@ -167,7 +172,7 @@ def _encode_batch(method: Any, features: np.ndarray, start: int, stop: int, bits
             f"features rows {start}..{stop - 1}: {bad.size} row(s) contain NaN or inf (or values beyond "
             f"float32 range), first at row {start + int(bad[0])}; no codes were written"
         )
-    codes = method.encode(batch)
+    codes = method.encode(batch, domain=domain)
     if codes.shape != (stop - start, bits):
         raise CodeError(f"method returned codes of shape {codes.shape} for rows {start}..{stop - 1}; "
                         f"expected {(stop - start, bits)}")

@@ -18,7 +18,8 @@ any method; nothing measured on it as a target enters a choice.
 Each invocation runs one configuration (``--set`` overrides on top of the ``couple`` defaults) under
 a ``--tag``, on both tasks and every seed, appends the rows to ``results/couple_dev_runs.jsonl`` and
 rewrites ``results/couple_dev.{json,md}`` (one line per tag: cross MAP per task, pseudo-label
-accuracy of the selected set and of all targets at the last refresh).
+accuracy of the selected set and of all targets at the last refresh; the JSON names the runs file
+instead of copying every run).
 """
 
 from __future__ import annotations
@@ -144,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(rows)
     write_json_atomic(RESULTS / "couple_dev.json", {"script": "benchmarks/couple_dev.py",
                                                      "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                                     "summary": summary, "rows": rows})
+                                                     "summary": summary,
+                                                     # every run is in the runs file; not copied here
+                                                     "runs_file": runs_path.name, "runs": len(rows)})
     write_text_atomic(RESULTS / "couple_dev.md", markdown(summary))
     return 0
 

@@ -129,6 +129,7 @@ def test_one_iteration_reports_not_converged_when_labels_moved():
     (np.ones((3, 2)), np.array([0, 1, 2]), 2, 10, r"\[0, 2\)"),
     (np.ones((3, 2)), np.array([0, -1, 1]), 2, 10, r"\[0, 2\)"),
     (np.ones((3, 2)), np.zeros(3, dtype=np.int64), 0, 10, "num_classes"),
+    (np.ones((3, 2)), np.zeros(3, dtype=np.int64), True, 10, "num_classes"),
     (np.ones((3, 2)), np.zeros(3, dtype=np.int64), 2, 0, "max_iterations"),
     (np.array([[1.0, np.nan], [1.0, 0.0], [0.0, 1.0]]), np.zeros(3, dtype=np.int64), 2, 10, "NaN"),
 ])

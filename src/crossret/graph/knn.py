@@ -27,19 +27,24 @@ def l2_normalize(features: np.ndarray, what: str = "features") -> np.ndarray:
     they stay zero, i.e. cosine 0 with everything (no edge in a graph, since edges need ``cos > 0``).
     NaN/inf rows are a :class:`DataError` naming them (``what`` names the matrix in the message).
     """
+    return np.ascontiguousarray(unit_rows(features, what), dtype=np.float32)
+
+
+def unit_rows(features: np.ndarray, what: str = "features", owner: str = "kNN") -> np.ndarray:
+    """:func:`l2_normalize` in float64 (``owner`` starts the error messages)."""
     x = np.asarray(features)
     if x.ndim != 2:
-        raise DataError(f"kNN: expected a 2-D feature matrix, got shape {x.shape}")
+        raise DataError(f"{owner}: expected a 2-D feature matrix, got shape {x.shape}")
     if x.dtype.kind not in "fiub":
-        raise DataError(f"kNN: {what} must be numeric, got dtype {x.dtype}")
+        raise DataError(f"{owner}: {what} must be numeric, got dtype {x.dtype}")
     x64 = x.astype(np.float64)
     finite = np.isfinite(x64).all(axis=1)
     if not finite.all():
         from crossret.data.domain import describe_rows
 
         bad = np.flatnonzero(~finite)
-        raise DataError(f"kNN: {what} contain NaN or inf in {bad.size} row(s) ({describe_rows(bad)}); clean or "
-                        "drop them")
+        raise DataError(f"{owner}: {what} contain NaN or inf in {bad.size} row(s) ({describe_rows(bad)}); "
+                        "clean or drop them")
     with np.errstate(over="ignore"):
         norms = np.linalg.norm(x64, axis=1, keepdims=True)
     if np.isinf(norms).any():  # float64 input near its own limit: rescale the rows first (exact for powers of 2)
@@ -47,8 +52,7 @@ def l2_normalize(features: np.ndarray, what: str = "features") -> np.ndarray:
         x64 = x64 / np.where(peak > 0, peak, 1.0)
         norms = np.linalg.norm(x64, axis=1, keepdims=True)
     zero = norms == 0.0
-    unit = x64 / np.where(zero, 1.0, norms)
-    return np.ascontiguousarray(unit, dtype=np.float32)
+    return x64 / np.where(zero, 1.0, norms)
 
 
 KNN_METHODS = ("exact", "hnsw", "ivf", "auto")

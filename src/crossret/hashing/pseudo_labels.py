@@ -22,6 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from crossret.errors import DataError
+from crossret.graph.knn import unit_rows
 
 
 @dataclass
@@ -59,14 +60,15 @@ def refine_by_centroids(features: np.ndarray, labels: np.ndarray, num_classes: i
         raise DataError(f"centroid refinement: {f.shape[0]} feature rows but labels of shape {y.shape}")
     if y.dtype.kind not in "iu":
         raise DataError(f"centroid refinement: labels must be integers, got dtype {y.dtype}")
-    if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise DataError(f"centroid refinement: num_classes must be a positive integer, got {num_classes!r}")
     if y.min() < 0 or y.max() >= num_classes:
         raise DataError(f"centroid refinement: labels must lie in [0, {num_classes}), "
                         f"got values in [{y.min()}, {y.max()}]")
-    if not isinstance(max_iterations, (int, np.integer)) or max_iterations < 1:
+    if (isinstance(max_iterations, bool) or not isinstance(max_iterations, (int, np.integer))
+            or max_iterations < 1):
         raise DataError(f"centroid refinement: max_iterations must be an integer >= 1, got {max_iterations!r}")
-    unit = _unit_rows(f)
+    unit = unit_rows(f, "features", owner="centroid refinement")
     n = unit.shape[0]
     directionless = ~unit.any(axis=1)
     current = y.astype(np.int64)
@@ -97,18 +99,3 @@ def refine_by_centroids(features: np.ndarray, labels: np.ndarray, num_classes: i
     second = np.where(np.isfinite(second), second, -1.0)
     return CentroidRefinement(current, np.where(directionless, 0.0, first - second), iterations, converged)
 
-
-def _unit_rows(features: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length in float64 (all-zero rows stay zero); NaN/inf is a DataError."""
-    if features.dtype.kind not in "fiub":
-        raise DataError(f"centroid refinement: features must be numeric, got dtype {features.dtype}")
-    x = features.astype(np.float64)
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        raise DataError(f"centroid refinement: features contain NaN or inf in {int(bad.sum())} row(s) "
-                        f"(first: {int(np.flatnonzero(bad)[0])})")
-    # Divide by the largest entry first: the direction is unchanged and the norm cannot overflow.
-    peak = np.abs(x).max(axis=1, keepdims=True)
-    x = np.divide(x, peak, out=np.zeros_like(x), where=peak > 0)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)

@@ -36,6 +36,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -151,18 +152,16 @@ def main(argv: list[str] | None = None) -> int:
         # the main table); digits before Office-Caltech inside each group.
         jobs.sort(key=lambda j: (j["variant"] != "couple", not j["benchmark"].startswith("digits")))
         print(f"{len(jobs)} runs to do ({len(rows)} already recorded in {runs_path})", file=sys.stderr)
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = [pool.submit(run_one, job) for job in jobs]
-            for future in as_completed(futures):
-                row = compact_row(future.result(), configs)
-                write_json_atomic(configs_path, configs)  # before the row that refers to it
-                rows.append(row)
-                with runs_path.open("a", encoding="utf-8") as handle:  # one line per finished run
-                    handle.write(json.dumps(row) + "\n")
-                print(f"{row['benchmark']:28s} {row['variant']:14s} {row['bits']:4d}b seed {row['seed']}: "
-                      f"MAP cross {100 * row['map_cross']:6.2f} single {100 * row['map_single']:6.2f} "
-                      f"({row['train_seconds']:.1f}s)", file=sys.stderr, flush=True)
+
+        def compact(result: dict[str, Any]) -> dict[str, Any]:
+            row = compact_row(result, configs)
+            write_json_atomic(configs_path, configs)  # before the row that refers to it
+            return row
+
+        run_jobs(run_one, jobs, args.jobs, runs_path, rows, prepare=compact, describe=lambda row: (
+            f"{row['benchmark']:28s} {row['variant']:14s} {row['bits']:4d}b seed {row['seed']}: "
+            f"MAP cross {100 * row['map_cross']:6.2f} single {100 * row['map_single']:6.2f} "
+            f"({row['train_seconds']:.1f}s)"))
     baselines = _read_baselines()
     payload = {
         "script": "benchmarks/couple.py",
@@ -206,6 +205,27 @@ def compact_row(row: dict[str, Any], configs: dict[str, Any]) -> dict[str, Any]:
 
 def _read_configs(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def run_jobs(worker: Callable[[dict[str, Any]], dict[str, Any]], jobs: list[dict[str, Any]], workers: int,
+             runs_path: Path, rows: list[dict[str, Any]], describe: Callable[[dict[str, Any]], str],
+             prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    """``worker(job)`` for every job in ``workers`` processes (one BLAS thread each). Each result, through
+    ``prepare``, joins ``rows`` and the runs file as soon as its run ends (an interrupted benchmark keeps
+    every run done), and ``describe(row)`` goes to stderr."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        for future in as_completed([pool.submit(worker, job) for job in jobs]):
+            row = future.result() if prepare is None else prepare(future.result())
+            rows.append(row)
+            append_row(runs_path, row)
+            print(describe(row), file=sys.stderr, flush=True)
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """One JSON line per finished run (a single short append; :func:`_read_runs` skips a cut last line)."""
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
 
 
 def _read_runs(path: Path) -> list[dict[str, Any]]:

@@ -25,16 +25,12 @@ instead of copying every run).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from couple import _read_runs  # same runs-file format and recovery rule
+from couple import _read_runs, run_jobs  # same runs-file format and recovery rule
 from crossret._io import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -132,16 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [{"tag": args.tag, "task": t, "bits": args.bits, "seed": s, "overrides": overrides,
                  "data_dir": data_dir} for t in args.tasks for s in args.seeds
                 if (args.tag, t, args.bits, s) not in done]
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            for future in as_completed([pool.submit(run_one, job) for job in jobs]):
-                row = future.result()
-                rows.append(row)
-                with runs_path.open("a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(row) + "\n")
-                print(f"{row['tag']:24s} {row['task']} seed {row['seed']}: MAP cross {100 * row['map_cross']:.2f} "
-                      f"selected acc {row['selected_accuracy']} all {row['pseudo_label_accuracy']} "
-                      f"({row['train_seconds']:.0f}s)", file=sys.stderr, flush=True)
+
+        run_jobs(run_one, jobs, args.jobs, runs_path, rows, describe=lambda row: (
+            f"{row['tag']:24s} {row['task']} seed {row['seed']}: MAP cross {100 * row['map_cross']:.2f} "
+            f"selected acc {row['selected_accuracy']} all {row['pseudo_label_accuracy']} "
+            f"({row['train_seconds']:.0f}s)"))
     summary = summarise(rows)
     write_json_atomic(RESULTS / "couple_dev.json", {"script": "benchmarks/couple_dev.py",
                                                      "created": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -49,6 +49,8 @@ import numpy as np
 from couple import _read_runs, run_jobs  # same runs-file format and recovery rule
 from couple_dev import TASKS, dev_split
 from crossret._io import write_json_atomic, write_text_atomic
+from crossret.graph.knn import unit_rows
+from crossret.hashing.couple import _information_maximisation
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS_FILE = RESULTS / "couple_selection_runs.jsonl"
@@ -81,14 +83,9 @@ def prediction_entropy(p: np.ndarray) -> float:
     return float(_entropy(p).mean())
 
 
-def information_maximisation(p: np.ndarray) -> float:
-    """``mean_i H(p_i) − H(mean_i p_i)`` (SHOT): low when predictions are confident and diverse."""
-    return float(_entropy(p).mean() - _entropy(p.mean(axis=0, keepdims=True))[0])
-
-
 def soft_neighbourhood_density(p: np.ndarray, temperature: float = SND_TEMPERATURE) -> float:
     """SND (Saito et al., ICCV 2021): ``mean_i H(softmax_{j≠i}(p̂_i·p̂_j / τ))``, ``p̂`` L2-normalised rows."""
-    unit = p / np.linalg.norm(p, axis=1, keepdims=True)
+    unit = unit_rows(p, "predictions", "SND")
     logits = unit @ unit.T / temperature
     np.fill_diagonal(logits, -np.inf)  # a sample is not its own neighbour
     logits -= logits.max(axis=1, keepdims=True)
@@ -110,8 +107,8 @@ def reverse_accuracy(train_x: np.ndarray, train_labels: np.ndarray, test_x: np.n
         model = LogisticRegression(max_iter=500).fit(train_x, train_labels)
     elif kind in ("knn", "hamming"):
         if kind == "knn":  # cosine neighbours = Euclidean neighbours of unit rows
-            train_x = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
-            test_x = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
+            train_x = unit_rows(train_x, "target features", "reverse 5-NN")
+            test_x = unit_rows(test_x, "source features", "reverse 5-NN")
         model = KNeighborsClassifier(REVERSE_NEIGHBOURS).fit(train_x, train_labels)
     else:
         raise ValueError(f"reverse_accuracy: kind must be lr, knn or hamming, got {kind!r}")
@@ -130,7 +127,9 @@ def label_free_criteria(method: Any, source: Any, target: Any) -> tuple[dict[str
     x_t = method._normalizer_for("target").transform(target.features)
     x_s = method._normalizer_for("source").transform(source.features)
     hash_s = method._outputs(source.features, "source")[0]
-    out = {"ent": prediction_entropy(p), "im": information_maximisation(p), "snd": soft_neighbourhood_density(p),
+    # IM exactly as COUPLE's optional training term computes it (SHOT: mean H(p_i) − H(mean p)).
+    out = {"ent": prediction_entropy(p), "im": float(_information_maximisation(logits_t.double())),
+           "snd": soft_neighbourhood_density(p),
            "agree": float((predicted == diffusion).mean())}
     for name, labels in (("cls", predicted), ("diff", diffusion)):
         out[f"rev_lr_{name}"] = reverse_accuracy(x_t, labels, x_s, source.labels, "lr")

@@ -19,17 +19,36 @@ def _random_predictions(n: int = 7, c: int = 4, seed: int = 0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def test_entropy_and_information_maximisation_at_their_extremes():
+def test_entropy_at_its_extremes():
     c = 5
-    uniform = np.full((6, c), 1.0 / c)
-    balanced_one_hot = np.eye(c)[np.arange(10) % c]
-    collapsed = np.eye(c)[np.zeros(10, dtype=int)]
-    assert selection.prediction_entropy(uniform) == pytest.approx(math.log(c))
-    assert selection.prediction_entropy(balanced_one_hot) == pytest.approx(0.0, abs=1e-9)
-    # confident and diverse: -H(mean) = -log C; confident but collapsed on one class: 0
-    assert selection.information_maximisation(balanced_one_hot) == pytest.approx(-math.log(c), abs=1e-9)
-    assert selection.information_maximisation(collapsed) == pytest.approx(0.0, abs=1e-9)
-    assert selection.information_maximisation(uniform) == pytest.approx(0.0, abs=1e-9)
+    assert selection.prediction_entropy(np.full((6, c), 1.0 / c)) == pytest.approx(math.log(c))
+    assert selection.prediction_entropy(np.eye(c)[np.arange(10) % c]) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_the_im_criterion_is_couples_training_term_at_its_extremes():
+    import torch
+
+    c = 5
+    balanced = torch.from_numpy(60.0 * np.eye(c)[np.arange(10) % c])  # near one-hot logits, every class used
+    collapsed = torch.from_numpy(60.0 * np.eye(c)[np.zeros(10, dtype=int)])
+    # confident and diverse: -H(mean) = -log C; confident but collapsed on one class, or uniform: 0
+    assert float(selection._information_maximisation(balanced)) == pytest.approx(-math.log(c), abs=1e-9)
+    assert float(selection._information_maximisation(collapsed)) == pytest.approx(0.0, abs=1e-9)
+    assert float(selection._information_maximisation(torch.zeros(6, c, dtype=torch.float64))) == pytest.approx(
+        0.0, abs=1e-12)
+
+
+def test_snd_and_reverse_knn_reject_non_finite_inputs_by_name():
+    from crossret.errors import DataError
+
+    bad = _random_predictions()
+    bad[2, 1] = np.nan
+    with pytest.raises(DataError, match="SND: predictions contain NaN"):
+        selection.soft_neighbourhood_density(bad)
+    good = np.ones((4, 3))
+    with pytest.raises(DataError, match="reverse 5-NN: target features contain NaN"):
+        selection.reverse_accuracy(np.where(np.eye(4, 3) > 0, np.inf, 1.0), np.arange(4) % 2, good, np.arange(4) % 2,
+                                   "knn")
 
 
 def test_soft_neighbourhood_density_matches_a_per_sample_definition():

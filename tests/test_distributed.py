@@ -12,7 +12,8 @@ documented exception each:
   subtracts the batch mean), so their computed gradient is float noise, which Adam normalises into steps
   of about ±lr. They, and the running means that track them, may differ by up to lr per step. BatchNorm
   cancels them up to the lag of its running mean (momentum 0.1: ~10 steps of lr), so the network's
-  outputs agree to 1e-3 (measured: ~2e-4) and the codes are identical.
+  outputs agree to 1e-3 (measured: ~3e-4), and every code bit whose output is farther than that from 0
+  is identical; a bit whose output lies within it is decided by rounding and may differ.
 * ALBEF: the tiny untrained ViT's gradient is ~200× smaller than the text tower's and a small
   difference of large terms: in one process, the same ITC batch in another row order already changes
   it by ~1e-4 relative; attention key biases have an exactly zero gradient. One step's gradient is
@@ -45,6 +46,9 @@ LR = 1e-4  # COUPLE's default Adam learning rate
 COUPLE_CONFIG = {"epochs": 4, "warmup_epochs": 1, "graph_every": 1, "batch_size": 31, "target_batch_size": 29,
                  "hash_hidden": 32, "encoder_dim": 32, "num_threads": 1}  # odd batches: uneven shards
 BITS = 16
+# How far from 0 a COUPLE output must be for its code bit to be guaranteed equal to the single-process one:
+# the bias noise below moves outputs by up to ~3e-4 here (measured 2.7e-4).
+CODE_MARGIN = 1e-3
 
 
 # ---------------------------------------------------------------------------------------------- problems
@@ -72,8 +76,12 @@ def _couple_run(root: Path, out: str) -> dict[str, Any]:
 
     result = run_experiment(_couple_config(root, out))
     method = result.method
-    x = np.concatenate([result.split.source.features, result.split.target_train.features])
-    return {"codes": result.codes, "state": method.network.state_dict(), "real": method.encode_real(x),
+    split = result.split
+    # The real-valued outputs whose signs are the codes, per set and with each set's own domain centring.
+    real = {"queries": method.encode_real(split.queries.features),
+            "source": method.encode_real(split.source.features, domain="source"),
+            "target_train": method.encode_real(split.target_train.features)}
+    return {"codes": result.codes, "state": method.network.state_dict(), "real": real,
             "history": [{"selected": h["selected"], "pseudo": h["pseudo_labels"]} for h in method.selection_history],
             "epochs": method.diagnostics["epochs"], "map_cross": result.metrics["map_cross"]}
 
@@ -81,8 +89,10 @@ def _couple_run(root: Path, out: str) -> dict[str, Any]:
 def _couple_resumed(root: Path, out: str) -> dict[str, Any]:
     """COUPLE interrupted after epoch 2 (on every rank, as torchrun stops every worker when one fails),
     then resumed by ``run_experiment(resume=True)`` in the same run directory."""
+    from crossret import distributed
     from crossret.experiment import load_split, run_experiment
     from crossret.hashing.couple import Couple, CoupleConfig
+    from crossret.runs import open_run
 
     config = _couple_config(root, out)
     split = load_split(config)
@@ -91,6 +101,8 @@ def _couple_resumed(root: Path, out: str) -> dict[str, Any]:
         if step == 2:
             raise KeyboardInterrupt
 
+    # the run directory an interrupted `crossret run` leaves: created (marked) by rank 0, then checkpoints
+    distributed.run_on_main(lambda: open_run(root / out, "hashing").release())
     method = Couple(BITS, seed=0, config=CoupleConfig(**COUPLE_CONFIG))
     method.checkpoint_dir = root / out / "checkpoints"
     with pytest.raises(KeyboardInterrupt):
@@ -283,15 +295,34 @@ def _max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys: 
 
 
 # ---------------------------------------------------------------------------------------------- COUPLE
-def test_couple_codes_and_selection_equal_the_single_process_run(runs: dict[str, Any]) -> None:
+@pytest.mark.slow
+def test_couple_codes_equal_the_single_process_run_outside_the_rounding_margin(runs: dict[str, Any]) -> None:
+    """The guarantee docs/distributed.md states: real-valued outputs agree to CODE_MARGIN, so every code bit
+    whose single-process output is farther than CODE_MARGIN from 0 is identical; a bit whose output is
+    within it (float rounding decides its sign) may differ, and nothing else does."""
     single, dist = runs["single"]["couple"], runs["dist"]["couple"]
+    near_zero = 0
     for name in ("queries", "source", "target_train"):
-        np.testing.assert_array_equal(dist["codes"][name], single["codes"][name], err_msg=name)
+        real = single["real"][name]
+        # The outputs are the ones the codes were made from (sign(0) = +1).
+        np.testing.assert_array_equal(np.where(real >= 0, 1, -1), single["codes"][name], err_msg=name)
+        np.testing.assert_array_equal(np.where(dist["real"][name] >= 0, 1, -1), dist["codes"][name], err_msg=name)
+        assert np.abs(dist["real"][name] - real).max() < CODE_MARGIN, name
+        decided = np.abs(real) > CODE_MARGIN
+        np.testing.assert_array_equal(dist["codes"][name][decided], single["codes"][name][decided], err_msg=name)
+        near_zero += int((~decided).sum())
+    # Only a few of the 1,920 bits may sit inside the margin (measured: 7), or the margin would say nothing.
+    assert near_zero <= 19
+
+
+def test_couple_selection_equals_the_single_process_run(runs: dict[str, Any]) -> None:
+    single, dist = runs["single"]["couple"], runs["dist"]["couple"]
     assert len(dist["history"]) == len(single["history"]) == 3  # graph refreshes after the warm-up epoch
     for d, s in zip(dist["history"], single["history"], strict=True):
         np.testing.assert_array_equal(d["selected"], s["selected"])
         np.testing.assert_array_equal(d["pseudo"], s["pseudo"])
-    assert dist["map_cross"] == single["map_cross"]
+    if all(np.array_equal(dist["codes"][n], single["codes"][n]) for n in ("queries", "source")):
+        assert dist["map_cross"] == single["map_cross"]
     for d, s in zip(dist["epochs"], single["epochs"], strict=True):
         assert d["mixed_samples"] == s["mixed_samples"]
         for key in (k for k in s if k.startswith("loss_")):
@@ -299,6 +330,7 @@ def test_couple_codes_and_selection_equal_the_single_process_run(runs: dict[str,
             assert d[key] == pytest.approx(s[key], rel=5e-5, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_couple_parameters_equal_within_tolerance(runs: dict[str, Any]) -> None:
     single, dist = runs["single"]["couple"], runs["dist"]["couple"]
     assert single["state"].keys() == dist["state"].keys()
@@ -307,9 +339,9 @@ def test_couple_parameters_equal_within_tolerance(runs: dict[str, Any]) -> None:
     assert _max_abs_diff(single["state"], dist["state"], single["state"].keys() - cancelled) < 1e-5
     steps = COUPLE_CONFIG["epochs"] * 2  # 60 samples per domain in batches of ~30
     assert _max_abs_diff(single["state"], dist["state"], cancelled) <= 2 * LR * steps
-    np.testing.assert_allclose(dist["real"], single["real"], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_couple_resume_under_torchrun_is_bit_identical(runs: dict[str, Any]) -> None:
     resumed, uninterrupted = runs["dist"]["couple_resumed"], runs["dist"]["couple"]
     assert resumed["resumed_from"] == 2
@@ -318,6 +350,7 @@ def test_couple_resume_under_torchrun_is_bit_identical(runs: dict[str, Any]) -> 
         np.testing.assert_array_equal(resumed["codes"][name], codes)
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes_files(runs: dict[str, Any]) -> None:
     main, other = runs["writes"]
     assert other == []
@@ -331,6 +364,7 @@ def test_only_rank_zero_writes_files(runs: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- GCKD
+@pytest.mark.slow
 def test_gckd_feature_heads_equal_the_single_process_run(runs: dict[str, Any]) -> None:
     single, dist = runs["single"]["gckd"], runs["dist"]["gckd"]
     assert single["state"].keys() == dist["state"].keys()
@@ -345,12 +379,14 @@ def test_gckd_feature_heads_equal_the_single_process_run(runs: dict[str, Any]) -
             assert d[key] == pytest.approx(s[key], rel=1e-5), key
 
 
+@pytest.mark.slow
 def test_gckd_stop_and_resume_under_torchrun_is_bit_identical(runs: dict[str, Any]) -> None:
     resumed, uninterrupted = runs["dist"]["gckd_resumed"], runs["dist"]["gckd"]
     assert resumed["first_epochs"] == 1 and resumed["resumed_from"] == 1  # rank 0's should_stop held for all
     assert _max_abs_diff(resumed["state"], uninterrupted["state"]) == 0.0
 
 
+@pytest.mark.slow
 def test_albef_mlm_gradients_and_losses_equal_the_single_process_run(runs: dict[str, Any]) -> None:
     single, dist = runs["single"]["albef"], runs["dist"]["albef"]
     assert single["grads"].keys() == dist["grads"].keys()

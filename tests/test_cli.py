@@ -337,3 +337,71 @@ def test_corrupt_index_and_npy_files_are_refused(itq_run, tmp_path, monkeypatch,
                        tmp_path / "bad.npy", "--query-labels", tmp_path / "bad.npy", "--db-labels",
                        tmp_path / "bad.npy")
     assert code == 2 and "bad.npy" in err
+
+
+# ----------------------------------------------------------------------------- messages: Ctrl-C, full disk, user text
+def test_ctrl_c_prints_one_interrupted_line_and_exits_130(tmp_path):
+    """A real process interrupted with SIGINT mid-training: typer turns KeyboardInterrupt into a silent
+    exit 130; the entry point says what happened, with no traceback."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 8)).astype(np.float32)
+    np.savez(tmp_path / "s.npz", features=x, labels=np.arange(60) % 3)
+    np.savez(tmp_path / "t.npz", features=x + 0.1, labels=np.arange(60) % 3)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "crossret", "run", "couple", "--bits", "16", "--source", tmp_path / "s.npz",
+         "--target", tmp_path / "t.npz", "--out", run_dir, "--set", "epochs=100000", "--set", "warmup_epochs=1",
+         "--set", "hash_hidden=8", "--set", "encoder_dim=8"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoints").is_dir():  # training has started
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err
+    assert err.splitlines() == ["interrupted: nothing after the last completed step was written"], err
+
+
+def test_full_disk_error_names_the_file_being_written(itq_run, tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    np.save(tmp_path / "q.npy", np.load(itq_run / "codes" / "queries_codes.npy")[:3])
+    code, _, err = cli(monkeypatch, capsys, "index", "build", "--run", itq_run, "--out", tmp_path / "flat.crbi")
+    assert code == 0, err
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    save = tmp_path / "results.npz"
+    code, out, err = cli(monkeypatch, capsys, "index", "search", tmp_path / "flat.crbi", "--queries",
+                         tmp_path / "q.npy", "--save", save)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [f"error: cannot read or write {save}: No space left on device"]
+    assert not save.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["flat.crbi", "q.npy"]
+
+
+def test_user_text_is_printed_literally_not_as_markup_or_emoji(tmp_path, monkeypatch, capsys):
+    """Paths holding rich markup ("[/b]" crashed the printer) or emoji codes (":x:" became an emoji)."""
+    out_dir = tmp_path / "a[/b]b:x:[bold]"
+    code, out, err = cli(monkeypatch, capsys, "run", "lsh", "--benchmark", "demo", "--bits", "8", "--out", out_dir)
+    assert code == 0, err
+    assert f"run directory: {out_dir}" in out.replace("\n", "")
+    missing = tmp_path / "x[/b]:x:.npz"
+    code, out, err = cli(monkeypatch, capsys, "run", "lsh", "--bits", "8", "--source", missing, "--target", missing)
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines() == [f"error: {missing}: file not found; check the path (relative paths are resolved "
+                                f"from {Path.cwd()})"]

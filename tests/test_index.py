@@ -676,6 +676,7 @@ def test_numba_flat_search_matches_numpy_reference(bits: int) -> None:
             np.testing.assert_array_equal(ids, ref_ids)
 
 
+@pytest.mark.slow  # 12 cases over 140k codes
 @pytest.mark.parametrize("bits", [32, 64, 128, 256])
 @pytest.mark.parametrize("n_queries", [1, 3, 40])
 def test_numba_flat_chunked_and_threaded_paths_agree(bits: int, n_queries: int) -> None:
@@ -742,3 +743,93 @@ def test_numba_flat_search_custom_ids_and_save_load(tmp_path: Path) -> None:
     empty = BinaryIndex(bits)
     d, ids = empty.search(queries, 3)
     assert (d == MISSING_DISTANCE).all() and (ids == -1).all()
+
+
+# ------------------------------------------------------------------ sizes checked before faiss allocates
+
+
+def test_faiss_kinds_search_with_k_clipped_to_the_database_and_pad_the_rest():
+    """faiss sizes per-query heaps by k (HNSW: 100M slots -> std::bad_alloc); the index asks faiss for at
+    most ntotal results and pads the rest, with the same answer as before."""
+    rng = np.random.default_rng(3)
+    codes = pack_codes(rng.choice([-1, 1], size=(40, 16)))
+    class Spy:
+        """The faiss index, recording the k of every search."""
+
+        def __init__(self, real):
+            self.real, self.seen = real, []
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def search(self, queries, k):
+            self.seen.append(k)
+            return self.real.search(queries, k)
+
+    for kind, params in (("hnsw", {}), ("ivf", {"nlist": 2, "nprobe": 2})):
+        index = BinaryIndex.from_packed(codes, 16, kind, **params)
+        index._faiss_index = spy = Spy(index._faiss_index)
+        seen = spy.seen
+        dist, ids = index.search(codes[:3], 40 + 1000)
+        assert seen == [40], "faiss was asked for more results than the index holds"
+        assert dist.shape == ids.shape == (3, 1040)
+        assert (ids[:, 40:] == -1).all() and (dist[:, 40:] == MISSING_DISTANCE).all()
+        full_d, full_i = index.search(codes[:3], 40)
+        assert np.array_equal(dist[:, :40], full_d) and np.array_equal(ids[:, :40], full_i)
+
+
+def test_k_far_beyond_the_database_is_refused_for_every_kind():
+    codes = pack_codes(np.ones((5, 16)))
+    for kind in ("flat", "hnsw", "ivf"):
+        index = BinaryIndex.from_packed(codes, 16, kind, **({"nlist": 1} if kind == "ivf" else {}))
+        with pytest.raises(ConfigError, match=r"k=2000000000 exceeds the 5 database items"):
+            index.search(codes, 2_000_000_000)
+    dense = DenseIndex.from_embeddings(np.eye(4, dtype=np.float32), "hnsw")
+    with pytest.raises(ConfigError, match=r"k=2000000000 exceeds the 4 database items"):
+        dense.search(np.eye(4, dtype=np.float32), 2_000_000_000)
+    scores, ids = dense.search(np.eye(4, dtype=np.float32)[:1], 6)  # a few padded slots are fine
+    assert ids.shape == (1, 6) and (ids[0, 4:] == -1).all() and np.isneginf(scores[0, 4:]).all()
+
+
+@pytest.mark.parametrize(("kind", "params", "named"), [
+    ("hnsw", {"M": 2**31 - 1}, "M=2147483647"),
+    ("hnsw", {"efConstruction": 2**30}, "efConstruction=1073741824"),
+    ("hnsw", {"efSearch": 2**30}, "efSearch=1073741824"),
+    ("multihash", {"b": 64, "nhash": 1, "nflip": 20}, "nflip=20"),
+    ("BHNSW2000000000", {}, "M=2000000000"),
+    ("BIVF99999999999", {}, "99999999999"),
+])
+def test_index_sizes_beyond_any_use_are_refused_before_faiss_sees_them(kind, params, named):
+    with pytest.raises(ConfigError, match=named):
+        BinaryIndex(64, kind, **params)
+
+
+def test_set_params_refuses_a_runaway_efsearch_and_keeps_the_old_one():
+    index = BinaryIndex.from_packed(pack_codes(np.ones((3, 16))), 16, "hnsw")
+    with pytest.raises(ConfigError, match="efSearch=1073741824"):
+        index.set_params(efSearch=2**30)
+    assert index.params["efSearch"] == 64 and index._faiss_index.hnsw.efSearch == 64
+    with pytest.raises(ConfigError, match="efSearch"):
+        DenseIndex(4, "hnsw").set_params(efSearch=2**30)
+
+
+def test_ivf_lists_and_hnsw_graphs_are_checked_against_memory(monkeypatch):
+    import crossret._limits as limits
+
+    monkeypatch.setattr(limits, "available_memory", lambda: 1 << 20)  # 1 MiB left
+    with pytest.raises(ConfigError, match=r"nlist=100000: the IVF lists needs about .* only 1.0 MiB"):
+        BinaryIndex(64, "ivf", nlist=100_000)
+    with pytest.raises(ConfigError, match="nlist=100000"):
+        BinaryIndex(64, "BIVF100000")
+    index = BinaryIndex(64, "hnsw", M=4096)
+    with pytest.raises(ConfigError, match=r"HNSW graph of 1000 items with M=4096"):
+        index.add(pack_codes(np.ones((1000, 64))))
+    assert index.ntotal == 0
+
+
+def test_code_length_beyond_the_maximum_is_refused():
+    from crossret._limits import MAX_BITS
+
+    BinaryIndex(MAX_BITS)
+    with pytest.raises(CodeError, match=f"longest supported code length of {MAX_BITS}"):
+        BinaryIndex(MAX_BITS + 1)

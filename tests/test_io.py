@@ -77,3 +77,61 @@ def test_hostile_metrics_json_is_a_file_format_error(tmp_path) -> None:
     (tmp_path / "metrics.json").write_text("[" * 100000, encoding="utf-8")
     with pytest.raises(FileFormatError, match=r"metrics\.json"):
         read_run_metrics(tmp_path)
+
+
+def test_a_full_disk_error_names_the_file_being_written(tmp_path, monkeypatch):
+    """ENOSPC from write/fsync carries no file name; atomic_open attaches the target's, keeps the old
+    file and removes the temporary."""
+    import errno
+
+    target = tmp_path / "codes.npy"
+    write_text_atomic(target, "old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as info:
+        save_npy_atomic(target, np.zeros(10))
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["codes.npy"]
+
+
+def test_a_failed_rename_names_the_target_not_the_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "index.crbi"
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied", src, None, dst)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(PermissionError) as info:
+        write_text_atomic(target, "x")
+    assert info.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_npz_headers_give_shapes_without_inflating_the_arrays(tmp_path, monkeypatch):
+    import zipfile
+
+    from crossret._io import npz_headers
+    from crossret.errors import DataError
+
+    path = tmp_path / "a.npz"
+    np.savez_compressed(path, features=np.zeros((2000, 500), np.float32), labels=np.arange(7))
+    reads = []
+    original = zipfile.ZipExtFile.read
+
+    def counting(self, n=-1):
+        data = original(self, n)
+        reads.append(len(data))
+        return data
+
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", counting)
+    headers = npz_headers(path)
+    assert {k: (h.shape, h.dtype.str) for k, h in headers.items()} == {
+        "features": ((2000, 500), "<f4"), "labels": ((7,), np.dtype(np.int_).str)}
+    assert sum(reads) < 4096, "the arrays themselves were inflated"
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04" + b"x" * 40)
+    with pytest.raises(DataError, match=r"bad\.npz"):
+        npz_headers(tmp_path / "bad.npz")

@@ -469,3 +469,98 @@ def test_csv_first_row_with_one_bad_field_is_an_error_not_a_header(tmp_path):
     path.write_text("1,2,a\n3,4,1\n5,6,0\n")
     with pytest.raises(DataError, match=r"bad\.csv"):
         read_domain(path)
+
+
+# ------------------------------------------------------------------------------------ bounded reads
+def test_csv_line_longer_than_the_bound_is_refused_before_parsing(tmp_path, monkeypatch):
+    """A file without line breaks would be read whole by readline / np.loadtxt: the line length is
+    bounded by a streaming scan first."""
+    import crossret.data.readers as readers
+
+    monkeypatch.setattr(readers, "MAX_CSV_LINE_BYTES", 100)
+    parsed = []
+    monkeypatch.setattr(readers.np, "loadtxt", lambda *a, **k: parsed.append(a) or np.zeros((1, 2)))
+    path = tmp_path / "one_line.csv"
+    path.write_text("1," * 60 + "0")  # 121 bytes, no line break
+    with pytest.raises(DataError, match=r"one_line\.csv: line 1 is longer than 100 bytes"):
+        read_domain(path)
+    path.write_text("1,2,0\n" * 3 + "1," * 60 + "0\n" + "1,2,0\n")  # the 4th line is too long
+    with pytest.raises(DataError, match=r"line 4 is longer"):
+        read_domain(path)
+    assert parsed == [], "the file was parsed before its lines were checked"
+
+
+def test_csv_lines_across_read_blocks_are_measured_whole(tmp_path, monkeypatch):
+    import crossret.data.readers as readers
+
+    monkeypatch.setattr(readers, "MAX_CSV_LINE_BYTES", 1 << 20)
+    path = tmp_path / "long.csv"
+    row = ("0.5," * 200_000 + "1\n").encode()  # 800 kB lines: every 1 MiB block boundary cuts one
+    path.write_bytes(row * 3)
+    domain = read_domain(path)
+    assert domain.features.shape == (3, 200_000)
+    path.write_bytes(row + b"0.5," * 300_000 + b"1\n")  # 1.2 MB, split across blocks 0 and 1
+    with pytest.raises(DataError, match="line 2 is longer"):
+        read_domain(path)
+
+
+def test_csv_too_large_for_memory_is_refused_naming_the_file(tmp_path, monkeypatch):
+    import crossret._limits as limits
+
+    path = tmp_path / "big.csv"
+    path.write_text("1,2,0\n" * 600_000)  # 3.6 MB
+    monkeypatch.setattr(limits, "available_memory", lambda: 1000)
+    with pytest.raises(DataError, match=r"big\.csv: parsing this .* CSV file needs about"):
+        read_domain(path)
+
+
+def _deflated_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    np.savez_compressed(path, **arrays)
+
+
+def test_npz_shapes_are_compared_before_any_array_is_inflated(tmp_path, monkeypatch):
+    """A small archive declaring a large features array next to mismatched labels, or a source whose
+    feature size differs from the target's, is refused from the .npy headers alone."""
+    import crossret.data.readers as readers
+
+    def never(*args, **kwargs):
+        raise AssertionError("an array was inflated before the shapes were compared")
+
+    bomb = tmp_path / "bomb.npz"
+    _deflated_npz(bomb, {"features": np.zeros((20_000, 500), np.float32), "labels": np.zeros(10, np.int64)})
+    assert bomb.stat().st_size < 200_000  # 40 MB of zeros
+    small = tmp_path / "small.npz"
+    np.savez(small, features=np.zeros((30, 8), np.float32), labels=np.arange(30) % 3)
+    wide = tmp_path / "wide.npz"
+    _deflated_npz(wide, {"features": np.zeros((2_000, 5_000), np.float32), "labels": np.arange(2_000) % 3})
+    monkeypatch.setattr(readers, "load_npz_array", never)
+    with pytest.raises(DataError, match=r"bomb\.npz: 'features' has 20000 samples but 'labels' has 10 labels"):
+        read_domain(bomb)
+    with pytest.raises(DataError, match=r"source .*wide\.npz has 5000 features per sample but target .*small\.npz"):
+        read_domain_pair(wide, small)
+    with pytest.raises(DataError, match=r"source .*wide\.npz has 5000 features per sample"):
+        read_domain_pair(wide, small, label_base=0)
+    with pytest.raises(DataError, match=r"bomb\.npz: 'features' has 20000 samples"):
+        read_domain_pair(small, bomb)
+
+
+def test_npz_declared_features_beyond_memory_are_refused_naming_the_file(tmp_path, monkeypatch):
+    import crossret._limits as limits
+    import crossret.data.readers as readers
+
+    path = tmp_path / "big.npz"
+    _deflated_npz(path, {"features": np.zeros((2_000, 1_000), np.float32), "labels": np.zeros(2_000, np.int64)})
+    monkeypatch.setattr(limits, "available_memory", lambda: 1 << 20)
+    monkeypatch.setattr(readers, "load_npz_array", lambda *a, **k: pytest.fail("inflated"))
+    with pytest.raises(DataError, match=r"big\.npz: 2000 x 1000 features needs about .* only 1\.0 MiB"):
+        read_domain(path)
+
+
+def test_npz_declared_dtype_is_checked_before_reading(tmp_path, monkeypatch):
+    import crossret.data.readers as readers
+
+    path = tmp_path / "text.npz"
+    np.savez(path, features=np.array([["a", "b"]] * 4), labels=np.arange(4))
+    monkeypatch.setattr(readers, "load_npz_array", lambda *a, **k: pytest.fail("inflated"))
+    with pytest.raises(DataError, match=r"'features' is not a numeric array \(dtype <U1\)"):
+        read_domain(path)

@@ -26,7 +26,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase
         raise ValueError("atomic_open supports 'wb' and 'w' only")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        _name_target(exc, path, None)
+        raise
     try:
         # mkstemp creates 0600 files; give the result the permissions a plain open() would.
         os.chmod(tmp, 0o666 & ~_umask())
@@ -36,10 +40,21 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         _fsync_directory(path.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            _name_target(exc, path, tmp)
         raise
+
+
+def _name_target(exc: OSError, path: Path, tmp: str | None) -> None:
+    """Make a failed system call name the file the caller asked for: a full disk (ENOSPC) reported by
+    ``write``/``fsync`` carries no file name, and a failure on the temporary (``tmp``; ``None``: while
+    creating it) names a hidden file the caller never heard of. Errors without an errno are left as
+    they are."""
+    if exc.errno is not None and (exc.filename is None or tmp is None or os.fspath(exc.filename) == tmp):
+        exc.filename = os.fspath(path)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -123,7 +138,8 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "file") -> dict[str, 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise FileFormatError(f"{path}: cannot read {what} ({exc})") from exc
+        reason = " ".join(str(exc).split())  # one line: YAML errors span several
+        raise FileFormatError(f"{path}: cannot read {what} ({reason})") from exc
     except RecursionError:  # "[[[[..." nested deeper than the parser's stack
         raise FileFormatError(f"{path}: cannot read {what} (nested too deeply)") from None
     if not isinstance(data, dict):
@@ -314,6 +330,37 @@ def npz_members(path: str | os.PathLike, where: str | None = None, *,
         key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
         members[key] = info
     return members
+
+
+def npz_headers(path: str | os.PathLike, where: str | None = None, *,
+                error: type[Exception] | None = None) -> dict[str, NpyHeader]:
+    """The ``.npy`` headers (shape, dtype) of every array of an ``.npz`` archive, read without
+    inflating the arrays: only each member's first bytes are decompressed. Every member's declared
+    sizes are checked (:func:`check_zip_member`) and every shape against its member's size
+    (:func:`read_npy_header`), so callers can compare shapes across arrays and files before reading
+    any of them. Members that are not ``.npy`` arrays are left out."""
+    import zipfile
+
+    from crossret.errors import CrossretError, DataError
+
+    path = Path(path)
+    where = where or str(path)
+    error = error or DataError
+    members = npz_members(path, where, error=error)
+    headers: dict[str, NpyHeader] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for key, info in members.items():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as member:
+                    headers[key] = read_npy_header(member, f"{where}: array {key!r}", info.file_size, error=error)
+    except CrossretError:
+        raise
+    except Exception as exc:  # zlib.error, BadZipFile, EOFError, ... on corrupt members
+        raise error(f"{where}: cannot read the array headers ({type(exc).__name__}: {exc}); the file is corrupt or "
+                    "truncated") from exc
+    return headers
 
 
 def load_npz_array(path: str | os.PathLike, key: str, where: str | None = None, *,

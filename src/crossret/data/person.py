@@ -46,10 +46,16 @@ from typing import Any, NamedTuple, overload
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from crossret._extras import missing_extra
+from crossret._limits import check_memory
 from crossret.errors import ConfigError, DataError
+
+try:
+    from PIL import Image
+except ImportError as exc:  # the 'gckd' extra is not installed
+    raise missing_extra("gckd", "PIL", exc) from exc
 
 __all__ = [
     "CLIP_MEAN",
@@ -608,6 +614,13 @@ def _check_seed(seed: int) -> int:
     return int(seed)
 
 
+
+def check_sampling_memory(n_identities: int, pairs_per_id: int) -> None:
+    """Refuse an identity-balanced epoch that would not fit in memory: every epoch deals at least one chunk
+    of ``pairs_per_id`` pairs per identity (int64 indices, and their batches)."""
+    check_memory(16 * n_identities * pairs_per_id, f"k={pairs_per_id} pairs per identity (pairs_per_id) for "
+                 f"{n_identities} identities", "lower k")
+
 class IdentityBalancedBatchSampler(Sampler[list[int]]):
     """Batches of ``p`` distinct identities × ``k`` pairs each, for the labelled source.
 
@@ -641,6 +654,7 @@ class IdentityBalancedBatchSampler(Sampler[list[int]]):
         if unique.size < self.p:
             raise ConfigError(f"p={self.p} identities per batch but the data has only {unique.size} identities; "
                               "lower p")
+        check_sampling_memory(unique.size, self.k)
         self._chunks = np.array([math.ceil(g.size / self.k) for g in self._groups], dtype=np.int64)
         self._num_batches = max(math.ceil(int(self._chunks.sum()) / self.p), int(self._chunks.max()))
 

@@ -37,7 +37,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from crossret._io import DEFLATE_MAX_RATIO, load_npz_array, npz_members
+from crossret._io import DEFLATE_MAX_RATIO, load_npz_array, npz_headers, npz_members
+from crossret._limits import check_memory, format_bytes
 from crossret.data.domain import UNKNOWN_LABEL, Domain
 from crossret.errors import ConfigError, DataError
 
@@ -83,10 +84,13 @@ _LOOKED_FOR = ", ".join(layout.description for layout in _LAYOUTS)
 class _Container:
     """Uniform read access to the named arrays of one file (npz, MAT v5, MAT v7.3, HDF5)."""
 
-    def __init__(self, kind: str, keys: list[str], load: Callable[[str], Any]) -> None:
+    def __init__(self, kind: str, keys: list[str], load: Callable[[str], Any],
+                 declared: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None) -> None:
         self.kind = kind  # "npz", "mat-v5", "mat-v7.3", "hdf5"
         self.keys = keys
         self._load = load
+        # (shape, dtype) of each array as the file declares it, known without reading the array (npz)
+        self.declared = declared or {}
 
     def get(self, key: str) -> Any:
         return self._load(key)
@@ -139,12 +143,15 @@ def _open_npz(path: Path) -> _Container:
     # archive holds before anything is read: numpy allocates a member's declared shape up front.
     members = npz_members(path)
     keys = list(members)
+    # Shapes and dtypes from the .npy headers (a few bytes of each member): compared before any array
+    # is inflated, so a small archive declaring gigabytes is refused by its shapes, not read.
+    declared = {key: (header.shape, header.dtype) for key, header in npz_headers(path).items()}
 
     def load(key: str) -> Any:
         # Reopened per array so that no file handle outlives the call.
         return load_npz_array(path, key)
 
-    return _Container("npz", keys, load)
+    return _Container("npz", keys, load, declared)
 
 
 def _open_mat_v5(path: Path) -> _Container:
@@ -292,7 +299,13 @@ def read_domain_pair(
     known label of the *pair* is 1; if the two files would still be normalised differently (a
     1-based MATLAB file next to a format taken as it is), this is an error asking for an explicit
     ``label_base``. Returns ``(source, target, {"source_label_base": b, "target_label_base": b})``.
+    The feature sizes the two files declare are compared before either is read, where the format
+    declares them without reading (``.npz``).
     """
+    declared = {role: _declared_samples(Path(p), role) for role, p in (("source", source_path),
+                                                                        ("target", target_path))}
+    if declared["source"] is not None and declared["target"] is not None:
+        _check_same_dim(source_path, declared["source"][1], target_path, declared["target"][1])
     if label_base != "auto":
         source = read_domain(source_path, "source", source_name, label_base)
         target = read_domain(target_path, "target", target_name, label_base)
@@ -338,41 +351,101 @@ def _read_domain(
 
     container = _open_container(path, ext)
     layout = _find_layout(path, container.keys)
-    suffix = ""
-    if layout.name == "jda":
-        if role is None:
-            raise DataError(
-                f"{path}: this JDA file holds two domains (X_src/Y_src and X_tar/Y_tar); pass "
-                "role='source' or role='target' to pick one (on the command line, --source FILE "
-                "and --target FILE pick the matching half automatically)"
-            )
-        fkey, lkey = _JDA_KEYS[role]
-        suffix = "/src" if role == "source" else "/tar"
-    else:
-        fkey, lkey = layout.features_key, layout.labels_key
+    fkey, lkey = _layout_keys(path, layout, role)
+    suffix = {"source": "/src", "target": "/tar"}.get(role or "", "") if layout.name == "jda" else ""
 
+    _check_declared(path, layout, fkey, lkey, container)
     features = _numeric(path, fkey, container.get(fkey))
     labels = _numeric(path, lkey, container.get(lkey))
-    if features.ndim != 2:
-        raise DataError(
-            f"{path}: {fkey!r} must be a 2-D array (samples x dims), got shape {features.shape}; "
-            "flatten each sample to one row"
-        )
-    labels = _as_label_vector(path, lkey, labels)
+    _check_shapes(path, layout, fkey, lkey, features.shape, labels.shape)
+    labels = labels.reshape(-1)
     if layout.columns_are_samples:
-        if features.shape[1] != labels.shape[0] and features.shape[0] == labels.shape[0]:
-            raise DataError(
-                f"{path}: {fkey!r} has shape {features.shape} but {lkey!r} has {labels.shape[0]} labels; "
-                "JDA files store one sample per column (dims x samples); transpose the array"
-            )
         features = features.T
-    if features.shape[0] != labels.shape[0]:
-        raise DataError(
-            f"{path}: {fkey!r} has {features.shape[0]} samples but {lkey!r} has {labels.shape[0]} labels; "
-            "there must be exactly one label per sample"
-        )
     labels = _normalise_labels(path, lkey, labels, label_base, matlab=layout.matlab_labels)
     return Domain(name or f"{path.stem}{suffix}", features, labels, origin=str(path)), layout.matlab_labels
+
+
+def _layout_keys(path: Path, layout: _Layout, role: Role | None) -> tuple[str, str]:
+    """The (features, labels) keys of ``layout``; a JDA file needs the ``role`` to pick its half."""
+    if layout.name != "jda":
+        return layout.features_key, layout.labels_key
+    if role is None:
+        raise DataError(
+            f"{path}: this JDA file holds two domains (X_src/Y_src and X_tar/Y_tar); pass "
+            "role='source' or role='target' to pick one (on the command line, --source FILE "
+            "and --target FILE pick the matching half automatically)"
+        )
+    return _JDA_KEYS[role]
+
+
+def _check_shapes(path: Path, layout: _Layout, fkey: str, lkey: str, fshape: tuple[int, ...],
+                  lshape: tuple[int, ...]) -> tuple[int, int]:
+    """``(samples, dims)`` of a features array and a labels array of these shapes, or the
+    :class:`DataError` that says why they do not make a domain (one rule for declared and read shapes)."""
+    if len(fshape) != 2:
+        raise DataError(
+            f"{path}: {fkey!r} must be a 2-D array (samples x dims), got shape {tuple(fshape)}; "
+            "flatten each sample to one row"
+        )
+    if not (len(lshape) == 1 or (len(lshape) == 2 and 1 in lshape)):
+        raise DataError(
+            f"{path}: {lkey!r} must be a vector of labels (N, N x 1 or 1 x N), got shape {tuple(lshape)}; "
+            "multi-label / one-hot labels are not supported, store one class id per sample"
+        )
+    n_labels = math.prod(lshape)
+    rows, dims = fshape
+    if layout.columns_are_samples:
+        if dims != n_labels and rows == n_labels:
+            raise DataError(
+                f"{path}: {fkey!r} has shape {tuple(fshape)} but {lkey!r} has {n_labels} labels; "
+                "JDA files store one sample per column (dims x samples); transpose the array"
+            )
+        rows, dims = dims, rows
+    if rows != n_labels:
+        raise DataError(
+            f"{path}: {fkey!r} has {rows} samples but {lkey!r} has {n_labels} labels; "
+            "there must be exactly one label per sample"
+        )
+    return int(rows), int(dims)
+
+
+def _check_declared(path: Path, layout: _Layout, fkey: str, lkey: str, container: _Container) -> tuple[int, int] | None:
+    """Check the shapes and dtypes a container declares for ``fkey``/``lkey`` before reading either
+    (see :func:`_check_shapes`), and that the features fit in memory; ``(samples, dims)``, or ``None``
+    when the container does not declare them (MAT, HDF5: their readers check declared sizes)."""
+    if fkey not in container.declared or lkey not in container.declared:
+        return None
+    (fshape, fdtype), (lshape, ldtype) = container.declared[fkey], container.declared[lkey]
+    for key, dtype in ((fkey, fdtype), (lkey, ldtype)):
+        if dtype.kind not in "fiub":
+            raise DataError(
+                f"{path}: {key!r} is not a numeric array (dtype {dtype}); store plain numbers, "
+                "not cells, structs or strings"
+            )
+    rows, dims = _check_shapes(path, layout, fkey, lkey, fshape, lshape)
+    # the array as stored, its float32 copy and the checked copy of that
+    check_memory(rows * dims * (fdtype.itemsize + 8) + rows * 8 * 2, f"{path}: {rows} x {dims} features",
+                 "use a smaller file or a machine with more memory", error=DataError)
+    return rows, dims
+
+
+def _declared_samples(path: Path, role: Role) -> tuple[int, int] | None:
+    """``(samples, dims)`` of the domain a file holds, from declared shapes only (``.npz``); ``None`` when
+    the file is not an ``.npz`` archive (its own read reports any problem)."""
+    if not path.is_file() or path.suffix.lower() != ".npz" or _sniff(path) != "zip":
+        return None
+    container = _open_npz(path)
+    layout = _find_layout(path, container.keys)
+    fkey, lkey = _layout_keys(path, layout, role)
+    return _check_declared(path, layout, fkey, lkey, container)
+
+
+def _check_same_dim(source_path: Any, source_dim: int, target_path: Any, target_dim: int) -> None:
+    if source_dim != target_dim:
+        raise DataError(
+            f"source {source_path} has {source_dim} features per sample but target {target_path} has "
+            f"{target_dim}; both domains must be described by the same features (same extractor/codebook)"
+        )
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -410,11 +483,7 @@ def check_pair(source: Domain, target: Domain) -> list[str]:
     cross-domain items).
     """
     src_where, tgt_where = source.origin or source.name, target.origin or target.name
-    if source.dim != target.dim:
-        raise DataError(
-            f"source {src_where} has {source.dim} features per sample but target {tgt_where} has "
-            f"{target.dim}; both domains must be described by the same features (same extractor/codebook)"
-        )
+    _check_same_dim(src_where, source.dim, tgt_where, target.dim)
     unlabelled = int((source.labels < 0).sum())
     if unlabelled:
         raise DataError(
@@ -456,17 +525,6 @@ def _numeric(path: Path, key: str, value: Any) -> np.ndarray:
             "not cells, structs or strings"
         )
     return array
-
-
-def _as_label_vector(path: Path, key: str, labels: np.ndarray) -> np.ndarray:
-    if labels.ndim == 2 and 1 in labels.shape:
-        return labels.reshape(-1)
-    if labels.ndim != 1:
-        raise DataError(
-            f"{path}: {key!r} must be a vector of labels (N, N x 1 or 1 x N), got shape {labels.shape}; "
-            "multi-label / one-hot labels are not supported, store one class id per sample"
-        )
-    return labels
 
 
 def _normalise_labels(path: Path, key: str, labels: np.ndarray, label_base: LabelBase, matlab: bool) -> np.ndarray:
@@ -511,8 +569,46 @@ def _is_number(text: str) -> bool:
     return True
 
 
+#: Longest CSV line read: one sample of a million features. Longer means not a CSV file (or no line breaks).
+MAX_CSV_LINE_BYTES = 1 << 25
+# np.loadtxt's float64 table per byte of text: a value can take 2 bytes ("0,") and becomes 8, plus the
+# parser's own copy of the text.
+_CSV_BYTES_PER_TEXT_BYTE = 5
+
+
+def _check_csv_size(path: Path) -> None:
+    """Bound what parsing a CSV file allocates before parsing: every line at most
+    :data:`MAX_CSV_LINE_BYTES` (found by a streaming scan that holds one block), and the parsed table
+    within the available memory."""
+    size = path.stat().st_size
+    check_memory(size * _CSV_BYTES_PER_TEXT_BYTE, f"{path}: parsing this {format_bytes(size)} CSV file",
+                 "convert it to .npz (numpy.savez with arrays 'features' and 'labels')", error=DataError)
+    line, run = 1, 0  # the current line's number and its bytes so far
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            breaks = np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n"))
+            if breaks.size:
+                # lengths of the lines this block ends: the current one, then those wholly inside it
+                ended = np.diff(breaks, prepend=-1) - 1
+                ended[0] += run
+                too_long = np.flatnonzero(ended > MAX_CSV_LINE_BYTES)
+                if too_long.size:
+                    _csv_line_too_long(path, line + int(too_long[0]))
+                line, run = line + breaks.size, len(block) - int(breaks[-1]) - 1
+            else:
+                run += len(block)
+            if run > MAX_CSV_LINE_BYTES:
+                _csv_line_too_long(path, line)
+
+
+def _csv_line_too_long(path: Path, line: int) -> None:
+    raise DataError(f"{path}: line {line} is longer than {MAX_CSV_LINE_BYTES} bytes; a CSV file holds one sample per "
+                    "line (is this a CSV file, with line breaks?)")
+
+
 def _read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Comma-separated rows, the label in the last column, an optional (non-numeric) header row."""
+    _check_csv_size(path)
     with path.open("r", encoding="utf-8-sig", errors="replace") as handle:
         first = handle.readline()
     header = 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from crossret._limits import check_memory
 from crossret.errors import DataError
 
 
@@ -77,6 +78,8 @@ def random_walks(
     degree = np.asarray(adjacency.sum(axis=1)).ravel()
 
     walkers = starts.size
+    check_memory(8 * walkers * (max_steps + 1), f"random walks: {walkers} walks of up to max_steps={max_steps} moves",
+                 "use fewer steps")
     nodes = np.empty((walkers, max_steps + 1), dtype=np.int64)
     nodes[:, 0] = starts
     lengths = np.zeros(walkers, dtype=np.int64)

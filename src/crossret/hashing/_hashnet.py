@@ -14,12 +14,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from crossret._limits import check_memory
+from crossret.data.domain import Domain, class_count
 from crossret.hashing._state import PersistentMethod
 from crossret.hashing.base import HashMethod, check_domain
-from crossret.hashing.networks import HashNet, torch_threads
+from crossret.hashing.networks import HashNet, default_encoder_dim, torch_threads
 from crossret.hashing.preprocessing import FeatureNormalizer
 
 ENCODE_BATCH = 4096
+# float32 copies of every weight while training: the weights, their gradients, Adam's two moments and
+# an averaged (EMA) copy.
+TRAINING_COPIES = 5
 SOURCE_PREFIX = "srcnorm_"  # saved arrays of the source domain's own normaliser
 
 
@@ -38,9 +43,30 @@ class HashNetMethod(PersistentMethod, HashMethod):
 
     def _build(self, input_dim: int, num_classes: int, encoder_dim: int | None = None) -> HashNet:
         cfg = self.config
-        return HashNet(input_dim, self.bits, num_classes,
-                       encoder_dim=cfg.encoder_dim if encoder_dim is None else encoder_dim,
+        encoder_dim = cfg.encoder_dim if encoder_dim is None else encoder_dim
+        self._check_network_memory(input_dim, num_classes, encoder_dim)
+        return HashNet(input_dim, self.bits, num_classes, encoder_dim=encoder_dim,
                        hash_hidden=cfg.hash_hidden, dropout=float(getattr(cfg, "dropout", 0.0)))
+
+    def check_sizes(self, source: Domain, target: Domain) -> None:
+        super().check_sizes(source, target)
+        if source.n and source.dim:
+            classes = class_count(source.labels, f"{self.name} source labels") if source.labels.max() >= 0 else 1
+            self._check_network_memory(source.dim, classes, self.config.encoder_dim)
+
+    def _check_network_memory(self, input_dim: int, num_classes: int, encoder_dim: int | None) -> None:
+        """Refuse widths (``encoder_dim``, ``hash_hidden``) whose network cannot be trained in the
+        available memory, before torch allocates the weights."""
+        width = default_encoder_dim(input_dim) if encoder_dim is None else encoder_dim
+        hidden = self.config.hash_hidden
+        if not all(isinstance(v, int) and v >= 0 for v in (width, hidden, input_dim, num_classes)):
+            return  # HashNet names the invalid value
+        head = width * hidden + hidden * self.bits if hidden else width * self.bits
+        parameters = input_dim * width + head + width * num_classes
+        activations = ENCODE_BATCH * (input_dim + 3 * width + 3 * hidden + self.bits + num_classes)
+        check_memory(4 * (TRAINING_COPIES * parameters + 4 * activations),
+                     f"{self.name}: a network with encoder_dim={width}, hash_hidden={hidden} on {input_dim} input "
+                     f"features ({parameters} weights)", "lower encoder_dim / hash_hidden (--set)")
 
     @torch.no_grad()
     def _forward_eval(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,9 +13,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from crossret._config import reject_unknown_keys
+from crossret._limits import check_bits, check_memory
 from crossret.data.domain import Domain
 from crossret.errors import ConfigError
 from crossret.progress import ProgressFn, no_progress
+
+# encode_real hands back one real value per row and bit (float64 at worst), then the int8 code
+_ENCODE_BYTES_PER_BIT = 9
 
 
 class HashMethod(abc.ABC):
@@ -30,13 +34,22 @@ class HashMethod(abc.ABC):
     data_parallel: ClassVar[bool] = False
 
     def __init__(self, bits: int, seed: int = 0, config: Any | None = None) -> None:
-        if not isinstance(bits, int) or bits <= 0:
+        if not isinstance(bits, int):
             raise ConfigError(f"--bits must be a positive integer, got {bits!r}")
-        self.bits = bits
+        self.bits = check_bits(bits)
         self.seed = int(seed)
         self.config = config if config is not None else self.config_class()
         self.input_dim: int | None = None
         self.diagnostics: dict[str, Any] = {}
+
+    def check_sizes(self, source: Domain, target: Domain) -> None:
+        """Refuse options whose allocations on these domains cannot fit in memory (a :class:`ConfigError`
+        naming the option), before anything is allocated or written: :meth:`fit` calls it first, and
+        ``run_experiment`` before it creates the run directory. Methods add their own structures (and
+        read ``target`` only if they train on it; :meth:`encode` checks every set it encodes)."""
+        n = source.n
+        check_memory(n * self.bits * _ENCODE_BYTES_PER_BIT, f"{self.name}: encoding {n} rows to {self.bits}-bit codes",
+                     "use fewer --bits")
 
     @abc.abstractmethod
     def fit(self, source: Domain, target: Domain, progress: ProgressFn = no_progress) -> HashMethod:
@@ -58,6 +71,9 @@ class HashMethod(abc.ABC):
 
         check_domain(domain)
         features = self._check_features(features)
+        check_memory(features.shape[0] * self.bits * _ENCODE_BYTES_PER_BIT, f"{self.name}: encoding "
+                     f"{features.shape[0]} rows to {self.bits}-bit codes",
+                     "use fewer --bits or encode in batches (crossret index encode)")
         return binarize(self.encode_real(features, domain=domain))
 
     def _check_features(self, features: np.ndarray) -> np.ndarray:

@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from crossret import distributed
+from crossret._limits import check_memory, check_threads
 from crossret._sealed import load_torch, save_torch
 from crossret.data.domain import Domain, class_count
 from crossret.errors import ConfigError, DataError, FileFormatError
@@ -262,6 +263,7 @@ class CoupleConfig:
             integer(key, 2)
         for key in ("warmup_epochs", "k_cross", "k_target", "k_source", "hash_hidden", "num_threads"):
             integer(key, 0)
+        check_threads(self.num_threads, "couple: num_threads")
         if self.encoder_dim is not None:
             integer("encoder_dim", 1)
         for key in ("lr", "weight_decay", "target_fill", "ce_weight", "target_ce_weight", "target_im_weight",
@@ -333,6 +335,16 @@ class Couple(HashNetMethod):
         self.selection_history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ training
+    def check_sizes(self, source: Domain, target: Domain) -> None:
+        super().check_sizes(source, target)
+        cfg = self.config
+        if cfg.pairing == "random-walk" and (cfg.mixup_low or cfg.mixup_high):
+            # each batch's walks: node ids (int64) and their copies, one row of walk_length + 1 per source
+            walkers = min(cfg.batch_size, source.n)
+            check_memory(16 * walkers * (cfg.walk_length + 1),
+                         f"couple: walk_length={cfg.walk_length} ({walkers} walks per batch)",
+                         "use a shorter walk_length")
+
     def fit(self, source: Domain, target: Domain, progress: ProgressFn = no_progress) -> Couple:
         start_time = time.perf_counter()
         cfg = self.config
@@ -344,6 +356,7 @@ class Couple(HashNetMethod):
             raise DataError(f"couple: source features are {source.dim}-d but target features {target.dim}-d")
         num_classes = class_count(source.labels, "COUPLE source labels")
         n_s, n_t = source.n, target.n
+        self.check_sizes(source, target)
         # Normalisation statistics from the *training* data only (unlabelled target included).
         if cfg.center_per_domain:
             self.source_normalizer, self.normalizer = fit_per_domain(source.features, target.features)

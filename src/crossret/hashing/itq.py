@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 from sklearn.decomposition import PCA
 
+from crossret._limits import check_memory
 from crossret.data.domain import Domain
 from crossret.errors import ConfigError, DataError
 from crossret.hashing._state import PersistentMethod
@@ -146,6 +147,7 @@ class ITQ(PersistentMethod, HashMethod):
             if target.dim != source.dim:
                 raise DataError(f"itq: source has {source.dim} features, target {target.dim}")
             parts.append(target.features)
+        self.check_sizes(source, target)
         train = np.concatenate(parts, axis=0)
         n, dim = train.shape
         if n < 2:
@@ -218,6 +220,15 @@ class ITQ(PersistentMethod, HashMethod):
         }
         progress(cfg.n_iter + 1, cfg.n_iter + 1, f"itq: done, loss {history[-1]:.4f}")
         return self
+
+    def check_sizes(self, source: Domain, target: Domain) -> None:
+        super().check_sizes(source, target)
+        n, dim = source.n + (target.n if self.config.use_target else 0), source.dim
+        # float64 working arrays: the projected data and its codes (and their copies in the rotation
+        # updates), the rotation and the projection
+        r = self.bits if self.config.overflow == "padded" else min(self.bits, n, dim)
+        check_memory(8 * (4 * n * r + 4 * r * r + 2 * dim * self.bits),
+                     f"itq: {self.bits}-bit codes of {n} x {dim} training features", "use fewer --bits")
 
     def _fit_without_variance(self, n: int, dim: int, start: float, progress: ProgressFn) -> ITQ:
         """The degenerate fit of :meth:`fit` when all training rows are identical (documented there)."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from crossret._limits import check_memory
 from crossret.data.domain import Domain
 from crossret.errors import ConfigError, DataError
 from crossret.hashing._state import PersistentMethod
@@ -58,6 +59,7 @@ class LSH(PersistentMethod, HashMethod):
 
     def fit(self, source: Domain, target: Domain, progress: ProgressFn = no_progress) -> LSH:
         start = time.perf_counter()
+        self.check_sizes(source, target)
         progress(0, 1, "lsh: fitting")
         parts = [source.features]
         if self.config.use_target:
@@ -78,6 +80,13 @@ class LSH(PersistentMethod, HashMethod):
         }
         progress(1, 1, "lsh: done")
         return self
+
+    def check_sizes(self, source: Domain, target: Domain) -> None:
+        super().check_sizes(source, target)
+        n = source.n + (target.n if self.config.use_target else 0)
+        # the projection, and the projected training data for the bit balance
+        check_memory(8 * (source.dim + n) * self.bits, f"lsh: {self.bits}-bit codes of {n} x {source.dim} features",
+                     "use fewer --bits")
 
     def encode_real(self, features: np.ndarray, domain: str = "target") -> np.ndarray:
         # One normaliser for both domains: ``domain`` does not change the codes.

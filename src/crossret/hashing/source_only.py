@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from crossret._limits import check_threads
 from crossret.data.domain import Domain, class_count
 from crossret.errors import ConfigError, DataError
 from crossret.hashing._hashnet import HashNetMethod
@@ -82,8 +83,7 @@ class SourceOnlyConfig:
 
         positive_int("epochs")
         positive_int("batch_size")
-        if not isinstance(self.num_threads, int) or isinstance(self.num_threads, bool) or self.num_threads < 0:
-            raise ConfigError(f"source-only: num_threads must be an integer >= 0, got {self.num_threads!r}")
+        check_threads(self.num_threads, "source-only: num_threads")
         if self.batch_size < 2:
             raise ConfigError("source-only: batch_size must be >= 2 (batch norm and pair losses)")
         if self.encoder_dim is not None:
@@ -116,6 +116,7 @@ class SourceOnly(HashNetMethod):
         start = time.perf_counter()
         cfg = self.config
         source.require_labels()
+        self.check_sizes(source, target)
         labels_np = source.labels
         num_classes = class_count(labels_np, "source-only source labels")
         self.normalizer = FeatureNormalizer(center=True, scale=cfg.standardize).fit(source.features)

@@ -34,6 +34,7 @@ import numba as nb
 import numpy as np
 from numba import prange
 
+from crossret._limits import check_result_slots
 from crossret.errors import CodeError, ConfigError, DataError
 from crossret.retrieval.packing import check_packed, packed_to_words
 
@@ -621,7 +622,6 @@ def hamming_distances(q_packed: np.ndarray, db_packed: np.ndarray, bits: int) ->
 # distance, so the merged result is the same.
 
 _TOPK_MIN_CHUNK = 1 << 16  # items per database chunk when one query is split across threads
-_MAX_PADDED_RESULTS = 1 << 28  # result slots allowed when k > N (all but N per row are padding)
 _LANES = 4  # pass 1 keeps 4 histograms (item j counts in lane j % 4), summed at the end
 # SWAR "some lane below n" test (exact for n up to half the lane range): constants per lane width.
 _SWAR_LOW = {1: np.uint64(0x0101010101010101), 2: np.uint64(0x0001000100010001)}
@@ -833,9 +833,7 @@ def hamming_topk(q_words: np.ndarray, db_words: np.ndarray, k: int, threads: int
     if q_words.shape[1] != db_words.shape[1]:
         raise CodeError(f"query codes have {q_words.shape[1]} words but database codes {db_words.shape[1]}")
     k = _as_int(k, "k", 1, ConfigError)
-    if k > n_db and n_q * k > _MAX_PADDED_RESULTS:
-        raise ConfigError(f"k={k} exceeds the {n_db} database items and {n_q} x {k} result slots would be "
-                          "allocated, nearly all of them empty; ask for at most the database size")
+    check_result_slots(k, n_q, n_db)
     if threads is not None:
         threads = _as_int(threads, "threads", 0, ConfigError)
     out_d = np.full((n_q, k), np.iinfo(np.int32).max, np.int32)

@@ -68,6 +68,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any, ClassVar
@@ -75,6 +76,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from crossret._io import write_bytes_atomic
+from crossret._limits import MAX_BITS, check_memory, check_result_slots
 from crossret.errors import CodeError, ConfigError, DataError, FileFormatError
 from crossret.retrieval.packing import BIT_ORDER, check_packed, packed_width, pad_packed, padded_bits
 
@@ -143,6 +145,62 @@ def _check_int_param(name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
+# Bytes per IVF list at build and training time: the float centroid faiss' binary k-means keeps per bit,
+# the binary centroid and the list's two empty vectors.
+_IVF_BYTES_PER_LIST_BIT = 4
+_IVF_BYTES_PER_LIST = 64
+# Bytes per item of an HNSW graph for each unit of M: 2·M level-0 neighbours of 4 bytes (upper levels
+# add a few percent).
+_HNSW_BYTES_PER_M = 9
+
+
+def _check_param_sizes(params: dict[str, int], padded_bits: int, default_b: int = 64) -> None:
+    """Refuse index parameters that would allocate without bound or make a search never end, before
+    faiss sees them: HNSW ``M`` / ``efConstruction`` / ``efSearch`` beyond the largest value a saved
+    index may hold, a multi-hash ``nflip`` that probes more keys than that, and ``nlist`` lists that do
+    not fit in memory."""
+    from crossret.retrieval._faiss_format import MAX_EF, MAX_FLIP_PROBES, flip_probes
+
+    for name in ("M", "efConstruction", "efSearch"):
+        if params.get(name, 0) > MAX_EF:
+            raise ConfigError(f"index parameter {name}={params[name]} is far beyond any useful value (at most "
+                              f"{MAX_EF}; typical: 16-512)")
+    if "nflip" in params and flip_probes(min(params.get("b", default_b), 64), params["nflip"]) > MAX_FLIP_PROBES:
+        raise ConfigError(f"index parameter nflip={params['nflip']} would probe more than {MAX_FLIP_PROBES} hash "
+                          "keys per table and query; use nflip <= 3")
+    if "nlist" in params:
+        nlist = params["nlist"]
+        check_memory(nlist * (_IVF_BYTES_PER_LIST_BIT * padded_bits + _IVF_BYTES_PER_LIST),
+                     f"index parameter nlist={nlist}: the IVF lists", "use fewer lists (nlist)")
+
+
+def requested_nlist(kind: str, params: dict[str, Any]) -> int | None:
+    """The IVF list count a kind and its parameters ask for (``nlist``, or ``BIVF<nlist>`` in a factory
+    string); ``None`` when it is not an IVF kind or the count is left to the default."""
+    if kind == "ivf":
+        nlist = params.get("nlist")
+        return int(nlist) if isinstance(nlist, (int, np.integer)) and not isinstance(nlist, bool) else None
+    match = re.search(r"IVF(\d+)", kind)
+    return int(match.group(1)) if match else None
+
+
+def _check_factory_sizes(kind: str, padded_bits: int) -> None:
+    """The sizes spelled inside a faiss factory string (``BIVF<nlist>``, ``BHNSW<M>``, ...), checked as
+    the named parameters are, before faiss allocates them."""
+    from crossret.retrieval._faiss_format import MAX_EF
+
+    for match in re.finditer(r"([A-Za-z]*)(\d+)", kind):
+        prefix, value = match.group(1), int(match.group(2))
+        if value > _INT32_MAX:
+            raise ConfigError(f"index kind {kind!r}: {value} does not fit faiss' 32-bit sizes")
+        if prefix.endswith("IVF"):
+            _check_param_sizes({"nlist": value}, padded_bits)
+        elif prefix.endswith("HNSW"):
+            _check_param_sizes({"M": value}, padded_bits)
+        elif value > MAX_EF:
+            raise ConfigError(f"index kind {kind!r}: {value} is far beyond any useful size (at most {MAX_EF})")
+
+
 def _check_ids(ids: Any, n: int, existing: np.ndarray | None) -> np.ndarray:
     ids = np.asarray(ids)
     if ids.ndim != 1 or ids.shape[0] != n:
@@ -202,6 +260,29 @@ def _sort_binary_rows(dist: np.ndarray, internal: np.ndarray) -> tuple[np.ndarra
     out_dist = np.where(missing, MISSING_DISTANCE, key >> _ID_BITS).astype(np.int32)
     out_ids = np.where(missing, -1, key & ((1 << _ID_BITS) - 1))
     return out_dist, out_ids
+
+
+def _pad_results(values: np.ndarray, internal: np.ndarray, k: int, missing: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of fewer than ``k`` results padded to ``k`` with ``(missing, -1)``."""
+    short = k - values.shape[1]
+    if short <= 0:
+        return values, internal
+    n = values.shape[0]
+    return (np.concatenate([values, np.full((n, short), missing, values.dtype)], axis=1),
+            np.concatenate([internal, np.full((n, short), MISSING_ID, np.int64)], axis=1))
+
+
+def _check_graph_memory(index: Any, n_new: int) -> None:
+    """Adding ``n_new`` items to an HNSW index allocates ``~2·M`` neighbour slots per item: refuse an
+    ``M`` whose graph cannot fit in memory before faiss grows it."""
+    hnsw = getattr(index, "hnsw", None)
+    if hnsw is None or not n_new:
+        return
+    m = int(hnsw.nb_neighbors(1))
+    total = int(index.ntotal) + n_new
+    item_bytes = getattr(index, "code_size", None) or 4 * int(index.d)  # binary codes / float vectors
+    check_memory(total * (_HNSW_BYTES_PER_M * m + int(item_bytes)),
+                 f"an HNSW graph of {total} items with M={m}", "use a smaller M")
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,6 +550,8 @@ class BinaryIndex(_FaissIndex):
         """An empty index for ``bits``-bit codes. ``params`` are the kind's parameters."""
         if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits <= 0:
             raise CodeError(f"code length must be a positive integer, got {bits!r}")
+        if bits > MAX_BITS:
+            raise CodeError(f"code length {bits} exceeds the longest supported code length of {MAX_BITS} bits")
         if not isinstance(kind, str) or not kind:
             raise ConfigError(f"index kind must be a non-empty string, got {kind!r}")
         self.bits = int(bits)
@@ -485,6 +568,9 @@ class BinaryIndex(_FaissIndex):
             )
         self.params = {name: _check_int_param(name, value, 0 if name in _ZERO_OK_PARAMS else 1)
                        for name, value in params.items()}
+        _check_param_sizes(self.params, self.padded_bits, default_b=min(16, self.bits))
+        if kind not in self._BUILTIN_PARAMS:
+            _check_factory_sizes(kind, self.padded_bits)
         self._faiss_index = self._build(None)
 
     # -- construction
@@ -570,9 +656,11 @@ class BinaryIndex(_FaissIndex):
         unknown = sorted(set(params) - self._SEARCH_PARAMS)
         if unknown:
             raise ConfigError(f"only nprobe, efSearch and nflip can be changed after building, not {unknown}")
+        checked = {name: _check_int_param(name, value, 0 if name in _ZERO_OK_PARAMS else 1)
+                   for name, value in params.items()}
+        _check_param_sizes({"b": self.params.get("b", 64), **checked}, self.padded_bits)
         old = dict(self.params)
-        self.params.update({name: _check_int_param(name, value, 0 if name in _ZERO_OK_PARAMS else 1)
-                            for name, value in params.items()})
+        self.params.update(checked)
         if self._faiss_index is not None:
             try:
                 self._apply_search_params(self._faiss_index)
@@ -615,6 +703,9 @@ class BinaryIndex(_FaissIndex):
             self._faiss_index = self._build(codes.shape[0])
         if self._faiss_index.is_trained:
             return
+        # faiss' binary k-means works on float copies of the training codes
+        check_memory(codes.shape[0] * self.padded_bits * 4, f"training {self.kind!r} on {codes.shape[0]} codes",
+                     "train on a smaller sample (train_size)")
         nlist = int(getattr(self._faiss_index, "nlist", 1))
         if codes.shape[0] < nlist:
             raise ConfigError(
@@ -627,6 +718,7 @@ class BinaryIndex(_FaissIndex):
         """Add packed codes. ``ids`` (int64, unique, >= 0) are returned by search instead of positions."""
         codes = self._prepare(packed, "codes")
         self._require_searchable()
+        _check_graph_memory(self._faiss_index, codes.shape[0])
         self._register_ids(ids, codes.shape[0])
         if codes.shape[0]:
             self._faiss_index.add(codes)
@@ -638,13 +730,20 @@ class BinaryIndex(_FaissIndex):
         k = _check_k(k)
         queries = self._prepare(packed_queries, "query codes")
         self._require_searchable()
+        check_result_slots(k, queries.shape[0], self.ntotal)
         if queries.shape[0] == 0:
             return np.empty((0, k), np.int32), np.empty((0, k), np.int64)
         if self.kind == "flat":
             dist, internal = self._flat_search(queries, k)
         else:
-            dist, internal = self._faiss_index.search(queries, k)
-            dist, internal = _sort_binary_rows(dist, internal.astype(np.int64, copy=False))
+            # faiss sizes its per-query heaps (HNSW: candidate lists) by k: never ask for more than it holds.
+            found = min(k, self.ntotal)
+            if found:
+                dist, internal = self._faiss_index.search(queries, found)
+                dist, internal = _sort_binary_rows(dist, internal.astype(np.int64, copy=False))
+            else:
+                dist, internal = np.empty((queries.shape[0], 0), np.int32), np.empty((queries.shape[0], 0), np.int64)
+            dist, internal = _pad_results(dist, internal, k, MISSING_DISTANCE)
         return dist, self._map_ids(internal)
 
     def _flat_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -779,6 +878,7 @@ class DenseIndex(_FaissIndex):
         self._ids = None
         self._ids_mode = None
         self.params = {name: _check_int_param(name, value) for name, value in params.items()}
+        _check_param_sizes(self.params, 0)
         faiss = _faiss()
         if kind == "flat":
             self._faiss_index = faiss.IndexFlatIP(self.dim)
@@ -805,8 +905,10 @@ class DenseIndex(_FaissIndex):
         if self.kind != "hnsw" or set(params) - {"efSearch"}:
             raise ConfigError("only efSearch of an 'hnsw' dense index can be changed after building")
         if "efSearch" in params:
-            self.params["efSearch"] = _check_int_param("efSearch", params["efSearch"])
-            self._faiss_index.hnsw.efSearch = self.params["efSearch"]
+            ef_search = _check_int_param("efSearch", params["efSearch"])
+            _check_param_sizes({"efSearch": ef_search}, 0)
+            self.params["efSearch"] = ef_search
+            self._faiss_index.hnsw.efSearch = ef_search
 
     def _prepare(self, x: np.ndarray, name: str) -> np.ndarray:
         x = np.asarray(x)
@@ -829,6 +931,7 @@ class DenseIndex(_FaissIndex):
     def add(self, x: np.ndarray, ids: Any = None) -> None:
         """Add embeddings (N × dim). ``ids`` (int64, unique, >= 0) are returned by search."""
         x = self._prepare(x, "embeddings")
+        _check_graph_memory(self._faiss_index, x.shape[0])
         self._register_ids(ids, x.shape[0])
         if x.shape[0]:
             self._faiss_index.add(x)
@@ -837,12 +940,18 @@ class DenseIndex(_FaissIndex):
         """``k`` best items per query by inner product: ``(scores float32 (Q, k), ids int64 (Q, k))``."""
         k = _check_k(k)
         q = self._prepare(queries, "queries")
+        check_result_slots(k, q.shape[0], self.ntotal)
         if q.shape[0] == 0:
             return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
-        scores, internal = self._faiss_index.search(q, k)
+        found = min(k, self.ntotal)  # faiss sizes its per-query heaps by k
+        if not found:
+            return _pad_results(np.empty((q.shape[0], 0), np.float32), np.empty((q.shape[0], 0), np.int64), k,
+                                MISSING_SCORE)
+        scores, internal = self._faiss_index.search(q, found)
         internal = internal.astype(np.int64, copy=False)
         neg, internal = _sort_rows(-scores, internal)
         scores = np.where(internal < 0, MISSING_SCORE, -neg).astype(np.float32)
+        scores, internal = _pad_results(scores, internal, k, MISSING_SCORE)
         return scores, self._map_ids(internal)
 
     def _header(self) -> dict[str, Any]:

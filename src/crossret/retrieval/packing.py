@@ -73,9 +73,10 @@ def as_pm1(codes: np.ndarray, *, name: str = "codes") -> np.ndarray:
     )
 
 
-def pack_codes(codes: np.ndarray) -> np.ndarray:
-    """Pack ±1 or {0,1} codes ``(N, L)`` into uint8 ``(N, ceil(L/8))``, faiss bit order."""
-    pm1 = as_pm1(codes)
+def pack_codes(codes: np.ndarray, *, name: str = "codes") -> np.ndarray:
+    """Pack ±1 or {0,1} codes ``(N, L)`` into uint8 ``(N, ceil(L/8))``, faiss bit order (errors name
+    ``name``)."""
+    pm1 = as_pm1(codes, name=name)
     return np.packbits(pm1 > 0, axis=1, bitorder="little")
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from crossret._io import atomic_open, load_npy, write_json_atomic
 from crossret.errors import CodeError, ConfigError, DataError, FileFormatError
 from crossret.progress import ProgressFn, no_progress
-from crossret.retrieval.index import BinaryIndex, _check_k
+from crossret.retrieval.index import BinaryIndex, _check_k, requested_nlist
 from crossret.retrieval.packing import BIT_ORDER, pack_codes, packed_width
 
 __all__ = [
@@ -262,6 +262,10 @@ def build_index_from_packed(codes: Any, bits: int | None = None, kind: str = "fl
             raise ConfigError(f"ids: expected {n} ids (one per code), got shape {ids.shape}")
     if kind == "ivf" and "nlist" not in params:
         params["nlist"] = BinaryIndex.default_nlist(n)
+    nlist = requested_nlist(kind, params)
+    if nlist is not None and nlist > n:
+        raise ConfigError(f"nlist={nlist} exceeds the {n} codes to index; an IVF index needs at least one training "
+                          f"code per list: use nlist <= {n} (default: {BinaryIndex.default_nlist(n)})")
     index = BinaryIndex(bits, kind, **params)
     if not index.is_trained:
         nlist = int(getattr(index._faiss_index, "nlist", 1))

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crossret._limits import check_memory
 from crossret.errors import ConfigError, DataError
 
 SOURCE = 0
@@ -143,6 +144,14 @@ class MemoryBank(nn.Module):
         self.count.zero_()
 
 
+def check_bank_memory(capacity: int, dim: int) -> None:
+    """Refuse banks that would not fit in memory, before anything is allocated (ConfigError)."""
+    if isinstance(capacity, int) and isinstance(dim, int) and capacity > 0 and dim > 0:
+        # four banks of float32 features and two int64 columns, and the graph's copy of every node
+        check_memory(4 * capacity * (8 * dim + 16), f"memory banks of memory_size={capacity} x {dim} features",
+                     "lower memory_size (--set)")
+
+
 class GckdMemory(nn.Module):
     """The four GCKD banks M_v^s, M_t^s, M_v^t, M_t^t (gckd.md §2.2 step 1), each ``capacity × dim``.
 
@@ -154,6 +163,7 @@ class GckdMemory(nn.Module):
 
     def __init__(self, capacity: int = 4096, dim: int = 256) -> None:
         super().__init__()
+        check_bank_memory(capacity, dim)
         self.source_image = MemoryBank(capacity, dim)
         self.source_text = MemoryBank(capacity, dim)
         self.target_image = MemoryBank(capacity, dim)

@@ -43,14 +43,17 @@ TIMING_KEYS = ("resumed_from_epoch",)  # besides every key ending in "seconds"
 
 # ---------------------------------------------------------------------------------------------- the plan
 def classify(trace: list[list[Any]]) -> dict[str, list[int]]:
-    """Indices of the trace's events by category: ``startup`` (file writes before training), ``final``
+    """Indices of the trace's events by category: ``create`` (the run directory renamed into place, once
+    per run, not met again by a resumed attempt), ``startup`` (file writes before training), ``final``
     (file writes after the last checkpoint), ``step``, ``refresh`` (COUPLE), ``graph`` (GCKD),
     ``ckpt-before``, ``ckpt-after``, ``ckpt-after-last`` (the last epoch's checkpoint, just renamed)."""
     first_training = next((i for i, e in enumerate(trace) if e[0] != "file"), len(trace))
     last_ckpt = max((i for i, e in enumerate(trace) if e[0] == "ckpt"), default=-1)
     out: dict[str, list[int]] = {}
     for i, event in enumerate(trace):
-        if event[0] == "file":
+        if event[0] == "file" and event[1] == ".":
+            category = "create"
+        elif event[0] == "file":
             category = "startup" if i < first_training else "final" if i > last_ckpt else "other-file"
         elif event[0] == "ckpt":
             category = f"ckpt-{event[2]}"

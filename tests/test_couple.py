@@ -619,9 +619,13 @@ def test_a_new_run_in_an_interrupted_directory_starts_over(demo_split, tmp_path)
     run_dir = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         run_experiment(_run_config(run_dir, epochs=2), split=demo_split, progress=stop_after(1))
-    assert (run_dir / "checkpoints" / CHECKPOINT_NAME).is_file()
-    # a changed config without --resume is allowed and discards the old checkpoint
-    result = run_experiment(_run_config(run_dir, epochs=2, lr=2e-4), split=demo_split)
+    checkpoint = (run_dir / "checkpoints" / CHECKPOINT_NAME).read_bytes()
+    # without --resume or --overwrite the interrupted run is kept
+    with pytest.raises(ConfigError, match=r"interrupted run.*--resume.*--overwrite"):
+        run_experiment(_run_config(run_dir, epochs=2, lr=2e-4), split=demo_split)
+    assert (run_dir / "checkpoints" / CHECKPOINT_NAME).read_bytes() == checkpoint
+    # --overwrite with a changed config replaces it, old checkpoint included
+    result = run_experiment(_run_config(run_dir, epochs=2, lr=2e-4), split=demo_split, overwrite=True)
     assert result.metrics["diagnostics"]["resumed_from_epoch"] == 0
     assert result.method.config.lr == 2e-4
     header = json.loads(read_checkpoint(run_dir / "checkpoints" / CHECKPOINT_NAME)["header"])

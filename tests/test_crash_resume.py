@@ -200,6 +200,7 @@ def crashes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- COUPLE
+@pytest.mark.slow
 def test_couple_sigkill_at_seeded_points_resumes_bit_exactly(crashes: dict[str, Any]) -> None:
     report = crashes["scenarios"]["couple"]
     work = crashes["root"] / "work" / "couple"
@@ -213,6 +214,7 @@ def test_couple_sigkill_at_seeded_points_resumes_bit_exactly(crashes: dict[str, 
     _assert_same_outputs(work / "run", work / "reference", ("map_cross", "map_single", "precision_at", "p_at_r2"))
 
 
+@pytest.mark.slow
 def test_couple_killed_from_outside_resumes_bit_exactly(crashes: dict[str, Any]) -> None:
     killed, report = crashes["external_kill"], crashes["scenarios"]["couple"]
     assert "error" not in killed and not killed["ended_before_the_kill"], killed
@@ -230,6 +232,7 @@ def test_couple_killed_from_outside_resumes_bit_exactly(crashes: dict[str, Any])
 
 
 # ---------------------------------------------------------------------------------------------- GCKD
+@pytest.mark.slow
 def test_gckd_sigkill_at_seeded_points_resumes_bit_exactly(crashes: dict[str, Any]) -> None:
     report = crashes["scenarios"]["gckd"]
     work = crashes["root"] / "work" / "gckd"
@@ -240,6 +243,7 @@ def test_gckd_sigkill_at_seeded_points_resumes_bit_exactly(crashes: dict[str, An
 
 
 # ---------------------------------------------------------------------------------------------- leftovers
+@pytest.mark.slow
 def test_resuming_trainers_remove_leftover_temporaries_of_their_checkpoints(crashes: dict[str, Any]) -> None:
     """Couple.fit / GckdTrainer.fit with resume=True (Python API, no run directory) clean their
     checkpoint directory too; other files stay."""

@@ -41,6 +41,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+# torchrun runs of COUPLE and GCKD, compared with single-process runs: tens of seconds
+pytestmark = pytest.mark.slow
+
 WORLD = 2
 LR = 1e-4  # COUPLE's default Adam learning rate
 COUPLE_CONFIG = {"epochs": 4, "warmup_epochs": 1, "graph_every": 1, "batch_size": 31, "target_batch_size": 29,
@@ -295,7 +298,6 @@ def _max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys: 
 
 
 # ---------------------------------------------------------------------------------------------- COUPLE
-@pytest.mark.slow
 def test_couple_codes_equal_the_single_process_run_outside_the_rounding_margin(runs: dict[str, Any]) -> None:
     """The guarantee docs/distributed.md states: real-valued outputs agree to CODE_MARGIN, so every code bit
     whose single-process output is farther than CODE_MARGIN from 0 is identical; a bit whose output is
@@ -330,7 +332,6 @@ def test_couple_selection_equals_the_single_process_run(runs: dict[str, Any]) ->
             assert d[key] == pytest.approx(s[key], rel=5e-5, abs=1e-6), key
 
 
-@pytest.mark.slow
 def test_couple_parameters_equal_within_tolerance(runs: dict[str, Any]) -> None:
     single, dist = runs["single"]["couple"], runs["dist"]["couple"]
     assert single["state"].keys() == dist["state"].keys()
@@ -341,7 +342,6 @@ def test_couple_parameters_equal_within_tolerance(runs: dict[str, Any]) -> None:
     assert _max_abs_diff(single["state"], dist["state"], cancelled) <= 2 * LR * steps
 
 
-@pytest.mark.slow
 def test_couple_resume_under_torchrun_is_bit_identical(runs: dict[str, Any]) -> None:
     resumed, uninterrupted = runs["dist"]["couple_resumed"], runs["dist"]["couple"]
     assert resumed["resumed_from"] == 2
@@ -350,7 +350,6 @@ def test_couple_resume_under_torchrun_is_bit_identical(runs: dict[str, Any]) -> 
         np.testing.assert_array_equal(resumed["codes"][name], codes)
 
 
-@pytest.mark.slow
 def test_only_rank_zero_writes_files(runs: dict[str, Any]) -> None:
     main, other = runs["writes"]
     assert other == []
@@ -364,7 +363,6 @@ def test_only_rank_zero_writes_files(runs: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- GCKD
-@pytest.mark.slow
 def test_gckd_feature_heads_equal_the_single_process_run(runs: dict[str, Any]) -> None:
     single, dist = runs["single"]["gckd"], runs["dist"]["gckd"]
     assert single["state"].keys() == dist["state"].keys()
@@ -379,14 +377,12 @@ def test_gckd_feature_heads_equal_the_single_process_run(runs: dict[str, Any]) -
             assert d[key] == pytest.approx(s[key], rel=1e-5), key
 
 
-@pytest.mark.slow
 def test_gckd_stop_and_resume_under_torchrun_is_bit_identical(runs: dict[str, Any]) -> None:
     resumed, uninterrupted = runs["dist"]["gckd_resumed"], runs["dist"]["gckd"]
     assert resumed["first_epochs"] == 1 and resumed["resumed_from"] == 1  # rank 0's should_stop held for all
     assert _max_abs_diff(resumed["state"], uninterrupted["state"]) == 0.0
 
 
-@pytest.mark.slow
 def test_albef_mlm_gradients_and_losses_equal_the_single_process_run(runs: dict[str, Any]) -> None:
     single, dist = runs["single"]["albef"], runs["dist"]["albef"]
     assert single["grads"].keys() == dist["grads"].keys()

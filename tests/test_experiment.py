@@ -69,8 +69,11 @@ def test_interrupted_run_leaves_no_metrics(spy_registered, tmp_path):
     assert (tmp_path / "run" / "config.yaml").exists()
     assert not (tmp_path / "run" / "metrics.json").exists()
     assert "interrupted" in (tmp_path / "run" / "run.log").read_text()
-    # the same directory can be reused after an interruption (no finished run to protect)
-    result = run_experiment(config)
+    # the interrupted run is kept: a new run there needs --resume or --overwrite
+    with pytest.raises(ConfigError, match=r"interrupted run.*--resume.*--overwrite"):
+        run_experiment(config)
+    assert (tmp_path / "run" / "config.yaml").exists()
+    result = run_experiment(config, overwrite=True)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["map_cross"] == result.metrics["map_cross"]
 
 

@@ -43,7 +43,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path, style: str) -> 
     b = _tree(generate_person_dataset(style, tmp_path / "b", seed=3, **SMALL))
     c = _tree(generate_person_dataset(style, tmp_path / "c", seed=4, **SMALL))
     assert a == b
-    assert ANNOTATION_FILES[style] in a and len(a) == 1 + 11 * 3
+    assert ANNOTATION_FILES[style] in a and ".crossret-synthetic" in a and len(a) == 2 + 11 * 3
     assert a[ANNOTATION_FILES[style]] != c[ANNOTATION_FILES[style]]
     images_a = {data for name, data in a.items() if name.startswith("imgs/")}
     images_c = {data for name, data in c.items() if name.startswith("imgs/")}
@@ -234,3 +234,20 @@ def test_generic_pretraining_corpus(tmp_path: Path, styles: dict[str, Path]) -> 
     assert corner_spread(dataset) > 2 * max(corner_spread(load_person_dataset(s, styles[s])) for s in STYLES)
     with pytest.raises(ConfigError, match="n_ids"):
         synth.generate_pretraining_corpus(tmp_path / "bad", n_ids=0)
+
+
+def test_overwrite_replaces_only_a_synthetic_dataset_crossret_wrote(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "reid_raw.json").write_text("my real annotations")
+    for overwrite in (False, True):  # a user's folder: refused, and untouched, with or without overwrite
+        with pytest.raises(ConfigError, match="mine"):
+            generate_person_dataset("cuhk-pedes", mine, seed=3, overwrite=overwrite, **SMALL)
+        assert sorted(p.name for p in mine.iterdir()) == ["reid_raw.json"]
+        assert (mine / "reid_raw.json").read_text() == "my real annotations"
+    ours = generate_person_dataset("cuhk-pedes", tmp_path / "ours", seed=3, **SMALL)
+    with pytest.raises(ConfigError, match="not empty"):
+        generate_person_dataset("cuhk-pedes", ours, seed=4, **SMALL)
+    before = _tree(ours)
+    after = _tree(generate_person_dataset("cuhk-pedes", ours, seed=4, overwrite=True, **SMALL))
+    assert after[ANNOTATION_FILES["cuhk-pedes"]] != before[ANNOTATION_FILES["cuhk-pedes"]]

@@ -22,6 +22,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from crossret._io import load_npy
 from crossret.errors import ConfigError, CrossretError, DataError
@@ -40,8 +41,10 @@ gckd_app = typer.Typer(help="GCKD cross-dataset text-to-image person retrieval: 
                        "pre-training, adaptation to an unlabelled target, evaluation.", no_args_is_help=True)
 app.add_typer(gckd_app, name="gckd")
 
-out = Console()
-err = Console(stderr=True)
+# Text is printed as it is: no markup, no emoji codes, no highlighting. Paths, messages and table cells
+# hold user text ("[/b]", ":x:"), which rich would otherwise parse (and crash on) or replace.
+out = Console(markup=False, emoji=False, highlight=False)
+err = Console(stderr=True, markup=False, emoji=False, highlight=False)
 
 
 class Ties(str, Enum):
@@ -71,33 +74,65 @@ TiesOpt = Annotated[
 ]
 
 
+def _print_error(message: str) -> None:
+    """``error: MESSAGE`` on one stderr line; the message is printed literally (see ``err``)."""
+    err.print(Text.assemble(("error:", "bold red"), " ", " ".join(message.split("\n"))), soft_wrap=True)
+
+
+def _print_interrupted() -> None:
+    err.print(Text.assemble(("interrupted", "yellow"), ": nothing after the last completed step was written"),
+              soft_wrap=True)
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while handling a KeyboardInterrupt (typer turns Ctrl-C into a silent
+    ``Exit(130)``)."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc.__cause__, exc.__context__]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        stack += [current.__cause__, current.__context__]
+    return False
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
         app()
     except CrossretError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _print_error(str(exc))
         sys.exit(2)
     except OSError as exc:
         # unwritable --out, a directory where a file is expected, a full disk, ...
         where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
-        err.print(f"[bold red]error:[/] cannot read or write{where}: {exc.strerror or exc}", highlight=False,
-                  soft_wrap=True)
+        _print_error(f"cannot read or write{where}: {exc.strerror or exc}")
         sys.exit(2)
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]: nothing after the last completed step was written")
+        _print_interrupted()
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130 and _caused_by_interrupt(exc):
+            _print_interrupted()
+        raise
 
 
 # --------------------------------------------------------------------------- helpers
 @contextlib.contextmanager
 def _progress_bar(enabled: bool = True) -> Iterator[ProgressFn]:
-    """A rich progress bar on stderr, exposed to library code as a ``progress(step, total, msg)``."""
-    if not enabled:
+    """A rich progress bar on stderr, exposed to library code as a ``progress(step, total, msg)``.
+
+    Shown on a terminal only: elsewhere (a log file, a pipe) rich would draw nothing but an empty line.
+    """
+    if not enabled or not err.is_terminal:
         yield lambda step, total, message="": None
         return
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), console=err, transient=True,
     )
     task = progress.add_task("starting", total=1)
@@ -222,8 +257,8 @@ def benchmarks(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
     table.add_column("data")
     table.add_column("files")
     for info in infos:
-        table.add_row(info.name, info.family, "[green]present[/]" if info.present else "[red]absent[/]",
-                      ", ".join(str(f) for f in info.files) or "(built in)")
+        presence = Text("present", style="green") if info.present else Text("absent", style="red")
+        table.add_row(info.name, info.family, presence, ", ".join(str(f) for f in info.files) or "(built in)")
     out.print(table)
 
 
@@ -231,7 +266,7 @@ def benchmarks(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
 @app.command()
 def run(
     method: Annotated[str, typer.Argument(help="Method: " + ", ".join(available_methods()) + ".")],
-    bits: Annotated[int, typer.Option(help="Code length in bits (any positive integer).")],
+    bits: Annotated[int, typer.Option(help="Code length in bits (1 to 65536).")],
     benchmark: Annotated[str | None, typer.Option(help="Named benchmark (see `crossret benchmarks`).")] = None,
     source: Annotated[Path | None, typer.Option(help="Source domain file (labelled).")] = None,
     target: Annotated[Path | None, typer.Option(help="Target domain file (labels used for evaluation only).")]
@@ -253,7 +288,8 @@ def run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Method config override KEY=VALUE "
                                                    "(repeatable).")] = None,
     plots: Annotated[bool, typer.Option("--plots", help="Write P-R and precision@N plots (PNG).")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace a finished run in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the crossret run in --out (finished or interrupted) once "
+                                            "the new one has finished.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last checkpoint "
                                          "(methods that checkpoint, e.g. couple; same options required).")]
     = False,
@@ -351,13 +387,19 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
     out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write PNGs (default RUN_DIR/plots).")]
     = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace plots crossret wrote there before (other files are never "
+                                            "replaced).")] = False,
 ) -> None:
     """Write P-R (by Hamming radius and by rank) and precision@N plots of a run as PNG."""
     from crossret.experiment import read_run_metrics
-    from crossret.report.plots import write_run_plots
+    from crossret.report.plots import run_plot_files, write_run_plots
+    from crossret.runs import check_output_file, run_file
 
     metrics = read_run_metrics(run_dir)
-    paths = write_run_plots(metrics, out_dir or run_dir / "plots")
+    target = out_dir or run_file(run_dir, "plots")
+    for path in run_plot_files(metrics, target):
+        check_output_file(path, "plot", overwrite=overwrite)
+    paths = write_run_plots(metrics, target)
     for path in paths:
         out.print(str(path))
 
@@ -384,18 +426,22 @@ def index_build(
     train_size: Annotated[int | None, typer.Option(help="IVF: codes in the seeded training sample "
                                                    "(default 64 per list).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the IVF training sample.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out when it is a crossret index (other files are never "
+                                            "replaced).")] = False,
 ) -> None:
     """Build a binary index from codes and save it (atomic write, checksummed).
 
     Packed uint8 codes (e.g. from `crossret index encode`) are memory-mapped and added in batches.
     """
     from crossret.retrieval.streaming import build_index_from_packed
+    from crossret.runs import check_output_file, run_file
 
     if (codes is None) == (run_dir is None):
         raise ConfigError("give exactly one of --codes FILE or --run RUN_DIR")
+    check_output_file(output, "index", overwrite=overwrite)
     if run_dir is not None:
         name = "source" if database is Setting.cross else "target_train"
-        codes = run_dir / "codes" / f"{name}_codes.npy"
+        codes = run_file(run_dir, "codes", f"{name}_codes.npy")
     assert codes is not None
     params = _index_params(param)
     source: Any = _packed_codes_file(codes, bits)
@@ -415,12 +461,17 @@ def index_search(
     queries: Annotated[Path, typer.Option(help=".npy of query codes (±1 or 0/1, or packed uint8).")],
     k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per query.")] = 10,
     save: Annotated[Path | None, typer.Option(help="Write distances and ids to this .npz.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --save when it holds crossret search results (other files "
+                                            "are never replaced).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Search an index: the k nearest codes (Hamming) of every query."""
     from crossret._io import atomic_open
     from crossret.retrieval.index import BinaryIndex
+    from crossret.runs import check_output_file
 
+    if save is not None:
+        check_output_file(save, "search", overwrite=overwrite, option="--save")
     index = BinaryIndex.load(index_file)
     packed, _ = _as_packed(_load_npy(queries, "--queries"), index.bits, "--queries")
     distances, ids = index.search(packed, k)
@@ -457,6 +508,8 @@ def index_encode(
                                                  "data of the adapted domain) or source (e.g. a labelled source "
                                                  "database). COUPLE centres each domain on its own mean; other "
                                                  "methods give the same codes for both.")] = EncodeDomain.target,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out when it holds crossret packed codes (other files are "
+                                            "never replaced).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Encode a (large) feature file with a run's model into packed codes, batch by batch.
@@ -465,12 +518,14 @@ def index_encode(
     """
     from crossret.hashing._state import load_method
     from crossret.retrieval.streaming import encode_to_packed, open_features
+    from crossret.runs import check_output_file, find_model_file
 
-    models = [run_dir / name for name in ("model.npz", "model.pt") if (run_dir / name).is_file()]
-    if not models:
+    check_output_file(output, "codes", overwrite=overwrite)
+    model_file = find_model_file(run_dir)
+    if model_file is None:
         raise DataError(f"--run {run_dir}: no model.npz or model.pt; is this a finished run of a method that "
                         "saves its model?")
-    method = load_method(models[0])
+    method = load_method(model_file)
     raw_shape = None
     if shape is not None:
         try:
@@ -576,14 +631,21 @@ def serve(
     max_concurrent: Annotated[int | None, typer.Option(min=1, help="Most requests parsed and searched at once "
                                                        "(others wait, within --request-timeout). Default: the "
                                                        "number of CPUs, between 2 and 8.")] = None,
-    max_connections: Annotated[int, typer.Option(min=1, help="Most open client connections; beyond it the "
-                                                 "server answers 503.")] = 128,
+    max_connections: Annotated[int, typer.Option(min=2, help="Most open client connections (lowered to fit "
+                                                 "ulimit -n). At the cap a new connection closes the longest-idle "
+                                                 "one; it is refused (503) only when every connection has a "
+                                                 "request in progress.")] = 2048,
+    max_requests: Annotated[int, typer.Option(min=1, help="Most requests in progress (bodiless GETs such as "
+                                              "/health not counted); beyond it 503 'overloaded' at "
+                                              "once.")] = 128,
 ) -> None:
     """Serve Hamming k-NN search over a run's database as a read-only JSON API (see docs/serve.md).
 
     Bounded by design: request size, batch, k and results are capped (4xx above), every request has a
-    deadline (--request-timeout), at most --max-concurrent requests compute at once, and slow clients are
-    cut off (request heads within 10 s, idle keep-alive connections closed after 5 s). Files are chosen on
+    deadline (--request-timeout), at most --max-concurrent requests compute at once and --max-requests are
+    in progress, and idle or slow clients cannot crowd others out (request heads within 5 s, idle
+    keep-alive connections closed after 5 s, and at the connection cap the longest-idle connection makes
+    room for a new one). Files are chosen on
     this command line only: no request value reaches the file system. No authentication: bind to loopback
     (the default) or put a proxy in front.
 
@@ -600,7 +662,8 @@ def serve(
     info = service.state.service.info()
     err.print(f"serving {info['size']} codes ({info['bits']} bits, {info['kind']}) on http://{host}:{port}",
               highlight=False)
-    run_server(service, host=host, port=port, settings=ServerSettings(max_connections=max_connections))
+    run_server(service, host=host, port=port,
+               settings=ServerSettings(max_connections=max_connections, max_requests=max_requests))
 
 
 # --------------------------------------------------------------------------- gckd
@@ -615,13 +678,17 @@ VocabOpt = Annotated[Path | None, typer.Option("--vocab", help="BERT vocab.txt (
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda.")]
 RerankOpt = Annotated[int, typer.Option("--rerank-k", help="ITM re-ranking of each query's top-k images "
                                         "(0: ITC ranking only).")]
-OverwriteOpt = Annotated[bool, typer.Option(help="Replace a finished run in --out.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace the crossret run in --out (finished or interrupted) once the "
+                                            "new one has finished.")]
 GckdResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run in --out (same options).")]
 
 
 def _gckd_run(stage: str, source: Path, target: Path | None, out_dir: Path, model: str, model_set: list[str] | None,
               init: str | None, vocab: Path | None, set_: list[str] | None, rerank_k: int, device: str,
               overwrite: bool, resume: bool, as_json: bool) -> None:
+    from crossret._extras import require
+
+    require("gckd")
     from crossret.textimage.pipeline import GckdRunConfig, run_gckd
 
     config = GckdRunConfig(stage=stage, source_dir=str(source), target_dir=str(target) if target else None,
@@ -656,10 +723,14 @@ def gckd_synth(
     test_ids: Annotated[int, typer.Option(help="Test identities per dataset.")] = 20,
     images_per_id: Annotated[int, typer.Option(help="Images per identity.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed (each style adds its own offset).")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing dataset folders.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace dataset folders an earlier gckd synth wrote (never other "
+                                            "folders).")] = False,
 ) -> None:
     """Write small synthetic person-retrieval datasets in the three real annotation formats, each with its
     own rendering and caption style (for trying the pipeline end to end; not a substitute for real data)."""
+    from crossret._extras import require
+
+    require("gckd")
     from crossret.data.synthetic_person import generate_person_datasets
 
     paths = generate_person_datasets(out_root, n_train_ids=train_ids, n_test_ids=test_ids,
@@ -726,6 +797,9 @@ def gckd_eval(
     as_json: JsonOpt = False,
 ) -> None:
     """Text-to-image Rank-1/5/10, mAP and mINP of a run's model on a dataset split."""
+    from crossret._extras import require
+
+    require("gckd")
     from crossret.textimage.pipeline import evaluate_run
 
     result = evaluate_run(run_dir, data, split=split, rerank_k=rerank_k, device=device)
@@ -749,7 +823,7 @@ def _as_packed(array: np.ndarray, bits: int | None, what: str) -> tuple[np.ndarr
                         "must match")
     if array.dtype == np.uint8 and array.size and int(array.max()) > 1:
         raise DataError(f"{what}: holds uint8 values above 1, i.e. packed codes; pass --bits L to read them")
-    return pack_codes(array), int(array.shape[1])
+    return pack_codes(array, name=what), int(array.shape[1])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,7 +14,9 @@ A run directory holds (DESIGN "CLI"):
   ``encode_seconds`` ...) plus protocol, curves and method diagnostics,
 * ``codes/``        ±1 int8 codes and labels of the queries, the source and the target-train set,
 * ``model.*``       the fitted method (safe formats, see each method's ``save``),
-* ``run.log``       a log of the run, and ``plots/`` when asked for.
+* ``run.log``       a log of the run, and ``plots/`` when asked for,
+* ``.crossret-run`` the marker that makes it a crossret run directory (see :mod:`crossret.runs`, which
+  creates, locks, resumes and replaces run directories).
 
 Under ``torchrun`` (docs/distributed.md) every rank trains (methods with ``data_parallel``, i.e.
 COUPLE); rank 0 alone prepares and writes the run directory, encodes and evaluates, and every rank
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
+import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,12 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from crossret import distributed
+from crossret import distributed, runs
 from crossret._config import reject_unknown_keys
 from crossret._io import read_json_file, read_yaml_mapping, save_npy_atomic, write_json_atomic, write_yaml_atomic
-from crossret._leftovers import remove_stale_temporaries
 from crossret.data.domain import RetrievalSplit
 from crossret.errors import ConfigError, DataError, FileFormatError
 from crossret.hashing.base import HashMethod, make_method
@@ -215,7 +215,9 @@ def run_experiment(
 
     Methods that checkpoint (COUPLE) write ``checkpoints/`` into the run directory after every
     epoch; ``resume=True`` continues an interrupted run in the same directory (same config
-    required) instead of starting over.
+    required). ``overwrite=True`` replaces the crossret run in ``out_dir``: the new run is built
+    beside it and swapped in only when it has finished. The run directory is locked for the whole
+    run; see :mod:`crossret.runs` for what is refused.
 
     Launched by ``torchrun`` with several processes, the method trains data-parallel (gloo) and rank 0
     writes the run directory; see docs/distributed.md.
@@ -234,24 +236,33 @@ def _run_experiment(config: RunConfig, split: RetrievalSplit | None, progress: P
                           "(see docs/distributed.md)")
     if resume and not config.out_dir:
         raise ConfigError("--resume needs the run directory of the interrupted run (--out DIR)")
-    if config.out_dir:
-        _check_run_dir(Path(config.out_dir), overwrite)
-        if resume:
-            _check_resumable(Path(config.out_dir), config, method)
+    target = Path(config.out_dir) if config.out_dir else None
+    check_resume = partial(_check_resumable, config=config, method=method)
+    if target is not None:
+        distributed.run_on_main(partial(_check_target, target, overwrite, resume, check_resume))
     if split is None:
         split = load_split(config)
+    method.check_sizes(split.source, split.training_target())  # options too large for memory: before any write
     main = distributed.is_main()  # rank 0 (or the only process) writes files and reports progress
     if not main:
         progress = no_progress
-    run_dir = (distributed.run_on_main(partial(_prepare_run_dir, Path(config.out_dir), keep_checkpoints=resume))
-               if config.out_dir else None)
-    if run_dir is not None and hasattr(method, "checkpoint_dir"):
-        method.checkpoint_dir = run_dir / "checkpoints"
-        method.resume = resume
-    handler = attach_run_log(run_dir) if run_dir and main else None
+    handle: runs.RunDirectory | None = None
+
+    def open_run_dir() -> Path:
+        nonlocal handle
+        handle = runs.open_run(target, "hashing", overwrite=overwrite, resume=resume, check_resume=check_resume)
+        return handle.path
+
+    # Under --overwrite the run is written into a staging directory beside the old run (rank 0 names it).
+    work_dir = distributed.run_on_main(open_run_dir) if target is not None else None
+    handler = None
     try:
-        if run_dir:
-            distributed.run_on_main(partial(write_yaml_atomic, run_dir / "config.yaml",
+        if work_dir is not None and hasattr(method, "checkpoint_dir"):
+            method.checkpoint_dir = work_dir / "checkpoints"
+            method.resume = resume
+        handler = runs.attach_run_log(work_dir) if work_dir and main else None
+        if work_dir:
+            distributed.run_on_main(partial(write_yaml_atomic, work_dir / "config.yaml",
                                             _resolved_config(config, method)))
         logger.info("split: %s", split.summary())
         logger.info("method %s, %d bits, seed %d, config %s", config.method, config.bits, config.seed,
@@ -262,15 +273,22 @@ def _run_experiment(config: RunConfig, split: RetrievalSplit | None, progress: P
         train_seconds = time.perf_counter() - start
         # Encoding, evaluation and the run directory: rank 0's job under torchrun, shared with the others.
         codes, metrics = distributed.run_on_main(
-            partial(_evaluate_and_write, config, method, split, run_dir, train_seconds, progress))
-        return RunResult(config, metrics, method, split, codes, run_dir)
-    except KeyboardInterrupt:
-        logger.warning("interrupted; the run directory holds no metrics.json")
+            partial(_evaluate_and_write, config, method, split, work_dir, train_seconds, progress))
+        if target is not None:
+            distributed.run_on_main(lambda: handle.commit() if handle is not None else None)
+            if hasattr(method, "checkpoint_dir"):
+                method.checkpoint_dir = target / "checkpoints"
+        return RunResult(config, metrics, method, split, codes, target)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            logger.warning("interrupted; the run directory holds no metrics.json")
+        if handle is not None:
+            handle.abort()
         raise
     finally:
-        if handler is not None:
-            logging.getLogger("crossret").removeHandler(handler)
-            handler.close()
+        runs.detach_run_log(handler)
+        if handle is not None:
+            handle.release()
 
 
 def _evaluate_and_write(config: RunConfig, method: HashMethod, split: RetrievalSplit, run_dir: Path | None,
@@ -346,60 +364,25 @@ def _resolved_config(config: RunConfig, method: HashMethod) -> dict[str, Any]:
     return resolved
 
 
-def _check_run_dir(run_dir: Path, overwrite: bool) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir} exists and is not a directory")
-    if (run_dir / "metrics.json").exists() and not overwrite:
-        raise ConfigError(
-            f"--out {run_dir} already holds a finished run (metrics.json); choose another directory "
-            "or pass --overwrite"
-        )
+def _check_target(run_dir: Path, overwrite: bool, resume: bool, check_resume: Any) -> None:
+    """Refuse a run directory early, before the split is loaded (nothing is changed)."""
+    if runs.check_run_target(run_dir, "hashing", overwrite=overwrite, resume=resume) == "resume":
+        check_resume(run_dir)
 
 
 def _check_resumable(run_dir: Path, config: RunConfig, method: HashMethod) -> None:
     """A resumed run must have the same resolved configuration as the interrupted one."""
     saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
+    if not os.path.lexists(saved_path):
         return  # nothing was started there yet: a fresh run
-    try:
-        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise FileFormatError(f"{saved_path}: cannot read the interrupted run's config ({exc})") from exc
+    saved = read_yaml_mapping(saved_path, "the interrupted run's config")
     current = _resolved_config(config, method)
     ignore = {"out_dir", "plots"}
-    differing = sorted(k for k in set(current) | set(saved or {})
-                       if k not in ignore and (saved or {}).get(k) != current.get(k))
+    differing = sorted(k for k in set(current) | set(saved)
+                       if k not in ignore and saved.get(k) != current.get(k))
     if differing:
         raise ConfigError(f"--resume: {run_dir} was started with a different configuration "
                           f"({', '.join(differing)} differ); use the same options or a new --out")
-
-
-def _prepare_run_dir(run_dir: Path, keep_checkpoints: bool = False) -> Path:
-    """Create the run directory; remove what an earlier run left there, the completion marker
-    (metrics.json) first, so that a failure now can never leave stale results looking finished.
-    ``keep_checkpoints`` keeps ``checkpoints/``, ``run.log`` and ``config.yaml`` (resuming: the same
-    configuration, checked before; it is rewritten atomically, so a kill now never leaves the checkpoint
-    without it). Temporary files of writes an earlier process was killed in are removed."""
-    (run_dir / "metrics.json").unlink(missing_ok=True)
-    for stale in ("codes", "plots", *(() if keep_checkpoints else ("checkpoints",))):
-        if (run_dir / stale).is_dir():
-            shutil.rmtree(run_dir / stale)
-    remove_stale_temporaries(run_dir, run_dir / "checkpoints")
-    kept = [] if keep_checkpoints else [run_dir / "run.log", run_dir / "config.yaml"]
-    for stale in [*run_dir.glob("model.*"), *kept]:
-        stale.unlink(missing_ok=True)
-    (run_dir / "codes").mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def attach_run_log(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "run.log", mode="a", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root = logging.getLogger("crossret")
-    root.addHandler(handler)
-    if root.level == logging.NOTSET or root.level > logging.INFO:
-        root.setLevel(logging.INFO)
-    return handler
 
 
 def _write_run(run_dir: Path, config: RunConfig, method: HashMethod, split: RetrievalSplit,
@@ -423,7 +406,7 @@ def _write_run(run_dir: Path, config: RunConfig, method: HashMethod, split: Retr
 def read_run_metrics(run_dir: str | Path) -> dict[str, Any]:
     """Load ``metrics.json`` of a finished run directory (clear error when missing or corrupt)."""
 
-    path = Path(run_dir) / "metrics.json"
+    path = runs.run_file(run_dir, "metrics.json")
     if not path.is_file():
         raise DataError(f"{run_dir}: no metrics.json; is this a finished crossret run directory?")
     metrics = read_json_file(path, "metrics")

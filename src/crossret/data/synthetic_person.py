@@ -48,11 +48,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from crossret._extras import missing_extra
 from crossret._io import _umask, write_text_atomic
 from crossret.data.person import SPLIT_NAMES, canonical_person_format, clean_caption, load_person_dataset
 from crossret.errors import ConfigError
+
+try:
+    from PIL import Image
+except ImportError as exc:  # the 'gckd' extra is not installed
+    raise missing_extra("gckd", "PIL", exc) from exc
 
 __all__ = [
     "ANNOTATION_FILES",
@@ -562,6 +567,9 @@ def _check_image_size(image_size: tuple[int, int]) -> None:
         raise ConfigError(f"image_size must be (height >= 16, width >= 8), got {image_size!r}")
 
 
+SYNTHETIC_MARKER = ".crossret-synthetic"
+
+
 def _write_dataset(style: str, file_format: str, out: Path, identities: list[Identity], splits: list[str],
                    per_id: int, seed: int, size: tuple[int, int], spec_for: Callable[[np.random.Generator], _Style],
                    overwrite: bool) -> Path:
@@ -570,8 +578,13 @@ def _write_dataset(style: str, file_format: str, out: Path, identities: list[Ide
     is renamed into place."""
     height, width = size
     style_index = _style_index(style)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConfigError(f"{out} exists and is not empty; pass overwrite=True or choose another folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise ConfigError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace a "
+                              "synthetic dataset crossret wrote, or choose another folder")
+        if out.is_symlink() or not (out / SYNTHETIC_MARKER).is_file():
+            raise ConfigError(f"{out} is not a synthetic dataset crossret wrote (no {SYNTHETIC_MARKER}); crossret "
+                              "never replaces it, even with overwrite: choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -596,6 +609,9 @@ def _write_dataset(style: str, file_format: str, out: Path, identities: list[Ide
                 captions = _CAPTIONERS[style](ident, walking, rng)[: spec.captions_per_image]
                 entries.append(_entry(file_format, split, pid, rel, captions))
         (tmp / ANNOTATION_FILES[file_format]).write_text(json.dumps(entries) + "\n", encoding="utf-8")
+        # Only folders holding this marker are ever replaced (overwrite=True): a user's own data never is.
+        (tmp / SYNTHETIC_MARKER).write_text(json.dumps({"format": "crossret-synthetic-person", "style": style,
+                                                        "seed": seed}) + "\n", encoding="utf-8")
         mode = 0o777 & ~_umask()
         for folder, dirs, _ in os.walk(tmp):  # mkdtemp makes a private 0700 folder; give normal permissions
             for d in dirs:

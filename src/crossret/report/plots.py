@@ -10,7 +10,9 @@ Inputs are the metrics dicts a run writes (``metrics.json``), of which these par
 
 Undefined points (``None`` or NaN, e.g. the precision at a radius where nothing is retrieved) are
 skipped. Figures are drawn with matplotlib's object API on an Agg canvas: no display, no pyplot
-global state, no change of the process-wide backend. Files are written atomically.
+global state, no change of the process-wide backend. Files are written atomically, with the PNG
+text ``Software: crossret VERSION``, by which ``crossret report --overwrite`` recognises its own plots
+(:func:`crossret.runs.check_output_file`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from typing import Any
 from crossret._io import write_bytes_atomic
 from crossret.errors import ConfigError, DataError
 
-__all__ = ["SETTINGS", "plot_map_vs_bits", "plot_pr_curves", "plot_precision_at_n", "write_run_plots"]
+__all__ = ["SETTINGS", "plot_map_vs_bits", "plot_pr_curves", "plot_precision_at_n", "run_plot_files",
+           "write_run_plots"]
 
 SETTINGS = ("cross", "single")
 _SETTING_TITLES = {"cross": "cross-domain database", "single": "single-domain database"}
@@ -50,7 +53,10 @@ def _new_figure(width: float = 6.0, height: float = 4.5) -> Any:
 def _save(fig: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight")
+    from crossret import __version__
+
+    fig.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight",
+                metadata={"Software": f"crossret {__version__}"})
     write_bytes_atomic(path, buffer.getvalue())
     return path
 
@@ -253,30 +259,43 @@ def plot_map_vs_bits(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
     return _save(fig, path)
 
 
+def run_plot_files(metrics: Mapping[str, Any], out_dir: str | os.PathLike) -> list[Path]:
+    """The files :func:`write_run_plots` writes for ``metrics`` into ``out_dir``, in order (so a caller
+    can check them before anything is drawn)."""
+    return [path for path, _ in _run_plot_plan(metrics, Path(out_dir))]
+
+
 def write_run_plots(metrics: Mapping[str, Any], out_dir: str | os.PathLike) -> list[Path]:
     """Write the P-R (radius, rank) and precision@N plots of one run for every setting it has.
 
-    Files: ``pr_radius_<setting>.png``, ``pr_rank_<setting>.png``, ``precision_at_n_<setting>.png``.
+    Files: ``pr_radius_<setting>.png``, ``pr_rank_<setting>.png``, ``precision_at_n_<setting>.png``
+    (and ``training_diagnostics.png`` when the metrics hold per-epoch diagnostics).
     Returns the written paths.
     """
+    return [draw(path) for path, draw in _run_plot_plan(metrics, Path(out_dir))]
+
+
+def _run_plot_plan(metrics: Mapping[str, Any], out_dir: Path) -> list[tuple[Path, Any]]:
+    """``(path, draw)`` pairs of a run's plots; ``draw(path)`` writes one."""
     if not isinstance(metrics, Mapping):
         raise DataError(f"metrics must be a dict (a run's metrics.json), got {type(metrics).__name__}")
     curves = metrics.get("curves")
     settings = [s for s in SETTINGS if isinstance(curves, Mapping) and isinstance(curves.get(s), Mapping)]
     if not settings:
         raise DataError("the metrics hold no curves for the 'cross' or 'single' setting; nothing to plot")
-    out_dir = Path(out_dir)
-    written: list[Path] = []
+    plan: list[tuple[Path, Any]] = []
     for setting in settings:
         available = curves[setting]
         for by, key in _CURVE_KEYS.items():
             if key in available:
-                written.append(plot_pr_curves([metrics], out_dir / f"{key}_{setting}.png", setting, by))
-        written.append(plot_precision_at_n([metrics], out_dir / f"precision_at_n_{setting}.png", setting))
+                plan.append((out_dir / f"{key}_{setting}.png",
+                             lambda p, _s=setting, _by=by: plot_pr_curves([metrics], p, _s, _by)))
+        plan.append((out_dir / f"precision_at_n_{setting}.png",
+                     lambda p, _s=setting: plot_precision_at_n([metrics], p, _s)))
     diagnostics = metrics.get("diagnostics")
     if isinstance(diagnostics, Mapping) and isinstance(diagnostics.get("epochs"), list) and diagnostics["epochs"]:
-        written.append(plot_training_diagnostics(diagnostics, out_dir / "training_diagnostics.png"))
-    return written
+        plan.append((out_dir / "training_diagnostics.png", lambda p: plot_training_diagnostics(diagnostics, p)))
+    return plan
 
 
 _LOSS_KEYS = ("loss_total", "loss_ce", "loss_target_ce", "loss_quant", "loss_relation", "loss_mix_low",

@@ -199,13 +199,10 @@ def _load_npy(path: Path, what: str) -> np.ndarray:
 def _load_model(run_dir: Path) -> Any | None:
     """The run's fitted method (``model.npz`` / ``model.pt``), or None when the run saved none."""
     from crossret.hashing._state import load_method
+    from crossret.runs import find_model_file
 
-    candidates = sorted(p for p in run_dir.glob("model.*") if p.suffix in (".npz", ".pt") and p.is_file())
-    if not candidates:
-        return None
-    if len(candidates) > 1:
-        raise DataError(f"{run_dir}: several model files ({', '.join(p.name for p in candidates)}); keep one")
-    return load_method(candidates[0])
+    path = find_model_file(run_dir)
+    return None if path is None else load_method(path)
 
 
 def _reconstruct(index: Any, bits: int) -> np.ndarray:
@@ -258,6 +255,7 @@ def load_snapshot(run_dir: str | Path | None, *, database: str = "cross", index:
     model = None
     if run_dir is not None:
         from crossret.experiment import read_run_metrics
+        from crossret.runs import run_file
 
         run_path = Path(run_dir)
         if not run_path.is_dir():
@@ -267,8 +265,10 @@ def load_snapshot(run_dir: str | Path | None, *, database: str = "cross", index:
         if isinstance(bits, bool) or not isinstance(bits, int) or bits <= 0:
             raise FileFormatError(f"{run_path / 'metrics.json'}: missing or invalid 'bits' ({bits!r})")
         name = DATABASES[database]
+        codes_file = run_file(run_path, "codes", f"{name}_codes.npy")
+        labels_file = run_file(run_path, "codes", f"{name}_labels.npy")
         try:
-            pm1 = as_pm1(_load_npy(run_path / "codes" / f"{name}_codes.npy", f"{database}-domain database codes"),
+            pm1 = as_pm1(_load_npy(codes_file, f"{database}-domain database codes"),
                          name=f"{run_path}/codes/{name}_codes.npy")
         except CodeError as exc:
             raise FileFormatError(str(exc)) from None
@@ -276,7 +276,7 @@ def load_snapshot(run_dir: str | Path | None, *, database: str = "cross", index:
             raise FileFormatError(f"{run_path}/codes/{name}_codes.npy: {pm1.shape[1]}-bit codes but the run has "
                                   f"{bits} bits")
         run_codes = pack_codes(pm1) if pm1.shape[0] else np.zeros((0, (bits + 7) // 8), np.uint8)
-        labels = _load_npy(run_path / "codes" / f"{name}_labels.npy", f"{database}-domain database labels")
+        labels = _load_npy(labels_file, f"{database}-domain database labels")
         if labels.ndim != 1 or labels.shape[0] != pm1.shape[0] or labels.dtype.kind not in "iu":
             raise FileFormatError(f"{run_path}/codes/{name}_labels.npy: expected {pm1.shape[0]} integer labels, "
                                   f"got shape {labels.shape} dtype {labels.dtype}")

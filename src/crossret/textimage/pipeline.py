@@ -10,6 +10,8 @@ Run directory::
     checkpoints/       checkpoint.pt after every epoch (``--resume`` continues from it)
     metrics.json       history + evaluation; written last, its presence marks a finished run
     run.log
+    .crossret-run      the marker of a crossret run directory (see crossret.runs: creation, the lock,
+                       --resume and --overwrite)
 
 Model selection never looks at target labels: training runs its configured epochs and the last
 model is evaluated once (gckd.md A10).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -34,23 +37,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossret import distributed
+from crossret import distributed, runs
 from crossret._config import reject_unknown_keys
 from crossret._io import read_yaml_mapping, write_json_atomic, write_yaml_atomic
-from crossret._leftovers import remove_stale_temporaries
 from crossret.data.person import (
     EvalView,
     ImageTransform,
+    PersonDataset,
     build_eval_view,
     build_train_pairs,
+    check_sampling_memory,
     load_image,
     load_person_dataset,
 )
 from crossret.errors import ConfigError, DataError
-from crossret.experiment import attach_run_log
 from crossret.textimage.albef import AlbefConfig, AlbefModel
 from crossret.textimage.checkpoint import load_albef_checkpoint, save_albef_checkpoint
 from crossret.textimage.gckd import GckdConfig, GckdTrainer
+from crossret.textimage.memory import check_bank_memory
 from crossret.textimage.streams import PersonTrainingData
 from crossret.textimage.tokenize import CaptionTokenizer, check_vocab_fits, mask_tokens, train_wordpiece_vocab
 
@@ -123,10 +127,36 @@ class GckdRunConfig:
 def _init_run_dir(init: str | None) -> Path | None:
     if init and Path(init).is_dir():
         run = Path(init)
-        if not (run / "model.pt").is_file():
+        if not runs.run_file(run, "model.pt").is_file():
             raise DataError(f"{run}: not a finished crossret GCKD run (no model.pt)")
         return run
     return None
+
+
+def _albef_config(config: GckdRunConfig, vocab_size: int | None) -> AlbefConfig:
+    """The architecture of a model that does not come from an earlier run (validated, memory included)."""
+    preset = AlbefConfig.tiny if config.model == "tiny" else AlbefConfig.base
+    overrides = dict(config.model_overrides)
+    if vocab_size is not None and not config.init:
+        overrides.setdefault("vocab_size", vocab_size)
+    if config.model == "tiny":
+        overrides.setdefault("max_position", max(32, config.max_tokens))
+    return preset(**overrides)
+
+
+def check_sizes(config: GckdRunConfig, source: PersonDataset) -> None:
+    """What the run would allocate (model, memory banks, identity-balanced epochs), checked against memory
+    before the run directory is opened, so that a refused size leaves nothing behind."""
+    init_run = _init_run_dir(config.init)
+    if init_run is not None:
+        saved = read_yaml_mapping(runs.run_file(init_run, "config.yaml"), "run config")
+        albef = AlbefConfig.from_dict(saved["albef"])
+    else:
+        albef = _albef_config(config, None)
+    train_config = config.training_config()
+    check_bank_memory(train_config.memory_size, albef.embed_dim)
+    n_ids = len(np.unique(build_train_pairs(source, "train", max_words=config.max_words).person_ids))
+    check_sampling_memory(n_ids, train_config.pairs_per_id)
 
 
 def build_model(config: GckdRunConfig, vocab_size: int | None = None) -> tuple[AlbefModel, dict[str, Any]]:
@@ -135,16 +165,10 @@ def build_model(config: GckdRunConfig, vocab_size: int | None = None) -> tuple[A
     preset's ``max_position`` grows to ``max_tokens`` when needed."""
     init_run = _init_run_dir(config.init)
     if init_run is not None:
-        saved = read_yaml_mapping(init_run / "config.yaml", "run config")
+        saved = read_yaml_mapping(runs.run_file(init_run, "config.yaml"), "run config")
         loaded = load_albef_checkpoint(init_run / "model.pt", AlbefConfig.from_dict(saved["albef"]))
         return loaded.model, {"init": str(init_run), "kind": "run"}
-    preset = AlbefConfig.tiny if config.model == "tiny" else AlbefConfig.base
-    overrides = dict(config.model_overrides)
-    if vocab_size is not None and not config.init:
-        overrides.setdefault("vocab_size", vocab_size)
-    if config.model == "tiny":
-        overrides.setdefault("max_position", max(32, config.max_tokens))
-    albef = preset(**overrides)
+    albef = _albef_config(config, vocab_size)
     if config.init:
         loaded = load_albef_checkpoint(config.init, albef)
         return loaded.model, {"init": config.init, "kind": "albef", "ignored": len(loaded.ignored_keys)}
@@ -156,7 +180,7 @@ def resolve_vocab(config: GckdRunConfig, run_dir: Path) -> Path:
     """Copy / train the vocabulary into ``run_dir/vocab.txt`` and return that path."""
     target = run_dir / "vocab.txt"
     init_run = _init_run_dir(config.init)
-    source = Path(config.vocab) if config.vocab else (init_run / "vocab.txt" if init_run else None)
+    source = Path(config.vocab) if config.vocab else (runs.run_file(init_run, "vocab.txt") if init_run else None)
     if source is not None:
         if not source.is_file():
             raise DataError(f"{source}: vocabulary file not found")
@@ -191,24 +215,31 @@ def evaluate_view(model: AlbefModel, tokenizer: CaptionTokenizer, view: EvalView
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def _prepare(run_dir: Path, overwrite: bool, resume: bool) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"{run_dir} exists and is not a directory")
-    if (run_dir / "metrics.json").exists() and not overwrite:
-        raise ConfigError(f"{run_dir} already holds a finished run (metrics.json); choose another directory or "
-                          "pass --overwrite")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.json").unlink(missing_ok=True)
-    remove_stale_temporaries(run_dir, run_dir / "checkpoints")  # of writes a killed run left unfinished
-    if not resume:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        (run_dir / "run.log").unlink(missing_ok=True)
+def _check_resumable(run_dir: Path, config: GckdRunConfig) -> None:
+    """A resumed run must have been started with the same run configuration."""
+    saved_path = run_dir / "config.yaml"
+    if not os.path.lexists(saved_path):
+        return  # nothing was started there yet: a fresh run
+    saved = read_yaml_mapping(saved_path, "the interrupted run's config").get("run")
+    if saved != config.to_dict():
+        raise ConfigError(f"--resume: {run_dir} was started with a different configuration; use the same "
+                          "options or a new --out")
+
+
+def _check_target(run_dir: Path, config: GckdRunConfig, overwrite: bool, resume: bool) -> None:
+    """Refuse a run directory early, before the model is built (nothing is changed)."""
+    if runs.check_run_target(run_dir, "gckd", overwrite=overwrite, resume=resume) == "resume":
+        _check_resumable(run_dir, config)
 
 
 def run_gckd(config: GckdRunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
              progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Train (pretrain or adapt), save the model, evaluate on ``eval_split`` of the target (the source
     for ``pretrain`` without a target) and write the run directory. Returns the metrics dict.
+
+    ``resume`` continues an interrupted run in ``out_dir``; ``overwrite`` replaces the crossret run there
+    once the new one has finished (it is built beside it). The run directory is locked for the whole
+    run; see :mod:`crossret.runs` for what is refused.
 
     Launched by ``torchrun`` with several processes, training is data-parallel (nccl for ``cuda``,
     each rank on its ``LOCAL_RANK`` GPU; gloo on CPU) and rank 0 writes the run directory."""
@@ -218,23 +249,30 @@ def run_gckd(config: GckdRunConfig, out_dir: str | Path, *, resume: bool = False
         return _run_gckd(config, Path(out_dir), str(device), resume, overwrite, progress, should_stop)
 
 
-def _run_gckd(config: GckdRunConfig, run_dir: Path, device: str, resume: bool, overwrite: bool,
+def _run_gckd(config: GckdRunConfig, final_dir: Path, device: str, resume: bool, overwrite: bool,
               progress: ProgressFn | None, should_stop: Callable[[], bool] | None) -> dict[str, Any]:
     # Everything that can fail on bad input happens before the run directory is touched.
     source = load_person_dataset(None, config.source_dir)
     target = load_person_dataset(None, config.target_dir) if config.target_dir else None
     train_config = config.training_config()
-    if resume and (run_dir / "config.yaml").is_file():
-        saved = read_yaml_mapping(run_dir / "config.yaml").get("run")
-        if saved != config.to_dict():
-            raise ConfigError(f"--resume: {run_dir} was started with a different configuration; use the same "
-                              "options or a new --out")
+    check_sizes(config, source)
+    distributed.run_on_main(partial(_check_target, final_dir, config, overwrite, resume))
     main = distributed.is_main()  # rank 0 (or the only process) writes files, evaluates and reports progress
     if not main:
         progress = None
-    distributed.run_on_main(partial(_prepare, run_dir, overwrite, resume))
-    handler = attach_run_log(run_dir) if main else None
+    handle: runs.RunDirectory | None = None
+
+    def open_run_dir() -> Path:
+        nonlocal handle
+        handle = runs.open_run(final_dir, "gckd", overwrite=overwrite, resume=resume,
+                               check_resume=partial(_check_resumable, config=config))
+        return handle.path
+
+    # Under --overwrite the run is written into a staging directory beside the old run (rank 0 names it).
+    run_dir = distributed.run_on_main(open_run_dir)
+    handler = None
     try:
+        handler = runs.attach_run_log(run_dir) if main else None
         vocab = distributed.run_on_main(partial(resolve_vocab, config, run_dir))  # trained once, read by all
         tokenizer = CaptionTokenizer.from_vocab(vocab, max_length=config.max_tokens)
         model, init_info = build_model(config, tokenizer.vocab_size)
@@ -293,22 +331,29 @@ def _run_gckd(config: GckdRunConfig, run_dir: Path, device: str, resume: bool, o
             write_json_atomic(run_dir / "metrics.json", metrics)
             return metrics
 
-        return distributed.run_on_main(finish)
+        metrics = distributed.run_on_main(finish)
+        distributed.run_on_main(lambda: handle.commit() if handle is not None else None)
+        return metrics
+    except BaseException:
+        if handle is not None:
+            handle.abort()
+        raise
     finally:
-        if handler is not None:
-            logging.getLogger("crossret").removeHandler(handler)
-            handler.close()
+        runs.detach_run_log(handler)
+        if handle is not None:
+            handle.release()
 
 
 def evaluate_run(run_dir: str | Path, dataset_dir: str | Path, *, split: str = "test", rerank_k: int = 128,
                  batch_size: int = 64, device: str = "cpu") -> dict[str, Any]:
     """Evaluate a finished run's model on ``split`` of another (or the same) dataset."""
     run = Path(run_dir)
-    if not (run / "model.pt").is_file() or not (run / "vocab.txt").is_file():
+    model_file, vocab_file = runs.run_file(run, "model.pt"), runs.run_file(run, "vocab.txt")
+    if not model_file.is_file() or not vocab_file.is_file():
         raise DataError(f"{run}: not a finished crossret GCKD run (model.pt and vocab.txt are needed)")
-    saved = read_yaml_mapping(run / "config.yaml")
-    model = load_albef_checkpoint(run / "model.pt", AlbefConfig.from_dict(saved["albef"])).model
-    tokenizer = CaptionTokenizer.from_vocab(run / "vocab.txt", max_length=int(saved["run"]["max_tokens"]))
+    saved = read_yaml_mapping(runs.run_file(run, "config.yaml"))
+    model = load_albef_checkpoint(model_file, AlbefConfig.from_dict(saved["albef"])).model
+    tokenizer = CaptionTokenizer.from_vocab(vocab_file, max_length=int(saved["run"]["max_tokens"]))
     dataset = load_person_dataset(None, dataset_dir)
     view = build_eval_view(dataset, split, max_words=int(saved["run"]["max_words"]))
     result = evaluate_view(model, tokenizer, view, rerank_k=rerank_k, batch_size=batch_size, device=device)

@@ -19,7 +19,7 @@ pytest.importorskip("httpx", reason="fastapi.testclient needs httpx: pip install
 from fastapi.testclient import TestClient
 
 from crossret.data import load_benchmark
-from crossret.errors import ConfigError, CrossretError
+from crossret.errors import ConfigError, CrossretError, MissingExtraError
 from crossret.experiment import RunConfig, run_experiment
 from crossret.hashing._state import load_method
 from crossret.retrieval import BinaryIndex, pack_codes
@@ -233,8 +233,9 @@ def test_missing_extra_names_the_install_command(monkeypatch: pytest.MonkeyPatch
     import sys
 
     monkeypatch.setitem(sys.modules, "fastapi", None)  # makes `import fastapi` raise ImportError
-    with pytest.raises(ConfigError, match=r"pip install 'crossret\[serve\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'crossret\[serve\]'") as info:
         create_app(itq_run)
+    assert info.value.extra == "serve" and isinstance(info.value, ImportError)
 
 
 def test_cli_serve_is_registered() -> None:

@@ -28,7 +28,7 @@ from crossret.errors import ConfigError
 from crossret.experiment import RunConfig, run_experiment
 from crossret.retrieval import BinaryIndex, pack_codes
 from crossret.serve import ServiceLimits, create_app
-from crossret.serve.app import ROUTES, ServerSettings, server_config
+from crossret.serve.app import ROUTES, AdmissionMiddleware, ServerSettings, connection_cap, server_config
 from crossret.serve.state import Query, RequestError
 
 BITS = 20
@@ -335,16 +335,20 @@ def test_server_settings_and_uvicorn_config(app: Any) -> None:
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     defaults = ServerSettings()
-    assert (defaults.keep_alive_timeout, defaults.header_timeout, defaults.max_connections, defaults.backlog,
-            defaults.max_header_bytes, defaults.shutdown_timeout) == (5.0, 10.0, 128, 256, 16384, 10.0)
+    assert (defaults.keep_alive_timeout, defaults.header_timeout, defaults.max_connections, defaults.max_requests,
+            defaults.backlog, defaults.max_header_bytes, defaults.shutdown_timeout) == (5.0, 5.0, 2048, 128, 256,
+                                                                                        16384, 10.0)
     config = server_config(app, port=0, settings=ServerSettings(keep_alive_timeout=2, header_timeout=3,
-                                                                max_connections=7, backlog=9, max_header_bytes=4096))
+                                                                max_connections=7, max_requests=5, backlog=9,
+                                                                max_header_bytes=4096))
     assert isinstance(config, uvicorn.Config)
+    # uvicorn's own cap (limit_concurrency) counts idle connections too: it is off, the protocol caps connections.
     assert (config.timeout_keep_alive, config.limit_concurrency, config.backlog, config.h11_max_incomplete_event_size,
-            config.timeout_graceful_shutdown, config.access_log) == (2, 7, 9, 4096, 10.0, False)
+            config.timeout_graceful_shutdown, config.access_log) == (2, None, 9, 4096, 10.0, False)
     assert isinstance(config.http, type) and issubclass(config.http, H11Protocol)
+    assert isinstance(config.app, AdmissionMiddleware) and config.app.max_requests == 5 and config.app.app is app
     for bad in (ServerSettings(header_timeout=0), ServerSettings(keep_alive_timeout=float("inf")),
-                ServerSettings(max_connections=0), ServerSettings(max_header_bytes=10)):
+                ServerSettings(max_connections=1), ServerSettings(max_requests=0), ServerSettings(max_header_bytes=10)):
         with pytest.raises(ConfigError, match="server setting"):
             bad.validate()
 
@@ -358,19 +362,24 @@ def test_cli_passes_the_timeout_and_server_bounds(itq_run: Path, monkeypatch: py
     served: dict[str, Any] = {}
     monkeypatch.setattr(app_module, "run_server", lambda service, **kwargs: served.update(service=service, **kwargs))
     result = CliRunner().invoke(cli, ["serve", str(itq_run), "--request-timeout", "2.5", "--max-concurrent", "3",
-                                      "--max-connections", "9", "--port", "0"])
+                                      "--max-connections", "9", "--max-requests", "4", "--port", "0"])
     assert result.exit_code == 0, result.output
     limits = served["service"].state.service.limits
     assert (limits.request_timeout, limits.max_concurrent) == (2.5, 3)
-    assert served["settings"].max_connections == 9 and served["settings"].header_timeout == 10.0
-    for bad in (["--request-timeout", "0"], ["--request-timeout", "nan"], ["--max-concurrent", "0"]):
+    settings = served["settings"]
+    assert (settings.max_connections, settings.max_requests, settings.header_timeout) == (9, 4, 5.0)
+    assert CliRunner().invoke(cli, ["serve", str(itq_run), "--port", "0"]).exit_code == 0
+    assert (served["settings"].max_connections, served["settings"].max_requests) == (2048, 128)
+    for bad in (["--request-timeout", "0"], ["--request-timeout", "nan"], ["--max-concurrent", "0"],
+                ["--max-connections", "1"], ["--max-requests", "0"]):
         assert CliRunner().invoke(cli, ["serve", str(itq_run), *bad]).exit_code != 0
     assert "--request-timeout" in CliRunner().invoke(cli, ["serve", "--help"]).output
 
 
 @contextlib.contextmanager
-def _live(app: Any, settings: ServerSettings) -> Iterator[tuple[str, int]]:
-    """``app`` under the real server configuration, on a loopback port (a thread of this process)."""
+def _serving(app: Any, settings: ServerSettings) -> Iterator[tuple[Any, tuple[str, int]]]:
+    """``app`` under the real server configuration, on a loopback port (a thread of this process): the
+    ``uvicorn.Server`` and its address."""
     uvicorn = pytest.importorskip("uvicorn")
     config = server_config(app, host="127.0.0.1", port=0, log_level="critical", settings=settings)
     server = uvicorn.Server(config)
@@ -378,10 +387,17 @@ def _live(app: Any, settings: ServerSettings) -> Iterator[tuple[str, int]]:
     thread.start()
     _wait_for(lambda: server.started)
     try:
-        yield server.servers[0].sockets[0].getsockname()[:2]
+        yield server, server.servers[0].sockets[0].getsockname()[:2]
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def _live(app: Any, settings: ServerSettings) -> Iterator[tuple[str, int]]:
+    """``app`` under the real server configuration, on a loopback port: its address."""
+    with _serving(app, settings) as (_, address):
+        yield address
 
 
 def _closed_within(conn: socket.socket, seconds: float) -> tuple[bytes, float]:
@@ -397,6 +413,7 @@ def _closed_within(conn: socket.socket, seconds: float) -> tuple[bytes, float]:
 _GET_HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
+@pytest.mark.slow  # waits out real header and keep-alive timeouts
 def test_live_server_cuts_off_slow_and_idle_clients(itq_run: Path) -> None:
     app = create_app(itq_run, limits=ServiceLimits(request_timeout=0.6))
     settings = ServerSettings(keep_alive_timeout=0.5, header_timeout=0.6, max_header_bytes=4096)
@@ -449,21 +466,209 @@ def test_live_server_cuts_off_slow_and_idle_clients(itq_run: Path) -> None:
                 assert answer.startswith(b"HTTP/1.1 200") and b'"status":"ok"' in answer
 
 
+_PARTIAL_POST = (b"POST /search/ids HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"ids\": [1")  # a request in progress: its body never ends
+
+
+def _answer(conn: socket.socket) -> bytes:
+    """What the server sends until it closes ``conn`` (or 10 s pass)."""
+    return _closed_within(conn, 10.0)[0]
+
+
 def test_live_server_caps_connections(itq_run: Path) -> None:
     import httpx
 
     app = create_app(itq_run, limits=LIMITS)
-    with _live(app, ServerSettings(max_connections=3, header_timeout=30)) as address:
+    settings = ServerSettings(max_connections=3, header_timeout=30, keep_alive_timeout=30)
+    with _serving(app, settings) as (server, address):
         url = f"http://{address[0]}:{address[1]}"
+        # Idle connections at the cap: a new one closes the longest-idle, and is served.
         held = [socket.create_connection(address) for _ in range(3)]
         try:
-            time.sleep(0.5)  # let the server accept them
-            refused = httpx.get(f"{url}/health", timeout=10)
-            assert refused.status_code == 503
+            _wait_for(lambda: len(server.server_state.connections) >= 3)
+            assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+            assert _closed_within(held[0], 5.0)[0] == b""  # the oldest was shed
+            held[1].sendall(_GET_HEALTH)  # the others still work
+            assert held[1].recv(65536).startswith(b"HTTP/1.1 200")
         finally:
             for conn in held:
                 conn.close()
+        # Every connection with a request in progress: a new connection is refused with a JSON 503, then closed.
+        busy = [socket.create_connection(address) for _ in range(3)]
+        try:
+            for conn in busy:
+                conn.sendall(_PARTIAL_POST)
+            _wait_for(lambda: server.config.app.in_progress == 3)
+            with socket.create_connection(address) as extra:
+                extra.sendall(_GET_HEALTH)
+                received = _answer(extra)
+            head, _, body = received.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower()
+            assert json.loads(body)["error"] == "overloaded" and "3 connections" in json.loads(body)["detail"]
+        finally:
+            for conn in busy:
+                conn.close()
         _wait_for(lambda: httpx.get(f"{url}/health", timeout=10).status_code == 200)
+
+
+def test_live_server_caps_requests_in_progress_not_health(itq_run: Path) -> None:
+    import httpx
+
+    app = create_app(itq_run, limits=LIMITS)
+    with _serving(app, ServerSettings(max_requests=2)) as (server, address):
+        url = f"http://{address[0]}:{address[1]}"
+        busy = [socket.create_connection(address) for _ in range(2)]
+        try:
+            for conn in busy:
+                conn.sendall(_PARTIAL_POST)
+            _wait_for(lambda: server.config.app.in_progress == 2)
+            refused = httpx.post(f"{url}/search/ids", json={"ids": [1]}, timeout=10)
+            _error(refused, 503, "overloaded")
+            assert refused.headers["retry-after"] == "1" and refused.headers["connection"] == "close"
+            # Bodiless reads are not counted: liveness and info answer while the requests are saturated.
+            assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+            assert httpx.get(f"{url}/info", timeout=10).status_code == 200
+        finally:
+            for conn in busy:
+                conn.close()
+        _wait_for(lambda: server.config.app.in_progress == 0)
+        assert httpx.post(f"{url}/search/ids", json={"ids": [1]}, timeout=10).status_code == 200
+
+
+def test_connection_cap_fits_the_open_file_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    resource = pytest.importorskip("resource")
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 4096))
+    assert connection_cap(2048) == 1024 - 64 and connection_cap(100) == 100
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert connection_cap(2048) == 2048
+
+
+# ------------------------------------------------------------------------------------------- 2b. idle connections
+class _Hog:
+    """A bounded hostile client: holds ``n_idle`` connections that never send a byte and ``n_slow`` that trickle
+    a request head one byte per tick (slow loris), and reopens any the server closes (at most ``reopen_per_s``
+    a second). Stops on exit, or by itself after ``limit_s``."""
+
+    _HEAD = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 4000
+
+    def __init__(self, address: tuple[str, int], n_idle: int, n_slow: int, reopen_per_s: float = 200.0,
+                 limit_s: float = 30.0) -> None:
+        self.address, self.reopen_per_s, self.limit_s = address, reopen_per_s, limit_s
+        self.slots: list[list[Any]] = [["idle", None, 0] for _ in range(n_idle)] + [
+            ["slow", None, 0] for _ in range(n_slow)]
+        self.opened = self.closed_by_server = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _open(self, slot: list[Any]) -> None:
+        try:
+            conn = socket.create_connection(self.address, timeout=5)
+        except OSError:
+            return
+        conn.setblocking(False)
+        slot[1], slot[2] = conn, 0
+        self.opened += 1
+
+    def _lost(self, slot: list[Any]) -> None:
+        slot[1].close()
+        slot[1] = None
+        self.closed_by_server += 1
+
+    def _tick(self, budget: float) -> float:
+        for slot in self.slots:
+            kind, conn, sent = slot
+            if conn is None:
+                if budget >= 1:
+                    self._open(slot)
+                    budget -= 1
+                continue
+            try:
+                if kind == "slow" and sent < len(self._HEAD):
+                    conn.send(self._HEAD[sent:sent + 1])
+                    slot[2] += 1
+                if conn.recv(65536) == b"":
+                    self._lost(slot)
+            except BlockingIOError:
+                pass  # open, nothing to read
+            except OSError:
+                self._lost(slot)
+        return budget
+
+    def _run(self) -> None:
+        end, budget, last = time.monotonic() + self.limit_s, 0.0, time.monotonic()
+        while not self.stop.wait(0.05) and time.monotonic() < end:
+            now = time.monotonic()
+            budget = min(budget + (now - last) * self.reopen_per_s, self.reopen_per_s)
+            last = now
+            budget = self._tick(budget)
+
+    @property
+    def held(self) -> int:
+        return sum(slot[1] is not None for slot in self.slots)
+
+    def __enter__(self) -> _Hog:
+        for slot in self.slots:
+            self._open(slot)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        for slot in self.slots:
+            if slot[1] is not None:
+                slot[1].close()
+
+
+def _well_behaved(address: tuple[str, int], rounds: int) -> list[float]:
+    """``rounds`` x (a new connection: GET /health, then POST /search on the same keep-alive connection); every
+    answer must be 200. Returns each request's latency."""
+    import http.client
+
+    latencies = []
+    for i in range(rounds):
+        conn = http.client.HTTPConnection(*address, timeout=10)
+        try:
+            for method, path, body in (("GET", "/health", None),
+                                       ("POST", "/search", json.dumps({"queries": [{"id": i}, {"hex": _HEX}],
+                                                                       "k": 3}))):
+                start = time.perf_counter()
+                conn.request(method, path, body=body, headers=_JSON if body else {})
+                response = conn.getresponse()
+                payload = response.read()
+                latencies.append(time.perf_counter() - start)
+                assert response.status == 200, (i, method, path, response.status, payload[:200])
+                if path == "/search":
+                    assert len(json.loads(payload)["results"]) == 2
+        finally:
+            conn.close()
+    return latencies
+
+
+@pytest.mark.parametrize("case", ["defaults", "cap_reached"])
+def test_idle_and_slow_connections_do_not_starve_real_requests(itq_run: Path, case: str) -> None:
+    """190 connections that never finish a request head (160 silent, 30 slow loris; reopened when closed) must
+    not make the service refuse a well-behaved client: with the default settings (the connection cap is not the
+    binding limit), and with a cap far below the held connections (idle ones are closed to make room)."""
+    app = create_app(itq_run, limits=LIMITS)
+    if case == "defaults":
+        settings, reopen_per_s = ServerSettings(), 200.0
+    else:  # long timeouts: only the cap acts; the hog keeps ~60 connections more than the cap churning
+        settings, reopen_per_s = ServerSettings(max_connections=32, header_timeout=30, keep_alive_timeout=30), 20.0
+    with _serving(app, settings) as (server, address), _Hog(address, n_idle=160, n_slow=30,
+                                                             reopen_per_s=reopen_per_s) as hog:
+        _wait_for(lambda: len(server.server_state.connections) >= min(150, settings.max_connections))
+        end = time.monotonic() + 3.0
+        while case == "cap_reached" and hog.opened <= 200 and time.monotonic() < end:
+            time.sleep(0.05)  # let the churn start: the hog's connections closed to make room, and reopened
+        time.sleep(0.3)  # the slow heads are under way
+        latencies = _well_behaved(address, rounds=10)
+        assert max(latencies) < 3.0, latencies  # bounded: nobody waited for a hog's connection to time out
+        if case == "defaults":
+            assert hog.held >= 150 and len(server.server_state.connections) >= 150  # held open all along
+        else:
+            assert hog.closed_by_server > 0 and hog.opened > 200  # shed, and reopened
+            assert len(server.server_state.connections) <= settings.max_connections + 8
 
 
 # ------------------------------------------------------------------------------------------- 3. no file system
@@ -670,6 +875,7 @@ def _runner(operation: Any, mode: Any, checks: list[Any], counts: collections.Co
     return run
 
 
+@pytest.mark.slow
 def test_schemathesis_openapi_contract(app: Any) -> None:
     schemathesis = pytest.importorskip("schemathesis")
     from schemathesis import GenerationMode

@@ -10,8 +10,10 @@ Every refusal is a 4xx (or 503) response ``{"error": KIND, "detail": MESSAGE}``.
 not received within ``limits.request_timeout`` gets 408. Parsing and searching run in worker threads
 (at most ``limits.max_concurrent`` at once) so a large request never blocks the event loop; a request
 whose answer is not ready by its deadline gets 503 ``timeout`` at once, and its worker stops at its
-next check of the deadline. :func:`run_server` adds the server-side bounds on slow clients
-(:class:`ServerSettings`).
+next check of the deadline. :func:`run_server` adds the server-side bounds
+(:class:`ServerSettings`): a deadline for request heads, a cap on requests in progress
+(:class:`AdmissionMiddleware`, 503 ``overloaded``), and a connection cap that sheds idle connections
+before it refuses anyone, so that idle or slow connections cannot crowd out real requests.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations (``Request``,
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crossret._extras import install_command, require
 from crossret.errors import ConfigError
 from crossret.serve.state import (
     _FLOAT32_MAX,
@@ -40,7 +43,7 @@ from crossret.serve.state import (
 
 logger = logging.getLogger("crossret.serve")
 
-INSTALL_HINT = "pip install 'crossret[serve]'"
+INSTALL_HINT = install_command("serve")
 
 #: Where the middleware leaves a request's deadline (a ``time.monotonic()`` value) in the ASGI scope.
 DEADLINE_KEY = "crossret.deadline"
@@ -56,14 +59,9 @@ Send = Callable[[Message], Awaitable[None]]
 
 
 def require_serve_extra(*, server: bool = False) -> None:
-    """Raise :class:`ConfigError` with the install command when the ``serve`` extra is missing."""
-    modules = ["fastapi", "pydantic", *(["uvicorn"] if server else [])]
-    for name in modules:
-        try:
-            __import__(name)
-        except ImportError:
-            raise ConfigError(f"the search service needs the optional 'serve' dependencies ({name} is not "
-                              f"installed): {INSTALL_HINT}") from None
+    """Raise :class:`~crossret.errors.MissingExtraError` with the install command when the ``serve`` extra
+    is missing (``server``: uvicorn too, not only the app's packages)."""
+    require("serve", "fastapi", "pydantic", *(["uvicorn"] if server else []), load=True)
 
 
 def create_app(run_dir: str | Path | None, *, database: str = "cross", index: str | Path | None = None,
@@ -456,7 +454,8 @@ def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
              413: "the body is larger than max_body_bytes",
              415: "the body is not sent as application/json",
              422: "the request is invalid (the message names the field and the problem)",
-             503: "the request did not finish within the request timeout (error 'timeout')"}
+             503: "the request did not finish within the request timeout (error 'timeout'), or, under "
+                  "run_server, the server has its maximum of requests in progress (error 'overloaded')"}
     return {status: {"model": ErrorResponse, "description": words[status]} for status in statuses}
 
 
@@ -606,22 +605,34 @@ def _batch_queries(parsed: Any) -> list[Query]:
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """How the HTTP server bounds its clients (uvicorn settings, plus a deadline for request heads).
+    """How the HTTP server bounds its clients: uvicorn settings, a deadline for request heads, a
+    connection cap that sheds idle connections first, and a cap on requests in progress.
+
+    The rule is to bound the work, not the sockets: a connection without a request in progress (an
+    idle keep-alive connection, or one whose request head is still arriving) costs a file descriptor
+    and at most ``max_header_bytes``, and never makes the service refuse a request.
 
     keep_alive_timeout: an idle keep-alive connection is closed after this many seconds.
     header_timeout: a connection must deliver a complete request head (request line and headers)
         within this many seconds of opening, or of its previous answer; otherwise it is closed
         (slow-header clients). The body is bounded by ``ServiceLimits.request_timeout`` (408).
-    max_connections: most open connections (and in-flight requests); beyond it uvicorn answers
-        ``503 Service Unavailable`` (plain text, from the server, before the app sees the request).
+    max_connections: most open connections. At the cap, a new connection closes the connection that
+        has waited longest without a request in progress (idle, or an incomplete head) and takes its
+        place; only when every open connection has a request in progress is the new one refused
+        (``503 overloaded``, JSON, then closed). Lowered to fit the process's open-file limit.
+    max_requests: most requests in progress (from a complete head to the end of the answer); a
+        request beyond it gets ``503 overloaded`` (JSON, ``Retry-After``, connection closed) before
+        its body is read. GET and HEAD requests without a body (``/health``, ``/info``) are not
+        counted: they hold no body and no compute slot.
     backlog: most connections waiting to be accepted by the operating system.
     max_header_bytes: largest request head; a larger one gets ``400`` from the server and is closed.
     shutdown_timeout: on shutdown, requests still running after this many seconds are cancelled.
     """
 
     keep_alive_timeout: float = 5.0
-    header_timeout: float = 10.0
-    max_connections: int = 128
+    header_timeout: float = 5.0
+    max_connections: int = 2048
+    max_requests: int = 128
     backlog: int = 256
     max_header_bytes: int = 16 * 1024
     shutdown_timeout: float = 10.0
@@ -632,20 +643,99 @@ class ServerSettings:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
                     math.isfinite(value) and value > 0):
                 raise ConfigError(f"server setting {name} must be a positive number of seconds, got {value!r}")
-        for name, minimum in (("max_connections", 1), ("backlog", 1), ("max_header_bytes", 1024)):
+        for name, minimum in (("max_connections", 2), ("max_requests", 1), ("backlog", 1),
+                              ("max_header_bytes", 1024)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"server setting {name} must be an integer >= {minimum}, got {value!r}")
         return self
 
 
-def _header_timeout_protocol(header_timeout: float) -> Any:
-    """uvicorn's h11 protocol, closing connections that do not deliver a request head in time.
+#: File descriptors kept out of the connection cap (the listening socket, the run's files, logs, threads).
+_RESERVED_FDS = 64
 
-    uvicorn bounds idle keep-alive connections but not a client that connects and then sends its
-    headers slowly (or never): that connection is held until the client leaves. This subclass arms a
-    timer when a connection opens and after each answer, and disarms it once a request's head has
-    been parsed. Returns None when uvicorn's internals are not as expected (then plain h11 is used).
+
+def connection_cap(max_connections: int) -> int:
+    """``max_connections``, lowered to fit the open-file limit (``ulimit -n``) less a reserve.
+
+    A connection beyond the limit would not be refused by the server but fail in ``accept()``, and
+    stay queued in the backlog, unanswered: the cap has to bind first.
+    """
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):  # pragma: no cover - no resource module (Windows)
+        return max_connections
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return max_connections
+    return max(2, min(max_connections, soft - _RESERVED_FDS))
+
+
+def _overloaded(message: str) -> bytes:
+    return json.dumps(_error_body("overloaded", message), separators=(",", ":")).encode()
+
+
+class AdmissionMiddleware:
+    """At most ``max_requests`` requests in progress; beyond it ``503 overloaded`` at once (pure ASGI).
+
+    A request is in progress from its complete head until its answer is sent, body reception and the
+    wait for a compute slot included; a refused one gets ``Retry-After`` and ``Connection: close``
+    before a byte of its body is read. GET and HEAD requests that declare no body are not counted (and
+    never refused): they cost no body and no compute slot. One counter per app; uvicorn runs the app
+    on one event loop, so a plain integer suffices.
+    """
+
+    def __init__(self, app: Any, max_requests: int, retry_after: int = 1) -> None:
+        self.app = app
+        self.max_requests = int(max_requests)
+        self.retry_after = int(retry_after)
+        self.in_progress = 0
+
+    @staticmethod
+    def _bodiless_read(scope: Scope) -> bool:
+        if scope.get("method") not in ("GET", "HEAD"):
+            return False
+        for key, value in scope.get("headers", []):
+            key = key.lower()
+            if key == b"transfer-encoding" or (key == b"content-length" and value.strip() != b"0"):
+                return False
+        return True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._bodiless_read(scope):
+            await self.app(scope, receive, send)
+            return
+        if self.in_progress >= self.max_requests:
+            body = _overloaded(f"the service has its maximum of {self.max_requests} requests in progress; retry "
+                               f"in {self.retry_after} s")
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"retry-after", str(self.retry_after).encode()), (b"connection", b"close")]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1
+
+
+def _bounded_h11_protocol(settings: ServerSettings, max_connections: int) -> Any:
+    """uvicorn's h11 protocol with a request-head deadline and a connection cap that sheds idle connections.
+
+    * **Head deadline.** uvicorn bounds idle keep-alive connections but not a client that connects and
+      then sends its head slowly (or never): a timer is armed when a connection opens and after each
+      answer, and disarmed once a request's head has been parsed; when it fires, the connection is closed.
+    * **Connection cap.** uvicorn's own cap (``limit_concurrency``) counts every open connection, idle
+      ones included, and answers 503 to each request beyond it: a client holding that many idle
+      connections shut everyone else out. Here the connections without a request in progress are kept
+      in the order they became idle; a connection that arrives at the cap closes the longest-idle one
+      (as nginx reuses keep-alive connections when it runs out) and is only refused, with a JSON 503,
+      when every open connection has a request in progress — and those are bounded by ``max_requests``.
+
+    One set of connections per call (per server). Returns None when uvicorn's internals are not as
+    expected (then plain h11 and uvicorn's cap are used).
     """
     try:
         from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -655,33 +745,70 @@ def _header_timeout_protocol(header_timeout: float) -> Any:
     if not all(hasattr(H11Protocol, name) for name in needed):  # pragma: no cover - another uvicorn layout
         return None
 
-    class HeaderTimeoutH11Protocol(H11Protocol):  # type: ignore[misc, valid-type]
+    header_timeout = settings.header_timeout
+    connections: set[Any] = set()  # open, and counted against the cap
+    idle: dict[Any, None] = {}  # open without a request in progress, longest-waiting first (insertion order)
+    body = _overloaded(f"the server holds its maximum of {max_connections} connections, each with a request in "
+                       "progress; retry in 1 s")
+    refusal = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+               b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    last_warning = [-math.inf]
+
+    class BoundedH11Protocol(H11Protocol):  # type: ignore[misc, valid-type]
         _head_timer: asyncio.TimerHandle | None = None
+        _gone = False
 
         def _arm_head_timer(self) -> None:
             self._disarm_head_timer()
+            if self._gone or self.transport is None or self.transport.is_closing():
+                return
             self._head_timer = self.loop.call_later(header_timeout, self._head_timed_out)
+            idle[self] = None  # the newest idle connection: the last to be shed
 
         def _disarm_head_timer(self) -> None:
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
+            idle.pop(self, None)
 
         def _waiting_for_head(self) -> bool:
             cycle = getattr(self, "cycle", None)
             return cycle is None or cycle.response_complete
 
+        def _shed(self) -> None:
+            """Close this connection (it has no request in progress) and free its place at once."""
+            self._disarm_head_timer()
+            connections.discard(self)
+            if not self.transport.is_closing():
+                self.transport.close()
+
         def _head_timed_out(self) -> None:
             self._head_timer = None
-            if self._waiting_for_head() and not self.transport.is_closing():
-                self.transport.close()
+            if self._waiting_for_head():
+                self._shed()
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            if len(connections) >= max_connections:
+                if idle:
+                    next(iter(idle))._shed()
+                else:
+                    self._gone = True
+                    now = time.monotonic()
+                    if now - last_warning[0] > 10:
+                        last_warning[0] = now
+                        logger.warning("refusing connections: all %d open connections have a request in progress",
+                                       max_connections)
+                    transport.write(refusal)
+                    transport.close()
+                    return
+            connections.add(self)
             self._arm_head_timer()
 
         def connection_lost(self, exc: Exception | None) -> None:
+            self._gone = True
             self._disarm_head_timer()
+            connections.discard(self)
             super().connection_lost(exc)
 
         def handle_events(self) -> None:
@@ -694,23 +821,29 @@ def _header_timeout_protocol(header_timeout: float) -> Any:
             self._arm_head_timer()
             super().on_response_complete()
 
-    return HeaderTimeoutH11Protocol
+    return BoundedH11Protocol
 
 
 def server_config(app: Any, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
                   settings: ServerSettings | None = None) -> Any:
-    """The ``uvicorn.Config`` that :func:`run_server` serves ``app`` with."""
+    """The ``uvicorn.Config`` that :func:`run_server` serves ``app`` with (``app`` wrapped in
+    :class:`AdmissionMiddleware`)."""
     require_serve_extra(server=True)
     import uvicorn
 
     settings = (settings or ServerSettings()).validate()
-    protocol = _header_timeout_protocol(settings.header_timeout)
+    cap = connection_cap(settings.max_connections)
+    if cap < settings.max_connections:
+        logger.warning("max_connections lowered from %d to %d to fit the open-file limit (ulimit -n)",
+                       settings.max_connections, cap)
+    protocol = _bounded_h11_protocol(settings, cap)
     if protocol is None:  # pragma: no cover
-        logger.warning("this uvicorn version does not allow a request-head timeout; slow-header clients are "
-                       "bounded by max_connections only")
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                          http=protocol or "h11", timeout_keep_alive=settings.keep_alive_timeout,
-                          limit_concurrency=settings.max_connections, backlog=settings.backlog,
+        logger.warning("this uvicorn version does not allow a request-head timeout; idle and slow-header clients "
+                       "are bounded by uvicorn's connection cap only")
+    return uvicorn.Config(AdmissionMiddleware(app, settings.max_requests), host=host, port=port, log_level=log_level,
+                          access_log=False, http=protocol or "h11", timeout_keep_alive=settings.keep_alive_timeout,
+                          # uvicorn's cap counts idle connections too: used only without the protocol above.
+                          limit_concurrency=None if protocol is not None else cap, backlog=settings.backlog,
                           h11_max_incomplete_event_size=settings.max_header_bytes,
                           timeout_graceful_shutdown=settings.shutdown_timeout)
 

@@ -79,6 +79,14 @@ def main(argv: list[str]) -> int:
             print(f"{name:15s} {'owned' if target.owned else 'elsewhere'}{' (torch)' if target.heavy else ''}")
         return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from crossret._extras import require
+    from crossret.errors import MissingExtraError
+
+    try:
+        require("fuzz", load=True)
+    except MissingExtraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     import atheris
 
     names = _names(argv[0])

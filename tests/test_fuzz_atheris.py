@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("atheris", reason="atheris is not installed (pip install atheris): the libFuzzer runs are skipped")
+pytestmark = pytest.mark.slow
+
+pytest.importorskip("atheris", reason="atheris is not installed (pip install 'crossret[fuzz]'): the libFuzzer runs "
+                    "are skipped")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "fuzz"))

@@ -24,6 +24,8 @@ from crossret.textimage.checkpoint import load_albef_checkpoint
 from crossret.textimage.pipeline import GckdRunConfig, evaluate_run, run_gckd
 from crossret.textimage.tokenize import CaptionTokenizer
 
+pytestmark = pytest.mark.slow
+
 TRAIN = {"epochs": 1, "lr": 1e-3, "head_lr": 1e-3, "ids_per_batch": 4, "pairs_per_id": 2, "target_batch": 8,
          "memory_size": 32, "delta": 0.0}
 

@@ -332,6 +332,7 @@ def equality_cases(milvus_uri: str) -> Iterator[dict[tuple[str, int], tuple[np.n
             index.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", EQUALITY_BITS)
 def test_flat_equals_faiss(equality_cases: dict, bits: int) -> None:
     db, queries, index = equality_cases["flat", bits]
@@ -350,6 +351,7 @@ def test_flat_equals_faiss(equality_cases: dict, bits: int) -> None:
         assert set(got[row, inner]) == set(ref_ids[row, inner])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", EQUALITY_BITS)
 def test_ivf_with_all_lists_probed_equals_faiss(equality_cases: dict, bits: int) -> None:
     db, queries, index = equality_cases["ivf", bits]
@@ -361,6 +363,7 @@ def test_ivf_with_all_lists_probed_equals_faiss(equality_cases: dict, bits: int)
     assert_same_as_faiss(db, queries, bits, 20, index)
 
 
+@pytest.mark.slow
 def test_mass_ties_resolve_to_the_earliest_positions(make_index: Any) -> None:
     # 17000 copies of one code: a distance group larger than Milvus's 16384 results per request.
     rng = np.random.default_rng(7)
@@ -374,6 +377,7 @@ def test_mass_ties_resolve_to_the_earliest_positions(make_index: Any) -> None:
     assert_same_as_faiss(db, queries[1:2], bits, MAX_TOPK, index)  # the largest k Milvus allows
 
 
+@pytest.mark.slow
 def test_custom_ids_round_trip(make_index: Any, milvus_uri: str) -> None:
     rng = np.random.default_rng(3)
     bits = 64
@@ -406,6 +410,7 @@ def test_custom_ids_round_trip(make_index: Any, milvus_uri: str) -> None:
         assert set(found[0]) == {ids[0], 5}
 
 
+@pytest.mark.slow
 def test_errors_against_a_server(make_index: Any, milvus_uri: str) -> None:
     rng = np.random.default_rng(5)
     db = random_packed(rng, 100, 48)

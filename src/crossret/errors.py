@@ -28,3 +28,14 @@ class NumericalError(CrossretError, FloatingPointError):
     """A computation produced NaN or inf from finite inputs: training diverged (a learning rate too large
     for the data) or values overflowed float32. Also a :class:`FloatingPointError`, so code that catches
     the built-in (e.g. around a training loop) still does."""
+
+
+class MissingExtraError(CrossretError, ImportError):
+    """A feature needs an optional dependency group (an *extra*) that is not installed. The message names the
+    ``pip install 'crossret[EXTRA]'`` command to run; :attr:`extra` is the extra's name. Also an
+    :class:`ImportError`, so code that catches the built-in around an optional feature still does."""
+
+    def __init__(self, message: str, *, extra: str, name: str | None = None) -> None:
+        super().__init__(message)
+        self.extra = extra
+        self.name = name

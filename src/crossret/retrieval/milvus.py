@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from crossret._extras import install_command, require
 from crossret.errors import CodeError, ConfigError, CrossretError
 from crossret.retrieval.index import (
     MISSING_DISTANCE,
@@ -66,7 +67,7 @@ __all__ = [
 
 DEFAULT_URI = "http://127.0.0.1:19530"
 MAX_TOPK = 16384  # Milvus rejects limit > 16384 (and nq > 16384) per search request
-INSTALL_HINT = "pip install 'crossret[milvus]'"
+INSTALL_HINT = install_command("milvus")
 
 _META_TAG = "crossret.binary_index"
 _META_VERSION = 1
@@ -87,13 +88,11 @@ class MilvusConnectionError(MilvusBackendError, ConnectionError):
 
 
 def _pymilvus() -> Any:
-    """Import pymilvus on first use, with an install hint when it is missing."""
-    try:
-        import pymilvus
-    except ImportError as exc:
-        raise ImportError(
-            f"the Milvus backend needs the pymilvus package, which is not installed: {INSTALL_HINT}"
-        ) from exc
+    """Import pymilvus on first use; a :class:`~crossret.errors.MissingExtraError` (an ``ImportError``) with
+    the install command when it is missing."""
+    require("milvus", "pymilvus", load=True)
+    import pymilvus
+
     return pymilvus
 
 

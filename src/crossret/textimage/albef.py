@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crossret._config import reject_unknown_keys
+from crossret._extras import require
+from crossret._limits import check_memory
 from crossret.errors import ConfigError, DataError
 
 __all__ = [
@@ -162,6 +164,18 @@ class AlbefConfig:
         gh, gw = self.grid_size
         return gh * gw
 
+    def parameter_count(self) -> int:
+        """About how many weights a model of this configuration has (biases and norms left out)."""
+        vw, tw, ti, embed = self.vision_width, self.text_width, self.text_intermediate, self.embed_dim
+        mlp = int(vw * self.vision_mlp_ratio)
+        vision = (self.in_channels * self.patch_size ** 2 * vw + (1 + self.num_patches) * vw
+                  + self.vision_depth * (4 * vw * vw + 2 * vw * mlp))
+        embeddings = (self.vocab_size + self.max_position + self.type_vocab_size) * tw
+        text = self.text_layers * (4 * tw * tw + 2 * tw * ti)
+        fusion = self.fusion_layers * (6 * tw * tw + 2 * tw * vw + 2 * tw * ti)  # + cross-attention
+        heads = (vw + tw) * embed + 2 * tw + tw * tw + self.vocab_size
+        return vision + embeddings + text + fusion + heads
+
     def validate(self) -> AlbefConfig:
         """Raise :class:`ConfigError` naming the first invalid field; return ``self``."""
 
@@ -204,6 +218,12 @@ class AlbefConfig:
             raise bad("momentum", "must be in [0, 1]")
         if self.attn_implementation not in _ATTN_IMPLEMENTATIONS:
             raise bad("attn_implementation", f"must be one of {list(_ATTN_IMPLEMENTATIONS)}")
+        weights = self.parameter_count()
+        # float32 weights, their gradients, Adam's two moments and the momentum (teacher) copy
+        check_memory(4 * 5 * weights, f"AlbefConfig: a model of about {weights} weights (vision_width="
+                     f"{self.vision_width}, text_width={self.text_width}, text_intermediate={self.text_intermediate}, "
+                     f"vocab_size={self.vocab_size}, max_position={self.max_position}, embed_dim={self.embed_dim}, "
+                     f"{self.num_patches} image patches)", "lower these sizes (--model-set)")
         return self
 
 
@@ -333,6 +353,7 @@ class VisionTransformer(nn.Module):
 
 
 def _bert_config(config: AlbefConfig) -> Any:
+    require("gckd", "transformers")
     from transformers import BertConfig
 
     bert = BertConfig(

@@ -67,6 +67,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from crossret._extras import require
 from crossret._io import atomic_open
 from crossret._sealed import is_zip_file, verify_zip
 from crossret.errors import DataError, FileFormatError
@@ -514,6 +515,7 @@ def load_bert_vocab(path: str | os.PathLike, *, lowercase: bool = True, max_leng
     ``model_max_length`` (e.g. ``AlbefConfig.max_position``). A missing, empty or malformed file (no
     ``[PAD] [UNK] [CLS] [SEP] [MASK]``, duplicate tokens) is a :class:`DataError`.
     """
+    require("gckd", "transformers")
     from transformers import BertTokenizerFast
 
     path = Path(path)

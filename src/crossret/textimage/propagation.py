@@ -23,9 +23,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.nn import GCNConv, SAGEConv
 
+from crossret._extras import missing_extra
 from crossret.errors import ConfigError, DataError
+
+try:
+    from torch_geometric.nn import GCNConv, SAGEConv
+except ImportError as exc:  # the 'gckd' extra is not installed
+    raise missing_extra("gckd", "torch_geometric.nn", exc) from exc
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from crossret._extras import require
 from crossret._io import write_text_atomic
 from crossret.errors import ConfigError, DataError
 
@@ -107,6 +108,7 @@ def train_wordpiece_vocab(texts: Iterable[str] | str | os.PathLike, out_path: st
             raise ConfigError(f"{name}={value!r}: must be an integer >= {low}")
     corpus = _read_corpus(texts)
 
+    require("gckd", "tokenizers")
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))

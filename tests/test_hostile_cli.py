@@ -62,6 +62,19 @@ def files(tmp_path_factory) -> Path:
 
 
 # (case id, argv with {root} for the fixture folder and {out} for a fresh output path, words the error names)
+
+def _run(method: str, *settings: str, bits: str = "16", source: str = "{root}/src.npz",
+         target: str = "{root}/tgt.npz") -> list[str]:
+    """``crossret run METHOD`` on two domain files, with ``--set`` for each of ``settings``."""
+    extra = [item for setting in settings for item in ("--set", setting)]
+    return ["run", method, "--bits", bits, "--source", source, "--target", target, "--out", "{out}", *extra]
+
+
+def _lsh(source: str, target: str = "{root}/tgt.npz") -> list[str]:
+    """The command most input cases go through."""
+    return _run("lsh", source=source, target=target)
+
+
 CASES: list[tuple[str, list[str], list[str]]] = [
     # -- sizes that imply huge allocations (search k, IVF lists, HNSW sizes, hash probes)
     ("hnsw-k-2e9", ["index", "search", "{root}/hnsw.crbi", "--queries", "{root}/q.npy", "-k", "2000000000",
@@ -95,54 +108,33 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("recall-efSearch", ["index", "recall", "{root}/hnsw.crbi", "--exact", "{root}/flat.crbi", "--queries",
                          "{root}/q.npy", "--param", "efSearch=2000000000"], ["efSearch=2000000000"]),
     # -- code lengths, network widths, walk lengths, thread counts
-    ("bits-1e11", ["run", "lsh", "--bits", "100000000000", "--source", "{root}/src.npz", "--target",
-                   "{root}/tgt.npz", "--out", "{out}"], ["--bits=100000000000"]),
-    ("itq-bits-1e5", ["run", "itq", "--bits", "100000", "--source", "{root}/src.npz", "--target", "{root}/tgt.npz",
-                      "--out", "{out}"], ["--bits=100000"]),
-    ("source-only-hash-hidden", ["run", "source-only", "--bits", "16", "--source", "{root}/src.npz", "--target",
-                                 "{root}/tgt.npz", "--out", "{out}", "--set", "hash_hidden=100000000000"],
+    ("bits-1e11", _run("lsh", bits="100000000000"), ["--bits=100000000000"]),
+    ("itq-bits-1e5", _run("itq", bits="100000"), ["--bits=100000"]),
+    ("source-only-hash-hidden", _run("source-only", "hash_hidden=100000000000"),
      ["hash_hidden=100000000000"]),
-    ("source-only-encoder-dim", ["run", "source-only", "--bits", "16", "--source", "{root}/src.npz", "--target",
-                                 "{root}/tgt.npz", "--out", "{out}", "--set", "encoder_dim=100000000000"],
+    ("source-only-encoder-dim", _run("source-only", "encoder_dim=100000000000"),
      ["encoder_dim=100000000000"]),
-    ("couple-hash-hidden", ["run", "couple", "--bits", "16", "--source", "{root}/src.npz", "--target",
-                            "{root}/tgt.npz", "--out", "{out}", "--set", "hash_hidden=10000000000"],
+    ("couple-hash-hidden", _run("couple", "hash_hidden=10000000000"),
      ["hash_hidden=10000000000"]),
-    ("couple-walk-length", ["run", "couple", "--bits", "16", "--source", "{root}/src.npz", "--target",
-                            "{root}/tgt.npz", "--out", "{out}", "--set", "walk_length=100000000000"],
+    ("couple-walk-length", _run("couple", "walk_length=100000000000"),
      ["walk_length=100000000000"]),
-    ("source-only-threads", ["run", "source-only", "--bits", "16", "--source", "{root}/src.npz", "--target",
-                             "{root}/tgt.npz", "--out", "{out}", "--set", "num_threads=100000000000"],
+    ("source-only-threads", _run("source-only", "num_threads=100000000000"),
      ["num_threads", "100000000000"]),
-    ("couple-threads", ["run", "couple", "--bits", "16", "--source", "{root}/src.npz", "--target", "{root}/tgt.npz",
-                        "--out", "{out}", "--set", "num_threads=1000000"], ["num_threads", "1000000"]),
+    ("couple-threads", _run("couple", "num_threads=1000000"), ["num_threads", "1000000"]),
     # -- bad shapes, dtypes, NaN, empty domains, label mismatches, corrupt files
-    ("nan-features", ["run", "lsh", "--bits", "16", "--source", "{root}/nan.npz", "--target", "{root}/tgt.npz",
-                      "--out", "{out}"], ["nan.npz", "NaN"]),
-    ("empty-source", ["run", "lsh", "--bits", "16", "--source", "{root}/empty.npz", "--target", "{root}/tgt.npz",
-                      "--out", "{out}"], ["empty.npz", "empty"]),
-    ("empty-target", ["run", "lsh", "--bits", "16", "--source", "{root}/src.npz", "--target", "{root}/empty.npz",
-                      "--out", "{out}"], ["empty.npz", "empty"]),
-    ("dim-mismatch", ["run", "lsh", "--bits", "16", "--source", "{root}/dim5.npz", "--target", "{root}/tgt.npz",
-                      "--out", "{out}"], ["dim5.npz", "5 features"]),
-    ("label-count", ["run", "lsh", "--bits", "16", "--source", "{root}/labmis.npz", "--target", "{root}/tgt.npz",
-                     "--out", "{out}"], ["labmis.npz", "50 labels"]),
-    ("string-labels", ["run", "lsh", "--bits", "16", "--source", "{root}/strlab.npz", "--target", "{root}/tgt.npz",
-                       "--out", "{out}"], ["strlab.npz", "numeric"]),
-    ("3d-features", ["run", "lsh", "--bits", "16", "--source", "{root}/cube.npz", "--target", "{root}/tgt.npz",
-                     "--out", "{out}"], ["cube.npz", "2-D"]),
-    ("one-hot-labels", ["run", "lsh", "--bits", "16", "--source", "{root}/onehot.npz", "--target", "{root}/tgt.npz",
-                        "--out", "{out}"], ["onehot.npz", "vector of labels"]),
-    ("unknown-layout", ["run", "lsh", "--bits", "16", "--source", "{root}/other.npz", "--target", "{root}/tgt.npz",
-                        "--out", "{out}"], ["other.npz", "weights"]),
-    ("corrupt-npz", ["run", "lsh", "--bits", "16", "--source", "{root}/corrupt.npz", "--target", "{root}/tgt.npz",
-                     "--out", "{out}"], ["corrupt.npz"]),
-    ("ragged-csv", ["run", "lsh", "--bits", "16", "--source", "{root}/short.csv", "--target", "{root}/tgt.npz",
-                    "--out", "{out}"], ["short.csv"]),
-    ("missing-file", ["run", "lsh", "--bits", "16", "--source", "{root}/absent.npz", "--target", "{root}/tgt.npz",
-                      "--out", "{out}"], ["absent.npz", "not found"]),
-    ("set-markup-value", ["run", "lsh", "--bits", "16", "--source", "{root}/src.npz", "--target", "{root}/tgt.npz",
-                          "--out", "{out}", "--set", "center=[/b]"], ["center", "['/b']"]),
+    ("nan-features", _lsh("{root}/nan.npz"), ["nan.npz", "NaN"]),
+    ("empty-source", _lsh("{root}/empty.npz"), ["empty.npz", "empty"]),
+    ("empty-target", _lsh("{root}/src.npz", "{root}/empty.npz"), ["empty.npz", "empty"]),
+    ("dim-mismatch", _lsh("{root}/dim5.npz"), ["dim5.npz", "5 features"]),
+    ("label-count", _lsh("{root}/labmis.npz"), ["labmis.npz", "50 labels"]),
+    ("string-labels", _lsh("{root}/strlab.npz"), ["strlab.npz", "numeric"]),
+    ("3d-features", _lsh("{root}/cube.npz"), ["cube.npz", "2-D"]),
+    ("one-hot-labels", _lsh("{root}/onehot.npz"), ["onehot.npz", "vector of labels"]),
+    ("unknown-layout", _lsh("{root}/other.npz"), ["other.npz", "weights"]),
+    ("corrupt-npz", _lsh("{root}/corrupt.npz"), ["corrupt.npz"]),
+    ("ragged-csv", _lsh("{root}/short.csv"), ["short.csv"]),
+    ("missing-file", _lsh("{root}/absent.npz"), ["absent.npz", "not found"]),
+    ("set-markup-value", _run("lsh", "center=[/b]"), ["center", "['/b']"]),
     ("real-codes", ["eval-codes", "--query-codes", "{root}/realcodes.npy", "--db-codes", "{root}/codes.npy",
                     "--query-labels", "{root}/lab.npy", "--db-labels", "{root}/lab.npy"], ["query codes", "±1"]),
     ("3d-codes", ["eval-codes", "--query-codes", "{root}/codes3d.npy", "--db-codes", "{root}/codes.npy",
@@ -166,8 +158,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("encode-no-model", ["index", "encode", "--run", "{root}", "--features", "{root}/codes.npy", "--out", "{out}"],
      ["--run", "model"]),
     # -- user text that rich would read as markup or emoji codes is printed as it is
-    ("markup-in-path", ["run", "lsh", "--bits", "16", "--source", "{root}/x[/b]y:x:.npz", "--target",
-                        "{root}/tgt.npz", "--out", "{out}"], ["x[/b]y:x:.npz"]),
+    ("markup-in-path", _lsh("{root}/x[/b]y:x:.npz"), ["x[/b]y:x:.npz"]),
     ("markup-in-index-path", ["index", "search", "{root}/[bold]a[/]:cross_mark:.crbi", "--queries", "{root}/q.npy"],
      ["[bold]a[/]:cross_mark:.crbi"]),
 ]

@@ -525,3 +525,34 @@ def test_dense_metrics_do_not_depend_on_the_memory_capped_chunking(monkeypatch):
     full = dense_retrieval_metrics(query, gallery, q_ids, g_ids)
     monkeypatch.setattr(metrics_module, "_DENSE_CHUNK_ENTRIES", 100)  # forces 2 queries per chunk
     assert dense_retrieval_metrics(query, gallery, q_ids, g_ids) == full
+
+
+def test_index_rank_pass_counts_any_order_of_cut_offs() -> None:
+    """``rel_at_n[q, t]`` counts relevant items with rank <= ns[t] whatever the order of ``ns``."""
+    from crossret.retrieval import hamming
+    from crossret.retrieval.packing import pack_codes, packed_to_words
+
+    rng = np.random.default_rng(11)
+    q, db = _pm1(rng, 6, 16), _pm1(rng, 90, 16)
+    q_labels, db_labels = rng.integers(0, 3, 6).astype(np.int32), rng.integers(0, 3, 90).astype(np.int32)
+    qw, dbw = packed_to_words(pack_codes(q), 16), packed_to_words(pack_codes(db), 16)
+    hist = np.zeros((6, 2 * 17), dtype=np.int64)
+    hamming.distance_histograms(qw, q_labels, dbw, db_labels, hist)
+    rel = np.ascontiguousarray(hist[:, 17:])
+    counts = hist[:, :17] + rel  # the kernel keeps non-relevant and relevant counts apart
+    before = np.cumsum(counts, axis=1) - counts
+    before_rel = np.cumsum(rel, axis=1) - rel
+
+    def rel_at(ns: list[int]) -> np.ndarray:
+        out = np.zeros((6, len(ns)), dtype=np.int64)
+        hamming.index_rank_pass(qw, q_labels, dbw, db_labels, before, before_rel, np.zeros_like(counts),
+                                np.zeros_like(counts), 0, np.array(ns, dtype=np.int64), np.zeros(6), np.zeros(6),
+                                np.zeros(6, dtype=np.int64), out)
+        return out
+
+    ns = [50, 3, 90, 10, 1]
+    relevant = _relevance(q_labels, db_labels)
+    ranks = np.argsort(np.argsort(_brute_distances(q, db), axis=1, kind="stable"), axis=1) + 1
+    expected = np.array([[int(((ranks[i] <= n) & relevant[i]).sum()) for n in ns] for i in range(6)])
+    np.testing.assert_array_equal(rel_at(ns), expected)
+    np.testing.assert_array_equal(rel_at(sorted(ns)), expected[:, np.argsort(ns, kind="stable")])

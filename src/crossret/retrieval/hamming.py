@@ -174,9 +174,11 @@ def _index_rank_kernel(q_words, q_labels, db_words, db_labels, before, before_re
                 if rank <= topk:
                     apk_acc += precision
                     nk += 1
-                for t in range(n_ns):
-                    if rank <= ns[t]:
-                        rel_at_n[q, t] += 1
+                # ns ascending: count the item once, at the first cut-off it falls under (the caller
+                # turns these counts into "rank <= ns[t]" by a cumulative sum), O(log T) per item.
+                t = np.searchsorted(ns, rank)
+                if t < n_ns:
+                    rel_at_n[q, t] += 1
         seen[q, :] = seen_row
         seen_rel[q, :] = seen_rel_row
         ap_sum[q] = ap_acc
@@ -548,9 +550,13 @@ def index_rank_pass(q_words: np.ndarray, q_labels: np.ndarray, db_words: np.ndar
     n_rel_topk = _state(n_rel_topk, "n_rel_topk", np.int64, (n_q,))
     rel_at_n = _state(rel_at_n, "rel_at_n", np.int64, (n_q, ns.shape[0]))
     topk = _as_int(topk, "topk", 0, ConfigError)
+    order = np.argsort(ns, kind="stable")
+    first_under = np.zeros((n_q, ns.shape[0]), dtype=np.int64)  # per item: the smallest cut-off >= its rank
     with _threads_for(q_words.shape[0] * db_words.shape[0]):
         _index_rank_kernel(q_words, q_labels, db_words, db_labels, before, before_rel, seen, seen_rel,
-                           np.int64(topk), ns, ap_sum, apk_sum, n_rel_topk, rel_at_n)
+                           np.int64(topk), np.ascontiguousarray(ns[order]), ap_sum, apk_sum, n_rel_topk,
+                           first_under)
+    rel_at_n[:, order] += np.cumsum(first_under, axis=1)
 
 
 def expected_rank_metrics(counts: np.ndarray, rel_counts: np.ndarray, topk: int,

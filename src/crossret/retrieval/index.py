@@ -855,6 +855,9 @@ class DenseIndex(_FaissIndex):
     Kinds: ``"flat"`` (``IndexFlatIP``, exact) and ``"hnsw"`` (``IndexHNSWFlat`` with inner product;
     parameters ``M``, ``efConstruction``, ``efSearch``). Search returns ``(scores float32, ids
     int64)``, best first; ties in score come in position order; missing slots are ``(-inf, -1)``.
+
+    ``meta``: an optional JSON object stored in the file's header and read back by :meth:`load`
+    (e.g. what the items are: a GCKD gallery's image paths); ``None`` stores nothing.
     """
 
     _MAGIC = _DENSE_MAGIC
@@ -875,6 +878,7 @@ class DenseIndex(_FaissIndex):
         self.dim = int(dim)
         self.kind = kind
         self.normalize = bool(normalize)
+        self.meta: dict[str, Any] | None = None
         self._ids = None
         self._ids_mode = None
         self.params = {name: _check_int_param(name, value) for name, value in params.items()}
@@ -955,7 +959,18 @@ class DenseIndex(_FaissIndex):
         return scores, self._map_ids(internal)
 
     def _header(self) -> dict[str, Any]:
-        return {"index_type": "dense", "dim": self.dim, "metric": "inner_product", "normalize": self.normalize}
+        header: dict[str, Any] = {"index_type": "dense", "dim": self.dim, "metric": "inner_product",
+                                  "normalize": self.normalize}
+        if self.meta is not None:
+            if not isinstance(self.meta, dict):
+                raise ConfigError("DenseIndex.meta must be a dict (a JSON object) or None, got "
+                                  f"{type(self.meta).__name__}")
+            try:
+                json.dumps(self.meta, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"DenseIndex.meta must hold JSON values only ({exc})") from None
+            header["meta"] = self.meta
+        return header
 
     def _serialize(self) -> np.ndarray:
         return _faiss().serialize_index(self._faiss_index)
@@ -968,6 +983,9 @@ class DenseIndex(_FaissIndex):
         dim, normalize = header.get("dim"), header.get("normalize")
         if not isinstance(dim, int) or dim <= 0 or not isinstance(normalize, bool):
             raise FileFormatError(f"{path}: garbage header — invalid dim/normalize ({dim!r}, {normalize!r})")
+        meta = header.get("meta")
+        if meta is not None and not isinstance(meta, dict):
+            raise FileFormatError(f"{path}: garbage header — 'meta' is not a JSON object")
         if header["kind"] not in cls._KIND_PARAMS:
             raise FileFormatError(f"{path}: unknown dense index kind {header['kind']!r}")
         faiss_part, ids = _split_payload(path, header, payload)
@@ -987,6 +1005,7 @@ class DenseIndex(_FaissIndex):
             )
         obj = cls.__new__(cls)
         obj.dim, obj.kind, obj.normalize = dim, header["kind"], normalize
+        obj.meta = meta
         obj.params = params
         obj._faiss_index = index
         obj._ids = ids

@@ -2,7 +2,8 @@
 
 Endpoints (all JSON; see docs/serve.md): ``GET /health``, ``GET /info``, ``GET /openapi.json``,
 ``POST /search`` (a mixed batch), ``POST /search/features``, ``POST /search/codes``,
-``POST /search/ids``. The app is read-only: no endpoint writes anything, no route has path or query
+``POST /search/ids``; for a GCKD run (:func:`create_text_app`) ``POST /search/text`` instead of the
+``/search*`` routes. The app is read-only: no endpoint writes anything, no route has path or query
 parameters, and no request value reaches the file system.
 
 Every refusal is a 4xx (or 503) response ``{"error": KIND, "detail": MESSAGE}``. Bodies larger than
@@ -51,6 +52,8 @@ DEADLINE_KEY = "crossret.deadline"
 #: The routes the service has (method, path); tests assert that there are no others.
 ROUTES = (("GET", "/health"), ("GET", "/info"), ("GET", "/openapi.json"), ("POST", "/search"),
           ("POST", "/search/features"), ("POST", "/search/codes"), ("POST", "/search/ids"))
+#: The routes of a text-search service (:func:`create_text_app`, a GCKD run).
+TEXT_ROUTES = (("GET", "/health"), ("GET", "/info"), ("GET", "/openapi.json"), ("POST", "/search/text"))
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -459,24 +462,19 @@ def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse, "description": words[status]} for status in statuses}
 
 
-def build_app(state: ServiceState) -> Any:
-    """The FastAPI app over an existing service state."""
+def _new_app(state: Any, description: str) -> tuple[Any, "WorkSlots"]:
+    """A FastAPI app with the service's body limit, compute slots and error answers (no routes yet)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from crossret import __version__
-    from crossret.serve import schemas
 
     limits = state.limits
-    models = schemas.request_models(limits.max_batch)
     slots = WorkSlots(limits.max_concurrent, limits.request_timeout)
     # The machine-readable schema is served (GET /openapi.json, read-only); the interactive docs pages are not.
     app = FastAPI(title="crossret search", version=__version__, docs_url=None, redoc_url=None,
-                  openapi_url="/openapi.json",
-                  description="Read-only Hamming k-NN search over a crossret run's database; see docs/serve.md. "
-                              "Request schemas describe the snapshot being served (its code length, feature "
-                              "dimension and size).")
+                  openapi_url="/openapi.json", description=description)
     app.state.service = state
     app.state.work_slots = slots
     app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes, timeout=limits.request_timeout)
@@ -501,6 +499,22 @@ def build_app(state: ServiceState) -> Any:
         # Reached only through a bug: log it, and keep internals out of the response.
         logger.exception("internal error while serving a request")
         return JSONResponse(_error_body("internal", "internal server error; see the server log"), status_code=500)
+
+    return app, slots
+
+
+def build_app(state: ServiceState) -> Any:
+    """The FastAPI app over an existing service state."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, Response
+
+    from crossret.serve import schemas
+
+    limits = state.limits
+    models = schemas.request_models(limits.max_batch)
+    app, slots = _new_app(state, "Read-only Hamming k-NN search over a crossret run's database; see docs/serve.md. "
+                                 "Request schemas describe the snapshot being served (its code length, feature "
+                                 "dimension and size).")
 
     openapi_cache: dict[str, Any] = {}
     openapi_lock = threading.Lock()
@@ -574,6 +588,88 @@ def build_app(state: ServiceState) -> Any:
         """Database items by id: each item's own code is the query."""
         return await answer(request, "/search/ids", lambda p: [
             Query("id", value, f"ids[{i}]", p.exclude_self) for i, value in enumerate(p.ids)])
+
+    return app
+
+
+def create_text_app(run_dir: str | Path, *, gallery: str | Path | None = None, split: str = "test",
+                    index: str | Path | None = None, limits: ServiceLimits | None = None, device: str = "cpu") -> Any:
+    """A FastAPI app serving text → image search with a GCKD run's model (``POST /search/text``).
+
+    The gallery is ``split`` of the person dataset folder ``gallery`` (encoded at start-up) or a gallery
+    ``index`` file built with this run (``crossret index build --run RUN --gallery DATA``). Loading
+    errors raise before any app exists; the state (:class:`~crossret.serve.text.TextSearchState`) is
+    ``app.state.service``.
+    """
+    require_serve_extra()
+    from crossret.serve.text import TextSearchState
+
+    return build_text_app(TextSearchState(run_dir, gallery=gallery, split=split, index=index, limits=limits,
+                                          device=device))
+
+
+def build_text_app(state: Any) -> Any:
+    """The FastAPI app over an existing :class:`~crossret.serve.text.TextSearchState`."""
+    from fastapi import Request
+    from fastapi.openapi.utils import get_openapi
+    from fastapi.responses import JSONResponse, Response
+
+    from crossret.serve import schemas
+    from crossret.serve.text import MAX_TEXT_CHARS
+
+    limits = state.limits
+    model = schemas.text_request_models(limits.max_batch, MAX_TEXT_CHARS)["/search/text"]
+    app, slots = _new_app(state, "Read-only text-to-image search over a gallery with a GCKD run's model (ITC "
+                                 "score); see docs/serve.md. The request schema describes the gallery being served.")
+    openapi_cache: dict[str, Any] = {}
+    openapi_lock = threading.Lock()
+
+    def openapi() -> dict[str, Any]:
+        snap = state.snapshot()
+        with openapi_lock:
+            if openapi_cache.get("generation") != snap.generation:
+                schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                     routes=app.routes)
+                components = schema.setdefault("components", {}).setdefault("schemas", {})
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                body["properties"]["k"].update(minimum=1, maximum=min(limits.max_k, snap.size))
+                body["properties"]["texts"]["items"]["description"] = (
+                    f"a caption (at most {MAX_TEXT_CHARS} characters, at least one word)")
+                components[model.__name__] = body
+                openapi_cache.update(generation=snap.generation, schema=schema)
+            return openapi_cache["schema"]
+
+    app.openapi = openapi
+
+    @app.get("/health", response_class=JSONResponse,
+             responses={200: {"model": schemas.TextHealthResponse}, **_responses(400, 408, 413)})
+    async def health() -> JSONResponse:
+        """Liveness: status, gallery size, embedding dimension, snapshot generation."""
+        return JSONResponse(state.health())
+
+    @app.get("/info", response_class=JSONResponse,
+             responses={200: {"model": schemas.TextInfoResponse}, **_responses(400, 408, 413)})
+    async def info() -> JSONResponse:
+        """Gallery size, embedding dimension, index kind, run, gallery and limits."""
+        return JSONResponse(state.info())
+
+    @app.post("/search/text", response_class=Response,
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}},
+              responses={200: {"model": schemas.TextSearchResponse}, **_responses(400, 408, 413, 415, 422, 503)})
+    async def search_text(request: Request) -> Response:
+        """Captions: each answered with the k best gallery images by ITC score."""
+        _check_json_content_type(request.headers)
+        body = await request.body()
+        deadline = request.scope.get(DEADLINE_KEY) or time.monotonic() + limits.request_timeout
+
+        def work() -> bytes:
+            snap = state.snapshot()
+            parsed = _parse(model, body, limits.max_batch)
+            return _dump(state.search(parsed.texts, parsed.k, deadline=deadline, snapshot=snap))
+
+        return Response(await slots.run(work, deadline), media_type="application/json")
 
     return app
 

@@ -25,7 +25,7 @@ DEFAULT_K = 10
 _FAIL_FAST: dict[str, Any] = {"fail_fast": True} if "fail_fast" in inspect.signature(Field).parameters else {}
 
 #: Fields that hold the queries of a request (their list length is the batch size).
-BATCH_FIELDS = ("features", "codes", "hex", "ids", "queries")
+BATCH_FIELDS = ("features", "codes", "hex", "ids", "queries", "texts")
 
 
 class _Body(BaseModel):
@@ -107,6 +107,22 @@ def request_models(max_batch: int) -> dict[str, type[BaseModel]]:
     return {"/search": batch, "/search/features": features, "/search/codes": codes, "/search/ids": ids}
 
 
+class TextRequest(_Body):
+    """``POST /search/text`` (a GCKD run): captions, each answered with the ``k`` best gallery images."""
+
+    texts: list[str]
+    k: int = DEFAULT_K
+
+
+def text_request_models(max_batch: int, max_chars: int) -> dict[str, type[BaseModel]]:
+    """The request model of a text-search service: 1..``max_batch`` captions of at most ``max_chars``
+    characters each, counted while parsing."""
+    text = Annotated[str, Field(max_length=max_chars)]
+    model = create_model("TextRequest", __config__=_Body.model_config, __doc__=TextRequest.__doc__,
+                         texts=(_batch(text, max_batch), ...), k=(int, DEFAULT_K))
+    return {"/search/text": model}
+
+
 # --------------------------------------------------------------------------------------------
 # responses (documentation: the OpenAPI schema; the service answers with plain dicts)
 
@@ -171,3 +187,49 @@ class SearchResponse(_Answer):
     size: int
     generation: int
     results: list[SearchResult]
+
+
+class TextHealthResponse(_Answer):
+    """``GET /health`` of a text-search service."""
+
+    status: Literal["ok"]
+    size: int
+    dim: int
+    generation: int
+
+
+class TextInfoResponse(_Answer):
+    """``GET /info`` of a text-search service: the run, the gallery and the limits."""
+
+    service: Literal["crossret"]
+    version: str
+    search: str
+    size: int
+    dim: int
+    kind: str
+    run_dir: str | None
+    index_file: str | None
+    gallery: str | None
+    split: str | None
+    generation: int
+    limits: dict[str, int | float]
+    max_text_chars: int
+
+
+class TextSearchResult(_Answer):
+    """One caption's answer: best ITC score first (ties by gallery position)."""
+
+    text: str
+    ids: list[int] = Field(description="gallery positions (the order of the split's images)")
+    scores: list[float] = Field(description="ITC scores: cosine similarity of the caption and image embeddings")
+    paths: list[str]
+    person_ids: list[int] | None
+
+
+class TextSearchResponse(_Answer):
+    """``POST /search/text``: one result per caption, in request order."""
+
+    k: int
+    size: int
+    generation: int
+    results: list[TextSearchResult]

@@ -38,7 +38,9 @@ from typing import Any
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT = f"checkpoints/{CHECKPOINT_NAME}"
-TIMING_KEYS = ("resumed_from_epoch",)  # besides every key ending in "seconds"
+# Besides every key ending in "seconds": what legitimately differs between a resumed and an uninterrupted run
+# (the command line of a resumed run has --resume; provenance records it).
+TIMING_KEYS = ("resumed_from_epoch", "command")
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -307,7 +309,7 @@ def json_job(out: Path, fn: Any):
 
 # ---------------------------------------------------------------------------------------------- readers
 def strip_timings(obj: Any) -> Any:
-    """``obj`` without wall-clock timings (keys ending in ``seconds``) and ``resumed_from_epoch``."""
+    """``obj`` without wall-clock timings (keys ending in ``seconds``) and the keys of ``TIMING_KEYS``."""
     if isinstance(obj, dict):
         return {k: strip_timings(v) for k, v in obj.items()
                 if not (str(k).endswith("seconds") or k in TIMING_KEYS)}

@@ -644,7 +644,11 @@ def test_cli_run_couple_and_resume(tmp_path, monkeypatch, capsys):
     code, stdout, err = cli(monkeypatch, capsys, "run", "couple", "--benchmark", "demo", "--bits", "16", *sets,
                             "--out", out, "--json")
     assert code == 0, err
-    metrics = json.loads(stdout.strip().splitlines()[-1])
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    # The --json line holds the scalars and names metrics.json, which holds the diagnostics and curves.
+    assert "diagnostics" not in summary and "curves" not in summary
+    metrics = json.loads(Path(summary["metrics_file"]).read_text())
+    assert summary["map_cross"] == metrics["map_cross"]
     assert 0.0 <= metrics["map_cross"] <= 1.0 and 0.0 <= metrics["map_single"] <= 1.0
     assert metrics["method"] == "couple" and metrics["bits"] == 16
     assert metrics["method_config"]["epochs"] == 2 and metrics["method_config"]["hash_hidden"] == 32
@@ -674,7 +678,7 @@ def test_cli_run_couple_and_resume(tmp_path, monkeypatch, capsys):
     code, stdout, err = cli(monkeypatch, capsys, "run", "couple", "--benchmark", "demo", "--bits", "16", *sets,
                             "--out", out, "--resume", "--json")
     assert code == 0, err
-    resumed = json.loads(stdout.strip().splitlines()[-1])
+    resumed = json.loads(Path(json.loads(stdout.strip().splitlines()[-1])["metrics_file"]).read_text())
     assert resumed["diagnostics"]["resumed_from_epoch"] == 2
     assert resumed["map_cross"] == metrics["map_cross"]
     assert np.array_equal(np.load(out / "codes" / "queries_codes.npy"), codes)

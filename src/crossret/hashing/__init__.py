@@ -1,5 +1,20 @@
-"""Hashing methods: baselines (LSH, ITQ, source-only) and, later, COUPLE."""
+"""Hashing methods: baselines (LSH, ITQ, source-only) and COUPLE.
 
-from crossret.hashing.base import HashMethod, available_methods, make_method, register
+Names are imported lazily so that ``import crossret.hashing`` stays cheap (no numpy or torch until
+a method is used).
+"""
 
-__all__ = ["HashMethod", "available_methods", "make_method", "register"]
+from __future__ import annotations
+
+from crossret._lazy import lazy_getattr
+
+_EXPORTS = {
+    "HashMethod": "crossret.hashing.base",
+    "make_method": "crossret.hashing.base",
+    "available_methods": "crossret.hashing._registry",
+    "register": "crossret.hashing._registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_getattr("crossret.hashing", _EXPORTS)

@@ -43,10 +43,9 @@ from crossret.data.domain import UNKNOWN_LABEL
 from crossret.errors import CodeError, ConfigError, DataError
 from crossret.progress import ProgressFn
 from crossret.retrieval import hamming
+from crossret.retrieval._defaults import DEFAULT_PRECISION_NS, TIE_RULES
 from crossret.retrieval.packing import as_pm1, check_packed, pack_codes, packed_to_words
 
-TIE_RULES = ("expected", "index")
-DEFAULT_PRECISION_NS: tuple[int, ...] = tuple(range(100, 1001, 100))
 DEFAULT_CHUNK_SIZE = 262_144
 _DENSE_CHUNK_ENTRIES = 1 << 22
 MAP_AT_K_NORMALISATION = "relevant items retrieved in the top k (DA-hashing convention)"
@@ -199,6 +198,17 @@ def _check_options(ties: str, topk: int | None, precision_ns: Sequence[int], chu
         if not _is_int(n) or n < 1:
             raise ConfigError(f"precision_ns must hold positive integers, got {n!r}")
     return sorted({int(n) for n in ns})
+
+
+def rank_grid(n_database: int, points: int = 100) -> list[int]:
+    """The ranks at which the P-R curve by rank is evaluated: about ``points`` log-spaced ranks from 1 to
+    ``n_database``, both included, rounded to integers without repeats."""
+    if not _is_int(n_database) or n_database < 1:
+        raise ConfigError(f"n_database must be a positive integer, got {n_database!r}")
+    if not _is_int(points) or points < 2:
+        raise ConfigError(f"points must be an integer >= 2, got {points!r}")
+    grid = np.unique(np.rint(np.geomspace(1, int(n_database), int(points))).astype(np.int64))
+    return [int(n) for n in grid]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -585,5 +595,6 @@ __all__ = [
     "dense_retrieval_metrics",
     "evaluate_hamming",
     "mean_average_precision",
+    "rank_grid",
     "ranking_metrics",
 ]

@@ -284,8 +284,12 @@ def test_custom_files_with_disjoint_classes_report_no_relevant_items(tmp_path, m
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "s.npz", features=rng.normal(size=(150, 8)), labels=np.repeat([0, 1, 2], 50))
     np.savez(tmp_path / "t.npz", features=rng.normal(size=(40, 8)), labels=np.repeat([5, 6], 20))
-    code, out, err = cli(monkeypatch, capsys, "run", "lsh", "--source", tmp_path / "s.npz", "--target",
-                         tmp_path / "t.npz", "--bits", "8", "--n-queries", "10", "--out", tmp_path / "r", "--json")
+    args = ["run", "lsh", "--source", tmp_path / "s.npz", "--target", tmp_path / "t.npz", "--bits", "8",
+            "--n-queries", "10", "--out", tmp_path / "r", "--json"]
+    code, out, err = cli(monkeypatch, capsys, *args)  # label sets that share no class: refused unless asked for
+    assert code == 2 and "share no class" in err and "--allow-class-mismatch" in err
+    assert not (tmp_path / "r").exists()
+    code, out, err = cli(monkeypatch, capsys, *args, "--allow-class-mismatch")
     assert code == 0, err
     metrics = last_json(out)
     assert metrics["map_cross"] == 0.0 and metrics["queries_without_relevant"]["cross"] == 10

@@ -8,15 +8,15 @@ JSON object (progress bars and tables go to stderr then).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 import time
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
 import typer
 import yaml
 from rich.console import Console
@@ -24,9 +24,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from crossret._io import load_npy
 from crossret.errors import ConfigError, CrossretError, DataError
-from crossret.hashing.base import ProgressFn, available_methods
+from crossret.hashing._registry import available_methods
+from crossret.progress import ProgressFn
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# `crossret --help` and every `crossret CMD --help` import no numpy, torch, faiss, scikit-learn, scipy or
+# numba (tests/test_cli_startup.py): a command imports what it needs in its body.
 
 app = typer.Typer(
     help="Unsupervised domain-adaptive retrieval: learn hash codes that work on an unlabelled target "
@@ -182,8 +188,53 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
+def load_npy(path: Path, what: str, **kwargs: Any) -> np.ndarray:
+    """:func:`crossret._io.load_npy`, imported on first use (it needs numpy)."""
+    from crossret._io import load_npy as _load
+
+    return _load(path, what, **kwargs)
+
+
 def _load_npy(path: Path, what: str) -> np.ndarray:
     return load_npy(path, what)
+
+
+# options of `crossret run` that name the data; given with --config, they replace the saved data as a whole
+_DATA_FIELDS = ("benchmark", "source", "target")
+# metrics.json keys left out of `run --json` (they stay in the file the summary names)
+_FILE_ONLY_KEYS = ("curves", "diagnostics")
+
+
+def _override_saved_config(saved: Any, values: dict[str, Any], ctx: typer.Context) -> Any:
+    """A saved :class:`RunConfig` with the options the user typed (not their defaults) put over it; ``--set``
+    items are merged into the saved method config (which is dropped when METHOD names another method)."""
+    def typed(name: str) -> bool:
+        # compared by name: typer may bring its own copy of click's ParameterSource enum
+        source = ctx.get_parameter_source("set_" if name == "method_config" else name)
+        return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+
+    given = {name for name in values if typed(name)}
+    config = dataclasses.replace(saved)
+    if given & set(_DATA_FIELDS):
+        for name in _DATA_FIELDS:
+            setattr(config, name, values[name])
+    if "method" in given and values["method"] != saved.method:
+        config.method_config = {}
+    for name in given - set(_DATA_FIELDS):
+        if name == "method_config":
+            config.method_config = {**config.method_config, **values[name]}
+        else:
+            setattr(config, name, values[name])
+    return config.validate()
+
+
+def _run_summary(metrics: dict[str, Any], run_dir: Path | None) -> dict[str, Any]:
+    """The ``run --json`` line: the metrics without curves and per-epoch diagnostics, and where the full
+    ``metrics.json`` is."""
+    summary = {key: value for key, value in metrics.items() if key not in _FILE_ONLY_KEYS}
+    summary["run_dir"] = None if run_dir is None else str(run_dir)
+    summary["metrics_file"] = None if run_dir is None else str(Path(run_dir) / "metrics.json")
+    return summary
 
 
 # --------------------------------------------------------------------------- demo
@@ -262,11 +313,36 @@ def benchmarks(data_dir: DataDirOpt = None, as_json: JsonOpt = False) -> None:
     out.print(table)
 
 
+# --------------------------------------------------------------------------- fit / encode / evaluate options
+SourceLabelBaseOpt = Annotated[str | None, typer.Option(help="Labels of --source are 0- or 1-based (0, 1) or "
+                                                        "'auto' (default: --label-base).")]
+TargetLabelBaseOpt = Annotated[str | None, typer.Option(help="Labels of --target are 0- or 1-based (0, 1) or "
+                                                        "'auto' (default: --label-base).")]
+AllowMismatchOpt = Annotated[bool, typer.Option(help="Go on when source and target labels share fewer than half "
+                                                "of the source classes (or none).")]
+
+
+def _label_base(value: str | None, option: str) -> str | int | None:
+    """``--*-label-base`` as RunConfig/fit take it: ``None`` (not given), ``"auto"``, 0 or 1."""
+    if value is None or value == "auto":
+        return value
+    base = _int_option(value, option)
+    if base not in (0, 1):
+        raise ConfigError(f"{option} must be auto, 0 or 1, got {value!r}")
+    return base
+
+
 # --------------------------------------------------------------------------- run
 @app.command()
 def run(
-    method: Annotated[str, typer.Argument(help="Method: " + ", ".join(available_methods()) + ".")],
-    bits: Annotated[int, typer.Option(help="Code length in bits (1 to 65536).")],
+    ctx: typer.Context,
+    method: Annotated[str | None, typer.Argument(help="Method: " + ", ".join(available_methods()) + " (taken from "
+                                                 "--config when left out).")] = None,
+    bits: Annotated[int | None, typer.Option(help="Code length in bits (1 to 65536); required unless --config.")]
+    = None,
+    config_file: Annotated[Path | None, typer.Option("--config", help="Run again from a saved run: RUN_DIR or "
+                                                     "RUN_DIR/config.yaml. Options given here override its values "
+                                                     "(--set adds to its method config).")] = None,
     benchmark: Annotated[str | None, typer.Option(help="Named benchmark (see `crossret benchmarks`).")] = None,
     source: Annotated[Path | None, typer.Option(help="Source domain file (labelled).")] = None,
     target: Annotated[Path | None, typer.Option(help="Target domain file (labels used for evaluation only).")]
@@ -279,6 +355,9 @@ def run(
                                                   "queries.")] = 0.1,
     label_base: Annotated[str, typer.Option(help="Custom domains: labels are 0- or 1-based (0, 1) or 'auto' "
                                             "(decided once for the pair).")] = "auto",
+    source_label_base: SourceLabelBaseOpt = None,
+    target_label_base: TargetLabelBaseOpt = None,
+    allow_class_mismatch: AllowMismatchOpt = False,
     data_dir: DataDirOpt = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<name>-<time>).")]
     = None,
@@ -298,28 +377,39 @@ def run(
     """Train METHOD on a benchmark (or --source/--target files), evaluate, write a run directory.
 
     COUPLE checkpoints every epoch into DIR/checkpoints; after an interruption, run the same
-    command with --out DIR --resume.
+    command with --out DIR --resume. With --config RUN_DIR the saved run is run again (same data,
+    split, seeds and resolved method config) into a new --out.
     """
-    from crossret.experiment import RunConfig, default_run_dir, run_experiment
+    from crossret.experiment import RunConfig, default_run_dir, load_run_config, run_experiment
 
-    config = RunConfig(
+    values: dict[str, Any] = dict(
         method=method, bits=bits, seed=seed, benchmark=benchmark,
         source=str(source) if source else None, target=str(target) if target else None,
         data_dir=str(data_dir) if data_dir else None, split_seed=split_seed, n_queries=n_queries,
         query_fraction=query_fraction, label_base=label_base if label_base == "auto" else _int_option(
             label_base, "--label-base"), ties=ties.value, topk=topk, method_config=_parse_overrides(set_),
-        plots=plots,
-    ).validate()
+        plots=plots, source_label_base=_label_base(source_label_base, "--source-label-base"),
+        target_label_base=_label_base(target_label_base, "--target-label-base"),
+        allow_class_mismatch=allow_class_mismatch,
+    )
+    if config_file is not None:
+        config = _override_saved_config(load_run_config(config_file), values, ctx)
+    elif method is None or bits is None:
+        raise ConfigError("give METHOD and --bits (or --config RUN_DIR to run a saved run again)")
+    else:
+        config = RunConfig(**values).validate()
     if resume and out_dir is None:
         raise ConfigError("--resume needs the run directory of the interrupted run (--out DIR)")
     config.out_dir = str(out_dir) if out_dir else default_run_dir(config)
     with _progress_bar() as progress:
-        result = run_experiment(config, progress=progress, overwrite=overwrite, resume=resume)
+        result = run_experiment(config, progress=progress, overwrite=overwrite, resume=resume,
+                                command=list(sys.argv))
     metrics = result.metrics
     if as_json:
-        _print_json(metrics)
+        _print_json(_run_summary(metrics, result.run_dir))
         return
-    table = Table(title=f"{method} on {config.benchmark_label}, {bits} bits (ties: {ties.value})")
+    method, bits, topk = config.method, config.bits, config.topk
+    table = Table(title=f"{method} on {config.benchmark_label}, {bits} bits (ties: {config.ties})")
     for column in ("retrieval", "MAP@all %", *( [f"MAP@{topk} %"] if topk else []), "P@100 %", "P(r<=2) %",
                    "queries w/o relevant"):
         table.add_column(column, justify="left" if column == "retrieval" else "right")
@@ -331,6 +421,134 @@ def run(
     out.print(table)
     out.print(f"train {metrics['train_seconds']:.2f}s, encode {metrics['encode_seconds']:.2f}s; "
               f"run directory: {result.run_dir}")
+
+
+# --------------------------------------------------------------------------- fit / encode / evaluate
+def _domain_option(value: str, option: str) -> str:
+    """A ``--*domain`` value: target or source (a one-line error otherwise)."""
+    if value not in ("target", "source"):
+        raise ConfigError(f"{option} must be target or source, got {value!r}")
+    return value
+
+
+@app.command()
+def fit(
+    method: Annotated[str, typer.Argument(help="Method: lsh, itq, source-only or couple.")],
+    source: Annotated[Path, typer.Option(help="Source domain file (labelled for source-only and couple; lsh and "
+                                         "itq need no labels).")],
+    target: Annotated[Path, typer.Option(help="Target domain file; features alone are enough (.npz with "
+                                         "'features', a 2-D .npy, or any format); its labels are never used.")],
+    bits: Annotated[int, typer.Option(help="Code length in bits (1 to 65536).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Model directory to write.")],
+    seed: Annotated[int, typer.Option(help="Seed of the method.")] = 0,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Method config override KEY=VALUE "
+                                                   "(repeatable).")] = None,
+    device: Annotated[str, typer.Option(help="Where torch methods train: cpu or cuda.")] = "cpu",
+    label_base: Annotated[str, typer.Option(help="Labels of both files are 0- or 1-based (0, 1) or 'auto' "
+                                            "(decided once for the pair).")] = "auto",
+    source_label_base: SourceLabelBaseOpt = None,
+    target_label_base: TargetLabelBaseOpt = None,
+    allow_class_mismatch: AllowMismatchOpt = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the crossret model directory in --out.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Adapt METHOD from --source to an unlabelled --target and write a model directory (no evaluation).
+
+    The model directory holds config.yaml, the model (model.npz / model.pt), run.log and diagnostics.json;
+    use it with `crossret encode` and `crossret evaluate`.
+    """
+    from crossret.model import fit as fit_model
+
+    base = _label_base(label_base, "--label-base")
+    with _progress_bar(not as_json) as progress:
+        model = fit_model(method, source, target, bits=bits, seed=seed, config=_parse_overrides(set_),
+                          out=out_dir, device=device,
+                          source_label_base=_label_base(source_label_base, "--source-label-base") or base,
+                          target_label_base=_label_base(target_label_base, "--target-label-base") or base,
+                          allow_class_mismatch=allow_class_mismatch, overwrite=overwrite, progress=progress)
+    summary = {"model_dir": str(out_dir), "method": model.method, "bits": model.bits, "seed": seed,
+               "input_dim": model.input_dim, "n_source": model.config["n_source"],
+               "n_target": model.config["n_target"]}
+    if as_json:
+        _print_json(summary)
+        return
+    out.print(f"wrote {out_dir}: {model.method}, {model.bits} bits, fitted on {summary['n_source']} source and "
+              f"{summary['n_target']} target items (target labels not used)")
+
+
+@app.command()
+def encode(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory written by `crossret fit` (or a finished "
+                                              "`crossret run` directory).")],
+    features: Annotated[Path, typer.Option("--input", help="Features to encode: a 2-D .npy (memory-mapped, may "
+                                           "exceed memory) or any supported feature file.")],
+    output: Annotated[Path, typer.Option("--out", help="Codes .npy to write (plus OUT.json with the code "
+                                         "length).")],
+    domain: Annotated[str, typer.Option(help="Where the features come from: target (the adapted domain) or "
+                                        "source.")] = "target",
+    packed: Annotated[bool, typer.Option("--packed", help="Write packed uint8 codes (faiss bit order) instead of "
+                                         "±1 int8 rows.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Rows encoded per batch (memory is O(batch)).")] = 65_536,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out when it holds crossret codes (other files are "
+                                            "never replaced).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Encode features with a fitted model into hash codes, batch by batch."""
+    from crossret.model import load
+
+    domain = _domain_option(domain, "--domain")
+    model = load(model_dir)
+    with _progress_bar(not as_json) as progress:
+        result = model.encode_file(features, output, domain=domain, packed=packed, batch_size=batch_size,
+                                   overwrite=overwrite, progress=progress)
+    summary = {"out": str(result.path), "n": result.n, "bits": result.bits, "packed": packed,
+               "method": model.method, "domain": domain, "seconds": round(result.seconds, 3)}
+    if as_json:
+        _print_json(summary)
+        return
+    out.print(f"wrote {output}: {result.n} {'packed ' if packed else '±1 '}codes, {result.bits} bits "
+              f"({model.method}, {domain} domain)")
+
+
+@app.command()
+def evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory written by `crossret fit`.")],
+    queries: Annotated[Path, typer.Option(help="Labelled query feature file.")],
+    database: Annotated[Path, typer.Option(help="Labelled database feature file.")],
+    query_domain: Annotated[str, typer.Option(help="Domain of the queries: target or source (COUPLE centres "
+                                              "each domain on its own mean).")] = "target",
+    database_domain: Annotated[str, typer.Option(help="Domain of the database: target, or source for "
+                                                 "cross-domain retrieval.")] = "target",
+    label_base: Annotated[str, typer.Option(help="Labels are 0- or 1-based (0, 1) or 'auto'.")] = "auto",
+    ties: TiesOpt = Ties.expected,
+    topk: Annotated[int | None, typer.Option(help="Also report MAP@k.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Encode labelled queries and database with a fitted model and evaluate retrieval (MAP, precision@N)."""
+    from crossret.model import load
+
+    query_domain = _domain_option(query_domain, "--query-domain")
+    database_domain = _domain_option(database_domain, "--database-domain")
+    model = load(model_dir)
+    with _progress_bar(not as_json) as progress:
+        result = model.evaluate(queries, database, query_domain=query_domain,
+                                database_domain=database_domain, ties=ties.value, topk=topk,
+                                label_base=_label_base(label_base, "--label-base"), progress=progress)
+    if as_json:
+        _print_json(result)
+        return
+    table = Table(title=f"{model.method}, {model.bits} bits: {result['n_queries']} queries x {result['n_database']} "
+                  f"items (ties: {ties.value})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("MAP@all %", _pct(result["map"]))
+    if topk is not None:
+        table.add_row(f"MAP@{topk} %", _pct(result["map_at_k"]))
+    for n, value in sorted(result["precision_at"].items(), key=lambda item: int(item[0])):
+        table.add_row(f"precision@{n} %", _pct(value))
+    table.add_row("precision within radius 2 %", _pct(result["p_at_r2"]))
+    table.add_row("queries without a relevant item (AP 0)", str(result["queries_without_relevant"]))
+    out.print(table)
 
 
 # --------------------------------------------------------------------------- eval-codes
@@ -404,6 +622,30 @@ def report(
         out.print(str(path))
 
 
+# --------------------------------------------------------------------------- table
+class TableFormat(str, Enum):
+    md = "md"
+    csv = "csv"
+    json = "json"
+
+
+@app.command("table")
+def table_command(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Finished run directories (e.g. runs/*).")],
+    fmt: Annotated[TableFormat, typer.Option("--format", help="md (Markdown table), csv, or json (one line: an "
+                                             "array with one object per group).")] = TableFormat.md,
+) -> None:
+    """MAP mean ± std over seeds of finished runs, grouped by data, method, bits and configuration.
+
+    Runs that differ only in --seed form one group; std is the sample standard deviation (ddof=1), 0 for
+    a group of one run.
+    """
+    from crossret.report.table import format_table, summarize_runs
+
+    sys.stdout.write(format_table(summarize_runs(run_dirs), fmt.value) + "\n")
+    sys.stdout.flush()
+
+
 # --------------------------------------------------------------------------- index
 @index_app.command("build")
 def index_build(
@@ -428,16 +670,25 @@ def index_build(
     seed: Annotated[int, typer.Option(help="Seed of the IVF training sample.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace --out when it is a crossret index (other files are never "
                                             "replaced).")] = False,
+    gallery: Annotated[Path | None, typer.Option(help="With --run GCKD_RUN: index the gallery images of this person "
+                                                 "dataset folder (text-to-image search).")] = None,
+    split: Annotated[str, typer.Option(help="With --gallery: the dataset split whose images are the "
+                                       "gallery.")] = "test",
+    device: Annotated[str, typer.Option(help="With --gallery: torch device that encodes the images.")] = "cpu",
 ) -> None:
     """Build a binary index from codes and save it (atomic write, checksummed).
 
     Packed uint8 codes (e.g. from `crossret index encode`) are memory-mapped and added in batches.
+    With a GCKD run and --gallery: a dense (inner-product) index of the gallery images' ITC embeddings
+    (kind flat or hnsw), searched with `crossret index search --text`.
     """
     from crossret.retrieval.streaming import build_index_from_packed
     from crossret.runs import check_output_file, run_file
 
     if (codes is None) == (run_dir is None):
         raise ConfigError("give exactly one of --codes FILE or --run RUN_DIR")
+    if _gckd_index_build(output, run_dir, gallery, split, kind, param, bits, ids, device, overwrite):
+        return
     check_output_file(output, "index", overwrite=overwrite)
     if run_dir is not None:
         name = "source" if database is Setting.cross else "target_train"
@@ -458,18 +709,34 @@ def index_build(
 @index_app.command("search")
 def index_search(
     index_file: Annotated[Path, typer.Argument(help="Index file written by `crossret index build`.")],
-    queries: Annotated[Path, typer.Option(help=".npy of query codes (±1 or 0/1, or packed uint8).")],
+    queries: Annotated[Path | None, typer.Option(help=".npy of query codes (±1 or 0/1, or packed "
+                                                 "uint8).")] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per query.")] = 10,
     save: Annotated[Path | None, typer.Option(help="Write distances and ids to this .npz.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --save when it holds crossret search results (other files "
                                             "are never replaced).")] = False,
     as_json: JsonOpt = False,
+    run_dir: Annotated[Path | None, typer.Option("--run", help="With --text/--text-file: the GCKD run whose model "
+                                                 "encodes the captions (the one the gallery index was built "
+                                                 "with).")] = None,
+    text: Annotated[list[str] | None, typer.Option("--text", help="A caption to search the gallery index with "
+                                                   "(repeatable).")] = None,
+    text_file: Annotated[Path | None, typer.Option(help="A UTF-8 file of captions, one per line (blank lines "
+                                                   "skipped).")] = None,
+    device: Annotated[str, typer.Option(help="With --text: torch device that encodes the captions.")] = "cpu",
 ) -> None:
-    """Search an index: the k nearest codes (Hamming) of every query."""
+    """Search an index: the k nearest codes (Hamming) of every query, or, for a GCKD gallery index,
+    the k best images (ITC score) of every caption (--run, --text / --text-file)."""
+    import numpy as np
+
     from crossret._io import atomic_open
     from crossret.retrieval.index import BinaryIndex
     from crossret.runs import check_output_file
 
+    if _gckd_index_search(index_file, queries, run_dir, text, text_file, k, save, device, as_json):
+        return
+    if queries is None:
+        raise ConfigError("give --queries Q.npy (query codes) to search a binary index")
     if save is not None:
         check_output_file(save, "search", overwrite=overwrite, option="--save")
     index = BinaryIndex.load(index_file)
@@ -516,10 +783,16 @@ def index_encode(
 
     The output appears only when every batch succeeded; rows with NaN/inf stop it with an error naming them.
     """
+    import numpy as np
+
     from crossret.hashing._state import load_method
     from crossret.retrieval.streaming import encode_to_packed, open_features
-    from crossret.runs import check_output_file, find_model_file
+    from crossret.runs import check_output_file, find_model_file, run_kind
 
+    if run_kind(run_dir) == "gckd":
+        raise ConfigError(f"--run {run_dir} is a GCKD run: its model encodes captions and images, not feature files; "
+                          "index its gallery with `crossret index build --run RUN --gallery DATA` and search it with "
+                          "--text")
     check_output_file(output, "codes", overwrite=overwrite)
     model_file = find_model_file(run_dir)
     if model_file is None:
@@ -600,6 +873,8 @@ def _index_params(items: list[str] | None) -> dict[str, Any]:
 def _packed_codes_file(path: Path, bits: int | None) -> Path | None:
     """``path`` when it holds packed uint8 codes to stream (it has a sidecar, or ``bits`` says the rows
     are packed); ``None`` for ±1 / {0,1} code files."""
+    import numpy as np
+
     from crossret.retrieval.streaming import sidecar_path
 
     array = load_npy(path, "--codes", mmap=True)
@@ -608,6 +883,108 @@ def _packed_codes_file(path: Path, bits: int | None) -> Path | None:
     if sidecar_path(path).is_file() or (bits is not None and array.shape[1] != bits):
         return path
     return None
+
+
+# --------------------------------------------------------------------------- gckd gallery indexes
+def _gckd_index_build(output: Path, run_dir: Path | None, gallery: Path | None, split: str, kind: str,
+                      param: list[str] | None, bits: int | None, ids: Path | None, device: str,
+                      overwrite: bool) -> bool:
+    """``index build`` for a GCKD run (a gallery index); False when the run is not a GCKD run."""
+    from crossret.runs import check_output_file, run_kind
+
+    if run_dir is None:
+        if gallery is not None:
+            raise ConfigError("--gallery needs --run GCKD_RUN: the GCKD run whose model encodes the images")
+        return False
+    found = run_kind(run_dir)
+    if found != "gckd":
+        if gallery is not None:
+            what = "a hashing run" if found == "hashing" else "not a crossret GCKD run"
+            raise ConfigError(f"--gallery: --run {run_dir} is {what}; a gallery index needs a `crossret gckd "
+                              "pretrain|adapt` run (hashing runs index their codes: drop --gallery)")
+        return False
+    if gallery is None:
+        raise ConfigError(f"--run {run_dir} is a GCKD run: give --gallery DATASET_DIR, the person dataset whose "
+                          "images to index (code indexes are built from hashing runs)")
+    if bits is not None or ids is not None:
+        raise ConfigError("--bits and --ids apply to code indexes; a gallery index takes --gallery, --split and "
+                          "--kind flat|hnsw")
+    if kind not in ("flat", "hnsw"):
+        raise ConfigError(f"--kind {kind}: a gallery index is 'flat' (exact) or 'hnsw'")
+    params = _index_params(param)
+    check_output_file(output, "index", overwrite=overwrite)
+    from crossret.textimage.search import GalleryIndex, GckdEncoder
+
+    encoder = GckdEncoder.from_run(run_dir, device=device)
+    with _progress_bar() as progress:
+        built = GalleryIndex.build(encoder, gallery, split=split, kind=kind,
+                                   progress=lambda done, total: progress(done, total, "encoding images"), **params)
+    built.save(output)
+    out.print(f"wrote {output}: {built.size} gallery images of {gallery} ({split}), {built.index.dim}-d ITC "
+              f"embeddings, kind {kind}")
+    return True
+
+
+def _read_text_file(path: Path) -> list[str]:
+    """The non-blank lines of a UTF-8 captions file."""
+    try:
+        content = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"--text-file {path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"--text-file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    texts = [line.strip() for line in content.splitlines() if line.strip()]
+    if not texts:
+        raise DataError(f"--text-file {path}: holds no captions; write one caption per line")
+    return texts
+
+
+def _gckd_index_search(index_file: Path, queries: Path | None, run_dir: Path | None, text: list[str] | None,
+                       text_file: Path | None, k: int, save: Path | None, device: str, as_json: bool) -> bool:
+    """``index search`` with captions (a gallery index); False when this is a search by codes."""
+    texts_given = bool(text) or text_file is not None
+    if not texts_given and run_dir is None:
+        if queries is not None and index_file.is_file():
+            from crossret.retrieval.index import read_index_header
+
+            if read_index_header(index_file)["index_type"] == "dense":
+                raise ConfigError(f"{index_file}: is a GCKD gallery index; search it with captions: --run GCKD_RUN "
+                                  "--text TEXT (or --text-file FILE), not --queries")
+        return False
+    if queries is not None:
+        raise ConfigError("give either --queries (codes, for a binary index) or --text/--text-file (captions, for "
+                          "a gallery index), not both")
+    if not texts_given:
+        raise ConfigError("--run: give the captions with --text TEXT (repeatable) or --text-file FILE")
+    if text and text_file is not None:
+        raise ConfigError("give the captions with --text or with --text-file, not both")
+    if run_dir is None:
+        raise ConfigError("--text needs --run GCKD_RUN: the run whose model encodes the captions (the one the "
+                          "gallery index was built with)")
+    if save is not None:
+        raise ConfigError("--save writes Hamming search results; for text search use --json")
+    from crossret.textimage.search import GalleryIndex, GckdEncoder, check_text_k, search_texts
+
+    texts = list(text) if text else _read_text_file(text_file)  # type: ignore[arg-type]
+    gallery = GalleryIndex.load(index_file)
+    check_text_k(k, gallery.size)
+    encoder = GckdEncoder.from_run(run_dir, device=device)
+    encoder.clean_texts(texts)
+    result = search_texts(encoder, gallery, texts, k)
+    if as_json:
+        _print_json(result)
+        return True
+    table = Table(title=f"{len(texts)} captions, top {k} of {gallery.size} gallery images (ITC score)")
+    table.add_column("caption")
+    table.add_column("id (score) image")
+    shown = result["results"][:20]
+    for row in shown:
+        table.add_row(row["text"], "\n".join(f"{i} ({score:.4f}) {path}" for i, score, path in
+                                              zip(row["ids"], row["scores"], row["paths"], strict=True)))
+    out.print(table)
+    if len(shown) < len(texts):
+        out.print(f"... {len(texts) - len(shown)} more captions (use --json for all)")
+    return True
 
 
 # --------------------------------------------------------------------------- serve
@@ -638,8 +1015,15 @@ def serve(
     max_requests: Annotated[int, typer.Option(min=1, help="Most requests in progress (bodiless GETs such as "
                                               "/health not counted); beyond it 503 'overloaded' at "
                                               "once.")] = 128,
+    gallery: Annotated[Path | None, typer.Option(help="GCKD run: serve text search over the images of this person "
+                                                 "dataset folder (or give --index GALLERY_INDEX).")] = None,
+    split: Annotated[str, typer.Option(help="With --gallery: the split whose images are the gallery.")] = "test",
+    device: Annotated[str, typer.Option(help="GCKD run: torch device that encodes the captions.")] = "cpu",
 ) -> None:
     """Serve Hamming k-NN search over a run's database as a read-only JSON API (see docs/serve.md).
+
+    A GCKD run (`crossret gckd pretrain|adapt`) is served as text-to-image search instead: POST
+    /search/text over --gallery DATASET_DIR or a gallery --index built with `crossret index build`.
 
     Bounded by design: request size, batch, k and results are capped (4xx above), every request has a
     deadline (--request-timeout), at most --max-concurrent requests compute at once and --max-requests are
@@ -658,10 +1042,30 @@ def serve(
     limits = ServiceLimits(max_k=max_k, max_batch=max_batch, max_body_bytes=max_body_bytes,
                            request_timeout=request_timeout,
                            **({"max_concurrent": max_concurrent} if max_concurrent is not None else {}))
-    service = create_app(run_dir, database=database.value, index=index, limits=limits)
-    info = service.state.service.info()
-    err.print(f"serving {info['size']} codes ({info['bits']} bits, {info['kind']}) on http://{host}:{port}",
-              highlight=False)
+    from crossret.runs import run_kind
+
+    found = run_kind(run_dir) if run_dir is not None and run_dir.is_dir() else None
+    if found == "gckd":
+        from crossret.serve.app import create_text_app
+
+        service = create_text_app(run_dir, gallery=gallery, split=split, index=index, limits=limits, device=device)
+        info = service.state.service.info()
+        err.print(f"serving text search over {info['size']} gallery images ({info['dim']}-d ITC embeddings) on "
+                  f"http://{host}:{port}", highlight=False)
+    else:
+        if gallery is not None:
+            raise ConfigError(f"--gallery needs a GCKD run (`crossret gckd pretrain|adapt`); {run_dir or 'no run'} "
+                              "is not one (hashing runs serve their database codes: drop --gallery)")
+        if index is not None and index.is_file():
+            from crossret.retrieval.index import read_index_header
+
+            if read_index_header(index)["index_type"] == "dense":
+                raise ConfigError(f"--index {index} is a GCKD gallery index: serve it with the GCKD run that built "
+                                  "it, crossret serve GCKD_RUN --index FILE")
+        service = create_app(run_dir, database=database.value, index=index, limits=limits)
+        info = service.state.service.info()
+        err.print(f"serving {info['size']} codes ({info['bits']} bits, {info['kind']}) on http://{host}:{port}",
+                  highlight=False)
     run_server(service, host=host, port=port,
                settings=ServerSettings(max_connections=max_connections, max_requests=max_requests))
 
@@ -812,6 +1216,8 @@ def gckd_eval(
 def _as_packed(array: np.ndarray, bits: int | None, what: str) -> tuple[np.ndarray, int]:
     """±1/{0,1} codes -> packed. uint8 arrays are packed codes when ``bits`` is given (exact or 64-bit
     padded width)."""
+    import numpy as np
+
     from crossret.retrieval.packing import check_packed, pack_codes
 
     if array.ndim != 2:

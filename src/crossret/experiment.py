@@ -42,7 +42,9 @@ from crossret._io import read_json_file, read_yaml_mapping, save_npy_atomic, wri
 from crossret.data.domain import RetrievalSplit
 from crossret.errors import ConfigError, DataError, FileFormatError
 from crossret.hashing.base import HashMethod, make_method
+from crossret.model import train_method
 from crossret.progress import ProgressFn, no_progress
+from crossret.provenance import collect_provenance
 from crossret.retrieval.metrics import DEFAULT_PRECISION_NS, TIE_RULES
 
 logger = logging.getLogger("crossret")
@@ -64,6 +66,9 @@ class RunConfig:
     n_queries: int | None = None
     query_fraction: float = 0.1
     label_base: str | int = "auto"
+    source_label_base: str | int | None = None
+    target_label_base: str | int | None = None
+    allow_class_mismatch: bool = False
     ties: str = "expected"
     topk: int | None = None
     precision_ns: list[int] = field(default_factory=lambda: list(DEFAULT_PRECISION_NS))
@@ -83,13 +88,18 @@ class RunConfig:
         if self.benchmark is None and (self.source is None or self.target is None):
             raise ConfigError("custom domains need both --source FILE and --target FILE")
         if self.benchmark is not None and (self.n_queries is not None or self.query_fraction != 0.1
-                                           or self.label_base != "auto"):
+                                           or self.label_base != "auto" or self.source_label_base is not None
+                                           or self.target_label_base is not None):
             raise ConfigError(
                 "--n-queries, --query-fraction and --label-base apply to --source/--target files only; a named "
                 "benchmark has a fixed protocol (see docs/benchmarks.md)"
             )
         if self.label_base not in LABEL_BASES:
             raise ConfigError(f"--label-base must be auto, 0 or 1, got {self.label_base!r}")
+        for option, value in (("--source-label-base", self.source_label_base),
+                              ("--target-label-base", self.target_label_base)):
+            if value is not None and value not in LABEL_BASES:
+                raise ConfigError(f"{option} must be auto, 0 or 1, got {value!r}")
         if not 0.0 < self.query_fraction < 1.0:
             raise ConfigError(f"query fraction must be in (0, 1), got {self.query_fraction}")
         if any(int(n) < 1 for n in self.precision_ns):
@@ -143,7 +153,12 @@ def load_split(config: RunConfig) -> RetrievalSplit:
         data_dir = resolve_data_dir(config.data_dir)
         return load_benchmark(config.benchmark, data_dir, split_seed=config.split_seed)
     assert config.source is not None and config.target is not None
-    source, target, bases = read_domain_pair(config.source, config.target, label_base=config.label_base)
+    from crossret.data.readers import check_label_overlap
+
+    source, target, bases = read_domain_pair(config.source, config.target, label_base=config.label_base,
+                                             source_label_base=config.source_label_base,
+                                             target_label_base=config.target_label_base)
+    check_label_overlap(source, target, allow_mismatch=config.allow_class_mismatch)
     return make_split(
         source,
         target,
@@ -168,26 +183,31 @@ def evaluate_codes(
     """Evaluate query codes against one or more named databases (e.g. ``cross``, ``single``).
 
     Returns the flat metric keys of the contract (``map_<name>``, ``precision_at[name]`` ...) plus
-    ``curves`` for plotting.
+    ``curves`` for plotting: P-R by Hamming radius, and P-R by rank at the ranks of
+    :func:`~crossret.retrieval.metrics.rank_grid` (about 100 log-spaced ranks up to the database size).
     """
-    from crossret.retrieval.metrics import evaluate_hamming
+    from crossret.retrieval.metrics import evaluate_hamming, rank_grid
 
     out: dict[str, Any] = {"precision_at": {}, "recall_at": {}, "p_at_r2": {}, "curves": {},
                            "queries_without_relevant": {}}
+    requested = {int(n) for n in precision_ns}
     for name, (db_codes, db_labels) in databases.items():
+        # One pass gives the contract's precision@N and the P-R curve by rank on a dense grid of ranks.
+        grid = rank_grid(len(db_labels))
         evaluation = evaluate_hamming(
             query_codes, db_codes, query_labels, db_labels, ties=ties, topk=topk,
-            precision_ns=tuple(int(n) for n in precision_ns),
+            precision_ns=tuple(sorted(requested | set(grid))),
             progress=lambda step, total, msg, _n=name: progress(step, total, f"evaluate {_n}: {msg}"),
         )
         out[f"map_{name}"] = float(evaluation.map)
         if topk is not None:
             out[f"map_at_{topk}_{name}"] = float(evaluation.map_at_k)
-        out["precision_at"][name] = {str(k): float(v) for k, v in evaluation.precision_at.items()}
-        out["recall_at"][name] = {str(k): _float_or_none(v) for k, v in evaluation.recall_at.items()}
+        out["precision_at"][name] = {str(k): float(v) for k, v in evaluation.precision_at.items() if k in requested}
+        out["recall_at"][name] = {str(k): _float_or_none(v) for k, v in evaluation.recall_at.items()
+                                  if k in requested}
         out["p_at_r2"][name] = float(evaluation.p_at_r2)
         out["queries_without_relevant"][name] = int(evaluation.n_queries_without_relevant)
-        ns = sorted(evaluation.precision_at)
+        ns = grid
         out["curves"][name] = {
             "pr_radius": evaluation.pr_radius,
             "pr_rank": {
@@ -206,6 +226,7 @@ def run_experiment(
     progress: ProgressFn = no_progress,
     overwrite: bool = False,
     resume: bool = False,
+    command: list[str] | None = None,
 ) -> RunResult:
     """Fit ``config.method`` on the split, encode, evaluate cross- and single-domain retrieval.
 
@@ -217,17 +238,19 @@ def run_experiment(
     epoch; ``resume=True`` continues an interrupted run in the same directory (same config
     required). ``overwrite=True`` replaces the crossret run in ``out_dir``: the new run is built
     beside it and swapped in only when it has finished. The run directory is locked for the whole
-    run; see :mod:`crossret.runs` for what is refused.
+    run; see :mod:`crossret.runs` for what is refused. ``command`` (the command line that started the
+    run, if any) is recorded with package versions and the source commit under ``provenance`` in
+    ``metrics.json``.
 
     Launched by ``torchrun`` with several processes, the method trains data-parallel (gloo) and rank 0
     writes the run directory; see docs/distributed.md.
     """
     with distributed.process_group("gloo"):  # the hashing networks train on CPU
-        return _run_experiment(config, split, progress, overwrite, resume)
+        return _run_experiment(config, split, progress, overwrite, resume, command)
 
 
 def _run_experiment(config: RunConfig, split: RetrievalSplit | None, progress: ProgressFn, overwrite: bool,
-                    resume: bool) -> RunResult:
+                    resume: bool, command: list[str] | None = None) -> RunResult:
     config.validate()
     # Everything that can fail on bad input happens before the run directory is touched.
     method = make_method(config.method, bits=config.bits, seed=config.seed, overrides=config.method_config)
@@ -268,12 +291,11 @@ def _run_experiment(config: RunConfig, split: RetrievalSplit | None, progress: P
         logger.info("method %s, %d bits, seed %d, config %s", config.method, config.bits, config.seed,
                     method.config_dict())
 
-        start = time.perf_counter()
-        method.fit(split.source, split.training_target(), progress=progress)
-        train_seconds = time.perf_counter() - start
+        # The same training step as crossret fit: the target reaches the method without labels.
+        train_seconds = train_method(method, split.source, split.target_train, progress)
         # Encoding, evaluation and the run directory: rank 0's job under torchrun, shared with the others.
         codes, metrics = distributed.run_on_main(
-            partial(_evaluate_and_write, config, method, split, work_dir, train_seconds, progress))
+            partial(_evaluate_and_write, config, method, split, work_dir, train_seconds, progress, command))
         if target is not None:
             distributed.run_on_main(lambda: handle.commit() if handle is not None else None)
             if hasattr(method, "checkpoint_dir"):
@@ -292,7 +314,8 @@ def _run_experiment(config: RunConfig, split: RetrievalSplit | None, progress: P
 
 
 def _evaluate_and_write(config: RunConfig, method: HashMethod, split: RetrievalSplit, run_dir: Path | None,
-                        train_seconds: float, progress: ProgressFn) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+                        train_seconds: float, progress: ProgressFn,
+                        command: list[str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Encode the three sets, evaluate both databases, write the run directory (when there is one)."""
     start = time.perf_counter()
     codes = {
@@ -335,6 +358,7 @@ def _evaluate_and_write(config: RunConfig, method: HashMethod, split: RetrievalS
         "protocol": split.summary(),
         "method_config": method.config_dict(),
         "diagnostics": method.diagnostics,
+        "provenance": collect_provenance(command),
     }
     logger.info("MAP cross %.4f, single %.4f (ties=%s); train %.2fs", metrics["map_cross"],
                 metrics["map_single"], config.ties, train_seconds)
@@ -419,3 +443,25 @@ def default_run_dir(config: RunConfig, root: str | Path = "runs") -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return str(Path(root) / f"{config.benchmark_label}-{config.method}-{config.bits}b-s{config.seed}-{stamp}")
 
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """The configuration of a saved run, to run it again: ``path`` is a run directory or its ``config.yaml``.
+
+    The method's resolved configuration (every default as the run used it) becomes ``method_config``, so a
+    default changed since does not change the re-run; ``out_dir`` is cleared.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = runs.run_file(path, "config.yaml")
+    if not path.is_file():
+        raise DataError(f"{path}: no such run config; give a run directory or its config.yaml")
+    config = RunConfig.from_yaml(path)
+    resolved = read_yaml_mapping(path, "run config")
+    resolved = resolved.get("run", resolved).get("resolved_method_config")
+    if resolved is not None:
+        if not isinstance(resolved, dict):
+            raise FileFormatError(f"{path}: resolved_method_config must be a mapping")
+        config.method_config = {**resolved, **config.method_config}
+    config.out_dir = None
+    return config

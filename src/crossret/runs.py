@@ -74,6 +74,7 @@ __all__ = [
     "open_run",
     "read_marker",
     "run_file",
+    "run_kind",
 ]
 
 #: The marker file crossret writes into every run directory it creates.
@@ -81,12 +82,14 @@ MARKER = ".crossret-run"
 #: The lock file a running process holds (``fcntl.flock``) for the whole run.
 LOCK = ".crossret-lock"
 MARKER_FORMAT = "crossret-run"
-#: Kinds of run directories: ``crossret run`` / ``demo`` and ``crossret gckd pretrain|adapt``.
-KINDS = ("hashing", "gckd")
+#: Kinds of run directories: ``crossret run`` / ``demo``, ``crossret gckd pretrain|adapt`` and ``crossret fit``.
+KINDS = ("hashing", "gckd", "model")
+#: The file written last into a run of each kind: its presence marks a finished run.
+DONE_FILES = {"hashing": "metrics.json", "gckd": "metrics.json", "model": "diagnostics.json"}
 MODEL_FILES = ("model.npz", "model.pt")
 #: The top-level entries of a run directory; crossret never follows a symbolic link at these names.
-RUN_ENTRIES = ("config.yaml", "metrics.json", "run.log", "codes", "checkpoints", "plots", "vocab.txt", *MODEL_FILES,
-               MARKER, LOCK)
+RUN_ENTRIES = ("config.yaml", "metrics.json", "diagnostics.json", "run.log", "codes", "checkpoints", "plots",
+               "vocab.txt", *MODEL_FILES, MARKER, LOCK)
 _STAGING = ".crossret-new-"
 _ASIDE = ".crossret-old-"
 _MAX_MARKER_BYTES = 4096
@@ -240,16 +243,17 @@ def _decide(path: Path, shown: Path, kind: str, overwrite: bool, resume: bool) -
     if resume and marker["kind"] != kind:
         raise ConfigError(f"--resume: {shown} holds a {marker['kind']} run, not a {kind} run; choose its own command "
                           "or another --out")
-    if "metrics.json" in names:
+    done = DONE_FILES[marker["kind"]]
+    if done in names:
         if overwrite:
             return "replace"
-        raise ConfigError(f"--out {shown} already holds a finished run (metrics.json); choose another directory "
+        raise ConfigError(f"--out {shown} already holds a finished run ({done}); choose another directory "
                           "or pass --overwrite")
     if resume:
         return "resume"
     if overwrite:
         return "replace"
-    raise ConfigError(f"--out {shown} holds an interrupted run (no metrics.json); pass --resume to continue it "
+    raise ConfigError(f"--out {shown} holds an interrupted run (no {done}); pass --resume to continue it "
                       "or --overwrite to replace it")
 
 
@@ -401,6 +405,7 @@ def _clean_for_resume(path: Path) -> None:
     """Before continuing an interrupted run in place: drop its partial results (codes, plots, model) and
     the temporaries of killed writes; keep checkpoints, config.yaml, vocab.txt and run.log."""
     (path / "metrics.json").unlink(missing_ok=True)
+    (path / "diagnostics.json").unlink(missing_ok=True)
     for name in ("codes", "plots"):
         if (path / name).is_dir():
             shutil.rmtree(path / name)
@@ -412,7 +417,7 @@ def _clean_for_resume(path: Path) -> None:
 
 def open_run(path: str | os.PathLike, kind: str, *, overwrite: bool = False, resume: bool = False,
              check_resume: Callable[[Path], None] | None = None) -> RunDirectory:
-    """Open ``path`` as a run directory of ``kind`` (``hashing`` or ``gckd``) under its lock.
+    """Open ``path`` as a run directory of ``kind`` (``hashing``, ``gckd`` or ``model``) under its lock.
 
     A new path is created marked and locked (built as a hidden sibling and renamed into place); an
     empty directory is adopted. An interrupted run is continued in place with ``resume`` (after
@@ -476,6 +481,20 @@ def run_file(run_dir: str | os.PathLike, *parts: str) -> Path:
             raise FileFormatError(f"{path}: is a symbolic link; crossret reads a run's files only as real files "
                                   "inside the run directory: replace it with the file itself")
     return path
+
+
+def run_kind(run_dir: str | os.PathLike) -> str | None:
+    """The kind of run in ``run_dir``: ``hashing`` or ``gckd`` from its marker; for a run without one
+    (an older crossret), ``gckd`` when it holds ``vocab.txt`` and ``model.pt``, ``hashing`` when it
+    holds ``codes/``; ``None`` when it is neither."""
+    marker = read_marker(run_dir)
+    if marker is not None:
+        return str(marker["kind"])
+    if run_file(run_dir, "vocab.txt").is_file() and run_file(run_dir, "model.pt").is_file():
+        return "gckd"
+    if run_file(run_dir, "codes").is_dir():
+        return "hashing"
+    return None
 
 
 def find_model_file(run_dir: str | os.PathLike) -> Path | None:

@@ -10,13 +10,14 @@ from crossret.data.benchmarks import (
     resolve_data_dir,
 )
 from crossret.data.domain import Domain, RetrievalSplit
-from crossret.data.readers import check_pair, detect_format, read_domain, read_domain_pair
+from crossret.data.readers import check_label_overlap, check_pair, detect_format, read_domain, read_domain_pair
 
 __all__ = [
     "BenchmarkInfo",
     "Domain",
     "RetrievalSplit",
     "benchmark_names",
+    "check_label_overlap",
     "check_pair",
     "demo_domains",
     "detect_format",

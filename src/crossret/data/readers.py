@@ -15,7 +15,12 @@ surf          ``fts`` (N x 800 counts), ``labels``        Office-Caltech SURF ``
 decaf         ``feas``, ``labels``                        Office-Caltech DeCAF ``.mat``
 data-target   ``data``, ``target``                        ``.h5`` / ``.hdf5``
 csv           one row per sample, label in last column    optional header row
+features-only ``features`` (N x d), no labels              ``.npz``; labels unknown (-1)
+npy           a bare 2-D float matrix (``.npy``)          labels unknown (-1)
 ============  ==========================================  ===========================================
+
+A file without labels (the last two rows) is an *unlabelled* domain: every label is -1. It can be
+the target of ``crossret fit``; evaluation needs labelled files.
 
 Any layout is accepted in any container (``.npz``, MAT v4/v5, MAT v7.3 = HDF5, plain HDF5);
 MATLAB v7.3 arrays are transposed back (h5py sees MATLAB's column-major arrays transposed).
@@ -45,7 +50,7 @@ from crossret.errors import ConfigError, DataError
 Role = Literal["source", "target"]
 LabelBase = Literal["auto", 0, 1]
 
-SUPPORTED_EXTENSIONS = (".npz", ".mat", ".h5", ".hdf5", ".csv")
+SUPPORTED_EXTENSIONS = (".npz", ".mat", ".h5", ".hdf5", ".csv", ".npy")
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header, or the end record of an empty zip
@@ -77,6 +82,8 @@ _LAYOUTS: tuple[_Layout, ...] = (
     _Layout("data-target", "data", "target", "data+target (.h5)", matlab_labels=False),
 )
 _JDA_KEYS = {"source": ("X_src", "Y_src"), "target": ("X_tar", "Y_tar")}
+# ``features`` without ``labels``: an unlabelled domain (labels_key "" = every label -1).
+_FEATURES_ONLY = _Layout("features-only", "features", "", "features alone (unlabelled npz)", matlab_labels=False)
 _LOOKED_FOR = ", ".join(layout.description for layout in _LAYOUTS)
 
 
@@ -242,6 +249,8 @@ def _find_layout(path: Path, keys: list[str]) -> _Layout:
         )
         if needed <= present:
             return layout
+    if _FEATURES_ONLY.features_key in present:
+        return _FEATURES_ONLY
     shown = sorted(k for k in keys if not k.startswith("__"))
     raise DataError(
         f"{path}: no known set of arrays found; keys found: {', '.join(shown) or '(none)'}; "
@@ -263,6 +272,8 @@ def detect_format(path: str | os.PathLike) -> str:
     ext = _extension(path)
     if ext == ".csv":
         return "csv:csv"
+    if ext == ".npy":
+        return "npy:npy"
     container = _open_container(path, ext)
     layout = _find_layout(path, container.keys)
     return f"{container.kind}:{layout.name}"
@@ -291,6 +302,9 @@ def read_domain_pair(
     label_base: LabelBase = "auto",
     source_name: str | None = None,
     target_name: str | None = None,
+    *,
+    source_label_base: LabelBase | None = None,
+    target_label_base: LabelBase | None = None,
 ) -> tuple[Domain, Domain, dict[str, int]]:
     """Read a source and a target file with **one** label base decision for the pair.
 
@@ -301,16 +315,23 @@ def read_domain_pair(
     ``label_base``. Returns ``(source, target, {"source_label_base": b, "target_label_base": b})``.
     The feature sizes the two files declare are compared before either is read, where the format
     declares them without reading (``.npz``).
+
+    ``source_label_base`` / ``target_label_base`` (``"auto"``, 0 or 1) set one file's base and win over
+    ``label_base``. When only one side is ``"auto"``, that side is 1-based when it is a MATLAB-family
+    file whose smallest known label is 1. Files without labels (see the module doc) have all labels -1.
     """
+    bases_given = {"source": label_base if source_label_base is None else source_label_base,
+                   "target": label_base if target_label_base is None else target_label_base}
+    for role, base in bases_given.items():
+        if base not in ("auto", 0, 1):
+            raise ConfigError(f"--{role}-label-base must be auto, 0 or 1, got {base!r}")
+    label_base = bases_given["source"] if bases_given["source"] == bases_given["target"] else "mixed"  # type: ignore[assignment]
     declared = {role: _declared_samples(Path(p), role) for role, p in (("source", source_path),
                                                                         ("target", target_path))}
     if declared["source"] is not None and declared["target"] is not None:
         _check_same_dim(source_path, declared["source"][1], target_path, declared["target"][1])
-    if label_base != "auto":
-        source = read_domain(source_path, "source", source_name, label_base)
-        target = read_domain(target_path, "target", target_name, label_base)
-        base = int(label_base)
-        return source, target, {"source_label_base": base, "target_label_base": base}
+    if label_base == "mixed" or label_base != "auto":
+        return _read_with_bases(source_path, target_path, source_name, target_name, bases_given)
     source, source_matlab = _read_domain(Path(source_path), "source", source_name, 0)
     target, target_matlab = _read_domain(Path(target_path), "target", target_name, 0)
     known = np.concatenate([source.labels[source.labels >= 0], target.labels[target.labels >= 0]])
@@ -333,6 +354,48 @@ def read_domain_pair(
     return shift(source, bases["source_label_base"]), shift(target, bases["target_label_base"]), bases
 
 
+def _read_with_bases(source_path: str | os.PathLike, target_path: str | os.PathLike, source_name: str | None,
+                     target_name: str | None, bases: dict[str, Any]) -> tuple[Domain, Domain, dict[str, int]]:
+    """The pair read with one base per file (an ``"auto"`` side decided from its own labels)."""
+    domains: dict[str, Domain] = {}
+    chosen: dict[str, int] = {}
+    for role, path, name in (("source", source_path, source_name), ("target", target_path, target_name)):
+        base = bases[role]
+        domain, matlab = _read_domain(Path(path), role, name, 0 if base == "auto" else base)  # type: ignore[arg-type]
+        if base == "auto":
+            known = domain.labels[domain.labels >= 0]
+            base = int(matlab and known.size > 0 and int(known.min()) == 1)
+            if base:
+                domain = Domain(domain.name, domain.features,
+                                np.where(domain.labels >= 0, domain.labels - 1, UNKNOWN_LABEL), domain.origin)
+        domains[role], chosen[f"{role}_label_base"] = domain, int(base)
+    return domains["source"], domains["target"], chosen
+
+
+def _label_list(classes: np.ndarray, limit: int = 20) -> str:
+    shown = ", ".join(str(int(c)) for c in classes[:limit])
+    return f"{{{shown}{', ...' if classes.size > limit else ''}}} ({classes.size} classes)"
+
+
+def check_label_overlap(source: Domain, target: Domain, *, allow_mismatch: bool = False) -> None:
+    """Refuse a pair whose known labels hardly overlap: a label-base slip (0- vs 1-based) or files of two
+    different label spaces. With labels on both sides, no shared class, or fewer than half of the source
+    classes present in the target, is a :class:`DataError` listing both label sets, unless
+    ``allow_mismatch``. A side without known labels is not checked."""
+    source_classes, target_classes = source.classes, target.classes
+    if allow_mismatch or not source_classes.size or not target_classes.size:
+        return
+    shared = np.intersect1d(source_classes, target_classes)
+    if shared.size * 2 >= source_classes.size:
+        return
+    what = "share no class" if not shared.size else (
+        f"share only {shared.size} of the {source_classes.size} source classes")
+    raise DataError(
+        f"source {source.origin or source.name} labels {_label_list(source_classes)} and target "
+        f"{target.origin or target.name} labels {_label_list(target_classes)} {what}; check the label bases "
+        "(--source-label-base / --target-label-base 0 or 1), or pass --allow-class-mismatch if this is intended")
+
+
 def _read_domain(
     path: str | os.PathLike, role: Role | None, name: str | None, label_base: LabelBase
 ) -> tuple[Domain, bool]:
@@ -348,9 +411,13 @@ def _read_domain(
         features, labels = _read_csv(path)
         labels = _normalise_labels(path, "last column", labels, label_base, matlab=False)
         return Domain(name or path.stem, features, labels, origin=str(path)), False
+    if ext == ".npy":
+        return _unlabelled(path, name or path.stem, _read_npy_features(path)), False
 
     container = _open_container(path, ext)
     layout = _find_layout(path, container.keys)
+    if layout is _FEATURES_ONLY:
+        return _unlabelled(path, name or path.stem, _features_only(path, container)), False
     fkey, lkey = _layout_keys(path, layout, role)
     suffix = {"source": "/src", "target": "/tar"}.get(role or "", "") if layout.name == "jda" else ""
 
@@ -363,6 +430,45 @@ def _read_domain(
         features = features.T
     labels = _normalise_labels(path, lkey, labels, label_base, matlab=layout.matlab_labels)
     return Domain(name or f"{path.stem}{suffix}", features, labels, origin=str(path)), layout.matlab_labels
+
+
+def _unlabelled(path: Path, name: str, features: np.ndarray) -> Domain:
+    """A domain of ``features`` whose labels are all unknown (-1)."""
+    return Domain(name, features, np.full(features.shape[0], UNKNOWN_LABEL, np.int64), origin=str(path))
+
+
+def _check_unlabelled_shape(path: Path, key: str, shape: tuple[int, ...]) -> None:
+    if len(shape) != 2:
+        raise DataError(f"{path}: {key!r} must be a 2-D array (samples x dims), got shape {tuple(shape)}; "
+                        "flatten each sample to one row")
+
+
+def _features_only(path: Path, container: _Container) -> np.ndarray:
+    """The ``features`` array of an ``.npz`` without labels (shape and memory checked before reading)."""
+    key = _FEATURES_ONLY.features_key
+    if key in container.declared:
+        shape, dtype = container.declared[key]
+        if dtype.kind not in "fiub":
+            raise DataError(f"{path}: {key!r} is not a numeric array (dtype {dtype}); store plain numbers")
+        _check_unlabelled_shape(path, key, shape)
+        check_memory(math.prod(shape) * (dtype.itemsize + 8), f"{path}: {shape[0]} x {shape[1]} features",
+                     "use a smaller file or a machine with more memory", error=DataError)
+    features = _numeric(path, key, container.get(key))
+    _check_unlabelled_shape(path, key, features.shape)
+    return features
+
+
+def _read_npy_features(path: Path) -> np.ndarray:
+    """A bare ``.npy`` feature matrix (declared shape checked against the file before reading)."""
+    from crossret._io import load_npy
+
+    array = load_npy(path, "features", mmap=True)
+    _check_unlabelled_shape(path, "features", array.shape)
+    if array.dtype.kind not in "fiu":
+        raise DataError(f"{path}: expected a real-valued feature matrix, got dtype {array.dtype}")
+    check_memory(array.size * 8, f"{path}: {array.shape[0]} x {array.shape[1]} features",
+                 "use a smaller file or a machine with more memory", error=DataError)
+    return np.asarray(array)
 
 
 def _layout_keys(path: Path, layout: _Layout, role: Role | None) -> tuple[str, str]:
@@ -436,6 +542,11 @@ def _declared_samples(path: Path, role: Role) -> tuple[int, int] | None:
         return None
     container = _open_npz(path)
     layout = _find_layout(path, container.keys)
+    if layout is _FEATURES_ONLY:
+        declared = container.declared.get(layout.features_key)
+        if declared is None or len(declared[0]) != 2:
+            return None  # the read reports the problem
+        return int(declared[0][0]), int(declared[0][1])
     fkey, lkey = _layout_keys(path, layout, role)
     return _check_declared(path, layout, fkey, lkey, container)
 
@@ -499,7 +610,8 @@ def check_pair(source: Domain, target: Domain) -> list[str]:
     if unlabelled:
         raise DataError(
             f"target {tgt_where}: {unlabelled} of {target.n} samples have unknown labels (-1); target "
-            "labels are needed to evaluate retrieval (training never sees them)"
+            "labels are needed to evaluate retrieval (training never sees them); to adapt to an unlabelled "
+            "target without evaluating, use crossret fit"
         )
     notes: list[str] = []
     missing = np.setdiff1d(target.classes, source.classes)

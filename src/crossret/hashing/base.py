@@ -1,4 +1,4 @@
-"""The interface every hashing method implements, and the method registry.
+"""The interface every hashing method implements (the registry lives in ``_registry``).
 
 A method is configured by a dataclass (serialisable to YAML), fitted on the labelled source and
 the *unlabelled* target training set, and then encodes any features to ±1 int8 codes.
@@ -16,6 +16,9 @@ from crossret._config import reject_unknown_keys
 from crossret._limits import check_bits, check_memory
 from crossret.data.domain import Domain
 from crossret.errors import ConfigError
+from crossret.hashing._registry import _REGISTRY, _load_builtin_methods
+from crossret.hashing._registry import available_methods as available_methods  # re-exported
+from crossret.hashing._registry import register as register  # re-exported
 from crossret.progress import ProgressFn, no_progress
 
 # encode_real hands back one real value per row and bit (float64 at worst), then the int8 code
@@ -32,6 +35,8 @@ class HashMethod(abc.ABC):
     config_class: ClassVar[type]
     # Whether fit() trains data-parallel under torchrun (docs/distributed.md); the others refuse to run there.
     data_parallel: ClassVar[bool] = False
+    # Whether fit() needs source labels; LSH and ITQ learn from features alone.
+    uses_source_labels: ClassVar[bool] = True
 
     def __init__(self, bits: int, seed: int = 0, config: Any | None = None) -> None:
         if not isinstance(bits, int):
@@ -106,20 +111,6 @@ def check_domain(domain: str) -> str:
     return domain
 
 
-_REGISTRY: dict[str, type[HashMethod]] = {}
-
-
-def register(cls: type[HashMethod]) -> type[HashMethod]:
-    """Class decorator: make a method available by its ``name`` (CLI ``crossret run NAME``)."""
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def available_methods() -> list[str]:
-    _load_builtin_methods()
-    return sorted(_REGISTRY)
-
-
 def make_method(name: str, bits: int, seed: int = 0, overrides: dict[str, Any] | None = None) -> HashMethod:
     """Instantiate a registered method with its default config updated by ``overrides``."""
     _load_builtin_methods()
@@ -131,8 +122,3 @@ def make_method(name: str, bits: int, seed: int = 0, overrides: dict[str, Any] |
         reject_unknown_keys(type(config), overrides, name)
         config = dataclasses.replace(config, **overrides)
     return cls(bits=bits, seed=seed, config=config)
-
-
-def _load_builtin_methods() -> None:
-    # Importing the modules runs their @register decorators.
-    from crossret.hashing import couple, itq, lsh, source_only  # noqa: F401

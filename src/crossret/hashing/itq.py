@@ -126,6 +126,7 @@ class ITQ(PersistentMethod, HashMethod):
     """Iterative Quantization (Gong et al., TPAMI 2013) on source ∪ target-train features."""
 
     name = "itq"
+    uses_source_labels = False
     config_class = ITQConfig
     storage = "npz"
 

@@ -48,6 +48,7 @@ class LSH(PersistentMethod, HashMethod):
     """Random-hyperplane LSH (Charikar 2002): ``b = sign(W^T (x - μ) / σ)``, ``W ~ N(0, I)`` seeded."""
 
     name = "lsh"
+    uses_source_labels = False
     config_class = LSHConfig
     storage = "npz"
 

@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_ENCODE_BATCH",
     "PackedCodesFile",
     "build_index_from_packed",
+    "encode_to_file",
     "encode_to_packed",
     "open_features",
     "read_packed_codes",
@@ -116,6 +117,16 @@ def encode_to_packed(method: Any, features: Any, out_path: str | os.PathLike, *,
     (``target`` | ``source``) is passed to ``method.encode``: a model with per-domain input statistics
     (COUPLE) encodes a source-domain database with ``domain="source"``.
     """
+    return encode_to_file(method, features, out_path, batch_size=batch_size, progress=progress, meta=meta,
+                          domain=domain, packed=True)
+
+
+def encode_to_file(method: Any, features: Any, out_path: str | os.PathLike, *,
+                   batch_size: int = DEFAULT_ENCODE_BATCH, progress: ProgressFn = no_progress,
+                   meta: dict[str, Any] | None = None, domain: str = "target", packed: bool = True) -> PackedCodesFile:
+    """:func:`encode_to_packed`, or with ``packed=False`` the same streamed encoding into ±1 int8 rows
+    ``(N, bits)`` (the sidecar then records ``"packed": false``). One code path for ``crossret encode``
+    and ``crossret index encode``."""
     from crossret.hashing.base import check_domain
 
     check_domain(domain)
@@ -134,6 +145,7 @@ def encode_to_packed(method: Any, features: Any, out_path: str | os.PathLike, *,
     if features.shape[1] != input_dim:
         raise DataError(f"features have {features.shape[1]} dimensions but the method expects {input_dim}")
     n, width = int(features.shape[0]), packed_width(bits)
+    dtype, row_width = (np.uint8, width) if packed else (np.int8, bits)
     out_path = Path(out_path)
     side = sidecar_path(out_path)
     t0 = time.perf_counter()
@@ -142,11 +154,11 @@ def encode_to_packed(method: Any, features: Any, out_path: str | os.PathLike, *,
         # The .npy header is written first (the shape is known), then each batch is appended, so
         # nothing larger than a batch is ever held in memory.
         np.lib.format.write_array_header_1_0(
-            handle, {"descr": np.dtype(np.uint8).str, "fortran_order": False, "shape": (n, width)})
+            handle, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": (n, row_width)})
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            packed = _encode_batch(method, features, start, stop, bits, domain)
-            handle.write(packed.tobytes())
+            rows = _encode_batch(method, features, start, stop, bits, domain, packed)
+            handle.write(np.ascontiguousarray(rows, dtype=dtype).tobytes())
             progress(stop, n, "encoding")
         # Drop a stale sidecar before the new codes replace the old ones: a file and a sidecar that
         # disagree would be worse than a file without one.
@@ -154,7 +166,7 @@ def encode_to_packed(method: Any, features: Any, out_path: str | os.PathLike, *,
             side.unlink()
     seconds = time.perf_counter() - t0
     record = {
-        "format": SIDECAR_FORMAT, "bits": bits, "n": n, "width": width, "bit_order": BIT_ORDER,
+        "format": SIDECAR_FORMAT, "bits": bits, "n": n, "width": width, "bit_order": BIT_ORDER, "packed": packed,
         "method": getattr(method, "name", type(method).__name__), "features": source, "domain": domain,
         "batch_size": int(batch_size), "seconds": round(seconds, 4), **(meta or {}),
     }
@@ -162,7 +174,8 @@ def encode_to_packed(method: Any, features: Any, out_path: str | os.PathLike, *,
     return PackedCodesFile(path=out_path, n=n, bits=bits, width=width, seconds=seconds, meta=record)
 
 
-def _encode_batch(method: Any, features: np.ndarray, start: int, stop: int, bits: int, domain: str) -> np.ndarray:
+def _encode_batch(method: Any, features: np.ndarray, start: int, stop: int, bits: int, domain: str,
+                  packed: bool = True) -> np.ndarray:
     with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: reported below
         batch = np.asarray(features[start:stop], dtype=np.float32)
     finite = np.isfinite(batch).all(axis=1)
@@ -176,7 +189,7 @@ def _encode_batch(method: Any, features: np.ndarray, start: int, stop: int, bits
     if codes.shape != (stop - start, bits):
         raise CodeError(f"method returned codes of shape {codes.shape} for rows {start}..{stop - 1}; "
                         f"expected {(stop - start, bits)}")
-    return pack_codes(codes)
+    return pack_codes(codes) if packed else codes
 
 
 # --------------------------------------------------------------------------------------------

@@ -489,25 +489,61 @@ def encode(
     packed: Annotated[bool, typer.Option("--packed", help="Write packed uint8 codes (faiss bit order) instead of "
                                          "±1 int8 rows.")] = False,
     batch_size: Annotated[int, typer.Option(help="Rows encoded per batch (memory is O(batch)).")] = 65_536,
+    shape: Annotated[str | None, typer.Option(help="Raw binary feature file: N,D (rows, dimensions).")] = None,
+    dtype: Annotated[str, typer.Option(help="Raw binary feature file: element type.")] = "float32",
     overwrite: Annotated[bool, typer.Option(help="Replace --out when it holds crossret codes (other files are "
                                             "never replaced).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Encode features with a fitted model into hash codes, batch by batch."""
+    """Encode features with a fitted model into hash codes, batch by batch.
+
+    The output appears only when every batch succeeded; rows with NaN/inf stop it with an error naming them.
+    """
+    _encode_features(model_dir, features, output, domain=domain, packed=packed, batch_size=batch_size,
+                     shape=shape, dtype=dtype, overwrite=overwrite, as_json=as_json, option="MODEL_DIR")
+
+
+def _encode_features(model_dir: Path, features: Path, output: Path, *, domain: str, packed: bool, batch_size: int,
+                     shape: str | None, dtype: str, overwrite: bool, as_json: bool, option: str) -> None:
+    """What `crossret encode` and `crossret index encode` do: one code path."""
+    import numpy as np
+
     from crossret.model import load
+    from crossret.runs import run_kind
 
     domain = _domain_option(domain, "--domain")
-    model = load(model_dir)
+    if run_kind(model_dir) == "gckd":
+        raise ConfigError(f"{option} {model_dir} holds a gckd run: a GCKD run's model encodes captions and images, "
+                          "not feature files; index its gallery with `crossret index build --run RUN --gallery DATA` "
+                          "and search it with --text")
+    raw_shape = None
+    if shape is not None:
+        try:
+            raw_shape = tuple(int(v) for v in shape.split(","))
+        except ValueError:
+            raise ConfigError(f"--shape expects N,D (two integers), got {shape!r}") from None
+        if len(raw_shape) != 2:
+            raise ConfigError(f"--shape expects N,D (two integers), got {shape!r}")
+    try:
+        np.dtype(dtype)
+    except TypeError:
+        raise ConfigError(f"--dtype: unknown numpy dtype {dtype!r}") from None
+    try:
+        model = load(model_dir)
+    except DataError as exc:
+        raise DataError(f"{option}: {exc}" if option.startswith("--") else str(exc)) from None
     with _progress_bar(not as_json) as progress:
         result = model.encode_file(features, output, domain=domain, packed=packed, batch_size=batch_size,
-                                   overwrite=overwrite, progress=progress)
-    summary = {"out": str(result.path), "n": result.n, "bits": result.bits, "packed": packed,
-               "method": model.method, "domain": domain, "seconds": round(result.seconds, 3)}
+                                   overwrite=overwrite, shape=raw_shape, dtype=dtype, progress=progress)
+    summary = {"out": str(result.path), "n": result.n, "bits": result.bits, "bytes_per_code": result.width,
+               "packed": packed, "method": model.method, "domain": domain, "seconds": round(result.seconds, 3)}
     if as_json:
         _print_json(summary)
         return
+    rate = result.n / result.seconds if result.seconds > 0 else float("inf")
     out.print(f"wrote {output}: {result.n} {'packed ' if packed else '±1 '}codes, {result.bits} bits "
-              f"({model.method}, {domain} domain)")
+              f"({model.method}, {domain} domain) in {result.seconds:.2f}s ({rate:,.0f} rows/s); code length in "
+              f"{output.name}.json")
 
 
 @app.command()
@@ -602,22 +638,42 @@ def eval_codes(
 # --------------------------------------------------------------------------- report
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write PNGs (default RUN_DIR/plots).")]
-    = None,
+    run_dirs: Annotated[list[Path], typer.Argument(help="Finished run directories: one, or several to overlay "
+                                                   "(e.g. runs/*).", show_default=False)],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write PNGs (default RUN_DIR/plots for one "
+                                                 "run; required for several).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace plots crossret wrote there before (other files are never "
                                             "replaced).")] = False,
 ) -> None:
-    """Write P-R (by Hamming radius and by rank) and precision@N plots of a run as PNG."""
-    from crossret.experiment import read_run_metrics
-    from crossret.report.plots import run_plot_files, write_run_plots
-    from crossret.runs import check_output_file, run_file
+    """Write plots of finished runs as PNG.
 
-    metrics = read_run_metrics(run_dir)
-    target = out_dir or run_file(run_dir, "plots")
-    for path in run_plot_files(metrics, target):
-        check_output_file(path, "plot", overwrite=overwrite)
-    paths = write_run_plots(metrics, target)
+    One run: P-R (by Hamming radius and by rank) and precision@N plots. Several runs (of one data set):
+    per setting, P-R by rank and precision@N with one curve per group of runs that differ only in the
+    seed (the mean over its seeds), and MAP vs bits with the sample std over seeds as error bars.
+    """
+    from crossret.runs import check_output_file
+
+    if len(run_dirs) == 1:
+        from crossret.experiment import read_run_metrics
+        from crossret.report.plots import run_plot_files, write_run_plots
+        from crossret.runs import run_file
+
+        metrics = read_run_metrics(run_dirs[0])
+        target = out_dir or run_file(run_dirs[0], "plots")
+        for path in run_plot_files(metrics, target):
+            check_output_file(path, "plot", overwrite=overwrite)
+        paths = write_run_plots(metrics, target)
+    else:
+        if out_dir is None:
+            raise ConfigError(f"a report of {len(run_dirs)} runs needs --out DIR for its plots; pass --out (or give "
+                              "one run to write into RUN_DIR/plots)")
+        from crossret.report.overlay import draw_overlay_plot, plan_overlay_plots
+        from crossret.report.table import group_runs
+
+        plots = plan_overlay_plots(group_runs(run_dirs), out_dir)
+        for plot in plots:
+            check_output_file(plot.path, "plot", overwrite=overwrite)
+        paths = [draw_overlay_plot(plot).path for plot in plots]
     for path in paths:
         out.print(str(path))
 
@@ -779,50 +835,9 @@ def index_encode(
                                             "never replaced).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Encode a (large) feature file with a run's model into packed codes, batch by batch.
-
-    The output appears only when every batch succeeded; rows with NaN/inf stop it with an error naming them.
-    """
-    import numpy as np
-
-    from crossret.hashing._state import load_method
-    from crossret.retrieval.streaming import encode_to_packed, open_features
-    from crossret.runs import check_output_file, find_model_file, run_kind
-
-    if run_kind(run_dir) == "gckd":
-        raise ConfigError(f"--run {run_dir} is a GCKD run: its model encodes captions and images, not feature files; "
-                          "index its gallery with `crossret index build --run RUN --gallery DATA` and search it with "
-                          "--text")
-    check_output_file(output, "codes", overwrite=overwrite)
-    model_file = find_model_file(run_dir)
-    if model_file is None:
-        raise DataError(f"--run {run_dir}: no model.npz or model.pt; is this a finished run of a method that "
-                        "saves its model?")
-    method = load_method(model_file)
-    raw_shape = None
-    if shape is not None:
-        try:
-            raw_shape = tuple(int(v) for v in shape.split(","))
-        except ValueError:
-            raise ConfigError(f"--shape expects N,D (two integers), got {shape!r}") from None
-        if len(raw_shape) != 2:
-            raise ConfigError(f"--shape expects N,D (two integers), got {shape!r}")
-    try:
-        np.dtype(dtype)
-    except TypeError:
-        raise ConfigError(f"--dtype: unknown numpy dtype {dtype!r}") from None
-    array = open_features(features, shape=raw_shape, dtype=dtype)
-    with _progress_bar(not as_json) as progress:
-        result = encode_to_packed(method, array, output, batch_size=batch_size, progress=progress,
-                                  meta={"features": str(features), "run": str(run_dir)}, domain=domain.value)
-    summary = {"out": str(result.path), "n": result.n, "bits": result.bits, "bytes_per_code": result.width,
-               "seconds": round(result.seconds, 3), "method": method.name, "domain": domain.value}
-    if as_json:
-        _print_json(summary)
-        return
-    rate = result.n / result.seconds if result.seconds > 0 else float("inf")
-    out.print(f"wrote {output}: {result.n} codes, {result.bits} bits ({method.name}) in {result.seconds:.2f}s "
-              f"({rate:,.0f} rows/s); code length in {output.name}.json")
+    """Encode a (large) feature file with a run's model into packed codes: `crossret encode RUN --packed`."""
+    _encode_features(run_dir, features, output, domain=domain.value, packed=True, batch_size=batch_size, shape=shape,
+                     dtype=dtype, overwrite=overwrite, as_json=as_json, option="--run")
 
 
 @index_app.command("recall")

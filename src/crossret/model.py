@@ -206,18 +206,19 @@ class FittedModel:
 
     def encode_file(self, features: str | os.PathLike, out: str | os.PathLike, *, domain: str = "target",
                     packed: bool = False, batch_size: int | None = None, overwrite: bool = False,
+                    shape: tuple[int, int] | None = None, dtype: str = "float32",
                     progress: ProgressFn = no_progress) -> Any:
-        """Encode a feature file into a codes ``.npy`` at ``out`` batch by batch (a ``.npy`` input is
-        memory-mapped, so it may exceed memory): ±1 int8 rows, or packed uint8 rows with ``packed``;
-        a sidecar ``OUT.json`` records the code length. Returns the
+        """Encode a feature file into a codes ``.npy`` at ``out`` batch by batch (a ``.npy`` input, or a raw
+        binary matrix of ``shape`` and ``dtype``, is memory-mapped, so it may exceed memory): ±1 int8 rows, or
+        packed uint8 rows with ``packed``; a sidecar ``OUT.json`` records the code length. Returns the
         :class:`~crossret.retrieval.streaming.PackedCodesFile` record."""
         from crossret.retrieval.streaming import DEFAULT_ENCODE_BATCH, encode_to_file, open_features
 
         check_domain(domain)
         runs.check_output_file(out, "codes", overwrite=overwrite)
         path = Path(features)
-        if path.suffix.lower() == ".npy":
-            array: Any = open_features(path)
+        if shape is not None or path.suffix.lower() == ".npy":
+            array: Any = open_features(path, shape=shape, dtype=dtype)
         else:
             array = as_domain(path, domain).features
         meta = {"features": str(path), "model": str(self.path) if self.path else None}
@@ -303,17 +304,23 @@ def load(model_dir: str | os.PathLike) -> FittedModel:
     if not path.is_dir():
         raise DataError(f"model directory {path}: not found (or not a directory); create one with crossret fit")
     marker = runs.read_marker(path)
+    model_file = runs.find_model_file(path)
     if marker is None:
-        raise DataError(f"model directory {path}: not a crossret model directory (no {runs.MARKER}); give a "
-                        "directory written by crossret fit")
-    if marker["kind"] not in ("model", "hashing"):
+        # Read only, never written: a run from before run directories carried a marker, or a folder holding a
+        # method saved by HashMethod.save.
+        if model_file is None:
+            raise DataError(f"model directory {path}: not a crossret model directory (no {runs.MARKER} and no "
+                            "model.npz / model.pt); give a directory written by crossret fit")
+        marker = {"kind": "saved"}
+    elif marker["kind"] not in ("model", "hashing"):
         raise DataError(f"model directory {path}: holds a {marker['kind']} run, not a hashing model; give a "
                         "directory written by crossret fit (or crossret run)")
-    model_file = runs.find_model_file(path)
-    done = DONE_FILE if marker["kind"] == "model" else "metrics.json"
-    if model_file is None or not runs.run_file(path, done).is_file():
-        raise DataError(f"model directory {path}: incomplete (no model file or no {done}: an interrupted fit); "
-                        "fit it again with --overwrite")
+    else:
+        done = DONE_FILE if marker["kind"] == "model" else "metrics.json"
+        if model_file is None or not runs.run_file(path, done).is_file():
+            raise DataError(f"model directory {path}: incomplete (no model file or no {done}: an interrupted fit); "
+                            "fit it again with --overwrite")
+    assert model_file is not None
     method = load_method(model_file)
     config_path = runs.run_file(path, "config.yaml")
     config = read_yaml_mapping(config_path, "model config") if config_path.is_file() else {}

@@ -20,7 +20,7 @@ from typing import Any
 
 from crossret.errors import DataError, FileFormatError
 
-__all__ = ["FORMATS", "format_table", "read_run", "summarize_runs"]
+__all__ = ["FORMATS", "format_table", "group_runs", "read_run", "summarize_runs"]
 
 FORMATS = ("md", "csv", "json")
 _NOT_IDENTITY = ("seed", "out_dir", "plots", "data_dir", "method", "bits", "benchmark", "source", "target",
@@ -72,28 +72,38 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def group_runs(run_dirs: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+    """Finished runs grouped by everything but the seed, in the order each group first appears.
+
+    One dict per group: ``data``, ``method``, ``bits``, ``config_id`` (a short hash of ``config``),
+    ``config`` (without data, method, bits and seed) and ``runs`` (:func:`read_run` of each member).
+    """
+    if not run_dirs:
+        raise DataError("no run directories given")
+    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for run_dir in run_dirs:
+        run = read_run(run_dir)
+        data, rest = _identity(run["config"])
+        key = (data, str(run["config"]["method"]), int(run["config"]["bits"]), _config_id(rest))
+        group = groups.setdefault(key, {"data": data, "method": key[1], "bits": key[2], "config_id": key[3],
+                                        "config": rest, "runs": []})
+        group["runs"].append(run)
+    return list(groups.values())
+
+
 def summarize_runs(run_dirs: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
-    """One dict per group of finished runs, in the order each group first appears.
+    """One dict per group of finished runs (see :func:`group_runs`), in the order each group first appears.
 
     Keys: ``data``, ``method``, ``bits``, ``config_id`` (a short hash of ``config``), ``config``,
     ``n_runs``, ``seeds``, ``map_cross_mean``, ``map_cross_std``, ``map_single_mean``, ``map_single_std``
     (and ``map_at_K_*`` likewise when every run has them), ``run_dirs``.
     """
-    if not run_dirs:
-        raise DataError("no run directories given")
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    identities: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
-    for run_dir in run_dirs:
-        run = read_run(run_dir)
-        data, rest = _identity(run["config"])
-        key = (data, str(run["config"]["method"]), int(run["config"]["bits"]), _config_id(rest))
-        groups.setdefault(key, []).append(run)
-        identities[key] = (data, rest)
     rows = []
-    for key, members in groups.items():
-        data, rest = identities[key]
-        row: dict[str, Any] = {"data": data, "method": key[1], "bits": key[2], "config_id": key[3], "config": rest,
-                               "n_runs": len(members), "seeds": [m["config"].get("seed") for m in members]}
+    for group in group_runs(run_dirs):
+        members = group["runs"]
+        row: dict[str, Any] = {key: group[key] for key in ("data", "method", "bits", "config_id", "config")}
+        row["n_runs"] = len(members)
+        row["seeds"] = [m["config"].get("seed") for m in members]
         metric_names = ["map_cross", "map_single"]
         metric_names += sorted(name for name in members[0]["metrics"]
                                if name.startswith("map_at_") and all(name in m["metrics"] for m in members))

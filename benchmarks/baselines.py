@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _repro
 from crossret._io import write_json_atomic, write_text_atomic
 from crossret.data import list_benchmarks, load_benchmark, resolve_data_dir
 from crossret.experiment import RunConfig, run_experiment
@@ -28,8 +29,53 @@ BITS = (16, 32, 64, 128)
 DIGITS_BITS = (16, 32, 48, 64, 96, 128)
 
 
+CHECK_KEYS = ("benchmark", "method", "bits", "seed")
+CHECK_FIELDS = ("map_cross", "map_single", "p_at_r2_cross", "p_at_r2_single", "precision_at_100_cross")
+
+
 def bits_for(name: str) -> tuple[int, ...]:
     return DIGITS_BITS if name.startswith("digits") else BITS
+
+
+def run_row(job: dict[str, Any], split: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One (benchmark, method, bits, seed) run: its result row and its full metrics."""
+    if split is None:
+        split = load_benchmark(job["benchmark"], job["data_dir"])
+    config = RunConfig(method=job["method"], benchmark=job["benchmark"], bits=job["bits"], seed=job["seed"],
+                       ties=job["ties"])
+    metrics = run_experiment(config, split=split).metrics
+    row = {
+        "benchmark": job["benchmark"], "method": job["method"], "bits": job["bits"], "seed": job["seed"],
+        "split_seed": metrics["split_seed"], "ties": metrics["ties"],
+        "map_cross": metrics["map_cross"], "map_single": metrics["map_single"],
+        "p_at_r2_cross": metrics["p_at_r2"]["cross"],
+        "p_at_r2_single": metrics["p_at_r2"]["single"],
+        "precision_at_100_cross": metrics["precision_at"]["cross"].get("100"),
+        "train_seconds": metrics["train_seconds"],
+    }
+    return row, metrics
+
+
+def _check_worker(job: dict[str, Any]) -> dict[str, Any]:
+    return run_row(job)[0]
+
+
+def check(recorded: dict[str, Any], n: int, seed: int, data_dir: str, out: Path) -> int:
+    """Re-run ``n`` sampled rows of a results JSON and compare them exactly (``<out>_check.{json,md}``);
+    0 when every sampled row reproduces, 1 otherwise."""
+    sample = _repro.sample_rows(recorded["rows"], n, seed, strata=lambda r: (r["benchmark"].split("-")[0],
+                                                                              r["method"]))
+    fresh = _repro.rerun(_check_worker, [{**{k: r[k] for k in CHECK_KEYS}, "ties": r["ties"], "data_dir": data_dir}
+                                         for r in sample], 1, describe=lambda row: (
+        f"check {row['benchmark']} {row['method']} {row['bits']}b seed {row['seed']}: "
+        f"MAP cross {100 * row['map_cross']:.2f}"))
+    comparisons = _repro.compare_rows(sample, fresh, CHECK_KEYS, CHECK_FIELDS)
+    payload, text = _repro.check_report("benchmarks/baselines.py", comparisons,
+                                        [recorded.get("environment", "not recorded")], CHECK_FIELDS)
+    write_json_atomic(out.parent / f"{out.name}_check.json", payload)
+    write_text_atomic(out.parent / f"{out.name}_check.md", text)
+    print(text, file=sys.stderr)
+    return 0 if payload["reproduced"] == payload["checked"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ties", default="expected", choices=("expected", "index"))
     parser.add_argument("--out", default=str(RESULTS / "baselines"), help="output path without extension")
     parser.add_argument("--plots-from", default=None, help="only redraw the plots from an existing results JSON")
+    parser.add_argument("--check", type=int, default=0, metavar="N",
+                        help="re-run N sampled rows of <out>.json and compare them exactly (writes <out>_check.*; "
+                        "exit 1 when one moved); nothing else is run or written")
+    parser.add_argument("--check-seed", type=int, default=0, help="seed of the --check sample")
     args = parser.parse_args(argv)
+    _repro.pin_numerics()
     if args.plots_from:
         import json
 
@@ -51,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     data_dir = resolve_data_dir(args.data_dir)
+    if args.check:
+        import json
+
+        recorded = json.loads(Path(args.out).with_suffix(".json").read_text())
+        return check(recorded, args.check, args.check_seed, str(data_dir), Path(args.out))
     names = [i.name for i in list_benchmarks(data_dir) if i.present and args.only in i.name]
     rows: list[dict[str, Any]] = []
     # Recorded once each (they are the same for every row of a benchmark / method).
@@ -62,19 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         for bits in bits_for(name):
             for method in args.methods:
                 for seed in args.seeds:
-                    config = RunConfig(method=method, benchmark=name, bits=bits, seed=seed, ties=args.ties)
-                    metrics = run_experiment(config, split=split).metrics
+                    job = {"benchmark": name, "method": method, "bits": bits, "seed": seed, "ties": args.ties}
+                    row, metrics = run_row(job, split)
                     protocols[name] = metrics["protocol"]
                     method_configs[method] = metrics["method_config"]
-                    rows.append({
-                        "benchmark": name, "method": method, "bits": bits, "seed": seed,
-                        "split_seed": metrics["split_seed"], "ties": metrics["ties"],
-                        "map_cross": metrics["map_cross"], "map_single": metrics["map_single"],
-                        "p_at_r2_cross": metrics["p_at_r2"]["cross"],
-                        "p_at_r2_single": metrics["p_at_r2"]["single"],
-                        "precision_at_100_cross": metrics["precision_at"]["cross"].get("100"),
-                        "train_seconds": metrics["train_seconds"],
-                    })
+                    rows.append(row)
                     print(f"{name:28s} {method:12s} {bits:4d}b seed {seed}: MAP cross "
                           f"{100 * metrics['map_cross']:6.2f}  single {100 * metrics['map_single']:6.2f}  "
                           f"({metrics['train_seconds']:.1f}s)", file=sys.stderr, flush=True)
@@ -83,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "wall_seconds": round(time.time() - started, 1),
         "machine": {"python": platform.python_version(), "processor": platform.machine()},
+        # CPU, pinned numerics and package versions: what else decides the floats (benchmarks/_repro.py).
+        "environment": _repro.environment(),
         "seeds": args.seeds, "ties": args.ties,
         "map_definition": "MAP@all in [0,1]; relevance = same label; the tables show percent",
         "protocols": protocols,

@@ -41,6 +41,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+import _repro
 from crossret._io import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -75,8 +76,10 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     from crossret.experiment import RunConfig, run_experiment
 
     split = load_benchmark(job["benchmark"], job["data_dir"])
+    # A check re-runs a recorded row with its recorded resolved config, whatever today's defaults are.
+    overrides = job.get("method_config", VARIANTS[job["variant"]])
     config = RunConfig(method="couple", benchmark=job["benchmark"], bits=job["bits"], seed=job["seed"],
-                       ties=job["ties"], method_config=dict(VARIANTS[job["variant"]]))
+                       ties=job["ties"], method_config=dict(overrides))
     metrics = run_experiment(config, split=split).metrics
     report = metrics["diagnostics"].get("label_report", {}).get("selection_quality", [])
     last = report[-1] if report else {}
@@ -95,6 +98,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         # Where the run happened: train_seconds are only comparable between rows of the same host.
         "host": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
                  "torch": _torch_version()},
+        # CPU, pinned numerics and package versions: what else decides the floats (benchmarks/_repro.py).
+        "environment": _repro.environment(),
     }
 
 
@@ -102,6 +107,32 @@ def _torch_version() -> str:
     import torch
 
     return torch.__version__
+
+
+# What a check compares (exactly), and what identifies a row.
+CHECK_KEYS = ("benchmark", "variant", "bits", "seed")
+CHECK_FIELDS = ("map_cross", "map_single", "p_at_r2_cross", "precision_at_100_cross", "final_selected",
+                "final_selected_accuracy", "final_pseudo_label_accuracy")
+
+
+def check(rows: list[dict[str, Any]], configs: dict[str, Any], n: int, seed: int, data_dir: str, jobs: int,
+          out: Path) -> int:
+    """Re-run ``n`` sampled recorded rows and compare them exactly; writes ``<out>_check.{json,md}``.
+    Returns 0 when every sampled row reproduces, 1 otherwise."""
+    sample = _repro.sample_rows(rows, n, seed, strata=lambda r: (r["benchmark"].split("-")[0], r["variant"]))
+    fresh = _repro.rerun(run_one, [{**{k: r[k] for k in CHECK_KEYS}, "ties": r["ties"], "data_dir": data_dir,
+                                    "method_config": configs[r["method_config_id"]]}
+                                   for r in sample], jobs, describe=lambda row: (
+        f"check {row['benchmark']} {row['variant']} {row['bits']}b seed {row['seed']}: "
+        f"MAP cross {100 * row['map_cross']:.2f}"))
+    comparisons = _repro.compare_rows(sample, fresh, CHECK_KEYS, CHECK_FIELDS)
+    recorded_envs = sorted({r.get("environment_id", "not recorded") for r in sample})
+    payload, text = _repro.check_report("benchmarks/couple.py", comparisons,
+                                        [configs.get(e, e) for e in recorded_envs], CHECK_FIELDS)
+    write_json_atomic(out.parent / f"{out.name}_check.json", payload)
+    write_text_atomic(out.parent / f"{out.name}_check.md", text)
+    print(text, file=sys.stderr)
+    return 0 if payload["reproduced"] == payload["checked"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS / "couple"), help="output path without extension")
     parser.add_argument("--fresh", action="store_true", help="ignore runs recorded by an earlier invocation")
     parser.add_argument("--tables-only", action="store_true", help="only rewrite the tables from the runs file")
+    parser.add_argument("--check", type=int, default=0, metavar="N",
+                        help="re-run N sampled recorded rows and compare them exactly (writes <out>_check.*; "
+                        "exit 1 when one moved); nothing else is run or written")
+    parser.add_argument("--check-seed", type=int, default=0, help="seed of the --check sample")
     args = parser.parse_args(argv)
+    _repro.pin_numerics()
 
     from crossret.data import list_benchmarks, resolve_data_dir
 
@@ -127,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     runs_path = out.parent / f"{out.name}_runs.jsonl"
     configs_path = out.parent / f"{out.name}_configs.json"
     configs = _read_configs(configs_path)
+    if args.check:  # --only narrows the sample to those benchmarks
+        return check([r for r in _read_runs(runs_path) if args.only in r["benchmark"]], configs, args.check,
+                     args.check_seed,
+                     str(resolve_data_dir(args.data_dir)), args.jobs, out)
     if args.fresh and runs_path.exists():
         runs_path.unlink()
     rows = _read_runs(runs_path)
@@ -183,18 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def config_digest(record: Any) -> str:
-    """Stable short digest of a JSON-serialisable record (key order does not matter)."""
-    import hashlib
-
-    return hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+config_digest = _repro.digest
 
 
 def compact_row(row: dict[str, Any], configs: dict[str, Any]) -> dict[str, Any]:
     """Replace the row's full ``method_config`` / ``protocol`` by ``*_id`` digests, recording the full
     records in ``configs`` (digest → record)."""
     row = dict(row)
-    for key in ("method_config", "protocol"):
+    for key in ("method_config", "protocol", "environment"):
         if key in row:
             record = row.pop(key)
             digest = config_digest(record)

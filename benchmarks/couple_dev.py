@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import _repro
 from couple import _read_runs, run_jobs  # same runs-file format and recovery rule
 from crossret._io import write_json_atomic, write_text_atomic
 
@@ -95,7 +97,27 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             "overrides": job["overrides"], "map_cross": metrics["map_cross"], "map_single": metrics["map_single"],
             "selected_accuracy": last.get("selected_accuracy"),
             "pseudo_label_accuracy": last.get("pseudo_label_accuracy"),
-            "train_seconds": metrics["train_seconds"], "method_config": metrics["method_config"]}
+            "train_seconds": metrics["train_seconds"], "method_config": metrics["method_config"],
+            "environment": _repro.environment()}
+
+
+CHECK_KEYS = ("tag", "task", "bits", "seed")
+CHECK_FIELDS = ("map_cross", "map_single", "selected_accuracy", "pseudo_label_accuracy")
+
+
+def check(rows: list[dict[str, Any]], n: int, seed: int, data_dir: str, jobs: int) -> int:
+    """Re-run ``n`` sampled recorded runs with their recorded resolved configs and compare them exactly
+    (``results/couple_dev_check.{json,md}``); 0 when every sampled run reproduces, 1 otherwise."""
+    sample = _repro.sample_rows(rows, n, seed, strata=lambda r: (r["tag"], r["task"]))
+    fresh = _repro.rerun(run_one, [{**{k: r[k] for k in CHECK_KEYS}, "overrides": r["method_config"],
+                                    "data_dir": data_dir} for r in sample], jobs, describe=lambda row: (
+        f"check {row['tag']} {row['task']} seed {row['seed']}: MAP cross {100 * row['map_cross']:.2f}"))
+    comparisons = _repro.compare_rows(sample, fresh, CHECK_KEYS, CHECK_FIELDS)
+    payload, text = _repro.check_report("benchmarks/couple_dev.py", comparisons, ["not recorded"], CHECK_FIELDS)
+    write_json_atomic(RESULTS / "couple_dev_check.json", payload)
+    write_text_atomic(RESULTS / "couple_dev_check.md", text)
+    print(text, file=sys.stderr)
+    return 0 if payload["reproduced"] == payload["checked"] else 1
 
 
 def _parse(items: list[str]) -> dict[str, Any]:
@@ -115,10 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--tables-only", action="store_true")
+    parser.add_argument("--check", type=int, default=0, metavar="N",
+                        help="re-run N sampled recorded runs with their recorded configs and compare them exactly "
+                        "(writes results/couple_dev_check.*; exit 1 when one moved); nothing else is run or written")
+    parser.add_argument("--check-seed", type=int, default=0, help="seed of the --check sample")
     args = parser.parse_args(argv)
+    _repro.pin_numerics()
 
     runs_path = RESULTS / "couple_dev_runs.jsonl"
     rows = _read_runs(runs_path)
+    if args.check:
+        from crossret.data import resolve_data_dir
+
+        return check(rows, args.check, args.check_seed, str(resolve_data_dir(args.data_dir)), args.jobs)
     if not args.tables_only:
         from crossret.data import resolve_data_dir
 

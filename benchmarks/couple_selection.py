@@ -33,19 +33,29 @@ The analysis per task and criterion: Spearman's ρ with MAP over all runs, over 
 mean values, and within each configuration over its seeds (averaged); and the mean MAP of picking,
 for every seed, the configuration with the best criterion, next to the defaults, the mean of all
 configurations and the oracle (the best configuration of each seed by MAP). Rows go to
-``results/couple_selection_runs.jsonl``; ``results/couple_selection.{json,md}`` hold the analysis.
+``results/couple_selection_runs.jsonl`` (with the resolved method config and the CPU, pinned numerics and
+package versions they ran with: ``method_config``, ``environment``; benchmarks/_repro.py);
+``results/couple_selection.{json,md}`` hold the analysis.
+
+    python benchmarks/couple_selection.py --check N [--check-seed S] [--jobs 1]
+
+re-runs N sampled recorded rows (one per configuration and task in turn) with their recorded config and
+compares MAP, the two accuracies and every criterion exactly; writes ``results/couple_selection_check.{json,md}``
+and exits 1 when a row moved; nothing else is run or written.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+import _repro
 from couple import _read_runs, run_jobs  # same runs-file format and recovery rule
 from couple_dev import TASKS, dev_split
 from crossret._io import write_json_atomic, write_text_atomic
@@ -143,8 +153,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     from crossret.experiment import RunConfig, run_experiment
 
     split = dev_split(job["task"], job["data_dir"])
+    # A check re-runs a recorded row with its recorded config (resolved, or its overrides in older rows).
     config = RunConfig(method="couple", benchmark=job["task"], bits=BITS, seed=job["seed"],
-                       method_config=dict(CONFIGS[job["config"]]))
+                       method_config=dict(job.get("method_config", CONFIGS[job["config"]])))
     result = run_experiment(config, split=split)
     criteria, predicted, diffusion = label_free_criteria(result.method, split.source, split.target_train)
     truth = split.target_train.labels
@@ -152,7 +163,30 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             "seed": job["seed"], "split_seed": result.metrics["split_seed"], "ties": result.metrics["ties"],
             "map_cross": result.metrics["map_cross"], "map_single": result.metrics["map_single"],
             "classifier_accuracy": float((predicted == truth).mean()),
-            "pseudo_label_accuracy": float((diffusion == truth).mean()), **criteria}
+            "pseudo_label_accuracy": float((diffusion == truth).mean()), **criteria,
+            "method_config": result.metrics["method_config"], "environment": _repro.environment()}
+
+
+CHECK_KEYS = ("config", "task", "seed")
+CHECK_FIELDS = ("map_cross", "map_single", "classifier_accuracy", "pseudo_label_accuracy", *CRITERIA)
+
+
+def check(rows: list[dict[str, Any]], n: int, seed: int, data_dir: str, jobs: int) -> int:
+    """Re-run ``n`` sampled recorded rows with their recorded configs and compare them exactly
+    (``results/couple_selection_check.{json,md}``); 0 when every sampled row reproduces, 1 otherwise."""
+    sample = _repro.sample_rows(rows, n, seed, strata=lambda r: (r["config"], r["task"]))
+    fresh = _repro.rerun(run_one, [{**{k: r[k] for k in CHECK_KEYS}, "data_dir": data_dir,
+                                    "method_config": r.get("method_config", r["overrides"])} for r in sample],
+                         jobs, describe=lambda row: (f"check {row['config']} {row['task']} seed {row['seed']}: "
+                                                     f"MAP cross {100 * row['map_cross']:.2f}"))
+    comparisons = _repro.compare_rows(sample, fresh, CHECK_KEYS, CHECK_FIELDS)
+    environments = {_repro.digest(e): e for e in (r.get("environment", "not recorded") for r in sample)}
+    payload, text = _repro.check_report("benchmarks/couple_selection.py", comparisons, list(environments.values()),
+                                        CHECK_FIELDS)
+    write_json_atomic(RESULTS / "couple_selection_check.json", payload)
+    write_text_atomic(RESULTS / "couple_selection_check.md", text)
+    print(text, file=sys.stderr)
+    return 0 if payload["reproduced"] == payload["checked"] else 1
 
 
 def _spearman(a: list[float], b: list[float]) -> float | None:
@@ -234,9 +268,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--tables-only", action="store_true", help="only rewrite the tables from the runs file")
+    parser.add_argument("--check", type=int, default=0, metavar="N",
+                        help="re-run N sampled recorded rows with their recorded configs and compare them exactly "
+                        "(writes results/couple_selection_check.*; exit 1 when one moved); nothing else is run "
+                        "or written")
+    parser.add_argument("--check-seed", type=int, default=0, help="seed of the --check sample")
     args = parser.parse_args(argv)
+    _repro.pin_numerics()
 
     rows = _read_runs(RUNS_FILE)
+    if args.check:
+        from crossret.data import resolve_data_dir
+
+        return check(rows, args.check, args.check_seed, str(resolve_data_dir(args.data_dir)), args.jobs)
     if not args.tables_only:
         from crossret.data import resolve_data_dir
 

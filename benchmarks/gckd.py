@@ -28,8 +28,20 @@ from that same model every variant then trains ``adapt_epochs`` more epochs:
 * ``no-memory``    — no memory banks (graph and candidates from the batch only).
 
 Every variant is evaluated once at its last epoch: no model selection, no target label in any choice.
-Runs are appended to ``results/gckd_runs.jsonl`` as they finish (an interrupted benchmark resumes);
+Runs are appended to ``results/gckd_runs.jsonl`` as they finish (an interrupted benchmark resumes), each
+with the CPU, pinned numerics and package versions it ran with (``environment``; benchmarks/_repro.py);
 tables (mean ± std over seeds) go to ``results/gckd.{json,md}``.
+
+    python benchmarks/gckd.py --check N [--check-seed S] [--jobs 1]
+
+re-runs N sampled recorded rows (one per part and variant in turn) with their recorded training config
+and compares their metrics exactly (ITC / ITM mAP, R@1/5/10, mINP; pseudo-pairs per step and their
+precision); writes ``results/gckd_check.{json,md}`` and exits 1 when a row moved; nothing else is run
+or written. Only rows this code can make are sampled: wiki rows, and synthetic rows of protocol
+v2 from the current generic model's digest. A synthetic row's source pre-training is redone, and
+so is the generic pre-training it starts from (once per check, in a temporary directory, never from
+``benchmarks/.cache``: a cached model may come from other numerics); its held-out metrics are compared
+with the ones ``results/gckd.json`` records.
 """
 
 from __future__ import annotations
@@ -47,6 +59,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+import _repro
 from crossret._io import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -102,9 +115,11 @@ def _metrics_row(evaluation: dict[str, Any]) -> dict[str, Any]:
 
 def _record(job: dict[str, Any], row: dict[str, Any]) -> None:
     """Append one finished run to the runs file at once (a single short ``write`` in append mode, so
-    parallel workers do not interleave lines), so that an interrupted benchmark keeps every run done."""
-    with open(job["runs_path"], "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row) + "\n")
+    parallel workers do not interleave lines), so that an interrupted benchmark keeps every run done.
+    A check's job has no runs file: its rows are only returned."""
+    if job.get("runs_path"):
+        with open(job["runs_path"], "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
     itc = row["itc"]
     print(f"{row['setting']:16s} {row['variant']:12s} seed {row['seed']}: ITC mAP {100 * itc['map']:6.2f} "
           f"R@1 {100 * itc['rank1']:6.2f} ({row['train_seconds']:.0f}s)", file=sys.stderr, flush=True)
@@ -155,7 +170,9 @@ def run_wiki(job: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for variant in job["variants"]:
         student = copy.deepcopy(model)
-        config = _variant_config(variant, base, WIKI["adapt_epochs"])
+        # A check re-runs a recorded row with its recorded config, whatever today's defaults are.
+        config = (GckdConfig.from_dict(job["config"]) if "config" in job
+                  else _variant_config(variant, base, WIKI["adapt_epochs"]))
         started = time.perf_counter()
         result = GckdTrainer(student, config).fit(data)
         last = result.history[-1]
@@ -163,7 +180,8 @@ def run_wiki(job: dict[str, Any]) -> list[dict[str, Any]]:
                      **_metrics_row(evaluate(student)), "train_seconds": time.perf_counter() - started,
                      "pseudo_pairs_per_step": last.get("pseudo_pairs"),
                      "pseudo_pair_precision": last.get("pseudo_pair_precision"),
-                     "config": config.to_dict(), "pretrain_epochs": WIKI["pretrain_epochs"], "host": _host()})
+                     "config": config.to_dict(), "pretrain_epochs": WIKI["pretrain_epochs"], "host": _host(),
+                     "environment": _repro.environment()})
         _record(job, rows[-1])
     return rows
 
@@ -172,22 +190,27 @@ def run_wiki(job: dict[str, Any]) -> list[dict[str, Any]]:
 CACHE = Path(__file__).resolve().parent / ".cache"
 
 
+def generic_spec() -> tuple[dict[str, Any], str]:
+    """What decides the generic pre-trained model, and its digest (the cache key; synthetic rows record it)."""
+    import hashlib
+
+    spec = {"generic": SYNTH["generic"], "model": SYNTH["model"], "train": SYNTH["train"]}
+    return spec, hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def generic_pretraining(cache: Path = CACHE, threads: int = 1) -> dict[str, Any]:
     """The generic pre-trained tiny ALBEF (and its vocabulary) every synthetic run starts from: built once
     and cached under ``cache/gckd-generic-<digest of the protocol>``; returns its run directory and report.
 
     The report's ``generic_test`` is text→image on held-out *generic* identities (a check that the
     pre-training learnt grounding; no benchmark dataset is involved)."""
-    import hashlib
-
     import torch
 
     from crossret.data.synthetic_person import generate_pretraining_corpus, write_wordpiece_corpus
     from crossret.textimage.pipeline import GckdRunConfig, run_gckd
     from crossret.textimage.tokenize import train_wordpiece_vocab
 
-    spec = {"generic": SYNTH["generic"], "model": SYNTH["model"], "train": SYNTH["train"]}
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    spec, digest = generic_spec()
     root = cache / f"gckd-generic-{digest}"
     report_path = root / "report.json"
     if report_path.is_file():
@@ -209,7 +232,7 @@ def generic_pretraining(cache: Path = CACHE, threads: int = 1) -> dict[str, Any]
                        root / "model", resume=(root / "model" / "checkpoints").is_dir(),
                        overwrite=not (root / "model" / "checkpoints").is_dir())
     report = {"run_dir": str(root / "model"), "spec": spec, "digest": digest,
-              "train_seconds": time.perf_counter() - started, "host": _host(),
+              "train_seconds": time.perf_counter() - started, "host": _host(), "environment": _repro.environment(),
               "generic_test": _metrics_row(metrics["evaluation"]).get("itc"),
               "final_loss": metrics["history"][-1].get("loss")}
     write_json_atomic(report_path, report)
@@ -246,6 +269,7 @@ def run_synth(job: dict[str, Any]) -> list[dict[str, Any]]:
                 train = {**SYNTH["train"], "seed": seed, "epochs": SYNTH["adapt_epochs"], **(change or {})}
                 if change is None:
                     train.update(prop_weight=0.0, kd_weight=0.0, cd_itm_weight=0.0)
+                train = job.get("config", train)  # a check: the recorded row's config
                 started = time.perf_counter()
                 metrics = run_gckd(GckdRunConfig(stage="adapt", target_dir=str(root / "data" / DIRS[target]),
                                                  init=str(pre), train=train, **common),
@@ -258,7 +282,8 @@ def run_synth(job: dict[str, Any]) -> list[dict[str, Any]]:
                              "pseudo_pair_precision": last.get("pseudo_pair_precision"),
                              "config": metrics["train_config"], "pretrain_epochs": SYNTH["pretrain_epochs"],
                              "synthetic": {k: SYNTH[k] for k in ("train_ids", "test_ids", "images_per_id")},
-                             "generic_digest": generic["digest"], "host": _host()})
+                             "generic_digest": generic["digest"], "host": _host(),
+                             "environment": _repro.environment()})
                 _record(job, rows[-1])
     return rows
 
@@ -397,6 +422,75 @@ def _read_runs(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- check
+# What a check compares (exactly), and what identifies a row.
+CHECK_KEYS = ("part", "setting", "variant", "seed")
+CHECK_FIELDS = (*(f"{ranking}_{metric}" for ranking in ("itc", "itm") for metric in ("map", "rank1", "rank5", "rank10",
+                                                                                      "minp")),
+                "pseudo_pairs_per_step", "pseudo_pair_precision")
+
+
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with its ITC / ITM metrics also as top-level fields (``itc_map``, ...: :data:`CHECK_FIELDS`)."""
+    return {**row, **{f"{ranking}_{k}": v for ranking in ("itc", "itm") for k, v in (row.get(ranking) or {}).items()}}
+
+
+def checkable(row: dict[str, Any], generic_digest: str) -> bool:
+    """Whether this code makes ``row``'s setting: a wiki row, or a synthetic row of today's protocol version,
+    generic model, pre-training length and dataset sizes (version 1 trained from scratch, which it no longer does)."""
+    if row["part"] == "wiki":
+        return row["pretrain_epochs"] == WIKI["pretrain_epochs"]
+    return (row.get("synth_version", 1) == SYNTH_VERSION and row.get("generic_digest") == generic_digest
+            and row["pretrain_epochs"] == SYNTH["pretrain_epochs"]
+            and row.get("synthetic") == {k: SYNTH[k] for k in ("train_ids", "test_ids", "images_per_id")})
+
+
+def _check_one(job: dict[str, Any]) -> dict[str, Any]:
+    """The one row a check job makes (its pre-training redone, its variant trained with the recorded config)."""
+    return _flat((run_wiki if job["part"] == "wiki" else run_synth)(job)[0])
+
+
+def check(rows: list[dict[str, Any]], n: int, seed: int, data_dir: str, jobs: int, generic_threads: int,
+          recorded_generic: dict[str, Any] | None, out: Path) -> int:
+    """Re-run ``n`` sampled checkable rows with their recorded configs and compare them exactly; writes
+    ``<out>_check.{json,md}``. When synthetic rows are sampled, the generic model they start from is re-made
+    first (in a temporary directory) and its held-out metrics are compared with ``recorded_generic``'s as one
+    more row. Returns 0 when everything reproduces, 1 otherwise."""
+    spec, digest = generic_spec()
+    eligible = [r for r in rows if checkable(r, digest)]
+    sample = _repro.sample_rows(eligible, n, seed, strata=lambda r: (r["part"], r["variant"]))
+    print(f"check: {len(sample)} of {len(eligible)} checkable rows ({len(rows) - len(eligible)} rows of older "
+          "protocols are not checkable)", file=sys.stderr)
+    generic_rows: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])  # (recorded, now)
+    with tempfile.TemporaryDirectory(prefix="crossret-gckd-check-") as tmp:
+        generic = None
+        if any(r["part"] == "synth" for r in sample):
+            print("generic pre-training, re-made for the check ...", file=sys.stderr)
+            generic = generic_pretraining(Path(tmp), threads=generic_threads)
+            print(f"generic pre-training: {generic['train_seconds']:.0f}s, held-out ITC mAP "
+                  f"{100 * generic['generic_test']['map']:.2f}", file=sys.stderr)
+            if recorded_generic and recorded_generic.get("digest") == digest:
+                label = {"part": "generic", "setting": f"pre-training {digest}", "variant": "-",
+                         "seed": spec["generic"]["seed"]}
+                generic_rows = ([_flat({**label, "itc": recorded_generic["generic_test"]})],
+                                [_flat({**label, "itc": generic["generic_test"]})])
+        check_jobs = [{"part": r["part"], "seed": r["seed"], "variants": [r["variant"]], "config": r["config"],
+                       "data_dir": data_dir, "generic": generic,
+                       **({"source": r["setting"][0], "targets": [r["setting"][-1]]} if r["part"] == "synth" else {})}
+                      for r in sample]
+        fresh = _repro.rerun(_check_one, check_jobs, jobs, describe=lambda row: (
+            f"check {row['setting']} {row['variant']} seed {row['seed']}: ITC mAP {100 * row['itc_map']:.2f} "
+            f"({row['train_seconds']:.0f}s)"))
+    comparisons = _repro.compare_rows([*map(_flat, sample), *generic_rows[0]], [*fresh, *generic_rows[1]], CHECK_KEYS,
+                                      CHECK_FIELDS)
+    environments = {_repro.digest(e): e for e in (r.get("environment", "not recorded") for r in sample)}
+    payload, text = _repro.check_report("benchmarks/gckd.py", comparisons, list(environments.values()), CHECK_FIELDS)
+    write_json_atomic(out.parent / f"{out.name}_check.json", payload)
+    write_text_atomic(out.parent / f"{out.name}_check.md", text)
+    print(text, file=sys.stderr)
+    return 0 if payload["reproduced"] == payload["checked"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="benchmark data directory (default $CROSSRET_DATA)")
@@ -408,11 +502,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generic-threads", type=int, default=1, help="torch threads of the generic pre-training")
     parser.add_argument("--out", default=str(RESULTS / "gckd"), help="output path without extension")
     parser.add_argument("--tables-only", action="store_true", help="only rewrite the tables from the runs file")
+    parser.add_argument("--check", type=int, default=0, metavar="N",
+                        help="re-run N sampled recorded rows and compare them exactly (writes <out>_check.*; "
+                        "exit 1 when one moved); nothing else is run or written")
+    parser.add_argument("--check-seed", type=int, default=0, help="seed of the --check sample")
     args = parser.parse_args(argv)
+    _repro.pin_numerics()
 
     out = Path(args.out)
     runs_path = out.parent / f"{out.name}_runs.jsonl"
     rows = _read_runs(runs_path)
+    if args.check:
+        from crossret.data import resolve_data_dir
+
+        tables = out.with_suffix(".json")  # the generic model's recorded report is there, not in the cache
+        recorded_generic = json.loads(tables.read_text(encoding="utf-8")).get("generic_pretraining") \
+            if tables.exists() else None
+        return check(rows, args.check, args.check_seed, str(resolve_data_dir(args.data_dir)), args.jobs,
+                     args.generic_threads, recorded_generic, out)
     started = time.time()
     generic_reports = sorted(CACHE.glob("gckd-generic-*/report.json"))
     generic = next((json.loads(p.read_text(encoding="utf-8")) for p in generic_reports

@@ -638,8 +638,8 @@ def eval_codes(
 # --------------------------------------------------------------------------- report
 @app.command()
 def report(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Finished run directories: one, or several to overlay "
-                                                   "(e.g. runs/*).", show_default=False)],
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR", help="Finished run directories: one, or "
+                                                   "several to overlay (e.g. runs/*).", show_default=False)],
     out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write PNGs (default RUN_DIR/plots for one "
                                                  "run; required for several).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace plots crossret wrote there before (other files are never "
@@ -647,9 +647,10 @@ def report(
 ) -> None:
     """Write plots of finished runs as PNG.
 
-    One run: P-R (by Hamming radius and by rank) and precision@N plots. Several runs (of one data set):
-    per setting, P-R by rank and precision@N with one curve per group of runs that differ only in the
-    seed (the mean over its seeds), and MAP vs bits with the sample std over seeds as error bars.
+    One run: P-R (by Hamming radius and by rank) and precision@N plots.
+
+    Several runs of one data set (--out required): P-R by rank and precision@N, one curve per group of
+    runs that differ only in the seed (mean over seeds), and MAP vs bits (error bars: std over seeds).
     """
     from crossret.runs import check_output_file
 
@@ -675,7 +676,7 @@ def report(
             check_output_file(plot.path, "plot", overwrite=overwrite)
         paths = [draw_overlay_plot(plot).path for plot in plots]
     for path in paths:
-        out.print(str(path))
+        out.print(str(path), soft_wrap=True)  # one path a line, however long
 
 
 # --------------------------------------------------------------------------- table

@@ -218,8 +218,10 @@ def _read_back(ax: Any) -> list[Series]:
         bar_lines.add(id(data_line))
         halves: dict[float, float] = {}
         for collection in bar_collections or ():
-            for (x, low), (_, high) in (segment.tolist() for segment in collection.get_segments()):
-                halves[float(x)] = (high - low) / 2
+            for segment in collection.get_segments():
+                if len(segment) == 2:  # a point without an error bar (NaN) holds an empty segment
+                    (x, low), (_, high) = segment.tolist()
+                    halves[float(x)] = (high - low) / 2
         xs = [float(x) for x in data_line.get_xdata()]
         series.append(Series(str(container.get_label()), xs, [float(y) for y in data_line.get_ydata()],
                              [halves.get(x) for x in xs]))

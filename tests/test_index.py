@@ -833,3 +833,17 @@ def test_code_length_beyond_the_maximum_is_refused():
     BinaryIndex(MAX_BITS)
     with pytest.raises(CodeError, match=f"longest supported code length of {MAX_BITS}"):
         BinaryIndex(MAX_BITS + 1)
+
+
+def test_dense_index_metadata_round_trips_and_a_damaged_entry_is_refused(tmp_path):
+    meta = {"paths": ["/data/a.jpg", "/data/b.jpg"], "model_sha256": "ab" * 32}
+    index = DenseIndex.from_embeddings(np.eye(2, dtype=np.float32))
+    index.meta = meta
+    path = tmp_path / "gallery.crdi"
+    index.save(path)
+    assert DenseIndex.load(path).meta == meta
+    raw = path.read_bytes()
+    # Same length, another image: the payload checksum does not see it, the metadata checksum does.
+    path.write_bytes(raw.replace(b"/data/b.jpg", b"/data/c.jpg"))
+    with pytest.raises(FileFormatError, match="metadata does not match its checksum"):
+        DenseIndex.load(path)

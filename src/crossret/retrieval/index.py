@@ -849,6 +849,11 @@ class BinaryIndex(_FaissIndex):
 # dense index
 
 
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of a dense index's metadata."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
 class DenseIndex(_FaissIndex):
     """Inner-product index for real-valued embeddings; ``normalize=True`` makes it cosine similarity.
 
@@ -970,6 +975,9 @@ class DenseIndex(_FaissIndex):
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"DenseIndex.meta must hold JSON values only ({exc})") from None
             header["meta"] = self.meta
+            # The payload's SHA-256 does not cover the header: the metadata (gallery paths, model digest) gets
+            # its own, so a damaged entry is refused instead of naming the wrong image.
+            header["meta_sha256"] = _meta_digest(self.meta)
         return header
 
     def _serialize(self) -> np.ndarray:
@@ -986,6 +994,9 @@ class DenseIndex(_FaissIndex):
         meta = header.get("meta")
         if meta is not None and not isinstance(meta, dict):
             raise FileFormatError(f"{path}: garbage header — 'meta' is not a JSON object")
+        if meta is not None and header.get("meta_sha256") != _meta_digest(meta):
+            raise FileFormatError(f"{path}: the metadata does not match its checksum (a damaged file); rebuild the "
+                                  "index")
         if header["kind"] not in cls._KIND_PARAMS:
             raise FileFormatError(f"{path}: unknown dense index kind {header['kind']!r}")
         faiss_part, ids = _split_payload(path, header, payload)

@@ -573,17 +573,26 @@ def evaluate(
     if as_json:
         _print_json(result)
         return
-    table = Table(title=f"{model.method}, {model.bits} bits: {result['n_queries']} queries x {result['n_database']} "
-                  f"items (ties: {ties.value})")
+    _print_retrieval_table(f"{model.method}, {model.bits} bits: {result['n_queries']} queries x "
+                           f"{result['n_database']} items (ties: {ties.value})", result["map"],
+                           (f"MAP@{topk} %", result["map_at_k"]) if topk is not None else None,
+                           {int(n): v for n, v in result["precision_at"].items()}, result["p_at_r2"],
+                           result["queries_without_relevant"])
+
+
+def _print_retrieval_table(title: str, map_all: float, map_at_k: tuple[str, float] | None,
+                           precision_at: dict[int, float], p_at_r2: float, without_relevant: int) -> None:
+    """The metric table `evaluate` and `eval-codes` print."""
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row("MAP@all %", _pct(result["map"]))
-    if topk is not None:
-        table.add_row(f"MAP@{topk} %", _pct(result["map_at_k"]))
-    for n, value in sorted(result["precision_at"].items(), key=lambda item: int(item[0])):
+    table.add_row("MAP@all %", _pct(map_all))
+    if map_at_k is not None:
+        table.add_row(map_at_k[0], _pct(map_at_k[1]))
+    for n, value in sorted(precision_at.items()):
         table.add_row(f"precision@{n} %", _pct(value))
-    table.add_row("precision within radius 2 %", _pct(result["p_at_r2"]))
-    table.add_row("queries without a relevant item (AP 0)", str(result["queries_without_relevant"]))
+    table.add_row("precision within radius 2 %", _pct(p_at_r2))
+    table.add_row("queries without a relevant item (AP 0)", str(without_relevant))
     out.print(table)
 
 
@@ -621,18 +630,11 @@ def eval_codes(
     if as_json:
         _print_json(result)
         return
-    table = Table(title=f"{evaluation.n_queries} queries x {evaluation.n_database} items, {evaluation.bits} bits "
-                  f"(ties: {ties.value})")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_row("MAP@all %", _pct(evaluation.map))
-    if topk is not None:
-        table.add_row(f"MAP@{topk} % (normalised by relevant in top {topk})", _pct(evaluation.map_at_k))
-    for n, value in sorted(evaluation.precision_at.items()):
-        table.add_row(f"precision@{n} %", _pct(value))
-    table.add_row("precision within radius 2 %", _pct(evaluation.p_at_r2))
-    table.add_row("queries without a relevant item (AP 0)", str(evaluation.n_queries_without_relevant))
-    out.print(table)
+    _print_retrieval_table(f"{evaluation.n_queries} queries x {evaluation.n_database} items, {evaluation.bits} bits "
+                           f"(ties: {ties.value})", evaluation.map,
+                           (f"MAP@{topk} % (normalised by relevant in top {topk})", evaluation.map_at_k)
+                           if topk is not None else None, dict(evaluation.precision_at), evaluation.p_at_r2,
+                           evaluation.n_queries_without_relevant)
 
 
 # --------------------------------------------------------------------------- report

@@ -448,6 +448,37 @@ def _openapi_schema(app: Any, limits: ServiceLimits, snap: Any, models: dict[str
 # the app
 
 
+
+
+def _cached_openapi(app: Any, state: Any, build: Any) -> None:
+    """Serve ``build(snapshot)`` as the app's OpenAPI schema: the request schemas follow the snapshot being
+    served, so the schema is rebuilt (~0.1 s) once per snapshot generation, not per request."""
+    cache: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def openapi() -> dict[str, Any]:
+        snap = state.snapshot()
+        with lock:
+            if cache.get("generation") != snap.generation:
+                cache.update(generation=snap.generation, schema=build(snap))
+            return cache["schema"]
+
+    app.openapi = openapi
+
+def _status_routes(app: Any, state: Any, health_model: Any, health_doc: str, info_model: Any, info_doc: str) -> None:
+    """``GET /health`` and ``GET /info`` of a service: ``state.health()`` / ``state.info()`` as JSON."""
+    from fastapi.responses import JSONResponse
+
+    @app.get("/health", response_class=JSONResponse, description=health_doc,
+             responses={200: {"model": health_model}, **_responses(400, 408, 413)})
+    async def health() -> JSONResponse:
+        return JSONResponse(state.health())
+
+    @app.get("/info", response_class=JSONResponse, description=info_doc,
+             responses={200: {"model": info_model}, **_responses(400, 408, 413)})
+    async def info() -> JSONResponse:
+        return JSONResponse(state.info())
+
 def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     from crossret.serve.schemas import ErrorResponse
 
@@ -506,7 +537,7 @@ def _new_app(state: Any, description: str) -> tuple[Any, "WorkSlots"]:
 def build_app(state: ServiceState) -> Any:
     """The FastAPI app over an existing service state."""
     from fastapi import Request
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import Response
 
     from crossret.serve import schemas
 
@@ -516,18 +547,7 @@ def build_app(state: ServiceState) -> Any:
                                  "Request schemas describe the snapshot being served (its code length, feature "
                                  "dimension and size).")
 
-    openapi_cache: dict[str, Any] = {}
-    openapi_lock = threading.Lock()
-
-    def openapi() -> dict[str, Any]:
-        # The request schemas follow the snapshot being served: rebuilt (~0.1 s) once per snapshot generation.
-        snap = state.snapshot()
-        with openapi_lock:
-            if openapi_cache.get("generation") != snap.generation:
-                openapi_cache.update(generation=snap.generation, schema=_openapi_schema(app, limits, snap, models))
-            return openapi_cache["schema"]
-
-    app.openapi = openapi
+    _cached_openapi(app, state, lambda snap: _openapi_schema(app, limits, snap, models))
 
     async def answer(request: Request, path: str, to_queries: Callable[[Any], list[Query]]) -> Response:
         _check_json_content_type(request.headers)
@@ -551,17 +571,9 @@ def build_app(state: ServiceState) -> Any:
         ref = {"$ref": f"#/components/schemas/{models[path].__name__}"}
         return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
-    @app.get("/health", response_class=JSONResponse,
-             responses={200: {"model": schemas.HealthResponse}, **_responses(400, 408, 413)})
-    async def health() -> JSONResponse:
-        """Liveness: status, index size, code length, snapshot generation."""
-        return JSONResponse(state.health())
-
-    @app.get("/info", response_class=JSONResponse,
-             responses={200: {"model": schemas.InfoResponse}, **_responses(400, 408, 413)})
-    async def info() -> JSONResponse:
-        """Code length, size, index kind, method, database, limits and the run's metadata."""
-        return JSONResponse(state.info())
+    _status_routes(app, state, schemas.HealthResponse, "Liveness: status, index size, code length, snapshot "
+                   "generation.", schemas.InfoResponse, "Code length, size, index kind, method, database, limits "
+                   "and the run's metadata.")
 
     @app.post("/search", response_class=Response, openapi_extra=_body("/search"),
               responses={200: {"model": schemas.SearchResponse}, **_responses(*search_errors)})
@@ -612,7 +624,7 @@ def build_text_app(state: Any) -> Any:
     """The FastAPI app over an existing :class:`~crossret.serve.text.TextSearchState`."""
     from fastapi import Request
     from fastapi.openapi.utils import get_openapi
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import Response
 
     from crossret.serve import schemas
     from crossret.serve.text import MAX_TEXT_CHARS
@@ -621,38 +633,23 @@ def build_text_app(state: Any) -> Any:
     model = schemas.text_request_models(limits.max_batch, MAX_TEXT_CHARS)["/search/text"]
     app, slots = _new_app(state, "Read-only text-to-image search over a gallery with a GCKD run's model (ITC "
                                  "score); see docs/serve.md. The request schema describes the gallery being served.")
-    openapi_cache: dict[str, Any] = {}
-    openapi_lock = threading.Lock()
 
-    def openapi() -> dict[str, Any]:
-        snap = state.snapshot()
-        with openapi_lock:
-            if openapi_cache.get("generation") != snap.generation:
-                schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                     routes=app.routes)
-                components = schema.setdefault("components", {}).setdefault("schemas", {})
-                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(body.pop("$defs", {}))
-                body["properties"]["k"].update(minimum=1, maximum=min(limits.max_k, snap.size))
-                body["properties"]["texts"]["items"]["description"] = (
-                    f"a caption (at most {MAX_TEXT_CHARS} characters, at least one word)")
-                components[model.__name__] = body
-                openapi_cache.update(generation=snap.generation, schema=schema)
-            return openapi_cache["schema"]
+    def text_schema(snap: Any) -> dict[str, Any]:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        body["properties"]["k"].update(minimum=1, maximum=min(limits.max_k, snap.size))
+        body["properties"]["texts"]["items"]["description"] = (
+            f"a caption (at most {MAX_TEXT_CHARS} characters, at least one word)")
+        components[model.__name__] = body
+        return schema
 
-    app.openapi = openapi
+    _cached_openapi(app, state, text_schema)
 
-    @app.get("/health", response_class=JSONResponse,
-             responses={200: {"model": schemas.TextHealthResponse}, **_responses(400, 408, 413)})
-    async def health() -> JSONResponse:
-        """Liveness: status, gallery size, embedding dimension, snapshot generation."""
-        return JSONResponse(state.health())
-
-    @app.get("/info", response_class=JSONResponse,
-             responses={200: {"model": schemas.TextInfoResponse}, **_responses(400, 408, 413)})
-    async def info() -> JSONResponse:
-        """Gallery size, embedding dimension, index kind, run, gallery and limits."""
-        return JSONResponse(state.info())
+    _status_routes(app, state, schemas.TextHealthResponse, "Liveness: status, gallery size, embedding dimension, "
+                   "snapshot generation.", schemas.TextInfoResponse, "Gallery size, embedding dimension, index kind, "
+                   "run, gallery and limits.")
 
     @app.post("/search/text", response_class=Response,
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {

@@ -329,6 +329,25 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+
+def check_k(k: Any, limits: ServiceLimits, available: int, what: str, n_queries: int, unit: str) -> int:
+    """``k`` of a request as an int, or a 422 :class:`RequestError`: an integer in ``[1, max_k]``, at most
+    ``available`` (``what`` names that bound), and ``n_queries × k`` within ``max_results``."""
+    if not _is_int(k):
+        raise RequestError(422, "invalid_k", f"k must be an integer, got {_short(repr(k))}")
+    k = int(k)
+    if k < 1:
+        raise RequestError(422, "invalid_k", f"k must be >= 1, got {_short(k)}")
+    if k > limits.max_k:
+        raise RequestError(422, "invalid_k", f"k={_short(k)} exceeds the service limit max_k={limits.max_k}")
+    if k > available:
+        raise RequestError(422, "invalid_k", f"k={k} exceeds {what}")
+    if k * n_queries > limits.max_results:
+        raise RequestError(422, "too_many_results",
+                           f"{n_queries} {unit} x k={k} = {k * n_queries} results exceeds the limit of "
+                           f"{limits.max_results} results per response; lower k or split the batch")
+    return k
+
 class ServiceState:
     """The service's current snapshot, its limits, and the query logic.
 
@@ -476,22 +495,9 @@ class ServiceState:
                                "request; split it")
 
     def _check_k(self, k: Any, snap: Snapshot, excluding: bool, n_queries: int) -> int:
-        if not _is_int(k):
-            raise RequestError(422, "invalid_k", f"k must be an integer, got {_short(repr(k))}")
-        k = int(k)
-        if k < 1:
-            raise RequestError(422, "invalid_k", f"k must be >= 1, got {_short(k)}")
-        if k > self.limits.max_k:
-            raise RequestError(422, "invalid_k", f"k={_short(k)} exceeds the service limit max_k={self.limits.max_k}")
         available = snap.size - 1 if excluding else snap.size
-        if k > available:
-            what = " other items (exclude_self)" if excluding else " items"
-            raise RequestError(422, "invalid_k", f"k={k} exceeds the index size: it holds {available}{what}")
-        if k * n_queries > self.limits.max_results:
-            raise RequestError(422, "too_many_results",
-                               f"{n_queries} queries x k={k} = {k * n_queries} results exceeds the limit of "
-                               f"{self.limits.max_results} results per response; lower k or split the batch")
-        return k
+        what = "the index size: it holds " + str(available) + (" other items (exclude_self)" if excluding else " items")
+        return check_k(k, self.limits, available, what, n_queries, "queries")
 
     def _encode_queries(self, snap: Snapshot, queries: list[Query]) -> tuple[np.ndarray, np.ndarray]:
         """Packed query codes ``(Q, ceil(L/8))`` and, per query, the item id it excludes (or -2)."""

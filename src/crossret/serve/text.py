@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from crossret.errors import ConfigError, DataError
-from crossret.serve.state import RequestError, ServiceLimits, _is_int, _short, check_deadline
+from crossret.serve.state import RequestError, ServiceLimits, check_deadline, check_k
 
 __all__ = ["MAX_TEXT_CHARS", "TextSearchState", "TextSnapshot", "load_text_snapshot"]
 
@@ -134,17 +134,4 @@ class TextSearchState:
                 "results": snap.gallery.describe(ids, scores, texts)}
 
     def _check_k(self, k: Any, snap: TextSnapshot, n_texts: int) -> int:
-        if not _is_int(k):
-            raise RequestError(422, "invalid_k", f"k must be an integer, got {_short(repr(k))}")
-        k = int(k)
-        if k < 1:
-            raise RequestError(422, "invalid_k", f"k must be >= 1, got {_short(k)}")
-        if k > self.limits.max_k:
-            raise RequestError(422, "invalid_k", f"k={_short(k)} exceeds the service limit max_k={self.limits.max_k}")
-        if k > snap.size:
-            raise RequestError(422, "invalid_k", f"k={k} exceeds the gallery size: it holds {snap.size} images")
-        if k * n_texts > self.limits.max_results:
-            raise RequestError(422, "too_many_results",
-                               f"{n_texts} texts x k={k} = {k * n_texts} results exceeds the limit of "
-                               f"{self.limits.max_results} results per response; lower k or split the batch")
-        return k
+        return check_k(k, self.limits, snap.size, f"the gallery size: it holds {snap.size} images", n_texts, "texts")

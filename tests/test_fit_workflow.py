@@ -270,3 +270,29 @@ def test_per_file_label_bases(files, monkeypatch, capsys):
     assert code == 0, err
     metrics = json.loads(out.strip().splitlines()[-1])
     assert metrics["protocol"]["target_label_base"] == 1 and metrics["map_single"] > 0.5
+
+
+def test_an_interrupted_couple_fit_resumes_to_the_uninterrupted_model(files):
+    """A model directory is opened before training: COUPLE checkpoints into it every epoch, an interrupted
+    fit is kept (refused without --resume or --overwrite) and --resume finishes it bit for bit."""
+    config = {"epochs": 3, "warmup_epochs": 1, "graph_every": 1, "batch_size": 32, "target_batch_size": 32,
+              "hash_hidden": 32, "encoder_dim": 32, "num_threads": 1}
+    args = ("couple", files / "src.npz", files / "tgt.npz")
+    whole = crossret.fit(*args, bits=16, config=config, out=files / "whole")
+
+    def stop_after_two_epochs(step: int, total: int, message: str = "") -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        crossret.fit(*args, bits=16, config=config, out=files / "cut", progress=stop_after_two_epochs)
+    assert (files / "cut" / "checkpoints").is_dir() and not (files / "cut" / "diagnostics.json").exists()
+    with pytest.raises(crossret.CrossretError, match="--resume"):
+        crossret.fit(*args, bits=16, config=config, out=files / "cut")
+    with pytest.raises(crossret.CrossretError, match="different configuration"):
+        crossret.fit(*args, bits=16, config={**config, "lr": 1e-3}, out=files / "cut", resume=True)
+    resumed = crossret.fit(*args, bits=16, config=config, out=files / "cut", resume=True)
+    assert resumed.hash_method.diagnostics["resumed_from_epoch"] == 2
+    x = np.load(files / "tgt.npz")["features"]
+    np.testing.assert_array_equal(resumed.encode(x), whole.encode(x))
+    np.testing.assert_array_equal(crossret.load(files / "cut").encode(x), whole.encode(x))

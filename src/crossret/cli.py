@@ -450,6 +450,8 @@ def fit(
     target_label_base: TargetLabelBaseOpt = None,
     allow_class_mismatch: AllowMismatchOpt = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the crossret model directory in --out.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted fit in --out from its last checkpoint "
+                                         "(methods that checkpoint: couple; same options required).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Adapt METHOD from --source to an unlabelled --target and write a model directory (no evaluation).
@@ -465,7 +467,8 @@ def fit(
                           out=out_dir, device=device,
                           source_label_base=_label_base(source_label_base, "--source-label-base") or base,
                           target_label_base=_label_base(target_label_base, "--target-label-base") or base,
-                          allow_class_mismatch=allow_class_mismatch, overwrite=overwrite, progress=progress)
+                          allow_class_mismatch=allow_class_mismatch, overwrite=overwrite, resume=resume,
+                          progress=progress)
     summary = {"model_dir": str(out_dir), "method": model.method, "bits": model.bits, "seed": seed,
                "input_dim": model.input_dim, "n_source": model.config["n_source"],
                "n_target": model.config["n_target"]}

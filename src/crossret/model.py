@@ -243,36 +243,58 @@ def _model_file_name(method: HashMethod) -> str:
     return "model.pt" if getattr(method, "storage", "npz") == "torch" else "model.npz"
 
 
+def _write_model_files(directory: Path, method: HashMethod, config: dict[str, Any], log_lines: list[str]) -> None:
+    """The model directory's files, ``diagnostics.json`` last (its presence marks a finished fit)."""
+    method.save(directory / _model_file_name(method))  # type: ignore[attr-defined]
+    write_text_atomic(directory / "run.log", "".join(f"{line}\n" for line in log_lines))
+    write_json_atomic(directory / DONE_FILE, to_jsonable(method.diagnostics))
+
+
 def _write_model_dir(path: Path, method: HashMethod, config: dict[str, Any], log_lines: list[str], *,
                      overwrite: bool) -> Path:
-    """Create (or, with ``overwrite``, replace) the model directory ``path``; ``diagnostics.json`` last."""
+    """Create (or, with ``overwrite``, replace) the model directory ``path`` of a fitted method."""
     with runs.open_run(path, "model", overwrite=overwrite) as handle:
         write_yaml_atomic(handle.path / "config.yaml", to_jsonable(config))
-        method.save(handle.path / _model_file_name(method))  # type: ignore[attr-defined]
-        write_text_atomic(handle.path / "run.log", "".join(f"{line}\n" for line in log_lines))
-        write_json_atomic(handle.path / DONE_FILE, to_jsonable(method.diagnostics))
+        _write_model_files(handle.path, method, config, log_lines)
         return handle.commit()
+
+
+def _check_same_fit(directory: Path, config: dict[str, Any]) -> None:
+    """A resumed fit must have the configuration of the interrupted one."""
+    saved_path = runs.run_file(directory, "config.yaml")
+    if not saved_path.is_file():
+        return  # nothing was started there yet
+    saved = read_yaml_mapping(saved_path, "the interrupted fit's config")
+    current = to_jsonable(config)
+    differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if differing:
+        raise ConfigError(f"--resume: {directory} was started with a different configuration ({', '.join(differing)} "
+                          "differ); use the same options or a new --out")
 
 
 def fit(method: str, source: DomainLike, target: DomainLike, *, bits: int, seed: int = 0,
         config: dict[str, Any] | None = None, out: str | os.PathLike | None = None, device: str = "cpu",
         source_label_base: Any = "auto", target_label_base: Any = "auto", allow_class_mismatch: bool = False,
-        overwrite: bool = False, progress: ProgressFn = no_progress) -> FittedModel:
+        overwrite: bool = False, resume: bool = False, progress: ProgressFn = no_progress) -> FittedModel:
     """Fit ``method`` (``lsh``, ``itq``, ``source-only``, ``couple``) to adapt from ``source`` to ``target``.
 
     ``source`` and ``target`` are :class:`Domain` objects, feature files or arrays (features with unknown
     labels). Target labels are never given to the method; when both sides carry labels, they are only
     checked to overlap (:func:`crossret.data.readers.check_label_overlap`, off with
-    ``allow_class_mismatch``). ``config`` overrides method options (``--set``). With ``out`` the model
-    directory is written after training; every check on the input and on ``out`` happens before
-    training, so bad input writes nothing.
+    ``allow_class_mismatch``). ``config`` overrides method options (``--set``). Every check on the input
+    and on ``out`` happens before anything is written, so bad input writes nothing. With ``out`` the
+    model directory is opened before training: methods that checkpoint (COUPLE) write
+    ``checkpoints/`` there after every epoch, and ``resume=True`` continues an interrupted fit from its
+    last checkpoint (same configuration required).
     """
     from crossret.data.readers import check_label_overlap
 
     hash_method = make_method(method, bits=bits, seed=seed, overrides=config)
     check_device(device, hash_method)
+    if resume and out is None:
+        raise ConfigError("--resume needs the model directory of the interrupted fit (--out DIR)")
     if out is not None:
-        runs.check_run_target(out, "model", overwrite=overwrite)
+        runs.check_run_target(out, "model", overwrite=overwrite, resume=resume)
     src, tgt, bases = _read_pair(source, target, source_label_base, target_label_base)
     _check_fit_pair(hash_method, src, tgt)
     check_label_overlap(src, tgt, allow_mismatch=allow_class_mismatch)
@@ -284,14 +306,24 @@ def fit(method: str, source: DomainLike, target: DomainLike, *, bits: int, seed:
         "allow_class_mismatch": allow_class_mismatch,
         "method_config": dict(config or {}), "resolved_method_config": hash_method.config_dict(),
     }
-    with _log_lines() as lines:
-        logger.info("fit %s, %d bits, seed %d: source %s (%d items), target %s (%d items, labels hidden)",
-                    method, bits, seed, src.origin or src.name, src.n, tgt.origin or tgt.name, tgt.n)
-        seconds = train_method(hash_method, src, tgt, progress)
-        logger.info("trained in %.2fs", seconds)
-    model = FittedModel(hash_method, resolved)
-    if out is not None:
-        model.path = _write_model_dir(Path(out), hash_method, resolved, lines, overwrite=overwrite)
+    if out is None:
+        with _log_lines():
+            train_method(hash_method, src, tgt, progress)
+        return FittedModel(hash_method, resolved)
+    with runs.open_run(out, "model", overwrite=overwrite, resume=resume,
+                       check_resume=lambda directory: _check_same_fit(directory, resolved)) as handle:
+        write_yaml_atomic(handle.path / "config.yaml", to_jsonable(resolved))
+        if hasattr(hash_method, "checkpoint_dir"):
+            hash_method.checkpoint_dir = handle.path / "checkpoints"
+            hash_method.resume = resume
+        with _log_lines() as lines:
+            logger.info("fit %s, %d bits, seed %d: source %s (%d items), target %s (%d items, labels hidden)",
+                        method, bits, seed, src.origin or src.name, src.n, tgt.origin or tgt.name, tgt.n)
+            seconds = train_method(hash_method, src, tgt, progress)
+            logger.info("trained in %.2fs", seconds)
+        _write_model_files(handle.path, hash_method, resolved, lines)
+        model = FittedModel(hash_method, resolved)
+        model.path = handle.commit()
     return model
 
 

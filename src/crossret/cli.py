@@ -35,13 +35,15 @@ if TYPE_CHECKING:
 # numba (tests/test_cli_startup.py): a command imports what it needs in its body.
 
 app = typer.Typer(
-    help="Unsupervised domain-adaptive retrieval: learn hash codes that work on an unlabelled target "
-    "domain, evaluate them (MAP, precision@N, P-R) and search them.",
+    help="Unsupervised domain-adaptive retrieval: adapt from a labelled source to an unlabelled target "
+    "(hash codes with COUPLE and baselines; text-to-image person retrieval with GCKD), evaluate, index, "
+    "search and serve.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-index_app = typer.Typer(help="Build and search persistent binary (Hamming) indexes.", no_args_is_help=True)
+index_app = typer.Typer(help="Build and search persistent indexes: binary (Hamming) codes, and GCKD galleries "
+                        "searched by text.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 gckd_app = typer.Typer(help="GCKD cross-dataset text-to-image person retrieval: synthetic data, source "
                        "pre-training, adaptation to an unlabelled target, evaluation.", no_args_is_help=True)
@@ -1041,7 +1043,7 @@ def serve(
     split: Annotated[str, typer.Option(help="With --gallery: the split whose images are the gallery.")] = "test",
     device: Annotated[str, typer.Option(help="GCKD run: torch device that encodes the captions.")] = "cpu",
 ) -> None:
-    """Serve Hamming k-NN search over a run's database as a read-only JSON API (see docs/serve.md).
+    """Serve a run as a read-only JSON search API: Hamming k-NN, or text search for a GCKD run (docs/serve.md).
 
     A GCKD run (`crossret gckd pretrain|adapt`) is served as text-to-image search instead: POST
     /search/text over --gallery DATASET_DIR or a gallery --index built with `crossret index build`.

@@ -42,7 +42,7 @@ from crossret._io import read_json_file, read_yaml_mapping, save_npy_atomic, wri
 from crossret.data.domain import RetrievalSplit
 from crossret.errors import ConfigError, DataError, FileFormatError
 from crossret.hashing.base import HashMethod, make_method
-from crossret.model import train_method
+from crossret.model import train_method, use_device
 from crossret.progress import ProgressFn, no_progress
 from crossret.provenance import collect_provenance
 from crossret.retrieval.metrics import DEFAULT_PRECISION_NS, TIE_RULES
@@ -227,6 +227,7 @@ def run_experiment(
     overwrite: bool = False,
     resume: bool = False,
     command: list[str] | None = None,
+    device: str = "cpu",
 ) -> RunResult:
     """Fit ``config.method`` on the split, encode, evaluate cross- and single-domain retrieval.
 
@@ -240,23 +241,28 @@ def run_experiment(
     beside it and swapped in only when it has finished. The run directory is locked for the whole
     run; see :mod:`crossret.runs` for what is refused. ``command`` (the command line that started the
     run, if any) is recorded with package versions and the source commit under ``provenance`` in
-    ``metrics.json``.
+    ``metrics.json``. ``device`` (``cpu``, ``cuda``, ``cuda:N``) is where the torch methods train and encode;
+    it is a placement, not part of the configuration (the torch methods record it in their diagnostics).
 
-    Launched by ``torchrun`` with several processes, the method trains data-parallel (gloo) and rank 0
-    writes the run directory; see docs/distributed.md.
+    Launched by ``torchrun`` with several processes, the method trains data-parallel (gloo, CPU only) and
+    rank 0 writes the run directory; see docs/distributed.md.
     """
-    with distributed.process_group("gloo"):  # the hashing networks train on CPU
-        return _run_experiment(config, split, progress, overwrite, resume, command)
+    with distributed.process_group("gloo"):  # data-parallel hashing networks train on CPU processes
+        return _run_experiment(config, split, progress, overwrite, resume, command, device)
 
 
 def _run_experiment(config: RunConfig, split: RetrievalSplit | None, progress: ProgressFn, overwrite: bool,
-                    resume: bool, command: list[str] | None = None) -> RunResult:
+                    resume: bool, command: list[str] | None = None, device: str = "cpu") -> RunResult:
     config.validate()
     # Everything that can fail on bad input happens before the run directory is touched.
     method = make_method(config.method, bits=config.bits, seed=config.seed, overrides=config.method_config)
     if distributed.active() and not method.data_parallel:
         raise ConfigError(f"method {config.method!r} does not train data-parallel; run it without torchrun "
                           "(see docs/distributed.md)")
+    if distributed.active() and device != "cpu":
+        raise ConfigError(f"--device {device}: data-parallel training under torchrun runs on CPU processes (gloo) "
+                          "only; use --device cpu under torchrun, or one process with --device cuda")
+    use_device(method, device)
     if resume and not config.out_dir:
         raise ConfigError("--resume needs the run directory of the interrupted run (--out DIR)")
     target = Path(config.out_dir) if config.out_dir else None

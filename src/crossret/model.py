@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,12 +48,14 @@ from crossret.errors import ConfigError, DataError, FileFormatError
 from crossret.hashing.base import HashMethod, check_domain, make_method
 from crossret.progress import ProgressFn, no_progress
 
-__all__ = ["DEVICES", "FittedModel", "as_domain", "check_device", "evaluate", "fit", "load", "train_method"]
+__all__ = ["DEVICES", "FittedModel", "as_domain", "check_device", "evaluate", "fit", "load", "train_method",
+           "use_device"]
 
 logger = logging.getLogger("crossret")
 
-#: Devices ``--device`` accepts.
+#: Devices ``--device`` accepts (``cuda:N`` names one GPU).
 DEVICES = ("cpu", "cuda")
+_DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")
 #: The file whose presence marks a finished model directory.
 DONE_FILE = "diagnostics.json"
 
@@ -69,22 +72,27 @@ def train_method(method: HashMethod, source: Domain, target: Domain, progress: P
 
 
 def check_device(device: str, method: HashMethod) -> str:
-    """``device`` if ``method`` can train there: ``cpu`` always; ``cuda`` needs a torch method and a
-    CUDA-enabled torch with a visible GPU. Anything else is a one-line :class:`ConfigError`."""
-    if device not in DEVICES:
-        raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    """``device`` if ``method`` can train and encode there: ``cpu`` always; ``cuda`` (or ``cuda:N``) needs a
+    torch method (source-only, COUPLE) and a CUDA-enabled torch that sees the GPU. Anything else is a
+    one-line :class:`ConfigError` naming ``--device``."""
+    if not isinstance(device, str) or not _DEVICE_PATTERN.fullmatch(device):
+        raise ConfigError(f"--device must be cpu or cuda (cuda:N for one GPU), got {device!r}")
     if device == "cpu":
         return device
-    if getattr(method, "storage", "npz") != "torch":
-        raise ConfigError(f"--device cuda: {method.name} is not a torch method and runs on the CPU only; "
+    if getattr(method, "storage", "npz") != "torch" or not callable(getattr(method, "to", None)):
+        raise ConfigError(f"--device {device}: {method.name} is not a torch method and runs on the CPU only; "
                           "leave out --device")
-    import torch
+    from crossret.hashing._hashnet import resolve_device
 
-    if not torch.cuda.is_available():
-        raise ConfigError("--device cuda: this torch has no usable CUDA device (torch.cuda.is_available() is "
-                          "False); use --device cpu or install a CUDA build of torch on a machine with a GPU")
-    raise ConfigError(f"--device cuda: {method.name} trains its small networks on the CPU in this version of "
-                      "crossret; use --device cpu")
+    resolve_device(device)
+    return device
+
+
+def use_device(method: HashMethod, device: str) -> None:
+    """Check ``device`` (:func:`check_device`) and make a torch ``method`` train and encode there."""
+    check_device(device, method)
+    if callable(getattr(method, "to", None)):
+        method.to(device)  # type: ignore[attr-defined]
 
 
 def as_domain(value: DomainLike, role: str, label_base: Any = "auto") -> Domain:
@@ -196,6 +204,12 @@ class FittedModel:
     def __repr__(self) -> str:
         return f"FittedModel({self.method!r}, bits={self.bits}, input_dim={self.input_dim}, path={self.path})"
 
+    def to(self, device: str) -> FittedModel:
+        """Encode on ``device`` (``cpu``, or ``cuda`` / ``cuda:N`` for the torch methods) from now on; returns
+        the model. A GPU's codes may differ from the CPU's in a few bits (float rounding near zero)."""
+        use_device(self.hash_method, device)
+        return self
+
     def encode(self, x: DomainLike, domain: str = "target") -> np.ndarray:
         """±1 int8 codes ``(N, bits)`` of ``x`` (an array, a :class:`Domain` or a feature file).
         ``domain`` (``target`` | ``source``) says where the features come from (COUPLE centres each on
@@ -281,8 +295,10 @@ def fit(method: str, source: DomainLike, target: DomainLike, *, bits: int, seed:
     ``source`` and ``target`` are :class:`Domain` objects, feature files or arrays (features with unknown
     labels). Target labels are never given to the method; when both sides carry labels, they are only
     checked to overlap (:func:`crossret.data.readers.check_label_overlap`, off with
-    ``allow_class_mismatch``). ``config`` overrides method options (``--set``). Every check on the input
-    and on ``out`` happens before anything is written, so bad input writes nothing. With ``out`` the
+    ``allow_class_mismatch``). ``config`` overrides method options (``--set``). ``device`` (``cpu``,
+    ``cuda``, ``cuda:N``) is where the torch methods train; the saved model holds CPU tensors either way.
+    Every check on the input and on ``out`` happens before anything is written, so bad input writes
+    nothing. With ``out`` the
     model directory is opened before training: methods that checkpoint (COUPLE) write
     ``checkpoints/`` there after every epoch, and ``resume=True`` continues an interrupted fit from its
     last checkpoint (same configuration required).
@@ -290,7 +306,7 @@ def fit(method: str, source: DomainLike, target: DomainLike, *, bits: int, seed:
     from crossret.data.readers import check_label_overlap
 
     hash_method = make_method(method, bits=bits, seed=seed, overrides=config)
-    check_device(device, hash_method)
+    use_device(hash_method, device)
     if resume and out is None:
         raise ConfigError("--resume needs the model directory of the interrupted fit (--out DIR)")
     if out is not None:
@@ -327,9 +343,10 @@ def fit(method: str, source: DomainLike, target: DomainLike, *, bits: int, seed:
     return model
 
 
-def load(model_dir: str | os.PathLike) -> FittedModel:
+def load(model_dir: str | os.PathLike, *, device: str = "cpu") -> FittedModel:
     """The model of a model directory written by :func:`fit` / ``crossret fit`` (or of a finished
-    ``crossret run`` directory). A missing, unfinished or foreign directory is a one-line error."""
+    ``crossret run`` directory), encoding on ``device`` (see :meth:`FittedModel.to`; models trained on a
+    GPU load on the CPU too). A missing, unfinished or foreign directory is a one-line error."""
     from crossret.hashing._state import load_method
 
     path = Path(model_dir)
@@ -361,7 +378,7 @@ def load(model_dir: str | os.PathLike) -> FittedModel:
         if not isinstance(diagnostics, dict):
             raise FileFormatError(f"{path / DONE_FILE}: not a JSON object; fit the model again with --overwrite")
         method.diagnostics = diagnostics
-    return FittedModel(method, config, path)
+    return FittedModel(method, config, path).to(device)
 
 
 def _labelled(value: DomainLike, what: str, label_base: Any, role: str) -> Domain:

@@ -5,10 +5,17 @@ Subclasses (source-only, COUPLE) implement ``fit`` and set ``normalizer``, ``net
 ``num_classes`` and ``input_dim`` (and ``source_normalizer`` when the source domain has its own
 input statistics: ``encode(x, domain="source")`` then uses it, every other call ``normalizer``);
 their config has ``encoder_dim``, ``hash_hidden`` and ``num_threads`` (and optionally ``dropout``).
+
+Device: ``method.to("cuda")`` (before ``fit``, or after loading) trains and encodes on that device. Only
+the network, its inputs and its losses live there: initial weights, batch orders and every other random
+draw come from CPU generators, graphs and diffusion stay numpy on the CPU, outputs come back to the CPU,
+and saved models and checkpoints hold CPU tensors, so a model trained on a GPU loads and encodes anywhere.
+On the CPU every move is a no-op: the same tensors, the same arithmetic, the same codes.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -16,6 +23,7 @@ import torch
 
 from crossret._limits import check_memory
 from crossret.data.domain import Domain, class_count
+from crossret.errors import ConfigError
 from crossret.hashing._state import PersistentMethod
 from crossret.hashing.base import HashMethod, check_domain
 from crossret.hashing.networks import HashNet, default_encoder_dim, torch_threads
@@ -26,6 +34,55 @@ ENCODE_BATCH = 4096
 # an averaged (EMA) copy.
 TRAINING_COPIES = 5
 SOURCE_PREFIX = "srcnorm_"  # saved arrays of the source domain's own normaliser
+CPU = torch.device("cpu")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device ``device`` names, if the hashing networks can run there: ``cpu``, or ``cuda`` /
+    ``cuda:N`` with a CUDA build of torch that sees that GPU. Anything else is a one-line
+    :class:`~crossret.errors.ConfigError` naming ``--device`` and the fix."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu or cuda (cuda:N for one GPU), got {str(device)!r}")
+    if resolved.type == "cpu":
+        return resolved
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this torch has no usable CUDA device (torch.cuda.is_available() is "
+                          "False); use --device cpu or install a CUDA build of torch on a machine with a GPU")
+    count = torch.cuda.device_count()
+    if resolved.index is not None and resolved.index >= count:
+        raise ConfigError(f"--device {device}: torch sees {count} CUDA device(s) (cuda:0 to cuda:{count - 1}); "
+                          "use --device cuda or one of those")
+    return resolved
+
+
+def rng_devices(device: torch.device) -> list[torch.device]:
+    """What ``torch.random.fork_rng`` must save besides the CPU: the GPU trained on, whose generator
+    ``torch.manual_seed`` reseeds too (dropout draws from it there)."""
+    return [device] if device.type == "cuda" else []
+
+
+def cpu_state(state: Any) -> Any:
+    """``state`` (a tensor, or a state dict nested in dicts, lists and tuples) with every tensor on the CPU,
+    so saved files load on machines without the GPU. Objects already on the CPU are returned as they are."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()  # the tensor itself when it is on the CPU already
+    if isinstance(state, dict):
+        items = {key: cpu_state(value) for key, value in state.items()}
+        if all(items[key] is value for key, value in state.items()):
+            return state
+        moved = copy.copy(state)  # keeps the type (OrderedDict) and its attributes (state-dict _metadata)
+        moved.update(items)
+        return moved
+    if isinstance(state, (list, tuple)):
+        values = [cpu_state(value) for value in state]
+        if all(a is b for a, b in zip(values, state, strict=True)):
+            return state
+        return type(state)(values)
+    return state
 
 
 class HashNetMethod(PersistentMethod, HashMethod):
@@ -40,13 +97,28 @@ class HashNetMethod(PersistentMethod, HashMethod):
         self.source_normalizer: FeatureNormalizer | None = None
         self.network: HashNet | None = None
         self.num_classes: int | None = None
+        self.device: torch.device = CPU
+
+    def to(self, device: str | torch.device) -> HashNetMethod:
+        """Train and encode on ``device`` (``cpu``, ``cuda`` or ``cuda:N``) from now on; a fitted network moves
+        there. Refused with a one-line :class:`~crossret.errors.ConfigError` where torch cannot use it.
+
+        A seed gives the same initial weights and batches on every device (they are drawn on the CPU), but
+        GPU arithmetic is not bit-identical to the CPU's: codes trained on a GPU differ slightly.
+        """
+        self.device = resolve_device(device)
+        if self.network is not None:
+            self.network.to(self.device)
+        return self
 
     def _build(self, input_dim: int, num_classes: int, encoder_dim: int | None = None) -> HashNet:
         cfg = self.config
         encoder_dim = cfg.encoder_dim if encoder_dim is None else encoder_dim
         self._check_network_memory(input_dim, num_classes, encoder_dim)
-        return HashNet(input_dim, self.bits, num_classes, encoder_dim=encoder_dim,
-                       hash_hidden=cfg.hash_hidden, dropout=float(getattr(cfg, "dropout", 0.0)))
+        with CPU:  # initialised from the CPU generator on every device: a seed gives the same weights
+            net = HashNet(input_dim, self.bits, num_classes, encoder_dim=encoder_dim,
+                          hash_hidden=cfg.hash_hidden, dropout=float(getattr(cfg, "dropout", 0.0)))
+        return net.to(self.device)
 
     def check_sizes(self, source: Domain, target: Domain) -> None:
         super().check_sizes(source, target)
@@ -70,16 +142,18 @@ class HashNetMethod(PersistentMethod, HashMethod):
 
     @torch.no_grad()
     def _forward_eval(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(tanh hash outputs, logits)`` in eval mode, in batches of ``ENCODE_BATCH`` rows."""
+        """``(tanh hash outputs, logits)`` on the CPU, computed in eval mode on the method's device in batches
+        of ``ENCODE_BATCH`` rows (``x`` may be on either)."""
         assert self.network is not None
         self.network.eval()
         hashes, logits = [], []
         for lo in range(0, x.shape[0], ENCODE_BATCH):
-            out = self.network(x[lo:lo + ENCODE_BATCH])
-            hashes.append(out.hash)
-            logits.append(out.logits)
+            out = self.network(x[lo:lo + ENCODE_BATCH].to(self.device))
+            hashes.append(out.hash.cpu())
+            logits.append(out.logits.cpu())
         if not hashes:  # zero rows: empty outputs of the right width
-            return torch.zeros(0, self.bits), torch.zeros(0, self.network.classifier.out_features)
+            return (torch.zeros(0, self.bits, device=CPU),
+                    torch.zeros(0, self.network.classifier.out_features, device=CPU))
         return torch.cat(hashes), torch.cat(logits)
 
     def _normalizer_for(self, domain: str) -> FeatureNormalizer:
@@ -107,7 +181,7 @@ class HashNetMethod(PersistentMethod, HashMethod):
         assert self.normalizer is not None and self.network is not None and self.num_classes is not None
         arch = np.array([self.num_classes, self.network.encoder_dim], dtype=np.int64)
         source = self.source_normalizer.state(SOURCE_PREFIX) if self.source_normalizer is not None else {}
-        return {**self.normalizer.state(), **source, "arch": arch}, self.network.state_dict()
+        return {**self.normalizer.state(), **source, "arch": arch}, cpu_state(self.network.state_dict())
 
     def _set_state(self, arrays: dict[str, np.ndarray], state_dict: dict[str, Any]) -> None:
         self.normalizer = FeatureNormalizer.from_state(arrays)

@@ -41,10 +41,15 @@ Training checkpoints after every epoch into ``checkpoint_dir`` (when set) and re
 ``resume=True``: network, optimiser, both random generators, graph and selection are restored, so
 a resumed run gives bit-identical codes on CPU.
 
+``method.to("cuda")`` trains on a GPU (see :mod:`crossret.hashing._hashnet`): the network, the batches,
+the losses and the Mixup inputs live there; the graph, the diffusion, the walks and every random draw
+stay on the CPU, so a seed picks the same batches and walks on every device.
+
 Under ``torchrun`` (docs/distributed.md) every rank draws the same global batch, runs the network on
 its shard (BatchNorm over the global batch), gathers the outputs with gradient and computes the losses
 above on the global batch; gradients are averaged over ranks. The graph and the diffusion run on rank
-0, whose selection is broadcast; rank 0 writes the checkpoints.
+0, whose selection is broadcast; rank 0 writes the checkpoints. Data-parallel training runs on CPU
+processes (gloo); a GPU device is refused there.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ from crossret.graph.diffusion import (
 )
 from crossret.graph.knn import KNN_METHODS, l2_normalize
 from crossret.graph.walks import random_walks
-from crossret.hashing._hashnet import ENCODE_BATCH, HashNetMethod
+from crossret.hashing._hashnet import ENCODE_BATCH, HashNetMethod, cpu_state, rng_devices
 from crossret.hashing.base import ProgressFn, no_progress, register
 from crossret.hashing.networks import (
     HashNet,
@@ -354,6 +359,9 @@ class Couple(HashNetMethod):
                             f"(source {source.n}, target {target.n})")
         if source.dim != target.dim:
             raise DataError(f"couple: source features are {source.dim}-d but target features {target.dim}-d")
+        if distributed.active() and self.device.type != "cpu":
+            raise ConfigError(f"--device {self.device}: COUPLE trains data-parallel under torchrun on CPU processes "
+                              "(gloo) only; use --device cpu under torchrun, or one process with --device cuda")
         num_classes = class_count(source.labels, "COUPLE source labels")
         n_s, n_t = source.n, target.n
         self.check_sizes(source, target)
@@ -365,12 +373,15 @@ class Couple(HashNetMethod):
             self.normalizer = FeatureNormalizer(center=True, scale=False).fit(
                 np.concatenate([source.features, target.features]))
         source_normalizer = self.source_normalizer or self.normalizer
+        device = self.device
+        # The network's inputs on its device (the same tensors on the CPU); graphs read them back on the CPU.
         x_all = torch.from_numpy(np.concatenate([source_normalizer.transform(source.features, dtype=np.float32),
                                                  self.normalizer.transform(target.features, dtype=np.float32)]))
-        y_source = torch.from_numpy(source.labels)
+        x_all = x_all.to(device)
+        y_source = torch.from_numpy(source.labels).to(device)
         fingerprint = _data_fingerprint(source, target)
 
-        with torch.random.fork_rng(devices=[]), torch_threads(cfg.num_threads):
+        with torch.random.fork_rng(devices=rng_devices(device)), torch_threads(cfg.num_threads):
             torch.manual_seed(self.seed)
             net = self._build(source.dim, num_classes)
             distributed.broadcast_module_(net)  # every rank starts from rank 0's weights (a no-op in one process)
@@ -428,7 +439,7 @@ class Couple(HashNetMethod):
         check_finite_network(net, where="couple", lr=cfg.lr)
         net.eval()
         self.network, self.num_classes, self.input_dim = net, num_classes, source.dim
-        hash_out = self._forward_eval(x_all)[0]
+        hash_out = self._forward_eval(x_all)[0]  # on the CPU
         final = epoch_log[-1] if epoch_log else {}
         self.diagnostics = {
             "n_source": n_s,
@@ -441,6 +452,7 @@ class Couple(HashNetMethod):
             "feature_rescale": self.normalizer.global_scale,
             "resumed_from_epoch": restored[0] if restored is not None else 0,
             "fit_seconds": round(time.perf_counter() - start_time, 4),
+            "device": str(device),
             "epochs": epoch_log,
         }
         return self
@@ -450,19 +462,24 @@ class Couple(HashNetMethod):
                      num_classes: int, selection: _Selection | None, steps: int, u_max: float) -> dict[str, float]:
         cfg = self.config
         net.train()
+        device = x_all.device
         bs_s, bs_t = min(cfg.batch_size, n_s), min(cfg.target_batch_size, n_t)
+        # Drawn on the CPU generator on every device; the walks read the CPU copies, the network the others.
         source_order = _cycled_permutation(n_s, steps * bs_s, generator)
         target_order = _cycled_permutation(n_t, steps * bs_t, generator)
+        source_order_dev, target_order_dev = source_order.to(device), target_order.to(device)
         if selection is not None:
-            pseudo = torch.from_numpy(selection.pseudo_labels)
-            selected = torch.from_numpy(selection.selected)
+            pseudo = torch.from_numpy(selection.pseudo_labels).to(device)
+            selected = torch.from_numpy(selection.selected).to(device)
         keys = ("loss_total", "loss_ce", "loss_target_ce", "loss_target_im", "loss_coral", "loss_quant",
                 "loss_relation", "loss_mix_low", "loss_mix_high")
         sums = dict.fromkeys(keys, 0.0)
         mixed_samples = 0
         for step in range(steps):
-            src = source_order[step * bs_s:(step + 1) * bs_s]
-            tgt = target_order[step * bs_t:(step + 1) * bs_t]
+            src_host = source_order[step * bs_s:(step + 1) * bs_s]
+            tgt_host = target_order[step * bs_t:(step + 1) * bs_t]
+            src = source_order_dev[step * bs_s:(step + 1) * bs_s]
+            tgt = target_order_dev[step * bs_t:(step + 1) * bs_t]
             out = _sharded_forward(net, x_all[src], x_all[n_s + tgt])
             f_s, f_t = out.features[:bs_s], out.features[bs_s:]
             h_s, h_t = out.hash[:bs_s], out.hash[bs_s:]
@@ -493,23 +510,24 @@ class Couple(HashNetMethod):
 
             loss_low, loss_high = zero, zero
             if selection is not None and (cfg.mixup_low or cfg.mixup_high):
-                pairs = self._mixup_pairs(rng, selection, src.numpy(), tgt.numpy(), f_s, f_t, n_s, u_max)
+                pairs = self._mixup_pairs(rng, selection, src_host.numpy(), tgt_host.numpy(), f_s, f_t, n_s, u_max)
                 if pairs is not None:
                     a, b, lam = pairs
                     mixed_samples += int(a.size)
-                    lam_t = torch.from_numpy(lam.astype(np.float32))[:, None]
+                    lam_t = torch.from_numpy(lam.astype(np.float32)).to(device)[:, None]
                     label_a = self._node_labels(a, n_s, y_source, pseudo)
                     label_b = self._node_labels(b, n_s, y_source, pseudo)
                     soft = (lam_t * F.one_hot(label_a, num_classes).float()
                             + (1 - lam_t) * F.one_hot(label_b, num_classes).float())
+                    a_dev, b_dev = torch.from_numpy(a).to(device), torch.from_numpy(b).to(device)
                     if cfg.mixup_low and a.size > 1:  # batch norm needs 2 samples
-                        mixed = lam_t * x_all[a] + (1 - lam_t) * x_all[b]
+                        mixed = lam_t * x_all[a_dev] + (1 - lam_t) * x_all[b_dev]
                         loss_low = _soft_cross_entropy(_sharded_forward(net, mixed).logits, soft)
                     if cfg.mixup_high:
                         with torch.set_grad_enabled(not cfg.high_mixup_detach):
                             was_training = net.training
                             net.eval()  # running BN statistics: the extra forward must not shift them
-                            f_a, f_b = net.encoder(x_all[a]), net.encoder(x_all[b])
+                            f_a, f_b = net.encoder(x_all[a_dev]), net.encoder(x_all[b_dev])
                             net.train(was_training)
                         mixed_f = lam_t * f_a + (1 - lam_t) * f_b
                         logits = net.classifier(mixed_f)
@@ -529,18 +547,21 @@ class Couple(HashNetMethod):
             optimizer.step()
             if self._ema is not None:
                 self._ema.update_parameters(net)
-            for key, value in zip(keys, (total, loss_ce, loss_target_ce, loss_im, loss_coral, loss_quant,
-                                         loss_relation, loss_low, loss_high), strict=True):
-                sums[key] += float(value.detach())
+            # One device-to-host copy per step for the nine running sums.
+            values = torch.stack([total, loss_ce, loss_target_ce, loss_im, loss_coral, loss_quant, loss_relation,
+                                  loss_low, loss_high]).detach().tolist()
+            for key, value in zip(keys, values, strict=True):
+                sums[key] += value
         out = {k: round(v / steps, 6) for k, v in sums.items()}
         out["mixed_samples"] = mixed_samples
         return out
 
     @staticmethod
     def _node_labels(nodes: np.ndarray, n_s: int, y_source: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
-        nodes_t = torch.from_numpy(nodes)
+        """Labels of graph nodes: source labels, then target pseudo-labels (on ``y_source``'s device)."""
+        nodes_t = torch.from_numpy(nodes).to(y_source.device)
         is_source = nodes_t < n_s
-        labels = torch.empty(nodes.size, dtype=torch.int64)
+        labels = torch.empty(nodes.size, dtype=torch.int64, device=y_source.device)
         labels[is_source] = y_source[nodes_t[is_source]]
         labels[~is_source] = pseudo[nodes_t[~is_source] - n_s]
         return labels
@@ -556,7 +577,8 @@ class Couple(HashNetMethod):
             if chosen.size == 0:
                 return None
             with torch.no_grad():
-                nearest = _cosine_matrix(f_t[chosen], f_s).argmax(dim=1).numpy()
+                chosen_t = torch.from_numpy(chosen).to(f_t.device)
+                nearest = _cosine_matrix(f_t[chosen_t], f_s).argmax(dim=1).cpu().numpy()
             paths = np.stack([src[nearest], n_s + tgt[chosen]], axis=1)
             lengths = np.ones(chosen.size, dtype=np.int64)
         else:
@@ -605,19 +627,20 @@ class Couple(HashNetMethod):
         features, logits = [], []
         for lo in range(0, x_all.shape[0], ENCODE_BATCH):
             out = net(x_all[lo:lo + ENCODE_BATCH])
-            features.append(out.features)
-            logits.append(out.logits)
+            features.append(out.features.cpu())
+            logits.append(out.logits.cpu())
         net.train(was_training)
+        # Graph, diffusion and selection are numpy / scipy on the CPU, whatever the network's device.
         encoded = torch.cat(features).numpy()
         probs = torch.softmax(torch.cat(logits)[n_s:], dim=1).numpy()
         classifier_labels = probs.argmax(axis=1).astype(np.int64)
         if cfg.graph_features == "encoder":
             graph_input = encoded
         elif cfg.graph_features == "input":
-            graph_input = x_all.numpy()
+            graph_input = x_all.cpu().numpy()
         else:
             graph_input = np.concatenate(
-                [l2_normalize(x_all.numpy(), "inputs"), l2_normalize(encoded, "encoder features")], axis=1)
+                [l2_normalize(x_all.cpu().numpy(), "inputs"), l2_normalize(encoded, "encoder features")], axis=1)
         n_t = x_all.shape[0] - n_s
         info: dict[str, Any] = {}
 
@@ -720,10 +743,11 @@ class Couple(HashNetMethod):
             arrays[f"history_{i}_selected"] = torch.from_numpy(entry["selected"].astype(np.int64))
             arrays[f"history_{i}_pseudo"] = torch.from_numpy(entry["pseudo_labels"])
         # Sealed (kind, version, SHA-256) and written atomically: a kill mid-write leaves the previous one.
-        payload = {"header": json.dumps(header), "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                   "arrays": arrays}
+        # CPU tensors (a no-op on the CPU): a checkpoint written on a GPU resumes on any device.
+        payload = {"header": json.dumps(header), "model": cpu_state(net.state_dict()),
+                   "optimizer": cpu_state(optimizer.state_dict()), "arrays": arrays}
         if self._ema is not None:
-            payload["ema"] = self._ema.state_dict()
+            payload["ema"] = cpu_state(self._ema.state_dict())
         save_torch(self.checkpoint_dir / CHECKPOINT_NAME, payload, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
 
     def _restore(self, net: HashNet, optimizer: torch.optim.Optimizer, generator: torch.Generator,

@@ -9,7 +9,8 @@ with COUPLE's three source-side losses:
 where ``L_pair`` is COUPLE's ``MSE(max(0, cos(h_i, h_j)), 1.1 S_ij)`` by default (see
 :func:`~crossret.hashing.networks.pairwise_similarity_loss` for the alternatives). Adam, seeded
 mini-batches, a fixed number of epochs; there is no model selection (no target labels exist).
-Whatever an adaptive method adds must beat this.
+Whatever an adaptive method adds must beat this. ``method.to("cuda")`` trains on a GPU (see
+:mod:`crossret.hashing._hashnet`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from crossret._limits import check_threads
 from crossret.data.domain import Domain, class_count
 from crossret.errors import ConfigError, DataError
-from crossret.hashing._hashnet import HashNetMethod
+from crossret.hashing._hashnet import HashNetMethod, rng_devices
 from crossret.hashing.base import ProgressFn, no_progress, register
 from crossret.hashing.networks import (
     PAIR_LOSSES,
@@ -120,8 +121,10 @@ class SourceOnly(HashNetMethod):
         labels_np = source.labels
         num_classes = class_count(labels_np, "source-only source labels")
         self.normalizer = FeatureNormalizer(center=True, scale=cfg.standardize).fit(source.features)
-        x = torch.from_numpy(self.normalizer.transform(source.features, dtype=np.float32))
-        y = torch.from_numpy(labels_np)
+        x_host = torch.from_numpy(self.normalizer.transform(source.features, dtype=np.float32))
+        y_host = torch.from_numpy(labels_np)
+        device = self.device
+        x, y = x_host.to(device), y_host.to(device)  # the same tensors on the CPU
         n = x.shape[0]
         if n < 2:
             raise DataError("source-only: needs at least 2 labelled source samples")
@@ -129,7 +132,7 @@ class SourceOnly(HashNetMethod):
         generator = torch.Generator().manual_seed(self.seed)
 
         # fork_rng: seed init and dropout without disturbing the caller's global torch RNG.
-        with torch.random.fork_rng(devices=[]), torch_threads(cfg.num_threads):
+        with torch.random.fork_rng(devices=rng_devices(device)), torch_threads(cfg.num_threads):
             torch.manual_seed(self.seed)
             net = self._build(source.dim, num_classes)
             optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -143,6 +146,7 @@ class SourceOnly(HashNetMethod):
                     idx = order[lo : lo + batch]
                     if idx.numel() < 2:  # batch norm cannot train on a single sample
                         continue
+                    idx = idx.to(device)  # drawn on the CPU generator on every device
                     out = net(x[idx])
                     ce = F.cross_entropy(out.logits, y[idx])
                     pair = pairwise_similarity_loss(out.hash, y[idx], cfg.pair_loss)
@@ -153,8 +157,10 @@ class SourceOnly(HashNetMethod):
                     optimizer.zero_grad(set_to_none=True)
                     total.backward()
                     optimizer.step()
-                    for key, value in (("ce", ce), ("pair", pair), ("quant", quant), ("total", total)):
-                        sums[key] += float(value.detach())
+                    # One device-to-host copy per step for the four running sums.
+                    values = torch.stack([ce, pair, quant, total]).detach().tolist()
+                    for key, value in zip(("ce", "pair", "quant", "total"), values, strict=True):
+                        sums[key] += value
                     steps += 1
                 sums = {k: v / max(steps, 1) for k, v in sums.items()}
                 progress(
@@ -170,7 +176,7 @@ class SourceOnly(HashNetMethod):
         self.input_dim = source.dim
         train_seconds = time.perf_counter() - start
 
-        hash_out, logits = self._forward_eval(x)
+        hash_out, logits = self._forward_eval(x)  # on the CPU
         self.diagnostics = {
             "n_source": int(n),
             "num_classes": num_classes,
@@ -181,10 +187,11 @@ class SourceOnly(HashNetMethod):
             "final_ce_loss": sums.get("ce"),
             "final_pair_loss": sums.get("pair"),
             "final_quant_loss": sums.get("quant"),
-            "source_train_accuracy": float((logits.argmax(1) == y).float().mean()),
+            "source_train_accuracy": float((logits.argmax(1) == y_host).float().mean()),
             "source_mean_abs_hash": float(hash_out.abs().mean()),
             "train_bit_balance": bit_balance(hash_out.numpy()),
             "feature_rescale": self.normalizer.global_scale,
             "fit_seconds": train_seconds,
+            "device": str(device),
         }
         return self

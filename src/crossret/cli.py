@@ -111,6 +111,9 @@ def _caused_by_interrupt(exc: BaseException) -> bool:
 def main() -> None:
     """Console-script entry point."""
     try:
+        from crossret.threads import ThreadPolicy
+
+        ThreadPolicy.from_env()  # a bad CROSSRET_THREADS* fails here, before any work
         app()
     except CrossretError as exc:
         _print_error(str(exc))
@@ -374,6 +377,8 @@ def run(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last checkpoint "
                                          "(methods that checkpoint, e.g. couple; same options required).")]
     = False,
+    device: Annotated[str, typer.Option(help="Where torch methods (source-only, couple) train and encode: cpu "
+                                        "or cuda.")] = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
     """Train METHOD on a benchmark (or --source/--target files), evaluate, write a run directory.
@@ -405,7 +410,7 @@ def run(
     config.out_dir = str(out_dir) if out_dir else default_run_dir(config)
     with _progress_bar() as progress:
         result = run_experiment(config, progress=progress, overwrite=overwrite, resume=resume,
-                                command=list(sys.argv))
+                                command=list(sys.argv), device=device)
     metrics = result.metrics
     if as_json:
         _print_json(_run_summary(metrics, result.run_dir))
@@ -445,7 +450,8 @@ def fit(
     seed: Annotated[int, typer.Option(help="Seed of the method.")] = 0,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Method config override KEY=VALUE "
                                                    "(repeatable).")] = None,
-    device: Annotated[str, typer.Option(help="Where torch methods train: cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="Where torch methods (source-only, couple) train: cpu or "
+                                        "cuda.")] = "cpu",
     label_base: Annotated[str, typer.Option(help="Labels of both files are 0- or 1-based (0, 1) or 'auto' "
                                             "(decided once for the pair).")] = "auto",
     source_label_base: SourceLabelBaseOpt = None,
@@ -498,6 +504,8 @@ def encode(
     dtype: Annotated[str, typer.Option(help="Raw binary feature file: element type.")] = "float32",
     overwrite: Annotated[bool, typer.Option(help="Replace --out when it holds crossret codes (other files are "
                                             "never replaced).")] = False,
+    device: Annotated[str, typer.Option(help="Where torch models (source-only, couple) encode: cpu or cuda.")]
+    = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
     """Encode features with a fitted model into hash codes, batch by batch.
@@ -505,11 +513,13 @@ def encode(
     The output appears only when every batch succeeded; rows with NaN/inf stop it with an error naming them.
     """
     _encode_features(model_dir, features, output, domain=domain, packed=packed, batch_size=batch_size,
-                     shape=shape, dtype=dtype, overwrite=overwrite, as_json=as_json, option="MODEL_DIR")
+                     shape=shape, dtype=dtype, overwrite=overwrite, as_json=as_json, option="MODEL_DIR",
+                     device=device)
 
 
 def _encode_features(model_dir: Path, features: Path, output: Path, *, domain: str, packed: bool, batch_size: int,
-                     shape: str | None, dtype: str, overwrite: bool, as_json: bool, option: str) -> None:
+                     shape: str | None, dtype: str, overwrite: bool, as_json: bool, option: str,
+                     device: str = "cpu") -> None:
     """What `crossret encode` and `crossret index encode` do: one code path."""
     import numpy as np
 
@@ -534,7 +544,7 @@ def _encode_features(model_dir: Path, features: Path, output: Path, *, domain: s
     except TypeError:
         raise ConfigError(f"--dtype: unknown numpy dtype {dtype!r}") from None
     try:
-        model = load(model_dir)
+        model = load(model_dir, device=device)
     except DataError as exc:
         raise DataError(f"{option}: {exc}" if option.startswith("--") else str(exc)) from None
     with _progress_bar(not as_json) as progress:
@@ -710,6 +720,34 @@ def table_command(
     sys.stdout.flush()
 
 
+# --------------------------------------------------------------------------- warmup
+@app.command()
+def warmup(as_json: JsonOpt = False) -> None:
+    """Compile every numba kernel once into the user cache, so that later commands start fast.
+
+    Run it once after installing or upgrading crossret. The cache is $NUMBA_CACHE_DIR when set, else
+    $CROSSRET_CACHE_DIR/numba, $XDG_CACHE_HOME/crossret/numba or ~/.cache/crossret/numba.
+    """
+    from crossret._numba_cache import configure_numba_cache
+    from crossret.warmup import KERNEL_GROUPS, compile_kernels
+
+    cache_dir = configure_numba_cache()
+    with _progress_bar(not as_json) as progress:
+        seconds = compile_kernels(progress=progress)
+    if as_json:
+        _print_json({"seconds": seconds, "total_seconds": sum(seconds.values()),
+                     "cache_dir": str(cache_dir) if cache_dir else None})
+        return
+    table = Table(title=f"numba kernels ({len(KERNEL_GROUPS)} groups)",
+                  caption=f"cache: {cache_dir or 'numba default (beside the source)'}")
+    table.add_column("kernel group")
+    table.add_column("seconds", justify="right")
+    for name, value in seconds.items():
+        table.add_row(name, f"{value:.2f}")
+    table.add_row("total", f"{sum(seconds.values()):.2f}")
+    out.print(table)
+
+
 # --------------------------------------------------------------------------- index
 @index_app.command("build")
 def index_build(
@@ -805,7 +843,10 @@ def index_search(
         check_output_file(save, "search", overwrite=overwrite, option="--save")
     index = BinaryIndex.load(index_file)
     packed, _ = _as_packed(_load_npy(queries, "--queries"), index.bits, "--queries")
-    distances, ids = index.search(packed, k)
+    from crossret.threads import use_threads
+
+    with use_threads("search"):
+        distances, ids = index.search(packed, k)
     if save is not None:
         with atomic_open(save, "wb") as handle:
             np.savez(handle, distances=distances, ids=ids)

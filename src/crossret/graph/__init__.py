@@ -1,8 +1,13 @@
 """Graphs: kNN / mutual-kNN (faiss + scipy.sparse), COUPLE's cross-domain graph, ℓ2 flow diffusion
 and weighted random walks."""
 
-from crossret.graph.cross_domain import CrossDomainGraph, build_cross_domain_graph
-from crossret.graph.diffusion import (
+from crossret._numba_cache import configure_numba_cache
+
+# Before diffusion imports numba: its kernel cache goes to a user cache directory (crossret._numba_cache).
+configure_numba_cache()
+
+from crossret.graph.cross_domain import CrossDomainGraph, build_cross_domain_graph  # noqa: E402
+from crossret.graph.diffusion import (  # noqa: E402
     FlowDiffusionResult,
     check_feasible,
     class_seed_mass,
@@ -12,8 +17,8 @@ from crossret.graph.diffusion import (
     l2_flow_diffusion_active_set,
     laplacian,
 )
-from crossret.graph.knn import knn_search, l2_normalize, mutual_pairs
-from crossret.graph.walks import Walks, random_walks
+from crossret.graph.knn import knn_search, l2_normalize, mutual_pairs  # noqa: E402
+from crossret.graph.walks import Walks, random_walks  # noqa: E402
 
 __all__ = [
     "CrossDomainGraph",

@@ -13,6 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from crossret.errors import DataError
+from crossret.threads import use_threads
 
 # Centroid sums (of unit vectors) below this norm are treated as empty in the spherical k-means.
 _MIN_NORM = 1e-12
@@ -118,7 +119,8 @@ class KnnIndex:
             index = faiss.IndexHNSWFlat(db.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
             # A multi-threaded HNSW build links nodes in a thread-dependent order, so the graph (and
             # every neighbour list) could change between two runs of the same seed. One thread keeps
-            # the build, hence COUPLE's selection and resume, reproducible; searching stays parallel.
+            # the build, hence COUPLE's selection and resume, reproducible; searching uses the graph-search
+            # thread count (crossret.threads).
             threads = faiss.omp_get_max_threads()
             faiss.omp_set_num_threads(1)
             try:
@@ -148,11 +150,14 @@ class KnnIndex:
         k_eff = int(min(k, available))
         if k_eff <= 0 or q.shape[0] == 0:
             return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
-        if self._index is None:
-            self._index = self._build()
-        if self.method == "hnsw":
-            self._index.hnsw.efSearch = max(64, 4 * (k_eff + 1))
-        sims, idx = self._index.search(q, k_eff + (1 if exclude_self else 0))
+        # faiss gets the graph-search thread count of its own: where faiss shares torch's OpenMP runtime,
+        # it would otherwise inherit the count of a training loop around it (COUPLE trains on 1 thread).
+        with use_threads("graph_search"):
+            if self._index is None:
+                self._index = self._build()
+            if self.method == "hnsw":
+                self._index.hnsw.efSearch = max(64, 4 * (k_eff + 1))
+            sims, idx = self._index.search(q, k_eff + (1 if exclude_self else 0))
         if exclude_self:
             sims, idx = _drop_self(sims, idx, k_eff)
         return sims.astype(np.float32, copy=False), idx.astype(np.int64, copy=False)

@@ -54,6 +54,7 @@ from crossret.errors import ConfigError, DataError
 from crossret.hashing._state import PersistentMethod
 from crossret.hashing.base import HashMethod, ProgressFn, no_progress, register
 from crossret.hashing.preprocessing import FeatureNormalizer, bit_balance
+from crossret.threads import use_threads
 
 OVERFLOW_CHOICES = ("padded", "random-projection", "rotations")
 
@@ -141,6 +142,11 @@ class ITQ(PersistentMethod, HashMethod):
         self.loss_history: list[float] = []
 
     def fit(self, source: Domain, target: Domain, progress: ProgressFn = no_progress) -> ITQ:
+        # PCA and the Procrustes SVDs are BLAS work: the linear-algebra thread count (crossret.threads).
+        with use_threads("linear_algebra"):
+            return self._fit(source, target, progress)
+
+    def _fit(self, source: Domain, target: Domain, progress: ProgressFn) -> ITQ:
         start = time.perf_counter()
         cfg = self.config
         parts = [source.features]

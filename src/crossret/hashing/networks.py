@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossret.errors import ConfigError, DataError, NumericalError
+from crossret.threads import use_threads
 
 PAIR_LOSSES = ("couple", "cosine", "dpsh")
 
@@ -190,16 +191,13 @@ def quantization_loss(h: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def torch_threads(num_threads: int) -> Iterator[None]:
-    """Run a block with ``torch.set_num_threads(num_threads)`` and restore the caller's setting.
+    """Run a block with ``num_threads`` torch threads (the ``train`` phase of :mod:`crossret.threads`) and
+    restore the caller's settings.
 
     ``0`` leaves the setting alone. Small MLP training on CPU is fastest single-threaded.
     """
     if num_threads <= 0:
         yield
         return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
+    with use_threads("train", num_threads):
         yield
-    finally:
-        torch.set_num_threads(previous)

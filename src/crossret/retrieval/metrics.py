@@ -45,6 +45,7 @@ from crossret.progress import ProgressFn
 from crossret.retrieval import hamming
 from crossret.retrieval._defaults import DEFAULT_PRECISION_NS, TIE_RULES
 from crossret.retrieval.packing import as_pm1, check_packed, pack_codes, packed_to_words
+from crossret.threads import use_threads
 
 DEFAULT_CHUNK_SIZE = 262_144
 _DENSE_CHUNK_ENTRIES = 1 << 22
@@ -267,22 +268,25 @@ def evaluate_hamming(
             words = np.ascontiguousarray(packed_to_words(db_packed[start:stop], bits))
             yield stop, words, db_lab[start:stop]
 
-    # Pass 1: per-distance counts (non-relevant in the first half of a row, relevant in the second).
-    hist = np.zeros((n_q, 2 * n_dist), dtype=np.int64)
-    for stop, words, labels in chunks():
-        hamming.distance_histograms(q_words, q_lab, words, labels, hist)
-        if progress is not None:
-            progress(stop, n_db, "distances")
-    rel_counts = np.ascontiguousarray(hist[:, n_dist:])
-    counts = hist[:, :n_dist] + rel_counts
-    del hist
-    n_rel = rel_counts.sum(axis=1)
+    # The numba kernels run in the "evaluate" phase of crossret.threads: its thread count, and torch /
+    # faiss restored afterwards (numba's OpenMP layer resets their shared count when its threads start).
+    with use_threads("evaluate"):
+        # Pass 1: per-distance counts (non-relevant in the first half of a row, relevant in the second).
+        hist = np.zeros((n_q, 2 * n_dist), dtype=np.int64)
+        for stop, words, labels in chunks():
+            hamming.distance_histograms(q_words, q_lab, words, labels, hist)
+            if progress is not None:
+                progress(stop, n_db, "distances")
+        rel_counts = np.ascontiguousarray(hist[:, n_dist:])
+        counts = hist[:, :n_dist] + rel_counts
+        del hist
+        n_rel = rel_counts.sum(axis=1)
 
-    if ties == "expected":
-        ap, ap_k, rel_at_n = hamming.expected_rank_metrics(counts, rel_counts, k_eff, ns)
-    else:
-        ap, ap_k, rel_at_n = _index_pass(q_words, q_lab, chunks, counts, rel_counts, k_eff, ns,
-                                         n_db, progress)
+        if ties == "expected":
+            ap, ap_k, rel_at_n = hamming.expected_rank_metrics(counts, rel_counts, k_eff, ns)
+        else:
+            ap, ap_k, rel_at_n = _index_pass(q_words, q_lab, chunks, counts, rel_counts, k_eff, ns,
+                                             n_db, progress)
 
     has_rel = n_rel > 0
     precision_at = {int(n): float(np.mean(rel_at_n[:, t] / n)) for t, n in enumerate(ns)}

@@ -25,6 +25,7 @@ instead of copying every run).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -87,8 +88,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     from crossret.experiment import RunConfig, run_experiment
 
     split = dev_split(job["task"], job["data_dir"])
+    # A check or a regeneration re-runs a recorded row with its recorded resolved config.
     config = RunConfig(method="couple", benchmark=job["task"], bits=job["bits"], seed=job["seed"],
-                       method_config=dict(job["overrides"]))
+                       method_config=dict(job.get("method_config", job["overrides"])))
     result = run_experiment(config, split=split)
     metrics = result.metrics
     quality = result.method.label_report(split.target_train.labels).get("selection_quality", [])
@@ -109,8 +111,7 @@ def check(rows: list[dict[str, Any]], n: int, seed: int, data_dir: str, jobs: in
     """Re-run ``n`` sampled recorded runs with their recorded resolved configs and compare them exactly
     (``results/couple_dev_check.{json,md}``); 0 when every sampled run reproduces, 1 otherwise."""
     sample = _repro.sample_rows(rows, n, seed, strata=lambda r: (r["tag"], r["task"]))
-    fresh = _repro.rerun(run_one, [{**{k: r[k] for k in CHECK_KEYS}, "overrides": r["method_config"],
-                                    "data_dir": data_dir} for r in sample], jobs, describe=lambda row: (
+    fresh = _repro.rerun(run_one, [_rerun_job(r, data_dir) for r in sample], jobs, describe=lambda row: (
         f"check {row['tag']} {row['task']} seed {row['seed']}: MAP cross {100 * row['map_cross']:.2f}"))
     comparisons = _repro.compare_rows(sample, fresh, CHECK_KEYS, CHECK_FIELDS)
     payload, text = _repro.check_report("benchmarks/couple_dev.py", comparisons, ["not recorded"], CHECK_FIELDS)
@@ -118,6 +119,30 @@ def check(rows: list[dict[str, Any]], n: int, seed: int, data_dir: str, jobs: in
     write_text_atomic(RESULTS / "couple_dev_check.md", text)
     print(text, file=sys.stderr)
     return 0 if payload["reproduced"] == payload["checked"] else 1
+
+
+def _rerun_job(row: dict[str, Any], data_dir: str) -> dict[str, Any]:
+    """The job that re-runs a recorded row: its keys, its overrides (the tag's meaning) and its resolved
+    config, with the value a setting added later had in the runs that predate it."""
+    return {**{k: row[k] for k in CHECK_KEYS}, "overrides": row["overrides"], "data_dir": data_dir,
+            "method_config": {**BEFORE_THE_SETTING_EXISTED, **row["method_config"]}}
+
+
+def regenerate(rows: list[dict[str, Any]], runs_path: Path, data_dir: str, jobs: int) -> list[dict[str, Any]]:
+    """Re-run every recorded row from this code with its recorded config, into a sibling
+    ``*.regenerating.jsonl`` (an interrupted regeneration resumes there). Once every row is redone, the
+    fresh rows replace the runs file in the recorded order, and are returned."""
+    partial = runs_path.with_suffix(".regenerating.jsonl")
+    fresh = _read_runs(partial)
+    done = {tuple(r[k] for k in CHECK_KEYS) for r in fresh}
+    todo = [_rerun_job(r, data_dir) for r in rows if tuple(r[k] for k in CHECK_KEYS) not in done]
+    run_jobs(run_one, todo, jobs, partial, fresh, describe=lambda row: (
+        f"regenerated {row['tag']:24s} {row['task']} seed {row['seed']}: MAP cross {100 * row['map_cross']:.2f}"))
+    by_key = {tuple(r[k] for k in CHECK_KEYS): r for r in fresh}
+    ordered = [by_key[tuple(r[k] for k in CHECK_KEYS)] for r in rows]
+    write_text_atomic(runs_path, "".join(json.dumps(r) + "\n" for r in ordered))
+    partial.unlink()
+    return ordered
 
 
 def _parse(items: list[str]) -> dict[str, Any]:
@@ -141,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="re-run N sampled recorded runs with their recorded configs and compare them exactly "
                         "(writes results/couple_dev_check.*; exit 1 when one moved); nothing else is run or written")
     parser.add_argument("--check-seed", type=int, default=0, help="seed of the --check sample")
+    parser.add_argument("--regenerate", action="store_true",
+                        help="re-run every recorded row with its recorded config from this code and replace the "
+                        "runs file once all are done (resumable), then rewrite the tables")
     args = parser.parse_args(argv)
     _repro.pin_numerics()
 
@@ -150,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         from crossret.data import resolve_data_dir
 
         return check(rows, args.check, args.check_seed, str(resolve_data_dir(args.data_dir)), args.jobs)
-    if not args.tables_only:
+    if args.regenerate:
+        from crossret.data import resolve_data_dir
+
+        rows = regenerate(rows, runs_path, str(resolve_data_dir(args.data_dir)), args.jobs)
+    elif not args.tables_only:
         from crossret.data import resolve_data_dir
 
         data_dir = str(resolve_data_dir(args.data_dir))

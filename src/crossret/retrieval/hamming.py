@@ -21,13 +21,18 @@ Kernels
   orders within tie groups, from the per-distance counts alone (see the function docstring).
 * :func:`hamming_distances`: the full ``(Q, N)`` int32 distance matrix, for small inputs and tests.
 * :func:`hamming_topk`: exact top-k by (distance, position) — the search of the ``flat``
-  :class:`crossret.retrieval.BinaryIndex` — by histogram threshold and counting sort (no heap).
+  :class:`crossret.retrieval.BinaryIndex` — by a query-blocked threshold scan while k is a small
+  share of the database, else by histogram threshold and counting sort (no heap either way).
+
+The blocked kernels are compiled ``nogil`` and run on Python threads (:func:`_run_blocks`), as many
+as numba's thread count allows (``crossret.threads`` sets it per phase).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numba as nb
@@ -57,6 +62,29 @@ _DIRECT_TERMS = 64
 # Below this many (query, item) pairs a call runs on one thread: waking the worker threads costs
 # ~0.1-10 ms per call (much more on a busy machine), more than the work itself.
 _SERIAL_PAIRS = 1 << 18
+
+# Queries that share one pass over a database tile in the blocked kernels (search and metrics).
+_QUERY_BLOCK = 16
+
+
+def _n_blocks(n_queries: int) -> int:
+    return -(-n_queries // _QUERY_BLOCK)
+
+
+def _run_blocks(kernel: Callable[..., None], n_tasks: int, n_threads: int, *args: object) -> None:
+    """``kernel(*args, task0, task1)`` over tasks ``0..n_tasks``, split into contiguous ranges run on
+    ``n_threads`` threads. The kernels are compiled ``nogil`` and parallelised here rather than with
+    numba's ``prange``: the inner loops of a ``parallel=True`` kernel compiled to slower code, and
+    plain threads honour the caller's thread count exactly. Tasks write disjoint outputs."""
+    if n_threads <= 1 or n_tasks <= 1:
+        kernel(*args, np.int64(0), np.int64(n_tasks))
+        return
+    parts = min(n_tasks, 4 * n_threads)  # a few ranges per thread balance uneven tasks
+    bounds = np.linspace(0, n_tasks, parts + 1).astype(np.int64)
+    with ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="crossret-hamming") as pool:
+        futures = [pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(parts)]
+        for future in futures:
+            future.result()
 
 
 @contextmanager
@@ -95,29 +123,6 @@ def _distance_kernel(q_words, db_words, out):  # pragma: no cover - compiled
             out[q, j] = d
 
 
-@nb.njit(parallel=True, cache=True)
-def _histogram_kernel(q_words, q_labels, db_words, db_labels, hist):  # pragma: no cover - compiled
-    n_q, n_words = q_words.shape
-    n_db = db_words.shape[0]
-    stride = hist.shape[1] // 2  # L + 1
-    for q in prange(n_q):
-        row = hist[q]
-        label = q_labels[q]
-        if n_words == 1:
-            # The common case (codes of <= 64 bits) gets a loop without the inner word loop.
-            a = q_words[q, 0]
-            for j in range(n_db):
-                d = _popcount64(a ^ db_words[j, 0])
-                # Branch-free: relevant items land in the second half of the row.
-                row[d + stride * np.int64(db_labels[j] == label)] += 1
-        else:
-            for j in range(n_db):
-                d = np.int64(0)
-                for w in range(n_words):
-                    d += _popcount64(q_words[q, w] ^ db_words[j, w])
-                row[d + stride * np.int64(db_labels[j] == label)] += 1
-
-
 @nb.njit(inline="always", cache=True)
 def _distance(q_words, q, first_word, db_words, j, n_words):  # pragma: no cover - compiled
     """Hamming distance of query ``q`` and item ``j``; ``first_word = q_words[q, 0]``."""
@@ -129,6 +134,80 @@ def _distance(q_words, q, first_word, db_words, j, n_words):  # pragma: no cover
     return d
 
 
+# Pass 1 of the metrics is query-blocked: a block of ``_QUERY_BLOCK`` queries walks the database chunk
+# in tiles of ``_EVAL_TILE`` items, copied word-major once per block; every query of the block then
+# computes the tile's distances in vectorised passes (one per word) before its counting, so the
+# database is read once per block instead of once per query. The counting itself (one increment per
+# (query, item) pair) is what bounds the pass.
+_EVAL_TILE = 4096
+
+
+@nb.njit(inline="always", cache=True)
+def _load_tile(db_words, t0, t1, tile_t):  # pragma: no cover - compiled
+    """Copy items ``t0..t1`` word-major into ``tile_t[w, j]``."""
+    n_words = db_words.shape[1]
+    for j in range(t1 - t0):
+        for w in range(n_words):
+            tile_t[w, j] = db_words[t0 + j, w]
+
+
+@nb.njit(inline="always", cache=True)
+def _tile_distances(q_row, tile_t, n, dist):  # pragma: no cover - compiled
+    """``dist[j] = popcount(q_row XOR tile item j)`` for the first ``n`` items of a word-major tile."""
+    words = tile_t[0, :n]
+    a = q_row[0]
+    for j in range(n):
+        dist[j] = _popcount64(a ^ words[j])
+    for w in range(1, tile_t.shape[0]):
+        words = tile_t[w, :n]
+        a = q_row[w]
+        for j in range(n):
+            dist[j] += _popcount64(a ^ words[j])
+
+
+@nb.njit(nogil=True, cache=True)
+def _histogram_kernel(q_words, q_labels, db_words, db_labels, hist, blk0, blk1):  # pragma: no cover - compiled
+    """Query blocks ``blk0..blk1`` of pass 1 (see :func:`distance_histograms`)."""
+    n_q, n_words = q_words.shape
+    n_db = db_words.shape[0]
+    width = hist.shape[1]
+    stride = np.int32(width // 2)  # L + 1: relevant items count in the second half of a row
+    for blk in range(blk0, blk1):
+        q0 = blk * _QUERY_BLOCK
+        q1 = min(q0 + _QUERY_BLOCK, n_q)
+        # Four histograms per query, side by side in one row (item j counts in lane j % 4): with one,
+        # runs of equal distances serialise on the same counter. Flat rows index faster than 2-D.
+        lanes = np.zeros((q1 - q0, 4 * width), np.int64)
+        tile_t = np.empty((n_words, _EVAL_TILE), np.uint64)
+        slot = np.empty(_EVAL_TILE, np.int32)
+        for t0 in range(0, n_db, _EVAL_TILE):
+            t1 = min(t0 + _EVAL_TILE, n_db)
+            n = t1 - t0
+            _load_tile(db_words, t0, t1, tile_t)
+            labels = db_labels[t0:t1]
+            for b in range(q1 - q0):
+                _tile_distances(q_words[q0 + b], tile_t, n, slot)
+                label = q_labels[q0 + b]
+                for j in range(n):  # branch-free and vectorised
+                    slot[j] += stride * np.int32(labels[j] == label)
+                lane = lanes[b]
+                n4 = n // 4 * 4
+                for j in range(0, n4, 4):
+                    lane[slot[j]] += 1
+                    lane[width + slot[j + 1]] += 1
+                    lane[2 * width + slot[j + 2]] += 1
+                    lane[3 * width + slot[j + 3]] += 1
+                for j in range(n4, n):
+                    lane[slot[j]] += 1
+        for b in range(q1 - q0):
+            row = hist[q0 + b]
+            lane = lanes[b]
+            for x in range(width):
+                row[x] += lane[x] + lane[width + x] + lane[2 * width + x] + lane[3 * width + x]
+
+
+# The index-rule pass stays one query per thread (numba prange), walking the database in order: a
+# query-blocked version with per-lane counters measured slower (docs/scale.md).
 _RANK_BLOCK = 256
 
 
@@ -515,7 +594,8 @@ def distance_histograms(q_words: np.ndarray, q_labels: np.ndarray, db_words: np.
                                                           hist.shape[1] // 2)
     hist = _state(hist, "hist", np.int64, (q_words.shape[0], hist.shape[1]))
     with _threads_for(q_words.shape[0] * db_words.shape[0]):
-        _histogram_kernel(q_words, q_labels, db_words, db_labels, hist)
+        _run_blocks(_histogram_kernel, _n_blocks(q_words.shape[0]), nb.get_num_threads(), q_words, q_labels,
+                    db_words, db_labels, hist)
 
 
 def index_rank_pass(q_words: np.ndarray, q_labels: np.ndarray, db_words: np.ndarray,
@@ -618,16 +698,280 @@ def hamming_distances(q_packed: np.ndarray, db_packed: np.ndarray, bits: int) ->
 # ----------------------------------------------------------------------------------------------
 # Exact top-k (the ``flat`` kind of :class:`crossret.retrieval.BinaryIndex`)
 #
+# Blocked threshold scan. A task is a block of up to ``_QUERY_BLOCK`` queries and one database chunk.
+# The chunk is walked in tiles that stay in cache (``_TILE_BYTES``), and every query of the block scans
+# the tile before the next one is read, so memory traffic per (query, item) pair drops by the block
+# size. Each query keeps candidates (distance, position) in position order and a bound ``thr``: only an
+# item at ``d < thr`` can still enter the top k. The scan of a sub-block (``_SUB`` items) is a
+# vectorised count of ``d < thr`` (XOR + vector popcount + compare); only the rare sub-blocks with a
+# hit are walked item by item. When the candidate buffer fills, it is cut back to the exact top k so
+# far by a histogram over distances (``thr`` becomes the k-th distance: a later item at that distance
+# has a larger position, so it loses the tie). The final order is a stable counting sort by distance
+# of candidates held in position order, which is exactly (distance, position).
+#
+# Few queries (fewer than twice the threads) split the database into chunks instead; each chunk's
+# top k are merged in chunk order, which keeps equal distances in position order.
+
+_TILE_BYTES = 1 << 17  # database bytes per tile (L2-resident with the per-query state)
+_SUB = 256  # items per vectorised threshold test
+# SWAR byte test constants: a byte of x is below t (t <= 128) iff (x - LOW·t) & ~x & HIGH is set there.
+_BYTES_LOW = np.uint64(0x0101010101010101)
+_BYTES_HIGH = np.uint64(0x8080808080808080)
+_SAMPLE = 1024  # items whose distances give a query's starting bound (see _guess_bound)
+_TOPK_MIN_CHUNK = 1 << 16  # items per database chunk when few queries are split across threads
+# The threshold scan is used while k <= N / _SCAN_MAX_SHARE on databases of at least
+# _SCAN_MIN_DATABASE items (see uses_threshold_scan; both measured with benchmarks/scale.py).
+_SCAN_MAX_SHARE = 1000
+_SCAN_MIN_DATABASE = 1 << 16
+
+
+@nb.njit(inline="always", cache=True)
+def _cut_to_topk(cand_d, cand_i, n, k, n_dist):  # pragma: no cover - compiled
+    """Keep the exact top ``k`` (by distance, then position) of the first ``n`` candidates, held in
+    position order, in place and still in position order. Returns ``(n_kept, thr)``: ``thr`` is the
+    k-th distance when ``n >= k`` (later items must be strictly closer), else ``n_dist``."""
+    if n < k:
+        return n, n_dist
+    hist = np.zeros(n_dist, np.int64)
+    for c in range(n):
+        hist[cand_d[c]] += 1
+    below = np.int64(0)
+    t = np.int64(0)
+    for d in range(n_dist):
+        if below + hist[d] >= k:
+            t = d
+            break
+        below += hist[d]
+    at_t = k - below  # how many items at distance t are kept: the first ones in position order
+    kept = np.int64(0)
+    for c in range(n):
+        d = cand_d[c]
+        if d < t or (d == t and at_t > 0):
+            if d == t:
+                at_t -= 1
+            cand_d[kept] = d
+            cand_i[kept] = cand_i[c]
+            kept += 1
+    return kept, t
+
+
+@nb.njit(inline="always", cache=True)
+def _sorted_topk(cand_d, cand_i, n, k, n_dist, out_d, out_i):  # pragma: no cover - compiled
+    """Write the top ``k`` of ``n`` candidates (in position order) to ``out_d`` / ``out_i`` ordered by
+    (distance, position): a stable counting sort by distance."""
+    n, _ = _cut_to_topk(cand_d, cand_i, n, k, n_dist)
+    start = np.zeros(n_dist + 1, np.int64)
+    for c in range(n):
+        start[cand_d[c] + 1] += 1
+    for d in range(n_dist):
+        start[d + 1] += start[d]
+    for c in range(n):
+        d = cand_d[c]
+        slot = start[d]
+        start[d] = slot + 1
+        out_d[slot] = d
+        out_i[slot] = cand_i[c]
+
+
+@nb.njit(inline="always", cache=True)
+def _offer(cand_d, cand_i, counts, thrs, b, d, position, k, n_dist):  # pragma: no cover - compiled
+    """Offer one item to query ``b`` of the block; cut the buffer back to the top k when it is full."""
+    n = counts[b]
+    cand_d[b, n] = d
+    cand_i[b, n] = position
+    n += 1
+    if n == cand_d.shape[1]:
+        n, thrs[b] = _cut_to_topk(cand_d[b], cand_i[b], n, k, n_dist)
+    counts[b] = n
+
+
+@nb.njit(inline="always", cache=True)
+def _offer_hits(dist, dist8, words8, m, first, b, cand_d, cand_i, counts, thrs, k,
+                n_dist):  # pragma: no cover - compiled
+    """Offer the items of a sub-block (``dist[:m]``, positions ``first + j``) that beat the bound, in
+    position order. ``dist8`` holds the same distances saturated to uint8, seen 8 at a time as
+    ``words8``: a word is walked item by item only when the SWAR test ``(x - low·thr) & ~x & high``
+    says one of its bytes is below ``thr`` (exact for ``thr <= 128``), so most of a sub-block with a
+    hit costs one test per 8 items."""
+    for w in range(-(-m // 8)):
+        thr = thrs[b]
+        if thr <= 128:
+            x = words8[w]
+            if not ((x - _BYTES_LOW * np.uint64(thr)) & ~x & _BYTES_HIGH):
+                continue
+        for j in range(8 * w, min(8 * w + 8, m)):
+            d = np.int64(dist[j])
+            if d < thrs[b]:
+                _offer(cand_d, cand_i, counts, thrs, b, d, first + j, k, n_dist)
+
+
+@nb.njit(inline="always", cache=True)
+def _saturate(dist, dist8, m):  # pragma: no cover - compiled
+    """``dist8[:m] = min(dist, 255)`` as uint8 and the bytes up to the next multiple of 8 set to 255
+    (never a hit), vectorised."""
+    for j in range(m):
+        dist8[j] = np.uint8(min(dist[j], 255))
+    for j in range(m, -(-m // 8) * 8):
+        dist8[j] = np.uint8(255)
+
+
+@nb.njit(inline="always", cache=True)
+def _scan_tile_one_word(a, tile, first, b, dist, dist8, words8, cand_d, cand_i, counts, thrs, k,
+                        n_dist):  # pragma: no cover - compiled
+    """Query word ``a`` (block slot ``b``) against a tile of 1-word codes at positions ``first + j``."""
+    n = tile.shape[0]
+    for s0 in range(0, n, _SUB):
+        sub = tile[s0:min(s0 + _SUB, n)]
+        m = sub.shape[0]
+        thr = thrs[b]
+        hits = np.int64(0)
+        for j in range(m):  # vectorised: XOR, popcount, store, compare, sum
+            d = _popcount64(a ^ sub[j])
+            dist[j] = d
+            hits += d < thr
+        if hits:
+            _saturate(dist, dist8, m)
+            _offer_hits(dist, dist8, words8, m, first + s0, b, cand_d, cand_i, counts, thrs, k, n_dist)
+
+
+@nb.njit(inline="always", cache=True)
+def _scan_tile_words(q_row, tile_t, n, dist, dist8, words8, first, b, cand_d, cand_i, counts, thrs, k,
+                     n_dist):  # pragma: no cover - compiled
+    """Query ``q_row`` (``W`` words) against the first ``n`` items of a tile stored word-major
+    (``tile_t[w, j]``): per sub-block, one vectorised pass per word into the L1-resident ``dist``."""
+    n_words = tile_t.shape[0]
+    for s0 in range(0, n, _SUB):
+        m = min(_SUB, n - s0)
+        words = tile_t[0, s0:s0 + m]
+        a = q_row[0]
+        for j in range(m):
+            dist[j] = _popcount64(a ^ words[j])
+        for w in range(1, n_words):
+            words = tile_t[w, s0:s0 + m]
+            a = q_row[w]
+            for j in range(m):
+                dist[j] += _popcount64(a ^ words[j])
+        thr = thrs[b]
+        hits = np.int64(0)
+        for j in range(m):
+            hits += dist[j] < thr
+        if hits:
+            _saturate(dist, dist8, m)
+            _offer_hits(dist, dist8, words8, m, first + s0, b, cand_d, cand_i, counts, thrs, k, n_dist)
+
+
+@nb.njit(inline="always", cache=True)
+def _guess_bound(q_words, q, db_words, j_start, n_items, k):  # pragma: no cover - compiled
+    """A starting bound for query ``q`` from the distances of the chunk's first ``_SAMPLE`` items:
+    one past the smallest distance ``t`` whose sample count, scaled to the chunk, reaches twice ``k``
+    plus a margin. It spares the dense early offers of a scan that starts unbounded. It is only a
+    guess: the caller checks that at least ``k`` items beat it and otherwise rescans unbounded."""
+    n_words = q_words.shape[1]
+    n_dist = n_words * 64 + 1
+    hist = np.zeros(n_dist, np.int64)
+    first_word = q_words[q, 0]
+    for j in range(j_start, j_start + _SAMPLE):
+        hist[_distance(q_words, q, first_word, db_words, j, n_words)] += 1
+    goal = (2 * k + 64) * _SAMPLE  # compare sample counts scaled by n_items / _SAMPLE, in integers
+    total = np.int64(0)
+    for t in range(n_dist):
+        total += hist[t]
+        if total * n_items >= goal:
+            return np.int64(t + 1)
+    return np.int64(n_dist)
+
+
+@nb.njit(nogil=True, cache=True)
+def _topk_blocked(q_words, db_words, db_flat, k, cap, chunk, res_d, res_i, task0,
+                  task1):  # pragma: no cover - compiled
+    """Top ``k`` of the (query block, database chunk) tasks ``task0..task1`` into ``res_d`` / ``res_i`` of shape
+    ``(Q, n_chunks, k)``, each row ordered by (distance, position) and padded with ``(max, -1)``.
+    ``db_flat`` is ``db_words`` as one contiguous vector when ``W == 1`` (a column view would not
+    vectorise)."""
+    n_q, n_words = q_words.shape
+    n_db = db_words.shape[0]
+    n_dist = n_words * 64 + 1
+    n_chunks = res_d.shape[1]
+    tile_items = max(_SUB, _TILE_BYTES // (8 * n_words) // _SUB * _SUB)
+    for task in range(task0, task1):
+        q0 = (task // n_chunks) * _QUERY_BLOCK
+        q1 = min(q0 + _QUERY_BLOCK, n_q)
+        c = task % n_chunks
+        j_start = c * chunk
+        j_stop = min(j_start + chunk, n_db)
+        cand_d = np.empty((q1 - q0, cap), np.int64)
+        cand_i = np.empty((q1 - q0, cap), np.int64)
+        counts = np.zeros(q1 - q0, np.int64)
+        thrs = np.full(q1 - q0, n_dist, np.int64)
+        n_items = j_stop - j_start
+        need = min(k, n_items)
+        guessed = n_items >= 16 * _SAMPLE
+        if guessed:
+            for b in range(q1 - q0):
+                thrs[b] = _guess_bound(q_words, q0 + b, db_words, j_start, n_items, k)
+        tile_t = np.empty((n_words, tile_items), np.uint64)
+        dist = np.empty(_SUB, np.int32)
+        dist8 = np.empty(_SUB, np.uint8)
+        words8 = dist8.view(np.uint64)
+        for t0 in range(j_start, j_stop, tile_items):
+            t1 = min(t0 + tile_items, j_stop)
+            if n_words == 1:
+                tile = db_flat[t0:t1]
+                for b in range(q1 - q0):
+                    _scan_tile_one_word(q_words[q0 + b, 0], tile, t0, b, dist, dist8, words8, cand_d, cand_i, counts,
+                                        thrs, k, n_dist)
+            else:
+                # Word-major copy of the tile, paid once for the whole query block: the distance loop
+                # then reads each word contiguously and vectorises.
+                for j in range(t1 - t0):
+                    for w in range(n_words):
+                        tile_t[w, j] = db_words[t0 + j, w]
+                for b in range(q1 - q0):
+                    _scan_tile_words(q_words[q0 + b], tile_t, t1 - t0, dist, dist8, words8, t0, b, cand_d, cand_i,
+                                     counts, thrs, k, n_dist)
+        for b in range(q1 - q0):
+            if guessed and counts[b] < need:
+                # The guessed bound was too tight for this query (fewer than k items beat it): redo the
+                # chunk with no bound. Exact either way; rare unless the chunk's start is unrepresentative.
+                counts[b] = 0
+                thrs[b] = n_dist
+                first_word = q_words[q0 + b, 0]
+                for j in range(j_start, j_stop):
+                    d = _distance(q_words, q0 + b, first_word, db_words, j, n_words)
+                    if d < thrs[b]:
+                        _offer(cand_d, cand_i, counts, thrs, b, d, j, k, n_dist)
+            _sorted_topk(cand_d[b], cand_i[b], counts[b], k, n_dist, res_d[q0 + b, c], res_i[q0 + b, c])
+
+
+@nb.njit(nogil=True, cache=True)
+def _merge_chunks(res_d, res_i, k, n_dist, out_d, out_i):  # pragma: no cover - compiled
+    """Merge every query's per-chunk top k (chunks in database order, so equal distances stay in
+    position order) into its overall top k (serial: only few queries are split into chunks)."""
+    n_q, n_chunks = res_d.shape[0], res_d.shape[1]
+    for q in range(n_q):
+        cand_d = np.empty(n_chunks * k, np.int64)
+        cand_i = np.empty(n_chunks * k, np.int64)
+        n = np.int64(0)
+        for c in range(n_chunks):
+            for s in range(k):
+                if res_i[q, c, s] < 0:
+                    break
+                cand_d[n] = res_d[q, c, s]
+                cand_i[n] = res_i[q, c, s]
+                n += 1
+        _sorted_topk(cand_d, cand_i, n, k, n_dist, out_d[q], out_i[q])
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting top-k: the choice when k is a large share of the database
+#
 # Per query: pass 1 computes every distance into a small buffer (uint8 / uint16) and counts them in
 # a histogram over 0..L; the cumulative histogram gives the threshold distance ``t`` where the count
 # reaches k. Pass 2 walks the buffer in position order and drops each item with ``d <= t`` into slot
-# ``start[d] + (# items at d seen so far)``, keeping slots ``< k``. That is a counting sort: the
-# result is ordered by (distance, position) with no heap and no comparison sort, and the items kept
-# at ``t`` are the first ones in position order. The database can be split into chunks (several
-# threads per query); a chunk's slots then start after the items the earlier chunks hold at each
-# distance, so the merged result is the same.
+# ``start[d] + (# items at d seen so far)``, keeping slots ``< k``: a counting sort, ordered by
+# (distance, position). Its cost hardly depends on k, while the threshold scan above pays per item
+# that beats its bound, so it wins once k is more than a small fraction of the database.
 
-_TOPK_MIN_CHUNK = 1 << 16  # items per database chunk when one query is split across threads
 _LANES = 4  # pass 1 keeps 4 histograms (item j counts in lane j % 4), summed at the end
 # SWAR "some lane below n" test (exact for n up to half the lane range): constants per lane width.
 _SWAR_LOW = {1: np.uint64(0x0101010101010101), 2: np.uint64(0x0001000100010001)}
@@ -822,6 +1166,78 @@ def _distance_dtype(n_words: int) -> type:
     return np.uint8 if max_distance <= 0xFF else np.uint16 if max_distance <= 0xFFFF else np.uint32
 
 
+def _topk_counting(q_words: np.ndarray, db_words: np.ndarray, k: int, n_threads: int, out_d: np.ndarray,
+                   out_i: np.ndarray) -> None:
+    """The counting kernels, written into ``out_d`` / ``out_i`` (see the section comment)."""
+    n_q, n_db = q_words.shape[0], db_words.shape[0]
+    dtype = np.dtype(_distance_dtype(q_words.shape[1]))
+    per_word = 8 // dtype.itemsize
+    low = _SWAR_LOW.get(dtype.itemsize, np.uint64(0))
+    high = _SWAR_HIGH.get(dtype.itemsize, np.uint64(0))
+    width = -(-n_db // 8) * 8  # rows padded to whole uint64 words for the SWAR view
+    k64 = np.int64(k)
+    previous = nb.get_num_threads()
+    nb.set_num_threads(n_threads)
+    try:
+        if n_q >= 2 * n_threads or n_threads == 1:
+            bufs = np.empty((n_threads, width), dtype)
+            _topk_by_query(q_words, db_words, k64, bufs, bufs.view(np.uint64), np.int64(per_word), low, high,
+                           out_d, out_i)
+        else:
+            # Enough chunks for every thread to get work, each of >= _TOPK_MIN_CHUNK items.
+            n_chunks = max(1, min(-(-2 * n_threads // n_q), n_db // _TOPK_MIN_CHUNK))
+            size = -(-n_db // n_chunks // 8) * 8 if n_chunks > 1 else width
+            buf = np.empty((n_q, width), dtype)
+            _topk_by_chunk(q_words, db_words, k64, np.int64(size), buf, buf.view(np.uint64), np.int64(per_word),
+                           low, high, out_d, out_i)
+    finally:
+        nb.set_num_threads(previous)
+
+
+def _topk_threshold(q_words: np.ndarray, db_words: np.ndarray, k: int, n_threads: int, out_d: np.ndarray,
+                    out_i: np.ndarray) -> None:
+    """The blocked threshold scan, written into ``out_d`` / ``out_i`` (see the section comment)."""
+    n_q, n_db = q_words.shape[0], db_words.shape[0]
+    n_dist = 64 * q_words.shape[1] + 1
+    k_kept = min(k, n_db)  # slots past the database size stay padding
+    # Candidate buffer: room for k plus a batch of offers between two cuts (each cut is O(cap + L)).
+    cap = k_kept + max(k_kept, 256)
+    n_chunks = 1
+    if n_q < 2 * n_threads and n_threads > 1:
+        # Enough chunks for every thread to get work, each of >= _TOPK_MIN_CHUNK items.
+        n_chunks = max(1, min(-(-2 * n_threads // n_q), n_db // _TOPK_MIN_CHUNK))
+    chunk = -(-n_db // n_chunks)
+    if n_chunks == 1 and k_kept == k:
+        # Written in place: a view of the (padded) output, no copy of Q x k results.
+        res_d, res_i = out_d.reshape(n_q, 1, k), out_i.reshape(n_q, 1, k)
+    else:
+        res_d = np.full((n_q, n_chunks, k_kept), np.iinfo(np.int32).max, np.int32)
+        res_i = np.full((n_q, n_chunks, k_kept), -1, np.int64)
+    db_flat = db_words.reshape(-1) if db_words.shape[1] == 1 else db_words[:0, 0].copy()
+    _run_blocks(_topk_blocked, _n_blocks(n_q) * n_chunks, n_threads, q_words, db_words, db_flat,
+                np.int64(k_kept), np.int64(cap), np.int64(chunk), res_d, res_i)
+    if n_chunks > 1:
+        merged_d = np.empty((n_q, k_kept), np.int32)
+        merged_i = np.empty((n_q, k_kept), np.int64)
+        _merge_chunks(res_d, res_i, np.int64(k_kept), np.int64(n_dist), merged_d, merged_i)
+        out_d[:, :k_kept] = merged_d
+        out_i[:, :k_kept] = merged_i
+    elif res_d.base is not out_d:
+        out_d[:, :k_kept] = res_d[:, 0]
+        out_i[:, :k_kept] = res_i[:, 0]
+
+
+def uses_threshold_scan(n_queries: int, n_database: int, n_words: int, k: int) -> bool:
+    """Whether :func:`hamming_topk` takes the blocked threshold scan (else the counting kernels).
+
+    The scan costs a vectorised pass plus work per item that beats a query's running bound (about
+    ``k ln(N / k)`` items), so it wins while ``k`` is a small share of a large database; for codes of
+    several words it also needs enough queries to share the word-major copy of each tile. Both give
+    identical results; the rule only picks the faster (``benchmarks/scale.py`` measures both)."""
+    return (n_database >= _SCAN_MIN_DATABASE and k * _SCAN_MAX_SHARE <= n_database
+            and (n_words == 1 or n_queries >= _QUERY_BLOCK // 2))
+
+
 def hamming_topk(q_words: np.ndarray, db_words: np.ndarray, k: int, threads: int | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Exact ``k`` nearest items per query by Hamming distance, ordered by (distance, position).
@@ -830,8 +1246,9 @@ def hamming_topk(q_words: np.ndarray, db_words: np.ndarray, k: int, threads: int
     ``(distances int32 (Q, k), positions int64 (Q, k))``; when ``k > N`` the last ``k - N`` slots of
     every row hold position ``-1`` and distance ``int32`` max. ``threads`` caps numba's thread count
     for this call (default: numba's current setting); calls under ``_SERIAL_PAIRS`` pairs run on one
-    thread. Many queries run one query per thread (one parallel region in all); fewer queries than
-    twice the threads split each query's database into chunks across the threads instead.
+    thread. Two kernels give identical results; :func:`uses_threshold_scan` picks the faster: the
+    blocked threshold scan while ``k`` is a small share of the database, else the counting kernels.
+    Fewer queries than twice the threads split the database into chunks across the threads.
     """
     q_words = _words(q_words, "query words")
     db_words = _words(db_words, "database words")
@@ -846,28 +1263,12 @@ def hamming_topk(q_words: np.ndarray, db_words: np.ndarray, k: int, threads: int
     out_i = np.full((n_q, k), -1, np.int64)
     if n_q == 0 or n_db == 0:
         return out_d, out_i
-    dtype = np.dtype(_distance_dtype(q_words.shape[1]))
-    per_word = 8 // dtype.itemsize
-    low = _SWAR_LOW.get(dtype.itemsize, np.uint64(0))
-    high = _SWAR_HIGH.get(dtype.itemsize, np.uint64(0))
-    width = -(-n_db // 8) * 8  # rows padded to whole uint64 words for the SWAR view
-    k64 = np.int64(k)
     with _threads_for(n_q * n_db):
-        previous = nb.get_num_threads()
-        n_threads = min(previous, threads) if threads is not None and threads >= 1 else previous
-        nb.set_num_threads(n_threads)
-        try:
-            if n_q >= 2 * n_threads or n_threads == 1:
-                bufs = np.empty((n_threads, width), dtype)
-                words = bufs.view(np.uint64)
-                _topk_by_query(q_words, db_words, k64, bufs, words, np.int64(per_word), low, high, out_d, out_i)
-            else:
-                # Enough chunks for every thread to get work, each of >= _TOPK_MIN_CHUNK items.
-                n_chunks = max(1, min(-(-2 * n_threads // n_q), n_db // _TOPK_MIN_CHUNK))
-                size = -(-n_db // n_chunks // 8) * 8 if n_chunks > 1 else width
-                buf = np.empty((n_q, width), dtype)
-                _topk_by_chunk(q_words, db_words, k64, np.int64(size), buf, buf.view(np.uint64),
-                               np.int64(per_word), low, high, out_d, out_i)
-        finally:
-            nb.set_num_threads(previous)
+        n_threads = nb.get_num_threads()
+        if threads is not None and threads >= 1:
+            n_threads = min(n_threads, threads)
+        if uses_threshold_scan(n_q, n_db, q_words.shape[1], k):
+            _topk_threshold(q_words, db_words, k, n_threads, out_d, out_i)
+        else:
+            _topk_counting(q_words, db_words, k, n_threads, out_d, out_i)
     return out_d, out_i

@@ -5,13 +5,13 @@ Binary index kinds (the ``kind`` argument):
 
 ``"flat"``
     Exhaustive, exact. No parameters, no training. The codes are stored in a faiss
-    ``IndexBinaryFlat`` (so saved files are unchanged) but searched by crossret's numba kernel
-    (:func:`crossret.retrieval.hamming.hamming_topk`): one pass writes every distance into a uint8 /
-    uint16 buffer and counts a histogram over ``0..L``, the cumulative counts give the k-th distance,
-    and a second pass places the items up to it by counting sort — no heap, no sort. faiss' heap per
-    query dominated at k = 100; this kernel is faster than faiss at every size measured (a single
-    query over 100k codes: ~0.3 ms vs ~30 ms; 300 queries over 1M codes: see docs/scale.md), so it
-    is used for every size. Few queries split the database across threads instead of the queries.
+    ``IndexBinaryFlat`` (so saved files are unchanged) but searched by crossret's numba kernels
+    (:func:`crossret.retrieval.hamming.hamming_topk`), exact and ordered by (distance, position)
+    with no heap: while k is a small share of the database, blocks of queries share each pass over
+    a cache-sized database tile with a vectorised threshold test, keeping a bounded candidate buffer
+    per query; otherwise one pass counts a histogram of distances, whose cumulative counts give the
+    k-th distance, and a second pass places the items up to it by counting sort. Speed against
+    faiss: docs/scale.md. Few queries split the database across threads instead of the queries.
     ``range_search`` and factory strings such as ``"BFlat"`` still use faiss (query blocks of 1024,
     faiss' default is 32; see ``_FLAT_QUERY_BATCH``).
 ``"ivf"``
@@ -42,8 +42,8 @@ Guarantees (all kinds):
 * Results of each query are sorted by ``(distance, position)``, where *position* is the order in
   which items were added (``0 .. ntotal-1``). Without user ids, position is the returned id.
 * ``flat`` search is exact *including ties*: the ``k`` results are the first ``k`` items of the
-  database ordered by ``(distance, position)`` — by construction of the counting sort (the items
-  kept at the k-th distance are the first ones in position order); checked against a brute force
+  database ordered by ``(distance, position)`` — by construction of both kernels (the items kept
+  at the k-th distance are the first ones in position order); checked against a brute force
   and against faiss' ``IndexBinaryFlat`` in the tests. Other kinds' faiss results are re-sorted.
 * ``k > ntotal`` (including an empty index): missing slots hold id ``-1`` and distance
   :data:`MISSING_DISTANCE` (``int32`` max) for binary, score ``-inf`` for dense indexes, at the
@@ -747,7 +747,7 @@ class BinaryIndex(_FaissIndex):
         return dist, self._map_ids(internal)
 
     def _flat_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k of the ``flat`` kind with the numba counting kernel (``hamming_topk``).
+        """Exact top-k of the ``flat`` kind with crossret's numba kernels (``hamming_topk``).
 
         The codes stay in faiss' ``IndexBinaryFlat`` (the saved format is unchanged) and are read in
         place through a zero-copy view of its storage. Results are already in (distance, position)

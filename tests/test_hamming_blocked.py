@@ -1,0 +1,179 @@
+"""The query-blocked Hamming kernels at sizes that exercise their blocking.
+
+The other metric and index tests use databases of at most a few hundred items. These use enough
+items for several database tiles, query blocks, candidate-buffer cuts, the guessed starting bound
+(and its fallback) and the database-chunk split of few queries, on tie-heavy codes, and compare
+every output exactly with a brute force computed another way (``np.bitwise_count`` + a stable
+argsort or ``np.bincount``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from crossret.retrieval import hamming
+from crossret.retrieval.metrics import evaluate_hamming
+
+pytestmark = pytest.mark.filterwarnings("ignore::numba.NumbaPerformanceWarning")
+_SIZE_RULE = hamming.uses_threshold_scan  # before the fixture below replaces it
+
+
+def _words(rng: np.random.Generator, n: int, n_words: int, pool: int | None = None) -> np.ndarray:
+    """Random uint64 codes; with ``pool``, drawn from ``pool`` distinct codes (many exact ties)."""
+    if pool is None:
+        return rng.integers(0, 2**63, (n, n_words), dtype=np.int64).view(np.uint64) * np.uint64(2) + \
+            rng.integers(0, 2, (n, n_words)).astype(np.uint64)
+    base = _words(rng, pool, n_words)
+    return np.ascontiguousarray(base[rng.integers(0, pool, n)])
+
+
+def _distances(q: np.ndarray, db: np.ndarray) -> np.ndarray:
+    out = np.zeros((q.shape[0], db.shape[0]), np.int64)
+    for w in range(q.shape[1]):
+        out += np.bitwise_count(q[:, w][:, None] ^ db[:, w][None, :])
+    return out
+
+
+def _topk_reference(q: np.ndarray, db: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    dist = _distances(q, db)
+    order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    kept = order.shape[1]
+    out_d = np.full((q.shape[0], k), np.iinfo(np.int32).max, np.int32)
+    out_i = np.full((q.shape[0], k), -1, np.int64)
+    out_d[:, :kept] = np.take_along_axis(dist, order, axis=1)
+    out_i[:, :kept] = order
+    return out_d, out_i
+
+
+@pytest.fixture(params=["threshold-scan", "counting"], autouse=True)
+def topk_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run every search test through both top-k kernels (the size rule would pick one per case)."""
+    monkeypatch.setattr(hamming, "uses_threshold_scan", lambda *args: request.param == "threshold-scan")
+    return request.param
+
+
+def test_the_size_rule_takes_the_scan_only_for_a_small_share_of_the_database() -> None:
+    rule, share, smallest = _SIZE_RULE, hamming._SCAN_MAX_SHARE, hamming._SCAN_MIN_DATABASE
+    assert rule(1000, share * 100, 1, 100) and not rule(1000, share * 100 - 1, 1, 100)
+    assert not rule(1000, smallest - 1, 1, 1) and rule(1000, smallest, 1, 1)
+    assert not rule(1, share * 100, 2, 10)  # multi-word codes need queries to share the tile copy
+    assert rule(hamming._QUERY_BLOCK, share * 100, 4, 10)
+
+
+def _assert_topk(q: np.ndarray, db: np.ndarray, k: int, **kwargs: object) -> None:
+    got_d, got_i = hamming.hamming_topk(q, db, k, **kwargs)
+    ref_d, ref_i = _topk_reference(q, db, k)
+    np.testing.assert_array_equal(got_d, ref_d)
+    np.testing.assert_array_equal(got_i, ref_i)
+
+
+@pytest.mark.parametrize("n_words", [1, 2, 3, 4])
+@pytest.mark.parametrize("k", [1, 10, 1000])
+def test_topk_on_tie_heavy_codes_matches_a_stable_sort(n_words: int, k: int) -> None:
+    rng = np.random.default_rng(10 * n_words + k)
+    db = _words(rng, 20_000, n_words, pool=12)  # tiles of the database and ties at every distance
+    q = np.concatenate([_words(rng, 20, n_words, pool=12), _words(rng, 17, n_words)])  # 3 query blocks
+    _assert_topk(q, db, k)
+    _assert_topk(q, db, k, threads=1)
+
+
+def test_topk_with_k_beyond_the_database_pads_after_every_item() -> None:
+    rng = np.random.default_rng(3)
+    db = _words(rng, 17_000, 1, pool=5)
+    q = _words(rng, 18, 1)
+    _assert_topk(q, db, 20_000)
+
+
+def test_topk_cuts_its_candidate_buffer_many_times_exactly() -> None:
+    # Distances that fall along the database: every item beats the bound of the one before, so the
+    # buffer fills and is cut back over and over.
+    rng = np.random.default_rng(4)
+    n = 30_000
+    ones = np.minimum(np.arange(n)[::-1] // 500, 63)
+    db = np.array([(1 << int(c)) - 1 for c in ones], dtype=np.uint64).reshape(-1, 1)
+    q = np.zeros((18, 1), np.uint64)
+    q[1::2] = _words(rng, 9, 1)
+    for k in (1, 300, 2_000):
+        _assert_topk(q, db, k)
+
+
+def test_topk_recovers_when_the_guessed_bound_is_too_tight() -> None:
+    # The first items (the sample the starting bound is guessed from) are copies of the query, so
+    # the guess keeps only distance 0; fewer than k items are that close, and the query is redone.
+    rng = np.random.default_rng(5)
+    q = _words(rng, 18, 1)
+    db = _words(rng, 40_000, 1)
+    db[:hamming._SAMPLE] = q[0]
+    for k in (hamming._SAMPLE + 1, 6_000):
+        _assert_topk(q, db, k)
+        _assert_topk(q[:1], db, k, threads=1)
+
+
+def test_few_queries_split_across_chunks_merge_in_position_order() -> None:
+    rng = np.random.default_rng(6)
+    n = 2 * hamming._TOPK_MIN_CHUNK + 1_001  # enough for two chunks per query
+    db = _words(rng, n, 2, pool=9)
+    q = _words(rng, 1, 2, pool=9)
+    for k in (1, 10, 5_000):
+        _assert_topk(q, db, k)  # split across chunks when numba has two or more threads
+        _assert_topk(q, db, k, threads=1)  # one task per query block
+
+
+# ----------------------------------------------------------------------------------------------
+# Metric kernels
+
+
+def _histogram_reference(q: np.ndarray, q_labels: np.ndarray, db: np.ndarray, db_labels: np.ndarray) -> np.ndarray:
+    n_dist = 64 * q.shape[1] + 1
+    dist = _distances(q, db)
+    slot = dist + n_dist * (q_labels[:, None] == db_labels[None, :])
+    return np.stack([np.bincount(row, minlength=2 * n_dist) for row in slot])
+
+
+@pytest.mark.parametrize("n_words", [1, 3])
+def test_distance_histograms_match_bincount_over_chunks(n_words: int) -> None:
+    rng = np.random.default_rng(n_words)
+    n = 3 * hamming._EVAL_TILE + 123
+    db = _words(rng, n, n_words, pool=20)
+    q = _words(rng, 35, n_words, pool=20)
+    db_labels = rng.integers(0, 3, n).astype(np.int32)
+    q_labels = rng.integers(0, 3, 35).astype(np.int32)
+    hist = np.zeros((35, 2 * (64 * n_words + 1)), np.int64)
+    for start in range(0, n, 5_000):  # chunks that cut through tiles
+        hamming.distance_histograms(q, q_labels, db[start:start + 5_000], db_labels[start:start + 5_000], hist)
+    np.testing.assert_array_equal(hist, _histogram_reference(q, q_labels, db, db_labels))
+
+
+def _index_ap_reference(q: np.ndarray, q_labels: np.ndarray, db: np.ndarray, db_labels: np.ndarray, topk: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """AP and AP@k with ties broken by database position: stable argsort, then cumulative sums."""
+    dist = _distances(q, db)
+    ap, ap_k = np.zeros(len(q)), np.zeros(len(q))
+    for i in range(len(q)):
+        rel = (db_labels == q_labels[i])[np.argsort(dist[i], kind="stable")]
+        precision = np.cumsum(rel) / np.arange(1, len(rel) + 1)
+        if rel.any():
+            ap[i] = precision[rel].mean()
+        if rel[:topk].any():
+            ap_k[i] = precision[:topk][rel[:topk]].mean()
+    return ap, ap_k
+
+
+@pytest.mark.parametrize("classes", [1, 2, 500])
+def test_index_rule_matches_a_stable_sort_at_several_tiles(classes: int) -> None:
+    # 500 classes: most runs of 64 items hold no relevant item (the counting-only path); 1 class:
+    # every item is relevant (the item-by-item path).
+    rng = np.random.default_rng(classes)
+    n, bits = 2 * hamming._EVAL_TILE + 777, 128
+    db = _words(rng, n, 2, pool=15)
+    q = _words(rng, 33, 2, pool=15)
+    db_labels = rng.integers(0, classes, n)
+    q_labels = rng.integers(0, classes, 33)
+    to_pm1 = np.unpackbits(q.view(np.uint8), axis=1, bitorder="little").astype(np.int8) * 2 - 1
+    db_pm1 = np.unpackbits(db.view(np.uint8), axis=1, bitorder="little").astype(np.int8) * 2 - 1
+    result = evaluate_hamming(to_pm1, db_pm1, q_labels, db_labels, bits=bits, ties="index", topk=100,
+                              chunk_size=3_001)
+    ap, ap_k = _index_ap_reference(q, q_labels, db, db_labels, 100)
+    np.testing.assert_allclose(result.ap, ap, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(result.ap_at_k, ap_k, rtol=0, atol=1e-12)

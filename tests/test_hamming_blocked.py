@@ -177,3 +177,30 @@ def test_index_rule_matches_a_stable_sort_at_several_tiles(classes: int) -> None
     ap, ap_k = _index_ap_reference(q, q_labels, db, db_labels, 100)
     np.testing.assert_allclose(result.ap, ap, rtol=0, atol=1e-12)
     np.testing.assert_allclose(result.ap_at_k, ap_k, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("budget", [None, 700, 10**9])
+def test_one_pass_index_rule_equals_the_two_pass_route(budget: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # budget None: too small for any query, so every query takes the two-pass route; 700: several
+    # query blocks of the one-pass walk; 10**9: one block. Every value must be identical.
+    from crossret.retrieval import metrics
+
+    rng = np.random.default_rng(9)
+    n = 9_000
+    db = np.unpackbits(_words(rng, n, 1, pool=30).view(np.uint8), axis=1).astype(np.int8) * 2 - 1
+    q = np.unpackbits(_words(rng, 40, 1, pool=30).view(np.uint8), axis=1).astype(np.int8) * 2 - 1
+    db_labels, q_labels = rng.integers(-1, 40, n), rng.integers(0, 40, 40)
+
+    def evaluate() -> object:
+        return evaluate_hamming(q, db, q_labels, db_labels, ties="index", topk=50, precision_ns=[1, 10, 500],
+                                chunk_size=2_500)
+
+    monkeypatch.setattr(metrics, "_INDEX_RECORD_BUDGET", 1)
+    reference = evaluate()
+    if budget is not None:
+        monkeypatch.setattr(metrics, "_INDEX_RECORD_BUDGET", budget)
+    result = evaluate()
+    np.testing.assert_array_equal(result.ap, reference.ap)
+    np.testing.assert_array_equal(result.ap_at_k, reference.ap_at_k)
+    assert result.precision_at == reference.precision_at and result.recall_at == reference.recall_at
+    assert result.pr_radius == reference.pr_radius and result.p_at_r2 == reference.p_at_r2

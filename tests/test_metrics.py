@@ -20,6 +20,7 @@ import pytest
 
 from crossret.errors import CodeError, ConfigError, DataError
 from crossret.retrieval import hamming
+from crossret.retrieval import metrics as metrics_module
 from crossret.retrieval.metrics import (
     dense_retrieval_metrics,
     evaluate_hamming,
@@ -369,13 +370,21 @@ def test_hamming_kernel_matches_faiss_and_brute_force(bits: int) -> None:
     np.testing.assert_array_equal(np.take_along_axis(dist, ids, axis=1), distances)
 
 
-def test_progress_reports_both_passes() -> None:
+def test_progress_reports_every_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
-    calls: list[tuple[int, int, str]] = []
-    evaluate_hamming(_pm1(rng, 3, 8), _pm1(rng, 10, 8), [0, 1, 0], rng.integers(0, 2, 10), ties="index",
-                     chunk_size=4, progress=lambda done, total, stage: calls.append((done, total, stage)))
-    assert calls == [(4, 10, "distances"), (8, 10, "distances"), (10, 10, "distances"),
-                     (4, 10, "ranks"), (8, 10, "ranks"), (10, 10, "ranks")]
+    q, db, q_labels, db_labels = _pm1(rng, 3, 8), _pm1(rng, 10, 8), [0, 1, 0], rng.integers(0, 2, 10)
+
+    def calls_of(ties: str) -> list[tuple[int, int, str]]:
+        calls: list[tuple[int, int, str]] = []
+        evaluate_hamming(q, db, q_labels, db_labels, ties=ties, chunk_size=4,
+                         progress=lambda done, total, stage: calls.append((done, total, stage)))
+        return calls
+
+    assert calls_of("expected") == [(4, 10, "distances"), (8, 10, "distances"), (10, 10, "distances")]
+    assert calls_of("index") == [(4, 10, "ranks"), (8, 10, "ranks"), (10, 10, "ranks")]  # one walk
+    monkeypatch.setattr(metrics_module, "_INDEX_RECORD_BUDGET", 2)  # too small for any query: two passes
+    assert calls_of("index") == [(4, 10, "distances"), (8, 10, "distances"), (10, 10, "distances"),
+                                 (4, 10, "ranks"), (8, 10, "ranks"), (10, 10, "ranks")]
 
 
 def test_to_dict_is_json_safe() -> None:

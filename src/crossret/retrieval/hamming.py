@@ -265,6 +265,78 @@ def _index_rank_kernel(q_words, q_labels, db_words, db_labels, before, before_re
         n_rel_topk[q] = nk
 
 
+# Tie rule ``index`` in one pass over the database: every item of a query's walk counts at its
+# distance (the counts at the end are pass 1's histogram), and each relevant item records its distance
+# and how many items at that distance came before it. Its rank needs the items at smaller distances in
+# the whole database, known only at the end, so ranks are scored afterwards from the records.
+
+
+@nb.njit(parallel=True, cache=True)
+def _index_walk_kernel(q_words, q_labels, db_words, db_labels, seen, offsets, n_rec, rec_d,
+                       rec_s):  # pragma: no cover - compiled
+    n_q, n_words = q_words.shape
+    n_db = db_words.shape[0]
+    for q in prange(n_q):
+        label = q_labels[q]
+        first_word = q_words[q, 0]
+        seen_row = seen[q].copy()  # private copy: no aliasing with the inputs in the hot loop
+        base = offsets[q]
+        n = n_rec[q]
+        for j in range(n_db):
+            d = _distance(q_words, q, first_word, db_words, j, n_words)
+            s = seen_row[d]
+            seen_row[d] = s + 1
+            # Branch-free: the slot after the last record is written every time and kept only for a
+            # relevant item (each query's records have one spare slot).
+            rec_d[base + n] = d
+            rec_s[base + n] = s
+            n += np.int64(db_labels[j] == label)
+        seen[q, :] = seen_row
+        n_rec[q] = n
+
+
+@nb.njit(parallel=True, cache=True)
+def _index_score_kernel(seen, offsets, n_rec, rec_d, rec_s, topk, ns, rel_counts, ap_sum, apk_sum, n_rel_topk,
+                        first_under):  # pragma: no cover - compiled
+    n_q, n_dist = seen.shape
+    n_ns = ns.shape[0]
+    for q in prange(n_q):
+        base = offsets[q]
+        n = n_rec[q]
+        rel_row = rel_counts[q]
+        for r in range(n):
+            rel_row[rec_d[base + r]] += 1
+        before = np.empty(n_dist, np.int64)  # items / relevant items at smaller distances
+        before_rel = np.empty(n_dist, np.int64)
+        total = np.int64(0)
+        total_rel = np.int64(0)
+        for d in range(n_dist):
+            before[d] = total
+            before_rel[d] = total_rel
+            total += seen[q, d]
+            total_rel += rel_row[d]
+        seen_rel = np.zeros(n_dist, np.int64)
+        ap_acc = 0.0
+        apk_acc = 0.0
+        nk = np.int64(0)
+        for r in range(n):  # in database order, as the two-pass kernel scores them
+            d = rec_d[base + r]
+            sr = seen_rel[d]
+            seen_rel[d] = sr + 1
+            rank = before[d] + rec_s[base + r] + 1
+            precision = (before_rel[d] + sr + 1) / rank
+            ap_acc += precision
+            if rank <= topk:
+                apk_acc += precision
+                nk += 1
+            t = np.searchsorted(ns, rank)
+            if t < n_ns:
+                first_under[q, t] += 1
+        ap_sum[q] = ap_acc
+        apk_sum[q] = apk_acc
+        n_rel_topk[q] = nk
+
+
 @nb.njit(cache=True)
 def _harmonic_difference(a: int, n: int) -> float:
     """``S = H(a + n) - H(a) = sum_{i=1..n} 1 / (a + i)`` for integers ``a >= 0``, ``n >= 0``.
@@ -637,6 +709,83 @@ def index_rank_pass(q_words: np.ndarray, q_labels: np.ndarray, db_words: np.ndar
                            np.int64(topk), np.ascontiguousarray(ns[order]), ap_sum, apk_sum, n_rel_topk,
                            first_under)
     rel_at_n[:, order] += np.cumsum(first_under, axis=1)
+
+
+def index_records_walk(q_words: np.ndarray, q_labels: np.ndarray, db_words: np.ndarray, db_labels: np.ndarray,
+                       seen: np.ndarray, offsets: np.ndarray, n_rec: np.ndarray, rec_d: np.ndarray,
+                       rec_s: np.ndarray) -> None:
+    """One-pass tie rule ``index``, over one database chunk (state updated in place).
+
+    ``seen`` int64 ``(Q, L + 1)``: items walked so far at each distance (zero before the first
+    chunk; after the last it is the distance histogram). For every relevant item, query ``q`` writes
+    its distance and the items at that distance before it to ``rec_d`` / ``rec_s`` (int64) at
+    ``offsets[q] + n_rec[q]`` and increments ``n_rec[q]``; query ``q``'s records need ``R_q + 1``
+    slots from ``offsets[q]`` (``R_q`` = its relevant items in the whole database).
+    """
+    if not isinstance(seen, np.ndarray) or seen.ndim != 2 or seen.shape[1] < 1:
+        raise DataError(f"seen: expected an int64 array (Q, L + 1), got {getattr(seen, 'shape', seen)!r}")
+    q_words, q_labels, db_words, db_labels = _pair_inputs(q_words, q_labels, db_words, db_labels, seen.shape[1])
+    n_q = q_words.shape[0]
+    seen = _state(seen, "seen", np.int64, (n_q, seen.shape[1]))
+    offsets = _vector(offsets, "offsets", np.int64, n_q)
+    n_rec = _state(n_rec, "n_rec", np.int64, (n_q,))
+    if not isinstance(rec_d, np.ndarray) or rec_d.ndim != 1:
+        raise DataError("rec_d: expected a 1-D int64 array")
+    rec_d = _state(rec_d, "rec_d", np.int64, rec_d.shape)
+    rec_s = _state(rec_s, "rec_s", np.int64, rec_d.shape)
+    # Every query's room must hold what its label can still add in this chunk, plus the spare slot.
+    if n_q:
+        room = np.diff(np.append(offsets, rec_d.shape[0]))
+        if offsets.min() < 0 or np.any(room < 1):
+            raise DataError("offsets: each query needs at least one record slot, in increasing order")
+        known = db_labels[db_labels >= 0]  # -1 is nobody's label
+        per_label = np.bincount(known, minlength=int(q_labels.max(initial=-1)) + 1) if known.size else None
+        adds = np.zeros(n_q, np.int64)
+        if per_label is not None:
+            inside = (q_labels >= 0) & (q_labels < per_label.size)
+            adds[inside] = per_label[q_labels[inside]]
+        if np.any(n_rec < 0) or np.any(n_rec + adds + 1 > room):
+            raise DataError("rec_d / rec_s: too few record slots for the relevant items of this chunk")
+    with _threads_for(q_words.shape[0] * db_words.shape[0]):
+        _index_walk_kernel(q_words, q_labels, db_words, db_labels, seen, offsets, n_rec, rec_d, rec_s)
+
+
+def index_records_score(seen: np.ndarray, offsets: np.ndarray, n_rec: np.ndarray, rec_d: np.ndarray,
+                        rec_s: np.ndarray, topk: int, ns: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Score the records of :func:`index_records_walk` once every chunk is walked.
+
+    A relevant item at distance ``d`` with ``s`` items at ``d`` before it has ``rank = C_d + s + 1``
+    (``C_d`` = items at smaller distances, from ``seen``) and precision ``(Cr_d + sr + 1) / rank``
+    (``Cr_d`` relevant items at smaller distances, ``sr`` relevant at ``d`` before it), exactly its
+    place in a stable sort by distance. Returns ``(rel_counts (Q, L + 1) int64, ap_sum, apk_sum,
+    n_rel_topk, rel_at_n (Q, T) int64)`` with the sums float64 ``(Q,)``; ``rel_at_n[q, t]`` counts
+    relevant items with ``rank <= ns[t]``.
+    """
+    seen = np.ascontiguousarray(seen, dtype=np.int64)
+    n_q, n_dist = seen.shape
+    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+    n_rec = np.ascontiguousarray(n_rec, dtype=np.int64)
+    if offsets.shape != (n_q,) or n_rec.shape != (n_q,) or rec_d.shape != rec_s.shape:
+        raise DataError("index records: offsets and n_rec need one entry per query, rec_d and rec_s one shape")
+    if n_q and (np.any(n_rec < 0) or np.any(offsets + n_rec > rec_d.shape[0])
+                or (n_rec.sum() and (rec_d.min() < 0 or rec_d.max() >= n_dist))):
+        raise DataError("index records: counts or distances outside the record arrays")
+    ns = np.asarray(ns)
+    if ns.dtype != np.int64 or ns.ndim != 1:
+        raise DataError(f"ns: expected a 1-D int64 array, got {ns.dtype} {ns.shape}")
+    topk = _as_int(topk, "topk", 0, ConfigError)
+    order = np.argsort(ns, kind="stable")
+    rel_counts = np.zeros((n_q, n_dist), np.int64)
+    ap_sum, apk_sum = np.zeros(n_q), np.zeros(n_q)
+    n_rel_topk = np.zeros(n_q, np.int64)
+    first_under = np.zeros((n_q, ns.shape[0]), np.int64)
+    _index_score_kernel(seen, offsets, n_rec, np.ascontiguousarray(rec_d, dtype=np.int64),
+                        np.ascontiguousarray(rec_s, dtype=np.int64), np.int64(topk),
+                        np.ascontiguousarray(ns[order]), rel_counts, ap_sum, apk_sum, n_rel_topk, first_under)
+    rel_at_n = np.zeros_like(first_under)
+    rel_at_n[:, order] = np.cumsum(first_under, axis=1)
+    return rel_counts, ap_sum, apk_sum, n_rel_topk, rel_at_n
 
 
 def expected_rank_metrics(counts: np.ndarray, rel_counts: np.ndarray, topk: int,

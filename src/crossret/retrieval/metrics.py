@@ -243,7 +243,9 @@ def evaluate_hamming(
         precision_ns: the N of precision@N / recall@N; N above the database size is skipped.
         chunk_size: database rows per streaming chunk (memory ``O(Q L + chunk)``).
         progress: called as ``progress(rows_done, n_database, stage)`` after every chunk, with
-            stage ``"distances"`` (pass 1) and, for ``ties="index"``, ``"ranks"`` (pass 2).
+            stage ``"distances"`` (the counting pass of ``ties="expected"``) or ``"ranks"`` (the walk of
+            ``ties="index"``, over every block of queries; when one query's label has more relevant
+            items than a block can record, ``index`` takes two passes, ``"distances"`` then ``"ranks"``).
 
     Raises:
         CodeError: malformed codes or query/database code lengths that differ.
@@ -271,22 +273,26 @@ def evaluate_hamming(
     # The numba kernels run in the "evaluate" phase of crossret.threads: its thread count, and torch /
     # faiss restored afterwards (numba's OpenMP layer resets their shared count when its threads start).
     with use_threads("evaluate"):
-        # Pass 1: per-distance counts (non-relevant in the first half of a row, relevant in the second).
-        hist = np.zeros((n_q, 2 * n_dist), dtype=np.int64)
-        for stop, words, labels in chunks():
-            hamming.distance_histograms(q_words, q_lab, words, labels, hist)
-            if progress is not None:
-                progress(stop, n_db, "distances")
-        rel_counts = np.ascontiguousarray(hist[:, n_dist:])
-        counts = hist[:, :n_dist] + rel_counts
-        del hist
-        n_rel = rel_counts.sum(axis=1)
-
-        if ties == "expected":
-            ap, ap_k, rel_at_n = hamming.expected_rank_metrics(counts, rel_counts, k_eff, ns)
+        relevant = _relevant_per_query(q_lab, db_lab)
+        if ties == "index" and relevant.max(initial=0) + 1 <= _INDEX_RECORD_BUDGET:
+            counts, rel_counts, ap, ap_k, rel_at_n = _index_one_pass(q_words, q_lab, chunks, relevant, k_eff, ns,
+                                                                     n_dist, n_db, progress)
         else:
-            ap, ap_k, rel_at_n = _index_pass(q_words, q_lab, chunks, counts, rel_counts, k_eff, ns,
-                                             n_db, progress)
+            # Pass 1: per-distance counts (non-relevant in the first half of a row, relevant in the second).
+            hist = np.zeros((n_q, 2 * n_dist), dtype=np.int64)
+            for stop, words, labels in chunks():
+                hamming.distance_histograms(q_words, q_lab, words, labels, hist)
+                if progress is not None:
+                    progress(stop, n_db, "distances")
+            rel_counts = np.ascontiguousarray(hist[:, n_dist:])
+            counts = hist[:, :n_dist] + rel_counts
+            del hist
+            if ties == "expected":
+                ap, ap_k, rel_at_n = hamming.expected_rank_metrics(counts, rel_counts, k_eff, ns)
+            else:
+                ap, ap_k, rel_at_n = _index_pass(q_words, q_lab, chunks, counts, rel_counts, k_eff, ns,
+                                                 n_db, progress)
+        n_rel = rel_counts.sum(axis=1)
 
     has_rel = n_rel > 0
     precision_at = {int(n): float(np.mean(rel_at_n[:, t] / n)) for t, n in enumerate(ns)}
@@ -310,6 +316,65 @@ def evaluate_hamming(
         pr_radius=_pr_by_radius(counts, rel_counts),
         p_at_r2=_precision_within_radius(counts, rel_counts, 2),
     )
+
+
+# Records (distance, items before it at that distance) the one-pass index rule keeps per query block;
+# 16 bytes each, so 64 MiB. A query whose label has more relevant items takes the two-pass route.
+_INDEX_RECORD_BUDGET = 1 << 22
+
+
+def _relevant_per_query(q_lab: np.ndarray, db_lab: np.ndarray) -> np.ndarray:
+    """Relevant database items of every query (label codes equal; -1 is nobody's)."""
+    known = db_lab[db_lab >= 0]
+    per_label = np.bincount(known, minlength=int(q_lab.max(initial=-1)) + 1) if known.size else None
+    out = np.zeros(q_lab.shape[0], np.int64)
+    if per_label is not None:
+        inside = q_lab < per_label.size
+        out[inside] = per_label[q_lab[inside]]
+    return out
+
+
+def _index_one_pass(q_words: np.ndarray, q_lab: np.ndarray, chunks: Callable[[], Any], relevant: np.ndarray,
+                    k_eff: int, ns: np.ndarray, n_dist: int, n_db: int, progress: ProgressFn | None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Tie rule ``index`` in one walk of the database per block of queries
+    (:func:`crossret.retrieval.hamming.index_records_walk`): blocks are cut so that their records fit
+    ``_INDEX_RECORD_BUDGET``. Returns ``(counts, rel_counts, ap, ap_at_k, rel_at_n)``; progress reports
+    stage ``"ranks"`` over all blocks."""
+    n_q = q_words.shape[0]
+    counts = np.zeros((n_q, n_dist), np.int64)
+    rel_counts = np.zeros((n_q, n_dist), np.int64)
+    ap = np.zeros(n_q)
+    ap_k = np.zeros(n_q)
+    rel_at_n = np.zeros((n_q, ns.shape[0]))
+    slots = relevant + 1
+    ends = np.cumsum(slots)
+    starts: list[int] = [0]
+    while starts[-1] < n_q:  # greedy blocks of consecutive queries within the budget
+        base = ends[starts[-1] - 1] if starts[-1] else 0
+        stop = int(np.searchsorted(ends, base + _INDEX_RECORD_BUDGET, side="right"))
+        starts.append(max(stop, starts[-1] + 1))
+    n_blocks = len(starts) - 1
+    for b in range(n_blocks):
+        q0, q1 = starts[b], starts[b + 1]
+        offsets = np.concatenate([[0], np.cumsum(slots[q0:q1])[:-1]]).astype(np.int64)
+        size = int(slots[q0:q1].sum())
+        rec_d, rec_s = np.zeros(size, np.int64), np.zeros(size, np.int64)
+        n_rec = np.zeros(q1 - q0, np.int64)
+        seen = np.zeros((q1 - q0, n_dist), np.int64)
+        block_words, block_lab = np.ascontiguousarray(q_words[q0:q1]), np.ascontiguousarray(q_lab[q0:q1])
+        for stop, words, labels in chunks():
+            hamming.index_records_walk(block_words, block_lab, words, labels, seen, offsets, n_rec, rec_d, rec_s)
+            if progress is not None:
+                progress(int(n_db * (b + stop / n_db) / n_blocks), n_db, "ranks")
+        rel, ap_sum, apk_sum, n_rel_topk, first = hamming.index_records_score(seen, offsets, n_rec, rec_d, rec_s,
+                                                                              k_eff, ns)
+        n_rel = rel.sum(axis=1)
+        counts[q0:q1], rel_counts[q0:q1] = seen, rel
+        ap[q0:q1] = np.divide(ap_sum, n_rel, out=np.zeros(q1 - q0), where=n_rel > 0)
+        ap_k[q0:q1] = np.divide(apk_sum, n_rel_topk, out=np.zeros(q1 - q0), where=n_rel_topk > 0)
+        rel_at_n[q0:q1] = first
+    return counts, rel_counts, ap, ap_k, rel_at_n
 
 
 def _index_pass(q_words: np.ndarray, q_lab: np.ndarray, chunks: Callable[[], Any], counts: np.ndarray,

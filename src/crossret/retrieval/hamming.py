@@ -206,6 +206,22 @@ def _histogram_kernel(q_words, q_labels, db_words, db_labels, hist, blk0, blk1):
                 row[x] += lane[x] + lane[width + x] + lane[2 * width + x] + lane[3 * width + x]
 
 
+@nb.njit(inline="always", cache=True)
+def _score_relevant(d, s, seen_rel, before, before_rel, ns, first_under):  # pragma: no cover - compiled
+    """A relevant item at distance ``d`` with ``s`` items at ``d`` before it: ``rank = before[d] + s + 1``,
+    ``precision = (before_rel[d] + # relevant at d before it + 1) / rank`` (``seen_rel`` counts them).
+    ``ns`` ascending: the item counts once, at the first cut-off it falls under (the caller turns
+    these counts into "rank <= ns[t]" by a cumulative sum), O(log T). Returns ``(rank, precision)``."""
+    sr = seen_rel[d]
+    seen_rel[d] = sr + 1
+    rank = before[d] + s + 1
+    precision = (before_rel[d] + sr + 1) / rank
+    t = np.searchsorted(ns, rank)
+    if t < ns.shape[0]:
+        first_under[t] += 1
+    return rank, precision
+
+
 # The index-rule pass stays one query per thread (numba prange), walking the database in order: a
 # query-blocked version with per-lane counters measured slower (docs/scale.md).
 _RANK_BLOCK = 256
@@ -216,7 +232,6 @@ def _index_rank_kernel(q_words, q_labels, db_words, db_labels, before, before_re
                        topk, ns, ap_sum, apk_sum, n_rel_topk, rel_at_n):  # pragma: no cover
     n_q, n_words = q_words.shape
     n_db = db_words.shape[0]
-    n_ns = ns.shape[0]
     for q in prange(n_q):
         label = q_labels[q]
         first_word = q_words[q, 0]
@@ -244,20 +259,12 @@ def _index_rank_kernel(q_words, q_labels, db_words, db_labels, before, before_re
                 rel_seen[n_found] = s
                 n_found += np.int64(db_labels[j] == label)
             for i in range(n_found):
-                d = rel_dist[i]
-                sr = seen_rel_row[d]
-                seen_rel_row[d] = sr + 1
-                rank = before_row[d] + rel_seen[i] + 1
-                precision = (before_rel_row[d] + sr + 1) / rank
+                rank, precision = _score_relevant(rel_dist[i], rel_seen[i], seen_rel_row, before_row,
+                                                  before_rel_row, ns, rel_at_n[q])
                 ap_acc += precision
                 if rank <= topk:
                     apk_acc += precision
                     nk += 1
-                # ns ascending: count the item once, at the first cut-off it falls under (the caller
-                # turns these counts into "rank <= ns[t]" by a cumulative sum), O(log T) per item.
-                t = np.searchsorted(ns, rank)
-                if t < n_ns:
-                    rel_at_n[q, t] += 1
         seen[q, :] = seen_row
         seen_rel[q, :] = seen_rel_row
         ap_sum[q] = ap_acc
@@ -299,7 +306,6 @@ def _index_walk_kernel(q_words, q_labels, db_words, db_labels, seen, offsets, n_
 def _index_score_kernel(seen, offsets, n_rec, rec_d, rec_s, topk, ns, rel_counts, ap_sum, apk_sum, n_rel_topk,
                         first_under):  # pragma: no cover - compiled
     n_q, n_dist = seen.shape
-    n_ns = ns.shape[0]
     for q in prange(n_q):
         base = offsets[q]
         n = n_rec[q]
@@ -320,18 +326,12 @@ def _index_score_kernel(seen, offsets, n_rec, rec_d, rec_s, topk, ns, rel_counts
         apk_acc = 0.0
         nk = np.int64(0)
         for r in range(n):  # in database order, as the two-pass kernel scores them
-            d = rec_d[base + r]
-            sr = seen_rel[d]
-            seen_rel[d] = sr + 1
-            rank = before[d] + rec_s[base + r] + 1
-            precision = (before_rel[d] + sr + 1) / rank
+            rank, precision = _score_relevant(rec_d[base + r], rec_s[base + r], seen_rel, before, before_rel, ns,
+                                              first_under[q])
             ap_acc += precision
             if rank <= topk:
                 apk_acc += precision
                 nk += 1
-            t = np.searchsorted(ns, rank)
-            if t < n_ns:
-                first_under[q, t] += 1
         ap_sum[q] = ap_acc
         apk_sum[q] = apk_acc
         n_rel_topk[q] = nk

@@ -45,6 +45,23 @@ def _evaluate(ties: str) -> Callable[[], None]:
     return run
 
 
+def _index_two_pass() -> None:
+    """The two-pass index rule, which ``evaluate_hamming`` takes when a label has more relevant items
+    than one block of its one-pass walk can record (a very large database)."""
+    from crossret.retrieval import hamming
+
+    rng = np.random.default_rng(6)
+    for bits in _BITS:
+        q, db = _words(rng, 8, bits), _words(rng, 40, bits)
+        q_lab, db_lab = rng.integers(0, 3, 8).astype(np.int32), rng.integers(0, 3, 40).astype(np.int32)
+        hist = np.zeros((8, 2 * (q.shape[1] * 64 + 1)), np.int64)
+        hamming.distance_histograms(q, q_lab, db, db_lab, hist)
+        shape = (8, hist.shape[1] // 2)
+        state = [np.zeros(shape, np.int64) for _ in range(4)]
+        hamming.index_rank_pass(q, q_lab, db, db_lab, *state, 5, np.array([1, 10], np.int64), np.zeros(8),
+                                np.zeros(8), np.zeros(8, np.int64), np.zeros((8, 2), np.int64))
+
+
 def _words(rng: np.random.Generator, n: int, bits: int) -> np.ndarray:
     from crossret.retrieval.packing import pack_codes, packed_to_words
 
@@ -116,6 +133,7 @@ def _multihash() -> None:
 _GROUPS: dict[str, Callable[[], None]] = {
     "metrics, ties=expected": _evaluate("expected"),
     "metrics, ties=index": _evaluate("index"),
+    "metrics, ties=index, two passes": _index_two_pass,
     "top-k search, many queries": _topk_many,
     "top-k search, one query": _topk_one,
     "distance matrix": _distances,

@@ -1135,40 +1135,81 @@ def serve(
 
 
 # --------------------------------------------------------------------------- gckd
-ModelOpt = Annotated[str, typer.Option("--model", help="Backbone size: 'tiny' (tests, CPU) or 'base' (ALBEF "
-                                       "ViT-B/16 + BERT-base).")]
+ModelOpt = Annotated[str, typer.Option("--model", help="Backbone size: 'tiny' (tests, CPU; trains at lr 1e-3 "
+                                       "unless --set lr=...) or 'base' (ALBEF ViT-B/16 + BERT-base; random weights "
+                                       "unless --init; the paper's lr 1e-5).")]
 ModelSetOpt = Annotated[list[str] | None, typer.Option("--model-set", help="ALBEF config override KEY=VALUE, e.g. "
                                                        "image_size=[64,32] (repeatable).")]
 TrainSetOpt = Annotated[list[str] | None, typer.Option("--set", help="GCKD training override KEY=VALUE, e.g. "
                                                        "epochs=5 kd_weight=0 (repeatable; see docs/gckd.md).")]
-VocabOpt = Annotated[Path | None, typer.Option("--vocab", help="BERT vocab.txt (default: the --init run's, or a "
-                                               "WordPiece vocabulary trained on the training captions).")]
+VocabOpt = Annotated[Path | None, typer.Option("--vocab", help="BERT vocab.txt. Required with an --init checkpoint "
+                                               "file (the vocabulary it was trained with, e.g. bert-base-uncased's "
+                                               "for ALBEF) unless the file is a crossret run's model.pt. Default: the "
+                                               "--init run's, or a WordPiece vocabulary trained on the training "
+                                               "captions.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda.")]
 RerankOpt = Annotated[int, typer.Option("--rerank-k", help="ITM re-ranking of each query's top-k images "
                                         "(0: ITC ranking only).")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace the crossret run in --out (finished or interrupted) once the "
                                             "new one has finished.")]
-GckdResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run in --out (same options).")]
+GckdResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run in --out (same options; --workers "
+                                             "may change).")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", help="Tokens per caption, [CLS] and [SEP] included; "
+                                           "longer captions are cut. At most the model's position embeddings (512 "
+                                           "for ALBEF-base). Stored in the run: `gckd eval` uses it.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="DataLoader processes that decode the images (0: this "
+                                         "process). Results do not depend on it.")]
+StrictOpt = Annotated[bool, typer.Option("--strict/--no-strict", help="--init: refuse a checkpoint whose keys differ "
+                                         "from the model's (default). --no-strict loads the shared keys (extra heads "
+                                         "of RaSa/APTM are ignored) and lists the missing and unexpected keys; "
+                                         "shape mismatches are refused either way.")]
+
+
+class _WarningLines:
+    """Prints the WARNING records of crossret's loggers as ``warning: ...`` lines on stderr while a command
+    runs (they also go to the run's log)."""
+
+    def __enter__(self) -> _WarningLines:
+        import logging
+
+        class Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                err.print(Text.assemble(("warning:", "bold yellow"), " ", " ".join(record.getMessage().split("\n"))),
+                          soft_wrap=True)
+
+        self.handler = Handler(logging.WARNING)
+        self.logger = logging.getLogger("crossret")
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self.handler)
 
 
 def _gckd_run(stage: str, source: Path, target: Path | None, out_dir: Path, model: str, model_set: list[str] | None,
               init: str | None, vocab: Path | None, set_: list[str] | None, rerank_k: int, device: str,
-              overwrite: bool, resume: bool, as_json: bool) -> None:
+              overwrite: bool, resume: bool, as_json: bool, max_tokens: int, workers: int, strict: bool) -> None:
     from crossret._extras import require
 
     require("gckd")
     from crossret.textimage.pipeline import GckdRunConfig, run_gckd
 
     config = GckdRunConfig(stage=stage, source_dir=str(source), target_dir=str(target) if target else None,
-                           model=model, model_overrides=_parse_overrides(model_set), init=init,
+                           model=model, model_overrides=_parse_overrides(model_set), init=init, init_strict=strict,
                            vocab=str(vocab) if vocab else None, train=_parse_overrides(set_), rerank_k=rerank_k,
-                           device=device).validate()
-    with _progress_bar() as progress:
+                           device=device, max_tokens=max_tokens, workers=workers).validate()
+    with _WarningLines(), _progress_bar() as progress:
         metrics = run_gckd(config, out_dir, resume=resume, overwrite=overwrite, progress=progress)
     if as_json:
         _print_json(metrics)
         return
     _print_person_metrics(metrics["evaluation"], f"{stage}: {metrics['source']} -> {metrics['evaluated_on']}")
+    init_info = metrics.get("init") or {}
+    for name, what in (("missing_keys", "missing keys (random initialisation)"),
+                       ("unexpected_keys", "unexpected keys (ignored)")):
+        if init_info.get(name):
+            out.print(f"--init {init_info['init']}: {len(init_info[name])} {what}: {', '.join(init_info[name])}",
+                      soft_wrap=True)
     out.print(f"train {metrics['train_seconds']:.1f}s, eval {metrics['eval_seconds']:.1f}s; run directory: {out_dir}")
 
 
@@ -1191,6 +1232,9 @@ def gckd_synth(
     test_ids: Annotated[int, typer.Option(help="Test identities per dataset.")] = 20,
     images_per_id: Annotated[int, typer.Option(help="Images per identity.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed (each style adds its own offset).")] = 0,
+    image_size: Annotated[tuple[int, int], typer.Option("--image-size", help="Image height and width in pixels "
+                                                        "(the width is scaled by each style's aspect factor).")
+                          ] = (48, 24),
     overwrite: Annotated[bool, typer.Option(help="Replace dataset folders an earlier gckd synth wrote (never other "
                                             "folders).")] = False,
 ) -> None:
@@ -1202,7 +1246,8 @@ def gckd_synth(
     from crossret.data.synthetic_person import generate_person_datasets
 
     paths = generate_person_datasets(out_root, n_train_ids=train_ids, n_test_ids=test_ids,
-                                     images_per_id=images_per_id, seed=seed, overwrite=overwrite)
+                                     images_per_id=images_per_id, seed=seed, image_size=image_size,
+                                     overwrite=overwrite)
     for style, path in paths.items():
         out.print(f"{style}: {path}")
 
@@ -1222,13 +1267,16 @@ def gckd_pretrain(
     set_: TrainSetOpt = None,
     rerank_k: RerankOpt = 128,
     device: DeviceOpt = "cpu",
+    max_tokens: MaxTokensOpt = 40,
+    workers: WorkersOpt = 0,
+    strict: StrictOpt = True,
     overwrite: OverwriteOpt = False,
     resume: GckdResumeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Source training (identity-aware ITC with momentum distillation, ITM with hard negatives, MLM)."""
     _gckd_run("pretrain", source, target, out_dir, model, model_set, init, vocab, set_, rerank_k, device, overwrite,
-              resume, as_json)
+              resume, as_json, max_tokens, workers, strict)
 
 
 @gckd_app.command("adapt")
@@ -1245,6 +1293,9 @@ def gckd_adapt(
     set_: TrainSetOpt = None,
     rerank_k: RerankOpt = 128,
     device: DeviceOpt = "cpu",
+    max_tokens: MaxTokensOpt = 40,
+    workers: WorkersOpt = 0,
+    strict: StrictOpt = True,
     overwrite: OverwriteOpt = False,
     resume: GckdResumeOpt = False,
     as_json: JsonOpt = False,
@@ -1252,7 +1303,7 @@ def gckd_adapt(
     """GCKD adaptation: memory banks + kNN graph + GNN, EMA teacher with contrastive KD, δ-filtered
     cross-domain ITM, on top of the source losses."""
     _gckd_run("adapt", source, target, out_dir, model, model_set, init, vocab, set_, rerank_k, device, overwrite,
-              resume, as_json)
+              resume, as_json, max_tokens, workers, strict)
 
 
 @gckd_app.command("eval")
@@ -1262,6 +1313,9 @@ def gckd_eval(
     split: Annotated[str, typer.Option(help="Split: test, val or train.")] = "test",
     rerank_k: RerankOpt = 128,
     device: DeviceOpt = "cpu",
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Tokens per caption, [CLS] and [SEP] "
+                                                   "included (default: the run's).")] = None,
+    workers: WorkersOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Text-to-image Rank-1/5/10, mAP and mINP of a run's model on a dataset split."""
@@ -1270,7 +1324,8 @@ def gckd_eval(
     require("gckd")
     from crossret.textimage.pipeline import evaluate_run
 
-    result = evaluate_run(run_dir, data, split=split, rerank_k=rerank_k, device=device)
+    result = evaluate_run(run_dir, data, split=split, rerank_k=rerank_k, device=device, max_tokens=max_tokens,
+                          workers=workers)
     if as_json:
         _print_json(result)
         return

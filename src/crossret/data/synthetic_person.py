@@ -562,9 +562,15 @@ def generate_pretraining_corpus(out_dir: str | os.PathLike, n_ids: int = 1000, i
                           (int(image_size[0]), int(image_size[1])), _random_style, overwrite)
 
 
+MAX_IMAGE_SIDE = 2048
+"""Largest synthetic image height or width: beyond person-retrieval sizes (384 x 128) by far."""
+
+
 def _check_image_size(image_size: tuple[int, int]) -> None:
-    if len(image_size) != 2 or int(image_size[0]) < 16 or int(image_size[1]) < 8:
-        raise ConfigError(f"image_size must be (height >= 16, width >= 8), got {image_size!r}")
+    if (len(image_size) != 2 or not 16 <= int(image_size[0]) <= MAX_IMAGE_SIDE
+            or not 8 <= int(image_size[1]) <= MAX_IMAGE_SIDE):
+        raise ConfigError(f"image_size (--image-size) must be (height, width) with 16 <= height <= {MAX_IMAGE_SIDE} "
+                          f"and 8 <= width <= {MAX_IMAGE_SIDE}, got {tuple(image_size)!r}")
 
 
 SYNTHETIC_MARKER = ".crossret-synthetic"

@@ -77,9 +77,12 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "KEY_MAPPING",
     "AlbefCheckpoint",
+    "AlbefShapeReport",
     "AlbefStateMapping",
+    "albef_checkpoint_shapes",
     "albef_key_to_model_key",
     "albef_state_to_model",
+    "compare_albef_shapes",
     "load_albef_checkpoint",
     "load_bert_vocab",
     "model_key_to_albef_key",
@@ -470,6 +473,68 @@ def load_albef_checkpoint(
     if queues:
         result.queues = {k: state[k] for k in _QUEUE_KEYS if k in state}
     return result
+
+
+def albef_checkpoint_shapes(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
+    """The shape of every tensor of a checkpoint's ``"model"`` (its own key names) and its crossret metadata,
+    read without loading the tensors where the file allows it (a zip checkpoint is memory-mapped after its
+    CRC check), so that a run can check a checkpoint against the model and the vocabulary before it starts."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{path}: no such checkpoint file")
+    payload: Any = None
+    if is_zip_file(path):
+        verify_zip(path, "checkpoint")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # any refusal is reported by the full read below, with its message
+            payload = None
+    if payload is None:
+        payload = _read_payload(path)
+    state, meta = _extract_state(payload, path)
+    return {key: tuple(tensor.shape) for key, tensor in state.items()}, meta
+
+
+@dataclass
+class AlbefShapeReport:
+    """What :func:`compare_albef_shapes` finds, in ALBEF key names: keys the model has and the checkpoint
+    lacks (``missing``), keys the checkpoint has and the model lacks (``unexpected``) and shared keys of
+    another shape (``mismatched``, as ``"key: checkpoint (..) vs model (..)"``)."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+
+def _model_shapes(config: AlbefConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):  # names and shapes only: no memory is allocated
+        model = AlbefModel(config)
+    return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+
+
+def compare_albef_shapes(shapes: Mapping[str, tuple[int, ...]], config: AlbefConfig) -> AlbefShapeReport:
+    """Compare a checkpoint's tensor shapes (:func:`albef_checkpoint_shapes`) with the student model of
+    ``config`` the way :func:`load_albef_checkpoint` matches them: tied names stand for each other and a
+    ``pos_embed`` of another patch grid (same width) counts as matching, since it is interpolated."""
+    mapping = albef_state_to_model(shapes, config)  # type: ignore[arg-type]  # renames keys only
+    state: dict[str, tuple[int, ...]] = dict(mapping.state)  # type: ignore[arg-type]
+    for a, b in _TIED:
+        if a in state and b not in state:
+            state[b] = state[a]
+        elif b in state and a not in state:
+            state[a] = state[b]
+    target = _model_shapes(config)
+    report = AlbefShapeReport()
+    report.unexpected = sorted(set(mapping.unexpected) | {mapping.sources.get(k, k) for k in state if k not in target})
+    report.missing = sorted(model_key_to_albef_key(k, config) for k in target if k not in state)
+    for key, shape in state.items():
+        expected = target.get(key)
+        if expected is None or tuple(shape) == expected:
+            continue
+        if key == "vision.pos_embed" and len(shape) == 3 and shape[0] == 1 and shape[2] == expected[2]:
+            continue  # another grid: interpolated on load
+        report.mismatched.append(f"{mapping.sources.get(key, key)}: checkpoint {tuple(shape)} vs model {expected}")
+    return report
 
 
 def save_albef_checkpoint(

@@ -18,17 +18,22 @@ image tensors of a batch hold only that rank's contiguous rows (:func:`crossret.
 so each rank decodes and augments only its own images, while ids, captions and indices stay global.
 Target identities never appear in a batch; ``target_truth`` (image ids, caption ids) is kept apart for
 the pseudo-positive precision report only.
+
+Images are decoded by an :class:`ImageDecoder`: in the calling process, or (``workers`` > 0) in
+DataLoader worker processes. Augmentation is keyed by (seed, epoch, row), so both give the same tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple, Protocol
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from crossret._limits import check_threads
 from crossret.data.person import (
     HIDDEN_ID,
     IdentityBalancedBatchSampler,
@@ -225,6 +230,99 @@ def _checksum(*arrays: np.ndarray | None) -> str:
     return h.hexdigest()[:16]
 
 
+# ---------------------------------------------------------------------------------------------- image decoding
+ImagePart = tuple[str, np.ndarray, int | None, int]
+"""One image tensor of a job: (name of a path list, row indices, augmentation seed or None, epoch)."""
+ImageJob = tuple[ImagePart, ...]
+"""The image tensors of one batch, each stacked from one :data:`ImagePart`."""
+
+
+def _decode_part(paths: Mapping[str, Sequence[str]], transform: ImageTransform, part: ImagePart) -> Tensor:
+    name, index, seed, epoch = part
+    # Augmentation keyed by (seed, epoch, row): reproducible whatever the batch composition or the process.
+    return torch.stack([transform(load_image(paths[name][i]), None if seed is None else _item_rng(seed, epoch, int(i)))
+                        for i in index])
+
+
+class _ImageJobs(Dataset):
+    """The images of one job per item; what DataLoader worker processes run."""
+
+    def __init__(self, paths: Mapping[str, Sequence[str]], transform: ImageTransform) -> None:
+        self.paths = {name: list(values) for name, values in paths.items()}
+        self.transform = transform
+
+    def __getitem__(self, job: ImageJob) -> tuple[Tensor, ...] | DataError:  # type: ignore[override]
+        try:
+            return tuple(_decode_part(self.paths, self.transform, part) for part in job)
+        except DataError as exc:  # returned, not raised: a worker would wrap it in a multi-line traceback
+            return exc
+
+
+class _JobSampler(Sampler):
+    """Yields the jobs of the current pass; set before each pass, read in the main process."""
+
+    def __init__(self) -> None:
+        self.jobs: list[ImageJob] = []
+
+    def __iter__(self) -> Iterator[ImageJob]:
+        return iter(self.jobs)
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def _raising(items: Iterator[tuple[Tensor, ...] | DataError]) -> Iterator[tuple[Tensor, ...]]:
+    for item in items:
+        if isinstance(item, DataError):
+            raise item
+        yield item
+
+
+class ImageDecoder:
+    """Loads, transforms and stacks images listed by path, in the calling process (``workers=0``) or in
+    ``workers`` DataLoader worker processes, which decode the next batches while the model trains.
+
+    ``paths``: named path lists the jobs refer to. Workers are started with ``spawn`` (safe after CUDA or
+    the tokenizer's thread pool have started in the parent), once, and kept for later passes until
+    :meth:`close`. The tensors are equal whatever ``workers`` is. One pass at a time: a new
+    :meth:`stream` ends the previous one. ``pin_memory`` pins the batches (for CUDA copies) when workers
+    are used."""
+
+    def __init__(self, paths: Mapping[str, Sequence[str]], transform: ImageTransform, *, workers: int = 0,
+                 pin_memory: bool = False) -> None:
+        self.workers = check_threads(workers, "workers (--workers)", minimum=0)
+        self.pin_memory = bool(pin_memory)
+        self._dataset = _ImageJobs(paths, transform)
+        self._sampler = _JobSampler()
+        self._loader: DataLoader | None = None
+
+    def stream(self, jobs: Sequence[ImageJob]) -> Iterator[tuple[Tensor, ...]]:
+        """The image tensors of every job, in order; a bad image raises its :class:`DataError` here."""
+        if self.workers == 0:
+            return _raising(self._dataset[job] for job in jobs)
+        self._sampler.jobs = list(jobs)
+        if self._loader is None:
+            self._loader = DataLoader(
+                self._dataset, batch_size=None, sampler=self._sampler, num_workers=self.workers,
+                collate_fn=_as_is, pin_memory=self.pin_memory, persistent_workers=True,
+                multiprocessing_context="spawn",
+                # The loader draws its workers' base seed from this generator: left to torch's global one it
+                # would shift the training's dropout draws. Decoding uses no torch randomness.
+                generator=torch.Generator().manual_seed(0))
+        return _raising(iter(self._loader))
+
+    def close(self) -> None:
+        """Stop the worker processes (a later :meth:`stream` starts new ones)."""
+        self._loader = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_loader": None}
+
+
 # ---------------------------------------------------------------------------------------------- person images
 TokenizeFn = Callable[[Sequence[str]], tuple[Tensor, Tensor]]
 
@@ -235,15 +333,16 @@ class PersonTrainingData(_ImageShard):
     ``source``: labelled :class:`TrainPairs`; ``target``: the target training split (ids are dropped
     here whatever they hold; ``target.image_person_ids`` / ``person_ids`` are kept aside only as the
     diagnostic truth). ``tokenize(captions) -> (input_ids (B, L), attention_mask (B, L))``.
-    Images are decoded in the calling process (small synthetic images; for real data use
-    ``num_workers`` > 0 in a DataLoader built from :mod:`crossret.data.person` datasets).
+    Images are decoded in the calling process (``workers=0``) or in ``workers`` DataLoader processes
+    (:class:`ImageDecoder`; the same tensors either way); :meth:`close` stops the workers.
     """
 
     uses_tokens = True
 
     def __init__(self, source: TrainPairs, tokenize: TokenizeFn, transform: ImageTransform, *,
                  target: TrainPairs | None = None, ids_per_batch: int = 8, pairs_per_id: int = 4,
-                 target_batch: int = 32, seed: int = 0, target_pairing: str = "unpaired") -> None:
+                 target_batch: int = 32, seed: int = 0, target_pairing: str = "unpaired", workers: int = 0,
+                 pin_memory: bool = False) -> None:
         if source.ids_hidden:
             raise DataError("the source pairs have no identities; source training needs labelled pairs")
         self.source = source
@@ -262,6 +361,12 @@ class PersonTrainingData(_ImageShard):
             smallest = min(len(self.target.image_paths), len(self.target))
             if self.target_batch > smallest:
                 raise ConfigError(f"target_batch={target_batch} exceeds the {smallest} target items; lower it")
+        paths = {"source": source.image_paths, **({"target": self.target.image_paths} if target is not None else {})}
+        self.decoder = ImageDecoder(paths, transform, workers=workers, pin_memory=pin_memory)
+
+    def close(self) -> None:
+        """Stop the image worker processes, if any."""
+        self.decoder.close()
 
     def steps_per_epoch(self) -> int:
         return len(self.sampler)
@@ -274,11 +379,6 @@ class PersonTrainingData(_ImageShard):
                 "target": self.target.name if self.has_target else "", "target_pairs": len(self.target)
                 if self.has_target else 0}
 
-    def _images(self, paths: Sequence[str], index: np.ndarray, epoch: int, salt: int) -> Tensor:
-        # Augmentation keyed by (seed, epoch, row): reproducible whatever the batch composition.
-        return torch.stack([self.transform(load_image(paths[i]), _item_rng(self.seed + salt, epoch, int(i)))
-                            for i in index])
-
     def batches(self, epoch: int) -> Iterator[StepBatch]:
         source_batches = self.sampler.batches(epoch)
         if self.has_target:
@@ -286,19 +386,28 @@ class PersonTrainingData(_ImageShard):
             image_rows, text_rows = _target_index_streams(
                 len(self.target.image_paths), len(self.target), self.target_batch, len(source_batches),
                 self.seed, epoch, self.target_pairing, pair)
+        jobs: list[ImageJob] = []
+        for step, rows in enumerate(source_batches):
+            parts: list[ImagePart] = [("source", self.source.image_index[self._image_rows(np.asarray(rows))],
+                                       self.seed, epoch)]
+            if self.has_target:
+                parts.append(("target", self._image_rows(image_rows[step]), self.seed + 1, epoch))
+            jobs.append(tuple(parts))
+        images = self.decoder.stream(jobs)
         for step, rows in enumerate(source_batches):
             idx = np.asarray(rows)
-            images = self._images(self.source.image_paths, self.source.image_index[self._image_rows(idx)], epoch, 0)
+            decoded = next(images)
             ids, mask = self.tokenize([self.source.captions[i] for i in idx])
-            batch = StepBatch(images, ids, mask, torch.from_numpy(self.source.person_ids[idx]))
+            batch = StepBatch(decoded[0], ids, mask, torch.from_numpy(self.source.person_ids[idx]))
             if self.has_target:
                 ti, tt = image_rows[step], text_rows[step]
                 t_ids, t_mask = self.tokenize([self.target.captions[i] for i in tt])
-                target_images = self._images(self.target.image_paths, self._image_rows(ti), epoch, 1)
+                target_images = decoded[1]
                 batch = batch._replace(target_images=target_images,
                                        target_text=t_ids, target_mask=t_mask,
                                        target_image_index=torch.from_numpy(ti), target_text_index=torch.from_numpy(tt))
             yield batch
 
 
-__all__ = ["HIDDEN_ID", "TARGET_PAIRINGS", "FeatureTrainingData", "PersonTrainingData", "StepBatch", "TrainingData"]
+__all__ = ["HIDDEN_ID", "TARGET_PAIRINGS", "FeatureTrainingData", "ImageDecoder", "PersonTrainingData", "StepBatch",
+           "TrainingData"]

@@ -55,10 +55,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pooled-centering": {"center_per_domain": False},
     # The paper's listed values for what crossret's defaults change (chosen on benchmarks/couple_dev.py).
     "paper-defaults": {"k_target": 3, "k_source": 3, "select_balance": False},
-    # Not the default: the best of the options tried on the dev tasks in session 7 (8 seeds, docs/couple.md),
-    # run on the benchmark to report it; whether it becomes the default rests on the dev tasks alone.
+    # Not the default: an option tried on the dev tasks (8 seeds, docs/couple.md), run on the benchmark to
+    # report it; whether it becomes the default rests on the dev tasks alone.
     "ema-endpoints": {"ema_decay": 0.99, "mix_pairs": "endpoints"},
-    # Not the default either: SHOT/CAN-style centroid refinement, +2.7 / +0.1 / +3.0 on the dev tasks (session 9).
+    # Not the default either: SHOT/CAN-style centroid refinement (dev-task numbers in docs/couple.md).
     "centroid-refine": {"label_refine": "centroids"},
 }
 BITS = (16, 32, 64, 128)

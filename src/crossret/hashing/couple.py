@@ -163,9 +163,9 @@ class CoupleConfig:
         spherical k-means on the target encoder features, started from those labels (SHOT / CAN,
         :func:`~crossret.hashing.pseudo_labels.refine_by_centroids`, at most ``refine_iterations``
         passes), and ranks targets for selection by the margin between their two nearest centroids
-        instead of by diffusion potential; ``none`` (default) keeps the diffusion's labels. On the
-        development tasks (8 seeds) ``centroids`` gave paired Δ MAP +2.7 / +0.1 / +3.0, too small and too
-        uneven (5 of 8 seeds each) to become the default (docs/couple.md).
+        instead of by diffusion potential; ``none`` (default) keeps the diffusion's labels. Opt-in: its
+        gains on the development tasks were too small and too uneven to make it the default
+        (docs/couple.md).
     select_agreement: only targets whose diffusion label equals the classifier's argmax may be
         selected (a co-training style filter; off).
     target_seed_weight: from the second refresh on, the previous round's selected targets also

@@ -871,6 +871,7 @@ _TOPK_MIN_CHUNK = 1 << 16  # items per database chunk when few queries are split
 # The threshold scan is used while k <= N / _SCAN_MAX_SHARE on databases of at least
 # _SCAN_MIN_DATABASE items (see uses_threshold_scan; both measured with benchmarks/scale.py).
 _SCAN_MAX_SHARE = 1000
+_SCAN_MAX_SHARE_TWO_WORDS = 10_000  # 128-bit codes: the counting kernels won at k = N / 1000
 _SCAN_MIN_DATABASE = 1 << 16
 
 
@@ -1352,9 +1353,11 @@ def _topk_threshold(q_words: np.ndarray, db_words: np.ndarray, k: int, n_threads
     # Candidate buffer: room for k plus a batch of offers between two cuts (each cut is O(cap + L)).
     cap = k_kept + max(k_kept, 256)
     n_chunks = 1
-    if n_q < 2 * n_threads and n_threads > 1:
-        # Enough chunks for every thread to get work, each of >= _TOPK_MIN_CHUNK items.
-        n_chunks = max(1, min(-(-2 * n_threads // n_q), n_db // _TOPK_MIN_CHUNK))
+    n_blocks = _n_blocks(n_q)
+    if n_blocks < 2 * n_threads and n_threads > 1:
+        # Too few query blocks to keep every thread busy: split the database into chunks too, each of
+        # >= _TOPK_MIN_CHUNK items.
+        n_chunks = max(1, min(-(-2 * n_threads // n_blocks), n_db // _TOPK_MIN_CHUNK))
     chunk = -(-n_db // n_chunks)
     if n_chunks == 1 and k_kept == k:
         # Written in place: a view of the (padded) output, no copy of Q x k results.
@@ -1363,7 +1366,7 @@ def _topk_threshold(q_words: np.ndarray, db_words: np.ndarray, k: int, n_threads
         res_d = np.full((n_q, n_chunks, k_kept), np.iinfo(np.int32).max, np.int32)
         res_i = np.full((n_q, n_chunks, k_kept), -1, np.int64)
     db_flat = db_words.reshape(-1) if db_words.shape[1] == 1 else db_words[:0, 0].copy()
-    _run_blocks(_topk_blocked, _n_blocks(n_q) * n_chunks, n_threads, q_words, db_words, db_flat,
+    _run_blocks(_topk_blocked, n_blocks * n_chunks, n_threads, q_words, db_words, db_flat,
                 np.int64(k_kept), np.int64(cap), np.int64(chunk), res_d, res_i)
     if n_chunks > 1:
         merged_d = np.empty((n_q, k_kept), np.int32)
@@ -1383,7 +1386,8 @@ def uses_threshold_scan(n_queries: int, n_database: int, n_words: int, k: int) -
     ``k ln(N / k)`` items), so it wins while ``k`` is a small share of a large database; for codes of
     several words it also needs enough queries to share the word-major copy of each tile. Both give
     identical results; the rule only picks the faster (``benchmarks/scale.py`` measures both)."""
-    return (n_database >= _SCAN_MIN_DATABASE and k * _SCAN_MAX_SHARE <= n_database
+    share = _SCAN_MAX_SHARE_TWO_WORDS if n_words == 2 else _SCAN_MAX_SHARE
+    return (n_database >= _SCAN_MIN_DATABASE and k * share <= n_database
             and (n_words == 1 or n_queries >= _QUERY_BLOCK // 2))
 
 

@@ -61,18 +61,7 @@ print(value)' "$@"
 
 mkdir -p "$WORK"
 echo "work directory: $WORK; model $MODEL on $GPU_DEVICE, images ${IMAGE_SIZE[*]}, workers $WORKERS"
-python - "$GPU_DEVICE" <<'EOF'
-import sys
-
-import torch
-
-device = sys.argv[1]
-print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
-if device.startswith("cuda"):
-    if not torch.cuda.is_available():
-        sys.exit(f"error: GPU_DEVICE={device} but torch.cuda.is_available() is False; run this on a GPU machine")
-    print(f"GPU: {torch.cuda.get_device_name(torch.device(device))}")
-EOF
+python "$(dirname "${BASH_SOURCE[0]}")/_gpu_preflight.py" "$GPU_DEVICE"
 
 section "synthetic person data at ${IMAGE_SIZE[*]}"
 "${CROSSRET[@]}" gckd synth "$WORK/data" --train-ids 24 --test-ids 8 --images-per-id 2 \

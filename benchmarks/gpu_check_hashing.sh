@@ -39,18 +39,7 @@ fi
 mkdir -p "$WORK"
 echo "work directory: $WORK; benchmark $BENCHMARK, $BITS bits, seeds $SEEDS, devices $GPU_DEVICE and cpu"
 
-python - "$GPU_DEVICE" <<'EOF'
-import sys
-
-import torch
-
-device = sys.argv[1]
-print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
-if device.startswith("cuda"):
-    if not torch.cuda.is_available():
-        sys.exit(f"error: GPU_DEVICE={device} but torch.cuda.is_available() is False; run this on a GPU machine")
-    print(f"GPU: {torch.cuda.get_device_name(torch.device(device))}")
-EOF
+python "$(dirname "${BASH_SOURCE[0]}")/_gpu_preflight.py" "$GPU_DEVICE"
 
 # The protocol split as feature files: what `crossret fit` / `evaluate` / `encode` read.
 python - "$BENCHMARK" "$WORK" <<'EOF'

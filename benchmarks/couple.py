@@ -239,6 +239,16 @@ def compact_row(row: dict[str, Any], configs: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def expand_row(row: dict[str, Any], configs: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`compact_row`: ``*_id`` digests replaced by the records they name (rows
+    written before compaction pass through unchanged)."""
+    row = dict(row)
+    for key in ("method_config", "protocol", "environment"):
+        if f"{key}_id" in row:
+            row[key] = configs[row.pop(f"{key}_id")]
+    return row
+
+
 def _read_configs(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 

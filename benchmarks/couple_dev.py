@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import _repro
-from couple import _read_runs, run_jobs  # same runs-file format and recovery rule
+from couple import _read_configs, _read_runs, compact_row, expand_row, run_jobs  # same runs-file format
 from crossret._io import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -133,16 +133,39 @@ def regenerate(rows: list[dict[str, Any]], runs_path: Path, data_dir: str, jobs:
     ``*.regenerating.jsonl`` (an interrupted regeneration resumes there). Once every row is redone, the
     fresh rows replace the runs file in the recorded order, and are returned."""
     partial = runs_path.with_suffix(".regenerating.jsonl")
-    fresh = _read_runs(partial)
+    fresh = _read_rows(partial)
     done = {tuple(r[k] for k in CHECK_KEYS) for r in fresh}
     todo = [_rerun_job(r, data_dir) for r in rows if tuple(r[k] for k in CHECK_KEYS) not in done]
-    run_jobs(run_one, todo, jobs, partial, fresh, describe=lambda row: (
+    run_jobs(run_one, todo, jobs, partial, fresh, prepare=_compact, describe=lambda row: (
         f"regenerated {row['tag']:24s} {row['task']} seed {row['seed']}: MAP cross {100 * row['map_cross']:.2f}"))
     by_key = {tuple(r[k] for k in CHECK_KEYS): r for r in fresh}
     ordered = [by_key[tuple(r[k] for k in CHECK_KEYS)] for r in rows]
-    write_text_atomic(runs_path, "".join(json.dumps(r) + "\n" for r in ordered))
+    write_text_atomic(runs_path, "".join(json.dumps(_compact(r)) + "\n" for r in ordered))
     partial.unlink()
-    return ordered
+    return [_expand(r) for r in ordered]
+
+
+CONFIGS_PATH = RESULTS / "couple_dev_configs.json"  # digest -> resolved method config / environment
+
+
+def _compact(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as the runs file stores it: its config and environment by digest, recorded once in
+    ``CONFIGS_PATH`` (written before the row that refers to it). Rows in memory stay expanded."""
+    if "method_config_id" in row:
+        return row
+    configs = _read_configs(CONFIGS_PATH)
+    compact = compact_row(row, configs)
+    write_json_atomic(CONFIGS_PATH, configs)
+    return compact
+
+
+def _expand(row: dict[str, Any]) -> dict[str, Any]:
+    return expand_row(row, _read_configs(CONFIGS_PATH)) if "method_config_id" in row else row
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    configs = _read_configs(CONFIGS_PATH)
+    return [expand_row(r, configs) for r in _read_runs(path)]
 
 
 def _parse(items: list[str]) -> dict[str, Any]:
@@ -173,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     _repro.pin_numerics()
 
     runs_path = RESULTS / "couple_dev_runs.jsonl"
-    rows = _read_runs(runs_path)
+    rows = _read_rows(runs_path)
     if args.check:
         from crossret.data import resolve_data_dir
 
@@ -192,16 +215,18 @@ def main(argv: list[str] | None = None) -> int:
                  "data_dir": data_dir} for t in args.tasks for s in args.seeds
                 if (args.tag, t, args.bits, s) not in done]
 
-        run_jobs(run_one, jobs, args.jobs, runs_path, rows, describe=lambda row: (
+        run_jobs(run_one, jobs, args.jobs, runs_path, rows, prepare=_compact, describe=lambda row: (
             f"{row['tag']:24s} {row['task']} seed {row['seed']}: MAP cross {100 * row['map_cross']:.2f} "
             f"selected acc {row['selected_accuracy']} all {row['pseudo_label_accuracy']} "
             f"({row['train_seconds']:.0f}s)"))
+        rows = [_expand(r) for r in rows]
     summary = summarise(rows)
     write_json_atomic(RESULTS / "couple_dev.json", {"script": "benchmarks/couple_dev.py",
                                                      "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                                                      "summary": summary,
                                                      # every run is in the runs file; not copied here
-                                                     "runs_file": runs_path.name, "runs": len(rows)})
+                                                     "runs_file": runs_path.name, "runs": len(rows),
+                                                     "configs_file": CONFIGS_PATH.name})
     write_text_atomic(RESULTS / "couple_dev.md", markdown(summary))
     return 0
 

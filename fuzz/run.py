@@ -79,8 +79,8 @@ def main(argv: list[str]) -> int:
             print(f"{name:15s} {'owned' if target.owned else 'elsewhere'}{' (torch)' if target.heavy else ''}")
         return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from crossret._extras import require
     from crossret.errors import MissingExtraError
+    from crossret.extras import require
 
     try:
         require("fuzz", load=True)

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crossret._extras import EXTRAS, install_command, missing_extra, require
 from crossret.errors import CrossretError, MissingExtraError
+from crossret.extras import EXTRAS, install_command, missing_extra, require
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -814,7 +814,7 @@ def test_set_params_refuses_a_runaway_efsearch_and_keeps_the_old_one():
 
 
 def test_ivf_lists_and_hnsw_graphs_are_checked_against_memory(monkeypatch):
-    import crossret._limits as limits
+    import crossret.limits as limits
 
     monkeypatch.setattr(limits, "available_memory", lambda: 1 << 20)  # 1 MiB left
     with pytest.raises(ConfigError, match=r"nlist=100000: the IVF lists needs about .* only 1.0 MiB"):
@@ -828,7 +828,7 @@ def test_ivf_lists_and_hnsw_graphs_are_checked_against_memory(monkeypatch):
 
 
 def test_code_length_beyond_the_maximum_is_refused():
-    from crossret._limits import MAX_BITS
+    from crossret.limits import MAX_BITS
 
     BinaryIndex(MAX_BITS)
     with pytest.raises(CodeError, match=f"longest supported code length of {MAX_BITS}"):

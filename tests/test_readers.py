@@ -505,7 +505,7 @@ def test_csv_lines_across_read_blocks_are_measured_whole(tmp_path, monkeypatch):
 
 
 def test_csv_too_large_for_memory_is_refused_naming_the_file(tmp_path, monkeypatch):
-    import crossret._limits as limits
+    import crossret.limits as limits
 
     path = tmp_path / "big.csv"
     path.write_text("1,2,0\n" * 600_000)  # 3.6 MB
@@ -545,8 +545,8 @@ def test_npz_shapes_are_compared_before_any_array_is_inflated(tmp_path, monkeypa
 
 
 def test_npz_declared_features_beyond_memory_are_refused_naming_the_file(tmp_path, monkeypatch):
-    import crossret._limits as limits
     import crossret.data.readers as readers
+    import crossret.limits as limits
 
     path = tmp_path / "big.npz"
     _deflated_npz(path, {"features": np.zeros((2_000, 1_000), np.float32), "labels": np.zeros(2_000, np.int64)})

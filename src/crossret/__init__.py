@@ -7,8 +7,8 @@ works on the target comes out, with an index to search it. See ``docs/architectu
 ``import crossret`` stays light (no torch).
 """
 
-from crossret._lazy import lazy_getattr
 from crossret.errors import CrossretError, DataError
+from crossret.lazy_exports import lazy_getattr
 
 __version__ = "0.1.0"
 

@@ -728,7 +728,7 @@ def warmup(as_json: JsonOpt = False) -> None:
     Run it once after installing or upgrading crossret. The cache is $NUMBA_CACHE_DIR when set, else
     $CROSSRET_CACHE_DIR/numba, $XDG_CACHE_HOME/crossret/numba or ~/.cache/crossret/numba.
     """
-    from crossret._numba_cache import configure_numba_cache
+    from crossret.kernel_cache import configure_numba_cache
     from crossret.warmup import KERNEL_GROUPS, compile_kernels
 
     cache_dir = configure_numba_cache()
@@ -1189,7 +1189,7 @@ class _WarningLines:
 def _gckd_run(stage: str, source: Path, target: Path | None, out_dir: Path, model: str, model_set: list[str] | None,
               init: str | None, vocab: Path | None, set_: list[str] | None, rerank_k: int, device: str,
               overwrite: bool, resume: bool, as_json: bool, max_tokens: int, workers: int, strict: bool) -> None:
-    from crossret._extras import require
+    from crossret.extras import require
 
     require("gckd")
     from crossret.textimage.pipeline import GckdRunConfig, run_gckd
@@ -1240,7 +1240,7 @@ def gckd_synth(
 ) -> None:
     """Write small synthetic person-retrieval datasets in the three real annotation formats, each with its
     own rendering and caption style (for trying the pipeline end to end; not a substitute for real data)."""
-    from crossret._extras import require
+    from crossret.extras import require
 
     require("gckd")
     from crossret.data.synthetic_person import generate_person_datasets
@@ -1319,7 +1319,7 @@ def gckd_eval(
     as_json: JsonOpt = False,
 ) -> None:
     """Text-to-image Rank-1/5/10, mAP and mINP of a run's model on a dataset split."""
-    from crossret._extras import require
+    from crossret.extras import require
 
     require("gckd")
     from crossret.textimage.pipeline import evaluate_run

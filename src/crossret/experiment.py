@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from crossret import distributed, runs
-from crossret._config import reject_unknown_keys
 from crossret._io import read_json_file, read_yaml_mapping, save_npy_atomic, write_json_atomic, write_yaml_atomic
+from crossret.config_keys import reject_unknown_keys
 from crossret.data.domain import RetrievalSplit
 from crossret.errors import ConfigError, DataError, FileFormatError
 from crossret.hashing.base import HashMethod, make_method

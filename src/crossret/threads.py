@@ -81,7 +81,7 @@ def usable_cpus() -> int:
 
 
 def _bound() -> int:
-    from crossret._limits import max_threads  # imports numpy: only when a count is checked
+    from crossret.limits import max_threads  # imports numpy: only when a count is checked
 
     return max_threads()
 
@@ -194,7 +194,7 @@ def _numba_get() -> int | None:
 
 def _numba_set(n: int) -> None:
     if "numba" not in sys.modules:
-        from crossret._numba_cache import configure_numba_cache
+        from crossret.kernel_cache import configure_numba_cache
 
         configure_numba_cache()  # before numba reads its configuration
     import numba

@@ -1,7 +1,7 @@
 """Compile every numba kernel once, into the user cache, so that later processes only load them.
 
 A crossret kernel is compiled the first time a process calls it with a new combination of argument
-types, and the machine code is kept in numba's cache (:mod:`crossret._numba_cache`); a process that
+types, and the machine code is kept in numba's cache (:mod:`crossret.kernel_cache`); a process that
 finds it there loads it in milliseconds instead of compiling for seconds. :func:`compile_kernels`
 calls the public functions that reach each kernel on tiny inputs: codes of one and of several 64-bit
 words (16, 64, 128 and 256 bits, in case a kernel specialises on the width), both tie rules with MAP@k
@@ -150,7 +150,7 @@ def compile_kernels(progress: ProgressFn | None = None) -> dict[str, float]:
     later process, load from it. ``progress(done, total, group)`` is called before each group and
     once at the end.
     """
-    from crossret._numba_cache import configure_numba_cache
+    from crossret.kernel_cache import configure_numba_cache
 
     configure_numba_cache()
     seconds: dict[str, float] = {}

@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from crossret._extras import missing_extra
-from crossret._limits import check_memory
 from crossret.errors import ConfigError, DataError
+from crossret.extras import missing_extra
+from crossret.limits import check_memory
 
 try:
     from PIL import Image

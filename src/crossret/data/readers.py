@@ -43,9 +43,9 @@ from typing import Any, Literal
 import numpy as np
 
 from crossret._io import DEFLATE_MAX_RATIO, load_npz_array, npz_headers, npz_members
-from crossret._limits import check_memory, format_bytes
 from crossret.data.domain import UNKNOWN_LABEL, Domain
 from crossret.errors import ConfigError, DataError
+from crossret.limits import check_memory, format_bytes
 
 Role = Literal["source", "target"]
 LabelBase = Literal["auto", 0, 1]

@@ -49,10 +49,10 @@ from pathlib import Path
 
 import numpy as np
 
-from crossret._extras import missing_extra
 from crossret._io import _umask, write_text_atomic
 from crossret.data.person import SPLIT_NAMES, canonical_person_format, clean_caption, load_person_dataset
 from crossret.errors import ConfigError
+from crossret.extras import missing_extra
 
 try:
     from PIL import Image

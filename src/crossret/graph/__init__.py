@@ -1,9 +1,9 @@
 """Graphs: kNN / mutual-kNN (faiss + scipy.sparse), COUPLE's cross-domain graph, ℓ2 flow diffusion
 and weighted random walks."""
 
-from crossret._numba_cache import configure_numba_cache
+from crossret.kernel_cache import configure_numba_cache
 
-# Before diffusion imports numba: its kernel cache goes to a user cache directory (crossret._numba_cache).
+# Before diffusion imports numba: its kernel cache goes to a user cache directory (crossret.kernel_cache).
 configure_numba_cache()
 
 from crossret.graph.cross_domain import CrossDomainGraph, build_cross_domain_graph  # noqa: E402

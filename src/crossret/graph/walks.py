@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from crossret._limits import check_memory
 from crossret.errors import DataError
+from crossret.limits import check_memory
 
 
 @dataclass

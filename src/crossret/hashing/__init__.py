@@ -6,7 +6,7 @@ a method is used).
 
 from __future__ import annotations
 
-from crossret._lazy import lazy_getattr
+from crossret.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "HashMethod": "crossret.hashing.base",

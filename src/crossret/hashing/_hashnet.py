@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossret._limits import check_memory
 from crossret.data.domain import Domain, class_count
 from crossret.errors import ConfigError
 from crossret.hashing._state import PersistentMethod
 from crossret.hashing.base import HashMethod, check_domain
 from crossret.hashing.networks import HashNet, default_encoder_dim, torch_threads
 from crossret.hashing.preprocessing import FeatureNormalizer
+from crossret.limits import check_memory
 
 ENCODE_BATCH = 4096
 # float32 copies of every weight while training: the weights, their gradients, Adam's two moments and

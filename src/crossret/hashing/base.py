@@ -12,13 +12,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from crossret._config import reject_unknown_keys
-from crossret._limits import check_bits, check_memory
+from crossret.config_keys import reject_unknown_keys
 from crossret.data.domain import Domain
 from crossret.errors import ConfigError
 from crossret.hashing._registry import _REGISTRY, _load_builtin_methods
 from crossret.hashing._registry import available_methods as available_methods  # re-exported
 from crossret.hashing._registry import register as register  # re-exported
+from crossret.limits import check_bits, check_memory
 from crossret.progress import ProgressFn, no_progress
 
 # encode_real hands back one real value per row and bit (float64 at worst), then the int8 code

@@ -69,7 +69,6 @@ import torch
 import torch.nn.functional as F
 
 from crossret import distributed
-from crossret._limits import check_memory, check_threads
 from crossret._sealed import load_torch, save_torch
 from crossret.data.domain import Domain, class_count
 from crossret.errors import ConfigError, DataError, FileFormatError
@@ -95,6 +94,7 @@ from crossret.hashing.networks import (
 )
 from crossret.hashing.preprocessing import FeatureNormalizer, bit_balance, fit_per_domain
 from crossret.hashing.pseudo_labels import refine_by_centroids
+from crossret.limits import check_memory, check_threads
 
 CHECKPOINT_FORMAT = "crossret.couple.checkpoint"
 CHECKPOINT_VERSION = 1

@@ -48,12 +48,12 @@ from typing import Any
 import numpy as np
 from sklearn.decomposition import PCA
 
-from crossret._limits import check_memory
 from crossret.data.domain import Domain
 from crossret.errors import ConfigError, DataError
 from crossret.hashing._state import PersistentMethod
 from crossret.hashing.base import HashMethod, ProgressFn, no_progress, register
 from crossret.hashing.preprocessing import FeatureNormalizer, bit_balance
+from crossret.limits import check_memory
 from crossret.threads import use_threads
 
 OVERFLOW_CHOICES = ("padded", "random-projection", "rotations")

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from crossret._limits import check_threads
 from crossret.data.domain import Domain, class_count
 from crossret.errors import ConfigError, DataError
 from crossret.hashing._hashnet import HashNetMethod, rng_devices
@@ -36,6 +35,7 @@ from crossret.hashing.networks import (
     torch_threads,
 )
 from crossret.hashing.preprocessing import FeatureNormalizer, bit_balance
+from crossret.limits import check_threads
 
 
 @dataclass

@@ -5,7 +5,7 @@ Names are imported lazily so that ``import crossret.report`` does not import mat
 
 from __future__ import annotations
 
-from crossret._lazy import lazy_getattr
+from crossret.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "plot_pr_curves": "crossret.report.plots",

@@ -6,8 +6,8 @@ import until an index or a metric is used).
 
 from __future__ import annotations
 
-from crossret._lazy import lazy_getattr
-from crossret._numba_cache import configure_numba_cache
+from crossret.kernel_cache import configure_numba_cache
+from crossret.lazy_exports import lazy_getattr
 
 # Before any submodule imports numba (hamming, and metrics/index through it): numba reads the cache
 # directory at import time, and the kernels' cache location when they are defined.

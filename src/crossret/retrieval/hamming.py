@@ -39,8 +39,8 @@ import numba as nb
 import numpy as np
 from numba import prange
 
-from crossret._limits import check_result_slots
 from crossret.errors import CodeError, ConfigError, DataError
+from crossret.limits import check_result_slots
 from crossret.retrieval.packing import check_packed, packed_to_words
 
 # SWAR popcount constants. They must be uint64: mixing uint64 with int64 makes numba fall back to

@@ -76,8 +76,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from crossret._io import write_bytes_atomic
-from crossret._limits import MAX_BITS, check_memory, check_result_slots
 from crossret.errors import CodeError, ConfigError, DataError, FileFormatError
+from crossret.limits import MAX_BITS, check_memory, check_result_slots
 from crossret.retrieval.packing import BIT_ORDER, check_packed, packed_width, pad_packed, padded_bits
 
 __all__ = [

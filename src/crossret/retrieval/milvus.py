@@ -44,8 +44,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from crossret._extras import install_command, require
 from crossret.errors import CodeError, ConfigError, CrossretError
+from crossret.extras import install_command, require
 from crossret.retrieval.index import (
     MISSING_DISTANCE,
     MISSING_ID,

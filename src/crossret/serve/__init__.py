@@ -10,7 +10,7 @@ query logic) needs no web framework.
 
 from __future__ import annotations
 
-from crossret._lazy import lazy_getattr
+from crossret.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "create_app": "crossret.serve.app",

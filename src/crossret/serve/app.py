@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crossret._extras import install_command, require
 from crossret.errors import ConfigError
+from crossret.extras import install_command, require
 from crossret.serve.state import (
     _FLOAT32_MAX,
     Query,

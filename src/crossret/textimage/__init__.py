@@ -6,7 +6,7 @@ Names are imported lazily so that ``import crossret.textimage`` imports neither 
 
 from __future__ import annotations
 
-from crossret._lazy import lazy_getattr
+from crossret.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "AlbefConfig": "crossret.textimage.albef",

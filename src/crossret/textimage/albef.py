@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crossret._config import reject_unknown_keys
-from crossret._extras import require
-from crossret._limits import check_memory
+from crossret.config_keys import reject_unknown_keys
 from crossret.errors import ConfigError, DataError
+from crossret.extras import require
+from crossret.limits import check_memory
 
 __all__ = [
     "TEMP_MAX",

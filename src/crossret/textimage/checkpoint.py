@@ -67,10 +67,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from crossret._extras import require
 from crossret._io import atomic_open
 from crossret._sealed import is_zip_file, verify_zip
 from crossret.errors import DataError, FileFormatError
+from crossret.extras import require
 from crossret.textimage.albef import AlbefConfig, AlbefModel, interpolate_pos_embed
 
 __all__ = [

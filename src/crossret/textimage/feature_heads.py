@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crossret._config import reject_unknown_keys
+from crossret.config_keys import reject_unknown_keys
 from crossret.errors import ConfigError, DataError
 from crossret.textimage.albef import TEMP_MAX, TEMP_MIN, LearnableTemperature
 

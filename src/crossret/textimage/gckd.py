@@ -51,8 +51,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crossret import distributed
-from crossret._config import reject_unknown_keys
 from crossret._sealed import load_torch, save_torch
+from crossret.config_keys import reject_unknown_keys
 from crossret.errors import ConfigError, DataError, FileFormatError, NumericalError
 from crossret.textimage.albef import ema_update, momentum_copy
 from crossret.textimage.losses import (

@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crossret._limits import check_memory
 from crossret.errors import ConfigError, DataError
+from crossret.limits import check_memory
 
 SOURCE = 0
 TARGET = 1

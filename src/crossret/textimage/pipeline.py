@@ -38,9 +38,8 @@ import numpy as np
 import torch
 
 from crossret import distributed, runs
-from crossret._config import reject_unknown_keys
 from crossret._io import read_yaml_mapping, write_json_atomic, write_yaml_atomic
-from crossret._limits import check_threads
+from crossret.config_keys import reject_unknown_keys
 from crossret.data.person import (
     EvalView,
     ImageTransform,
@@ -51,6 +50,7 @@ from crossret.data.person import (
     load_person_dataset,
 )
 from crossret.errors import ConfigError, DataError
+from crossret.limits import check_threads
 from crossret.textimage.albef import AlbefConfig, AlbefModel
 from crossret.textimage.checkpoint import (
     albef_checkpoint_shapes,

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crossret._extras import missing_extra
 from crossret.errors import ConfigError, DataError
+from crossret.extras import missing_extra
 
 try:
     from torch_geometric.nn import GCNConv, SAGEConv

@@ -76,7 +76,7 @@ class GckdEncoder:
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, *, device: str = "cpu", batch_size: int = 64) -> GckdEncoder:
         """Load the model, vocabulary and settings of a finished GCKD run directory."""
-        from crossret._extras import require
+        from crossret.extras import require
 
         require("gckd")
         from crossret._io import read_yaml_mapping

@@ -33,7 +33,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from crossret._limits import check_threads
 from crossret.data.person import (
     HIDDEN_ID,
     IdentityBalancedBatchSampler,
@@ -44,6 +43,7 @@ from crossret.data.person import (
 )
 from crossret.distributed import shard_range
 from crossret.errors import ConfigError, DataError
+from crossret.limits import check_threads
 
 TARGET_PAIRINGS = ("unpaired", "paired")
 

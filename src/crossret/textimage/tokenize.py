@@ -24,9 +24,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from crossret._extras import require
 from crossret._io import write_text_atomic
 from crossret.errors import ConfigError, DataError
+from crossret.extras import require
 
 __all__ = [
     "DEFAULT_MAX_LENGTH",

@@ -1,4 +1,4 @@
-"""numba's kernel cache lives in a user cache directory (crossret._numba_cache), never beside the source."""
+"""numba's kernel cache lives in a user cache directory (crossret.kernel_cache), never beside the source."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from crossret import _numba_cache
-from crossret._numba_cache import configure_numba_cache, default_cache_dir
+from crossret import kernel_cache
+from crossret.kernel_cache import configure_numba_cache, default_cache_dir
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -37,7 +37,7 @@ def test_default_dir_precedence(tmp_path: Path) -> None:
 def no_numba(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
     """configure_numba_cache as if numba were imported with no cache directory set (a stand-in config)."""
     config = types.SimpleNamespace(CACHE_DIR="")
-    monkeypatch.setattr(_numba_cache, "_numba_config", lambda: config)
+    monkeypatch.setattr(kernel_cache, "_numba_config", lambda: config)
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)  # restored after the test, whatever configure sets
     return config
 

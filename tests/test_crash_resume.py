@@ -254,7 +254,7 @@ def test_resuming_trainers_remove_leftover_temporaries_of_their_checkpoints(cras
 
 
 def test_remove_stale_temporaries_takes_only_atomic_write_leftovers(tmp_path: Path) -> None:
-    from crossret._leftovers import remove_stale_temporaries
+    from crossret.storage.atomic import remove_stale_temporaries
 
     stale = [".checkpoint.pt.abcd_123.tmp", ".metrics.json.z9y8x7w6.tmp", ".a.b.c.00000000.tmp"]
     kept = ["checkpoint.pt", "notes.tmp", ".hidden", ".x.tmp", ".checkpoint.pt.ABCDEFGH.tmp",

@@ -30,8 +30,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crossret._io import check_npy_file, load_npy, load_npz_array, npz_members
 from crossret.errors import CrossretError, DataError, FileFormatError
+from crossret.storage.safe_read import check_npy_file, load_npy, load_npz_array, npz_members
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
 from targets import TARGETS, run_target
@@ -290,7 +290,7 @@ def test_hdf5_dataset_declaring_more_than_stored(tmp_path: Path) -> None:
 
 
 def test_real_mat_files_pass_the_size_checks(shared_data: Path) -> None:
-    from crossret.data.readers import check_mat_sizes
+    from crossret.data.declared_sizes import check_mat_sizes
 
     files = sorted(shared_data.glob("*/*.mat"))
     assert files
@@ -307,9 +307,8 @@ def _index_file(tmp_path: Path, kind: str = "flat") -> Path:
 
 
 def _rewrite(path: Path, header: dict, payload: bytes | None = None) -> None:
-    from crossret.retrieval import index as index_module
+    from crossret.storage.sealed import PREFIX as prefix
 
-    prefix = index_module._PREFIX
     raw = path.read_bytes()
     magic, version, length = prefix.unpack_from(raw)
     body = raw[prefix.size + length:] if payload is None else payload
@@ -318,11 +317,11 @@ def _rewrite(path: Path, header: dict, payload: bytes | None = None) -> None:
 
 
 def _header(path: Path) -> dict:
-    from crossret.retrieval import index as index_module
+    from crossret.storage.sealed import PREFIX
 
     raw = path.read_bytes()
-    _, _, length = index_module._PREFIX.unpack_from(raw)
-    return json.loads(raw[index_module._PREFIX.size:index_module._PREFIX.size + length])
+    _, _, length = PREFIX.unpack_from(raw)
+    return json.loads(raw[PREFIX.size:PREFIX.size + length])
 
 
 @pytest.mark.parametrize("params", [{"M": 4, "efSearch": 2**30}, {"M": 4, "efConstruction": 2**25}])

@@ -9,7 +9,7 @@ import stat
 import numpy as np
 import pytest
 
-from crossret._io import atomic_open, save_npy_atomic, to_jsonable, write_json_atomic, write_text_atomic
+from crossret.storage.atomic import atomic_open, save_npy_atomic, to_jsonable, write_json_atomic, write_text_atomic
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -44,16 +44,16 @@ def test_npy_round_trip_without_pickle(tmp_path):
 
 
 def test_the_directory_is_fsynced_after_the_rename(tmp_path, monkeypatch) -> None:
-    import crossret._io as io_module
+    import crossret.storage.atomic as io_module
 
     seen = []
-    original = io_module._fsync_directory
+    original = io_module.fsync_directory
 
     def record(directory):
         seen.append((directory, (tmp_path / "out.txt").read_text(encoding="utf-8")))  # the rename happened first
         original(directory)
 
-    monkeypatch.setattr(io_module, "_fsync_directory", record)
+    monkeypatch.setattr(io_module, "fsync_directory", record)
     io_module.write_text_atomic(tmp_path / "out.txt", "new")
     assert seen == [(tmp_path, "new")]
 
@@ -114,8 +114,8 @@ def test_a_failed_rename_names_the_target_not_the_temporary(tmp_path, monkeypatc
 def test_npz_headers_give_shapes_without_inflating_the_arrays(tmp_path, monkeypatch):
     import zipfile
 
-    from crossret._io import npz_headers
     from crossret.errors import DataError
+    from crossret.storage.safe_read import npz_headers
 
     path = tmp_path / "a.npz"
     np.savez_compressed(path, features=np.zeros((2000, 500), np.float32), labels=np.arange(7))

@@ -1,4 +1,4 @@
-"""The sealed container (crossret._sealed): kind, version, size and SHA-256 are checked before a payload is
+"""The sealed container (crossret.storage.sealed): kind, version, size and SHA-256 are checked before a payload is
 deserialized; every damaged or foreign file is a FileFormatError naming it."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crossret import _sealed
 from crossret.errors import FileFormatError
+from crossret.storage import sealed as _sealed
 
 KIND = "crossret.test.payload"
 
@@ -177,7 +177,7 @@ def test_failed_write_keeps_the_previous_file(sealed_file: Path, monkeypatch: py
     def fail(*_):
         raise OSError("disk full")
 
-    monkeypatch.setattr("crossret._io.os.replace", fail)
+    monkeypatch.setattr("crossret.storage.atomic.os.replace", fail)
     with pytest.raises(OSError, match="disk full"):
         _sealed.save_torch(sealed_file, {"other": torch.zeros(2)}, KIND, 2)
     assert sealed_file.read_bytes() == before

@@ -1,130 +1,36 @@
-"""Atomic file writes: write to a temporary file in the same directory, fsync, then rename.
+"""Hardened readers for files crossret did not necessarily write: ``.npy`` / ``.npz`` arrays, JSON and YAML.
 
-A crash mid-write leaves either the old file or the new one, never a truncated mix.
+What a file *declares* (array shapes, zip member sizes) is checked against what it *holds* before
+anything is allocated, so a few corrupt or crafted bytes can never make a reader allocate gigabytes.
+Nothing is unpickled. Errors name the file and say what is wrong.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
-import tempfile
-from collections.abc import Iterator
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from crossret.errors import CrossretError, DataError, FileFormatError
 
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase]:
-    """Open a temporary file next to ``path``; on clean exit it replaces ``path`` atomically."""
-    if mode not in ("wb", "w"):
-        raise ValueError("atomic_open supports 'wb' and 'w' only")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        _name_target(exc, path, None)
-        raise
-    try:
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_directory(path.parent)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            _name_target(exc, path, tmp)
-        raise
-
-
-def _name_target(exc: OSError, path: Path, tmp: str | None) -> None:
-    """Make a failed system call name the file the caller asked for: a full disk (ENOSPC) reported by
-    ``write``/``fsync`` carries no file name, and a failure on the temporary (``tmp``; ``None``: while
-    creating it) names a hidden file the caller never heard of. Errors without an errno are left as
-    they are."""
-    if exc.errno is not None and (exc.filename is None or tmp is None or os.fspath(exc.filename) == tmp):
-        exc.filename = os.fspath(path)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (POSIX: the entry lives in the directory, not the file);
-    without it a power cut can lose the rename, or persist renames out of order."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open directories: the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# Read once at import: toggling the process umask later would race with other threads.
-_UMASK = _read_umask()
-
-
-def _umask() -> int:
-    return _UMASK
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_open(path, "wb") as handle:
-        handle.write(data)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    with atomic_open(path, "w") as handle:
-        handle.write(text)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
-
-
-def write_yaml_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_text_atomic(path, yaml.safe_dump(to_jsonable(obj), sort_keys=False))
-
-
-def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
-    """``np.save`` through a temporary file (never pickles: ``allow_pickle=False``)."""
-    with atomic_open(path, "wb") as handle:
-        np.save(handle, np.asarray(array), allow_pickle=False)
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Convert numpy scalars/arrays, paths and tuples recursively into JSON/YAML-safe values."""
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):  # NaN and inf are not valid JSON
-        return None
-    return obj
+__all__ = [
+    "DEFLATE_MAX_RATIO",
+    "NpyHeader",
+    "check_npy_file",
+    "check_zip_member",
+    "load_npy",
+    "load_npz_array",
+    "npz_headers",
+    "npz_members",
+    "read_json_file",
+    "read_npy_header",
+    "read_yaml_mapping",
+]
 
 
 def read_yaml_mapping(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
@@ -132,7 +38,6 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "file") -> dict[str, 
     naming the file when it cannot be read, parsed, or is not a mapping."""
     import yaml
 
-    from crossret.errors import FileFormatError
 
     path = Path(path)
     try:
@@ -152,7 +57,6 @@ def load_npy(path: str | os.PathLike, what: str, *, mmap: bool = False, missing:
     """One ``.npy`` array (never pickles; memory-mapped read-only with ``mmap``), with errors that name
     ``what`` and the file: :class:`DataError` when it is missing (``missing`` replaces the message) or
     unreadable (``hint`` is appended), or holds an ``.npz`` archive instead of one array."""
-    from crossret.errors import DataError  # errors imports nothing from here; local to keep _io leaf-light
 
     path = Path(path)
     if not path.is_file():
@@ -176,11 +80,6 @@ def load_npy(path: str | os.PathLike, what: str, *, mmap: bool = False, missing:
         raise DataError(f"{what}: {path} is not a single-array .npy file")
     return array
 
-
-# ------------------------------------------------------------------------------------------------
-# Untrusted files: what a file *declares* (array shapes, member sizes) is checked against what it
-# *holds* before anything is allocated, so a few corrupt or crafted bytes can never make a reader
-# allocate gigabytes. Errors name the file and say what is wrong.
 
 #: The largest expansion of a deflate stream: one 2-bit code can stand for 258 bytes, ~1032:1.
 DEFLATE_MAX_RATIO = 1032
@@ -222,7 +121,6 @@ def read_npy_header(handle: Any, where: str, available: int | None, *, error: ty
     need pickle; unless ``allow_objects``), zero-size elements, and a declared data size larger
     than what is present. Nothing is allocated from the declared shape.
     """
-    from crossret.errors import DataError
 
     error = error or DataError
     fmt = np.lib.format
@@ -263,7 +161,6 @@ def check_npy_file(path: str | os.PathLike, where: str | None = None, *,
     """:func:`read_npy_header` of the ``.npy`` file at ``path``, checked against the file's size."""
     path = Path(path)
     where = where or str(path)
-    from crossret.errors import DataError
 
     try:
         with open(path, "rb") as handle:
@@ -278,9 +175,7 @@ def check_zip_member(info: Any, archive_size: int, where: str, *, error: type[Ex
     is read: the compressed bytes must lie inside the archive and the uncompressed size must be
     reachable from them (equal for stored members, at most deflate's maximum ratio for deflated
     ones). Encrypted members and other compression methods are refused."""
-    import zipfile
 
-    from crossret.errors import DataError
 
     error = error or DataError
     name = info.filename
@@ -308,9 +203,7 @@ def npz_members(path: str | os.PathLike, where: str | None = None, *,
                 error: type[Exception] | None = None) -> dict[str, Any]:
     """The members of an ``.npz`` archive as ``{key: ZipInfo}`` (keys without ``.npy``, as
     ``numpy.load`` names them), every member's declared sizes checked (:func:`check_zip_member`)."""
-    import zipfile
 
-    from crossret.errors import CrossretError, DataError
 
     path = Path(path)
     where = where or str(path)
@@ -339,9 +232,7 @@ def npz_headers(path: str | os.PathLike, where: str | None = None, *,
     sizes are checked (:func:`check_zip_member`) and every shape against its member's size
     (:func:`read_npy_header`), so callers can compare shapes across arrays and files before reading
     any of them. Members that are not ``.npy`` arrays are left out."""
-    import zipfile
 
-    from crossret.errors import CrossretError, DataError
 
     path = Path(path)
     where = where or str(path)
@@ -369,9 +260,7 @@ def load_npz_array(path: str | os.PathLike, key: str, where: str | None = None, 
     member's sizes in the zip directory (:func:`check_zip_member`) and the shape in its ``.npy``
     header against the member's uncompressed size (:func:`read_npy_header`). Only then is the
     array read (numpy allocates the declared shape before reading a zip member)."""
-    import zipfile
 
-    from crossret.errors import CrossretError, DataError
 
     path = Path(path)
     where = where or str(path)
@@ -407,7 +296,6 @@ def read_json_file(path: str | os.PathLike, what: str, *, error: type[Exception]
                    max_bytes: int | None = None) -> Any:
     """Parse a UTF-8 JSON file; any failure (unreadable, not UTF-8, invalid, nested too deeply, integers
     too long, larger than ``max_bytes``) is one ``error`` (default FileFormatError) naming the file."""
-    from crossret.errors import FileFormatError
 
     path = Path(path)
     error = error or FileFormatError

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from crossret._sealed import open_payload
 from crossret.data.domain import Domain
 from crossret.errors import ConfigError, DataError, FileFormatError
 from crossret.hashing import available_methods, make_method
-from crossret.hashing._state import load_method
 from crossret.hashing.itq import ITQ, ITQConfig, itq_rotation
 from crossret.hashing.lsh import LSH, LSHConfig
 from crossret.hashing.networks import HashNet, pairwise_similarity_loss, quantization_loss
 from crossret.hashing.preprocessing import FeatureNormalizer
+from crossret.hashing.registry import load_method
 from crossret.hashing.source_only import SourceOnly, SourceOnlyConfig
+from crossret.storage.sealed import open_payload
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -404,7 +404,7 @@ def test_save_before_fit(tmp_path: Path) -> None:
 def test_method_file_declaring_a_huge_array_is_refused_before_allocating(tmp_path: Path, two_domains) -> None:
     import io as _io_module
 
-    from crossret._sealed import write_sealed
+    from crossret.storage.sealed import write_sealed
 
     source, target, _, _ = two_domains
     path = _fitted("lsh", source, target).save(tmp_path / "lsh.npz")

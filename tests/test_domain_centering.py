@@ -11,11 +11,11 @@ import pytest
 from _couple_common import BITS, gaussian_domains, tiny
 from crossret.data.domain import Domain
 from crossret.errors import ConfigError, DataError
-from crossret.hashing._state import load_method
-from crossret.hashing.base import make_method
 from crossret.hashing.couple import Couple
+from crossret.hashing.encoding import encode_to_packed
 from crossret.hashing.preprocessing import FeatureNormalizer, fit_per_domain
-from crossret.retrieval.streaming import encode_to_packed, read_packed_codes
+from crossret.hashing.registry import load_method, make_method
+from crossret.retrieval.streaming import read_packed_codes
 
 
 # ------------------------------------------------------------------ fit_per_domain

@@ -12,8 +12,9 @@ from crossret.data import load_benchmark
 from crossret.data.domain import Domain
 from crossret.errors import ConfigError
 from crossret.experiment import RunConfig, load_split, run_experiment
-from crossret.hashing import base as hashing_base
+from crossret.hashing import registry
 from crossret.hashing.base import HashMethod
+from crossret.progress import no_progress
 
 
 @dataclasses.dataclass
@@ -28,7 +29,7 @@ class SpyMethod(HashMethod):
     config_class = SpyConfig
     seen: dict = {}  # noqa: RUF012
 
-    def fit(self, source: Domain, target: Domain, progress=hashing_base.no_progress):
+    def fit(self, source: Domain, target: Domain, progress=no_progress):
         SpyMethod.seen = {"source_labels": source.labels.copy(), "target_labels": target.labels.copy(),
                           "target_n": target.n}
         self.input_dim = source.dim
@@ -45,7 +46,7 @@ class SpyMethod(HashMethod):
 
 @pytest.fixture()
 def spy_registered(monkeypatch):
-    monkeypatch.setitem(hashing_base._REGISTRY, "spy", SpyMethod)
+    monkeypatch.setitem(registry._REGISTRY, "spy", SpyMethod)
     return SpyMethod
 
 
@@ -127,7 +128,7 @@ def test_custom_domain_files(tmp_path):
 
 
 def test_saved_model_in_run_directory_reproduces_the_codes(tmp_path):
-    from crossret.hashing._state import load_method
+    from crossret.hashing.registry import load_method
 
     result = run_experiment(RunConfig(method="itq", benchmark="demo", bits=16, out_dir=str(tmp_path / "r")))
     model = load_method(tmp_path / "r" / "model.npz")

@@ -29,8 +29,8 @@ import crossret
 from _cli import cli
 from _couple_common import BITS, TINY, gaussian_domains, tiny
 from crossret.errors import ConfigError
-from crossret.hashing._hashnet import resolve_device
 from crossret.hashing.couple import CHECKPOINT_NAME, Couple, read_checkpoint
+from crossret.hashing.deep import resolve_device
 from crossret.hashing.networks import HashNet
 from crossret.hashing.source_only import SourceOnly, SourceOnlyConfig
 

@@ -13,9 +13,9 @@ import torch
 
 from _couple_common import fit_codes, gaussian_domains, tiny, without_timings
 from crossret.errors import ConfigError, DataError
-from crossret.hashing import couple as couple_module
-from crossret.hashing._hashnet import ENCODE_BATCH
 from crossret.hashing.couple import Couple, CoupleConfig, _select_top
+from crossret.hashing.couple import selection as couple_selection
+from crossret.hashing.deep import ENCODE_BATCH
 from crossret.hashing.pseudo_labels import CentroidRefinement, refine_by_centroids
 
 
@@ -165,7 +165,7 @@ def test_couple_selects_by_the_refined_labels_and_margins(monkeypatch):
     """Every refresh: the refinement sees the diffusion's labels and the target encoder features of the
     network the refresh is handed; the selection is the per-class top ratio by refined margin."""
     seen: list[dict] = []
-    original_refresh, original_refine = Couple._refresh, couple_module.refine_by_centroids
+    original_refresh, original_refine = Couple._refresh, couple_selection.refine_by_centroids
 
     def refresh(self, net, x_all, source_labels, n_s, num_classes, previous, ratio):
         was_training = net.training
@@ -183,7 +183,7 @@ def test_couple_selects_by_the_refined_labels_and_margins(monkeypatch):
         return result
 
     monkeypatch.setattr(Couple, "_refresh", refresh)
-    monkeypatch.setattr(couple_module, "refine_by_centroids", refine)
+    monkeypatch.setattr(couple_selection, "refine_by_centroids", refine)
     source, target = gaussian_domains(shift=3.0)
     method, _ = fit_codes(source, target.without_labels(), tiny(label_refine="centroids", refine_iterations=7))
     assert len(seen) == len(method.selection_history) == 3

@@ -12,10 +12,10 @@ from _cli import cli
 from crossret.data.domain import Domain
 from crossret.errors import CodeError, ConfigError, DataError
 from crossret.hashing import make_method
+from crossret.hashing.encoding import encode_to_packed
 from crossret.retrieval import BinaryIndex, pack_codes, unpack_codes
 from crossret.retrieval.streaming import (
     build_index_from_packed,
-    encode_to_packed,
     open_features,
     read_packed_codes,
     recall_at_k,
@@ -184,7 +184,7 @@ def test_cli_encode_build_search_recall(tmp_path: Path, monkeypatch, capsys) -> 
     run = tmp_path / "run"
     code, _, err = cli(monkeypatch, capsys, "run", "lsh", "--benchmark", "demo", "--bits", "20", "--out", run)
     assert code == 0, err
-    from crossret.hashing._state import load_method
+    from crossret.hashing.registry import load_method
 
     method = load_method(run / "model.npz")
     x = np.random.default_rng(6).standard_normal((900, method.input_dim)).astype(np.float32)

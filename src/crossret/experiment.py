@@ -6,7 +6,7 @@ This is the Python API behind ``crossret run`` and ``crossret demo``::
     result = run_experiment(RunConfig(method="itq", benchmark="digits-m2u", bits=64, data_dir="data"))
     result.metrics["map_cross"]
 
-A run directory holds (DESIGN "CLI"):
+A run directory holds (docs/usage.md, "Run directory"):
 
 * ``config.yaml``   the resolved configuration (method config with every default filled in),
 * ``metrics.json``  the metric contract (``method``, ``benchmark``, ``bits``, ``seed``, ``ties``,
@@ -37,15 +37,18 @@ from typing import Any
 import numpy as np
 
 from crossret import distributed, runs
-from crossret._io import read_json_file, read_yaml_mapping, save_npy_atomic, write_json_atomic, write_yaml_atomic
 from crossret.config_keys import reject_unknown_keys
 from crossret.data.domain import RetrievalSplit
 from crossret.errors import ConfigError, DataError, FileFormatError
-from crossret.hashing.base import HashMethod, make_method
+from crossret.hashing.base import HashMethod
+from crossret.hashing.registry import make_method
+from crossret.model import evaluate_codes as evaluate_codes  # re-exported: part of this module's API
 from crossret.model import train_method, use_device
 from crossret.progress import ProgressFn, no_progress
 from crossret.provenance import collect_provenance
 from crossret.retrieval.metrics import DEFAULT_PRECISION_NS, TIE_RULES
+from crossret.storage.atomic import save_npy_atomic, write_json_atomic, write_yaml_atomic
+from crossret.storage.safe_read import read_json_file, read_yaml_mapping
 
 logger = logging.getLogger("crossret")
 LABEL_BASES = ("auto", 0, 1)
@@ -168,55 +171,6 @@ def load_split(config: RunConfig) -> RetrievalSplit:
         split_seed=config.split_seed,
         protocol_extra={"source_file": str(config.source), "target_file": str(config.target), **bases},
     )
-
-
-def evaluate_codes(
-    query_codes: np.ndarray,
-    query_labels: np.ndarray,
-    databases: dict[str, tuple[np.ndarray, np.ndarray]],
-    *,
-    ties: str = "expected",
-    topk: int | None = None,
-    precision_ns: tuple[int, ...] | list[int] = DEFAULT_PRECISION_NS,
-    progress: ProgressFn = no_progress,
-) -> dict[str, Any]:
-    """Evaluate query codes against one or more named databases (e.g. ``cross``, ``single``).
-
-    Returns the flat metric keys of the contract (``map_<name>``, ``precision_at[name]`` ...) plus
-    ``curves`` for plotting: P-R by Hamming radius, and P-R by rank at the ranks of
-    :func:`~crossret.retrieval.metrics.rank_grid` (about 100 log-spaced ranks up to the database size).
-    """
-    from crossret.retrieval.metrics import evaluate_hamming, rank_grid
-
-    out: dict[str, Any] = {"precision_at": {}, "recall_at": {}, "p_at_r2": {}, "curves": {},
-                           "queries_without_relevant": {}}
-    requested = {int(n) for n in precision_ns}
-    for name, (db_codes, db_labels) in databases.items():
-        # One pass gives the contract's precision@N and the P-R curve by rank on a dense grid of ranks.
-        grid = rank_grid(len(db_labels))
-        evaluation = evaluate_hamming(
-            query_codes, db_codes, query_labels, db_labels, ties=ties, topk=topk,
-            precision_ns=tuple(sorted(requested | set(grid))),
-            progress=lambda step, total, msg, _n=name: progress(step, total, f"evaluate {_n}: {msg}"),
-        )
-        out[f"map_{name}"] = float(evaluation.map)
-        if topk is not None:
-            out[f"map_at_{topk}_{name}"] = float(evaluation.map_at_k)
-        out["precision_at"][name] = {str(k): float(v) for k, v in evaluation.precision_at.items() if k in requested}
-        out["recall_at"][name] = {str(k): _float_or_none(v) for k, v in evaluation.recall_at.items()
-                                  if k in requested}
-        out["p_at_r2"][name] = float(evaluation.p_at_r2)
-        out["queries_without_relevant"][name] = int(evaluation.n_queries_without_relevant)
-        ns = grid
-        out["curves"][name] = {
-            "pr_radius": evaluation.pr_radius,
-            "pr_rank": {
-                "n": ns,
-                "precision": [float(evaluation.precision_at[n]) for n in ns],
-                "recall": [_float_or_none(evaluation.recall_at.get(n)) for n in ns],
-            },
-        }
-    return out
 
 
 def run_experiment(
@@ -371,11 +325,6 @@ def _evaluate_and_write(config: RunConfig, method: HashMethod, split: RetrievalS
     if run_dir:
         _write_run(run_dir, config, method, split, codes, metrics)
     return codes, metrics
-
-
-def _float_or_none(value: float | None) -> float | None:
-    """Recall is undefined (None) when no query has a relevant item; keep it so, never crash."""
-    return None if value is None else float(value)
 
 
 def _map_definition(ties: str, topk: int | None) -> str:

@@ -35,21 +35,16 @@ from typing import Any
 import numpy as np
 
 from crossret import runs
-from crossret._io import (
-    read_json_file,
-    read_yaml_mapping,
-    to_jsonable,
-    write_json_atomic,
-    write_text_atomic,
-    write_yaml_atomic,
-)
 from crossret.data.domain import UNKNOWN_LABEL, Domain
 from crossret.errors import ConfigError, DataError, FileFormatError
-from crossret.hashing.base import HashMethod, check_domain, make_method
+from crossret.hashing.base import HashMethod, check_domain
+from crossret.hashing.registry import make_method
 from crossret.progress import ProgressFn, no_progress
+from crossret.storage.atomic import to_jsonable, write_json_atomic, write_text_atomic, write_yaml_atomic
+from crossret.storage.safe_read import read_json_file, read_yaml_mapping
 
-__all__ = ["DEVICES", "FittedModel", "as_domain", "check_device", "evaluate", "fit", "load", "train_method",
-           "use_device"]
+__all__ = ["DEVICES", "FittedModel", "as_domain", "check_device", "evaluate", "evaluate_codes", "fit", "load",
+           "train_method", "use_device"]
 
 logger = logging.getLogger("crossret")
 
@@ -82,7 +77,7 @@ def check_device(device: str, method: HashMethod) -> str:
     if getattr(method, "storage", "npz") != "torch" or not callable(getattr(method, "to", None)):
         raise ConfigError(f"--device {device}: {method.name} is not a torch method and runs on the CPU only; "
                           "leave out --device")
-    from crossret.hashing._hashnet import resolve_device
+    from crossret.hashing.deep import resolve_device
 
     resolve_device(device)
     return device
@@ -226,7 +221,8 @@ class FittedModel:
         binary matrix of ``shape`` and ``dtype``, is memory-mapped, so it may exceed memory): ±1 int8 rows, or
         packed uint8 rows with ``packed``; a sidecar ``OUT.json`` records the code length. Returns the
         :class:`~crossret.retrieval.streaming.PackedCodesFile` record."""
-        from crossret.retrieval.streaming import DEFAULT_ENCODE_BATCH, encode_to_file, open_features
+        from crossret.hashing.encoding import DEFAULT_ENCODE_BATCH, encode_to_file
+        from crossret.retrieval.streaming import open_features
 
         check_domain(domain)
         runs.check_output_file(out, "codes", overwrite=overwrite)
@@ -347,7 +343,7 @@ def load(model_dir: str | os.PathLike, *, device: str = "cpu") -> FittedModel:
     """The model of a model directory written by :func:`fit` / ``crossret fit`` (or of a finished
     ``crossret run`` directory), encoding on ``device`` (see :meth:`FittedModel.to`; models trained on a
     GPU load on the CPU too). A missing, unfinished or foreign directory is a one-line error."""
-    from crossret.hashing._state import load_method
+    from crossret.hashing.registry import load_method
 
     path = Path(model_dir)
     if not path.is_dir():
@@ -390,14 +386,72 @@ def _labelled(value: DomainLike, what: str, label_base: Any, role: str) -> Domai
     return domain
 
 
+def evaluate_codes(
+    query_codes: np.ndarray,
+    query_labels: np.ndarray,
+    databases: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    ties: str = "expected",
+    topk: int | None = None,
+    precision_ns: tuple[int, ...] | list[int] | None = None,
+    progress: ProgressFn = no_progress,
+) -> dict[str, Any]:
+    """Evaluate query codes against one or more named databases (e.g. ``cross``, ``single``).
+
+    Returns the flat metric keys of the contract (``map_<name>``, ``precision_at[name]`` ...) plus
+    ``curves`` for plotting: P-R by Hamming radius, and P-R by rank at the ranks of
+    :func:`~crossret.retrieval.metrics.rank_grid` (about 100 log-spaced ranks up to the database size).
+    ``precision_ns`` defaults to :data:`~crossret.retrieval.metrics.DEFAULT_PRECISION_NS`. Shared by
+    :func:`evaluate` and ``crossret run`` (:mod:`crossret.experiment`).
+    """
+    from crossret.retrieval.metrics import DEFAULT_PRECISION_NS, evaluate_hamming, rank_grid
+
+    if precision_ns is None:
+        precision_ns = DEFAULT_PRECISION_NS
+
+    out: dict[str, Any] = {"precision_at": {}, "recall_at": {}, "p_at_r2": {}, "curves": {},
+                           "queries_without_relevant": {}}
+    requested = {int(n) for n in precision_ns}
+    for name, (db_codes, db_labels) in databases.items():
+        # One pass gives the contract's precision@N and the P-R curve by rank on a dense grid of ranks.
+        grid = rank_grid(len(db_labels))
+        evaluation = evaluate_hamming(
+            query_codes, db_codes, query_labels, db_labels, ties=ties, topk=topk,
+            precision_ns=tuple(sorted(requested | set(grid))),
+            progress=lambda step, total, msg, _n=name: progress(step, total, f"evaluate {_n}: {msg}"),
+        )
+        out[f"map_{name}"] = float(evaluation.map)
+        if topk is not None:
+            out[f"map_at_{topk}_{name}"] = float(evaluation.map_at_k)
+        out["precision_at"][name] = {str(k): float(v) for k, v in evaluation.precision_at.items() if k in requested}
+        out["recall_at"][name] = {str(k): _float_or_none(v) for k, v in evaluation.recall_at.items()
+                                  if k in requested}
+        out["p_at_r2"][name] = float(evaluation.p_at_r2)
+        out["queries_without_relevant"][name] = int(evaluation.n_queries_without_relevant)
+        ns = grid
+        out["curves"][name] = {
+            "pr_radius": evaluation.pr_radius,
+            "pr_rank": {
+                "n": ns,
+                "precision": [float(evaluation.precision_at[n]) for n in ns],
+                "recall": [_float_or_none(evaluation.recall_at.get(n)) for n in ns],
+            },
+        }
+    return out
+
+
+def _float_or_none(value: float | None) -> float | None:
+    """Recall is undefined (None) when no query has a relevant item; keep it so, never crash."""
+    return None if value is None else float(value)
+
+
 def evaluate(model: FittedModel, queries: DomainLike, database: DomainLike, *, query_domain: str = "target",
              database_domain: str = "target", ties: str = "expected", topk: int | None = None,
              label_base: Any = "auto", progress: ProgressFn = no_progress) -> dict[str, Any]:
     """Encode labelled ``queries`` and ``database`` with ``model`` and evaluate Hamming ranking
-    (:func:`crossret.experiment.evaluate_codes`): ``map``, ``map_at_k`` (with ``topk``), ``precision_at``,
+    (:func:`evaluate_codes`): ``map``, ``map_at_k`` (with ``topk``), ``precision_at``,
     ``recall_at``, ``p_at_r2``, ``queries_without_relevant``, plus the sizes. An item is relevant when
     it shares the query's label."""
-    from crossret.experiment import evaluate_codes
     from crossret.retrieval.metrics import TIE_RULES
 
     check_domain(query_domain)

@@ -1,4 +1,4 @@
-"""The interface every hashing method implements (the registry lives in ``_registry``).
+"""The interface every hashing method implements (methods are found by name in :mod:`crossret.hashing.registry`).
 
 A method is configured by a dataclass (serialisable to YAML), fitted on the labelled source and
 the *unlabelled* target training set, and then encodes any features to ±1 int8 codes.
@@ -12,14 +12,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from crossret.config_keys import reject_unknown_keys
 from crossret.data.domain import Domain
 from crossret.errors import ConfigError
-from crossret.hashing._registry import _REGISTRY, _load_builtin_methods
-from crossret.hashing._registry import available_methods as available_methods  # re-exported
-from crossret.hashing._registry import register as register  # re-exported
+from crossret.lazy_exports import lazy_getattr
 from crossret.limits import check_bits, check_memory
-from crossret.progress import ProgressFn, no_progress
+from crossret.progress import ProgressFn as ProgressFn  # re-exported for method modules
+from crossret.progress import no_progress as no_progress  # re-exported for method modules
 
 # encode_real hands back one real value per row and bit (float64 at worst), then the int8 code
 _ENCODE_BYTES_PER_BIT = 9
@@ -111,14 +109,7 @@ def check_domain(domain: str) -> str:
     return domain
 
 
-def make_method(name: str, bits: int, seed: int = 0, overrides: dict[str, Any] | None = None) -> HashMethod:
-    """Instantiate a registered method with its default config updated by ``overrides``."""
-    _load_builtin_methods()
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
-    cls = _REGISTRY[name]
-    config = cls.config_class()
-    if overrides:
-        reject_unknown_keys(type(config), overrides, name)
-        config = dataclasses.replace(config, **overrides)
-    return cls(bits=bits, seed=seed, config=config)
+# The registry functions' previous import path, kept for one release (use crossret.hashing.registry);
+# resolved on first use so that this module never imports the registry.
+__getattr__ = lazy_getattr("crossret.hashing.base", {name: "crossret.hashing.registry" for name in (
+    "make_method", "register", "available_methods")})

@@ -34,9 +34,8 @@ PCA gives only ``r`` informative directions. ``overflow`` chooses what the other
 * ``"rotations"``: ITQ on the ``r`` dimensions; each further block of ``≤ r`` bits is the PCA space
   under an independent seeded random rotation.
 
-``padded`` was chosen as the default on *source-side* held-out retrieval (no target labels): on
-MNIST (rank 230) at 300/384 bits it gave 49.3/49.4 % MAP vs 48.0–48.2/47.6–47.7 % for the other
-two, and on scikit-learn's 64-d digits (rank 61) at 96/128 bits 69.2/69.9 % vs 66.1–67.0 %.
+``padded`` is the default, chosen on held-out *source* retrieval (no target labels; the comparison
+is in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -50,10 +49,11 @@ from sklearn.decomposition import PCA
 
 from crossret.data.domain import Domain
 from crossret.errors import ConfigError, DataError
-from crossret.hashing._state import PersistentMethod
-from crossret.hashing.base import HashMethod, ProgressFn, no_progress, register
+from crossret.hashing.base import HashMethod
+from crossret.hashing.persistence import PersistentMethod
 from crossret.hashing.preprocessing import FeatureNormalizer, bit_balance
 from crossret.limits import check_memory
+from crossret.progress import ProgressFn, no_progress
 from crossret.threads import use_threads
 
 OVERFLOW_CHOICES = ("padded", "random-projection", "rotations")
@@ -122,7 +122,6 @@ def itq_rotation(v: np.ndarray, n_iter: int, rng: np.random.Generator) -> tuple[
     return rotation, history
 
 
-@register
 class ITQ(PersistentMethod, HashMethod):
     """Iterative Quantization (Gong et al., TPAMI 2013) on source ∪ target-train features."""
 

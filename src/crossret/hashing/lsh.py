@@ -16,10 +16,11 @@ import numpy as np
 
 from crossret.data.domain import Domain
 from crossret.errors import ConfigError, DataError
-from crossret.hashing._state import PersistentMethod
-from crossret.hashing.base import HashMethod, ProgressFn, no_progress, register
+from crossret.hashing.base import HashMethod
+from crossret.hashing.persistence import PersistentMethod
 from crossret.hashing.preprocessing import FeatureNormalizer, bit_balance
 from crossret.limits import check_memory
+from crossret.progress import ProgressFn, no_progress
 
 
 @dataclass
@@ -43,7 +44,6 @@ class LSHConfig:
                 raise ConfigError(f"lsh: {key} must be true or false, got {getattr(self, key)!r}")
 
 
-@register
 class LSH(PersistentMethod, HashMethod):
     """Random-hyperplane LSH (Charikar 2002): ``b = sign(W^T (x - μ) / σ)``, ``W ~ N(0, I)`` seeded."""
 

@@ -10,7 +10,7 @@ where ``L_pair`` is COUPLE's ``MSE(max(0, cos(h_i, h_j)), 1.1 S_ij)`` by default
 :func:`~crossret.hashing.networks.pairwise_similarity_loss` for the alternatives). Adam, seeded
 mini-batches, a fixed number of epochs; there is no model selection (no target labels exist).
 Whatever an adaptive method adds must beat this. ``method.to("cuda")`` trains on a GPU (see
-:mod:`crossret.hashing._hashnet`).
+:mod:`crossret.hashing.deep`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import torch.nn.functional as F
 
 from crossret.data.domain import Domain, class_count
 from crossret.errors import ConfigError, DataError
-from crossret.hashing._hashnet import HashNetMethod, rng_devices
-from crossret.hashing.base import ProgressFn, no_progress, register
+from crossret.hashing.deep import DeepHashMethod, rng_devices
 from crossret.hashing.networks import (
     PAIR_LOSSES,
     check_finite_loss,
@@ -36,18 +35,15 @@ from crossret.hashing.networks import (
 )
 from crossret.hashing.preprocessing import FeatureNormalizer, bit_balance
 from crossret.limits import check_threads
+from crossret.progress import ProgressFn, no_progress
 
 
 @dataclass
 class SourceOnlyConfig:
     """Source-only training options.
 
-    Defaults were chosen on held-out *source* retrieval only (25 % of MNIST-2000 and of
-    scikit-learn's digits as queries against the other 75 %, 16 and 64 bits, two seeds): the
-    ``couple`` pair loss with weight 10 and quantization weight 0.1 beat ``dpsh``/``cosine``,
-    weight 1 and quantization weight 1 by 0.5–1 MAP point; centring only (``standardize=False``)
-    beat z-scoring by 1 point; dropout 0.2 and a 512-wide head did not help; 30 epochs matched 40.
-    No target labels were used.
+    Defaults were chosen on held-out *source* retrieval only, never with target labels (the
+    comparison is in docs/benchmarks.md).
 
     epochs: passes over the source (fixed; no early stopping).
     batch_size: source mini-batch size (pair losses use all pairs within a batch).
@@ -58,8 +54,8 @@ class SourceOnlyConfig:
     standardize: z-score features with source statistics (else only centre).
     pair_loss: ``couple`` | ``cosine`` | ``dpsh``.
     ce_weight, pair_weight, quant_weight: loss weights.
-    num_threads: torch CPU threads while training; these small MLPs train fastest on one thread, and
-        multi-threaded torch slows down 10-60x when the cores are shared. 0 = leave torch's setting.
+    num_threads: torch CPU threads while training; these small MLPs train fastest on one thread,
+        and multi-threaded torch is much slower when the cores are shared. 0 = leave torch's setting.
     """
 
     epochs: int = 30
@@ -105,8 +101,7 @@ class SourceOnlyConfig:
             raise ConfigError(f"source-only: standardize must be true or false, got {self.standardize!r}")
 
 
-@register
-class SourceOnly(HashNetMethod):
+class SourceOnly(DeepHashMethod):
     """HashNet trained on labelled source data only (no target adaptation)."""
 
     name = "source-only"

@@ -1,12 +1,12 @@
-"""Encoding and indexing at scale: feature files larger than memory, indexes built in batches.
+"""Packed-code files and indexes at scale: code files larger than memory, indexes built in batches.
 
-* :func:`encode_to_packed` streams a feature file (``.npy`` opened memory-mapped, or a raw
-  ``np.memmap``) through a fitted :class:`~crossret.hashing.base.HashMethod` in batches and writes
-  the packed codes (faiss bit order, :func:`~crossret.retrieval.packing.pack_codes`) to a ``.npy``
-  file. Memory is O(batch): one batch of features and its codes. The output is written to a
-  temporary file that replaces ``out_path`` only when every batch succeeded (a bad batch leaves no
-  output and raises an error naming its rows). A JSON sidecar ``<out_path>.json`` records the code
-  length, which a packed file cannot carry (a 6-byte row may hold 41 to 48 bits).
+* :func:`open_features` maps a feature file (``.npy`` memory-mapped, or a raw ``np.memmap``) without
+  reading it.
+* A packed-codes file is a ``.npy`` of uint8 rows (faiss bit order,
+  :func:`~crossret.retrieval.packing.pack_codes`) with a JSON sidecar ``<path>.json`` recording the code
+  length, which a packed file cannot carry (a 6-byte row may hold 41 to 48 bits);
+  :func:`read_packed_codes` reads one. Writing one by encoding features with a fitted method is
+  :func:`crossret.hashing.encoding.encode_to_packed`.
 * :func:`build_index_from_packed` builds a :class:`~crossret.retrieval.index.BinaryIndex` from a
   packed-codes file (or array) in chunks; IVF kinds are trained on a seeded random sample.
 * :func:`recall_at_k` measures an approximate index against the exact flat index.
@@ -14,36 +14,30 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from crossret._io import atomic_open, load_npy, write_json_atomic
 from crossret.errors import CodeError, ConfigError, DataError, FileFormatError
 from crossret.progress import ProgressFn, no_progress
 from crossret.retrieval.index import BinaryIndex, _check_k, requested_nlist
-from crossret.retrieval.packing import BIT_ORDER, pack_codes, packed_width
+from crossret.retrieval.packing import BIT_ORDER, packed_width
+from crossret.storage.safe_read import load_npy
 
 __all__ = [
     "DEFAULT_ADD_BATCH",
-    "DEFAULT_ENCODE_BATCH",
     "PackedCodesFile",
     "build_index_from_packed",
-    "encode_to_file",
-    "encode_to_packed",
     "open_features",
     "read_packed_codes",
     "recall_at_k",
     "sidecar_path",
 ]
 
-DEFAULT_ENCODE_BATCH = 65_536
 DEFAULT_ADD_BATCH = 1 << 20
 SIDECAR_FORMAT = "crossret-packed-codes"
 # IVF training sample: this many codes per list (faiss' k-means warns below 39 and subsamples
@@ -54,7 +48,7 @@ _MAX_SIDECAR_BYTES = 1 << 20
 
 @dataclass
 class PackedCodesFile:
-    """A packed-codes ``.npy`` written by :func:`encode_to_packed`."""
+    """A packed-codes ``.npy`` written by :func:`crossret.hashing.encoding.encode_to_packed`."""
 
     path: Path
     n: int
@@ -90,108 +84,6 @@ def open_features(path: str | os.PathLike, *, shape: tuple[int, int] | None = No
     return load_npy(path, "features", mmap=True, hint="; for a raw binary file give its shape and dtype")
 
 
-def _check_feature_matrix(features: Any) -> np.ndarray:
-    if not isinstance(features, np.ndarray):
-        features = np.asarray(features)
-    if features.ndim != 2:
-        raise DataError(f"features: expected a 2-D array (items x dims), got shape {features.shape}")
-    if features.dtype.kind not in "fiu":
-        raise DataError(f"features: expected real-valued numbers, got dtype {features.dtype}")
-    return features
-
-
-# --------------------------------------------------------------------------------------------
-# streaming encode
-
-
-def encode_to_packed(method: Any, features: Any, out_path: str | os.PathLike, *,
-                     batch_size: int = DEFAULT_ENCODE_BATCH, progress: ProgressFn = no_progress,
-                     meta: dict[str, Any] | None = None, domain: str = "target") -> PackedCodesFile:
-    """Encode ``features`` with a fitted ``method`` batch by batch into packed codes at ``out_path``.
-
-    ``features``: an array (typically ``np.load(path, mmap_mode="r")`` or an ``np.memmap``) or a
-    path to a ``.npy`` file (memory-mapped). Rows are read ``batch_size`` at a time, checked for
-    NaN/inf (the error names the rows), encoded with ``method.encode`` and packed; memory stays
-    O(batch_size). The ``.npy`` appears at ``out_path`` only when every batch succeeded; the sidecar
-    ``<out_path>.json`` (bits, rows, method, domain, ``meta``) is written after it. ``domain``
-    (``target`` | ``source``) is passed to ``method.encode``: a model with per-domain input statistics
-    (COUPLE) encodes a source-domain database with ``domain="source"``.
-    """
-    return encode_to_file(method, features, out_path, batch_size=batch_size, progress=progress, meta=meta,
-                          domain=domain, packed=True)
-
-
-def encode_to_file(method: Any, features: Any, out_path: str | os.PathLike, *,
-                   batch_size: int = DEFAULT_ENCODE_BATCH, progress: ProgressFn = no_progress,
-                   meta: dict[str, Any] | None = None, domain: str = "target", packed: bool = True) -> PackedCodesFile:
-    """:func:`encode_to_packed`, or with ``packed=False`` the same streamed encoding into ±1 int8 rows
-    ``(N, bits)`` (the sidecar then records ``"packed": false``). One code path for ``crossret encode``
-    and ``crossret index encode``."""
-    from crossret.hashing.base import check_domain
-
-    check_domain(domain)
-    if isinstance(features, (str, os.PathLike)):
-        source: str | None = str(features)
-        features = open_features(features)
-    else:
-        source = None
-    features = _check_feature_matrix(features)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    bits = int(method.bits)
-    input_dim = getattr(method, "input_dim", None)
-    if input_dim is None:
-        raise ConfigError(f"{getattr(method, 'name', 'method')}: not fitted; load or fit a method before encoding")
-    if features.shape[1] != input_dim:
-        raise DataError(f"features have {features.shape[1]} dimensions but the method expects {input_dim}")
-    n, width = int(features.shape[0]), packed_width(bits)
-    dtype, row_width = (np.uint8, width) if packed else (np.int8, bits)
-    out_path = Path(out_path)
-    side = sidecar_path(out_path)
-    t0 = time.perf_counter()
-    progress(0, n, "encoding")
-    with atomic_open(out_path, "wb") as handle:
-        # The .npy header is written first (the shape is known), then each batch is appended, so
-        # nothing larger than a batch is ever held in memory.
-        np.lib.format.write_array_header_1_0(
-            handle, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": (n, row_width)})
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            rows = _encode_batch(method, features, start, stop, bits, domain, packed)
-            handle.write(np.ascontiguousarray(rows, dtype=dtype).tobytes())
-            progress(stop, n, "encoding")
-        # Drop a stale sidecar before the new codes replace the old ones: a file and a sidecar that
-        # disagree would be worse than a file without one.
-        with contextlib.suppress(FileNotFoundError):
-            side.unlink()
-    seconds = time.perf_counter() - t0
-    record = {
-        "format": SIDECAR_FORMAT, "bits": bits, "n": n, "width": width, "bit_order": BIT_ORDER, "packed": packed,
-        "method": getattr(method, "name", type(method).__name__), "features": source, "domain": domain,
-        "batch_size": int(batch_size), "seconds": round(seconds, 4), **(meta or {}),
-    }
-    write_json_atomic(side, record)
-    return PackedCodesFile(path=out_path, n=n, bits=bits, width=width, seconds=seconds, meta=record)
-
-
-def _encode_batch(method: Any, features: np.ndarray, start: int, stop: int, bits: int, domain: str,
-                  packed: bool = True) -> np.ndarray:
-    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: reported below
-        batch = np.asarray(features[start:stop], dtype=np.float32)
-    finite = np.isfinite(batch).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
-        raise DataError(
-            f"features rows {start}..{stop - 1}: {bad.size} row(s) contain NaN or inf (or values beyond "
-            f"float32 range), first at row {start + int(bad[0])}; no codes were written"
-        )
-    codes = method.encode(batch, domain=domain)
-    if codes.shape != (stop - start, bits):
-        raise CodeError(f"method returned codes of shape {codes.shape} for rows {start}..{stop - 1}; "
-                        f"expected {(stop - start, bits)}")
-    return pack_codes(codes) if packed else codes
-
-
 # --------------------------------------------------------------------------------------------
 # packed-codes files
 
@@ -199,7 +91,8 @@ def _encode_batch(method: Any, features: np.ndarray, start: int, stop: int, bits
 def read_packed_codes(path: str | os.PathLike, bits: int | None = None) -> tuple[np.ndarray, int]:
     """A packed-codes ``.npy`` memory-mapped read-only, and its code length.
 
-    The length comes from ``bits`` or else from the sidecar written by :func:`encode_to_packed`;
+    The length comes from ``bits`` or else from the sidecar written by
+    :func:`crossret.hashing.encoding.encode_to_packed`;
     when both exist they must agree.
     """
     path = Path(path)
@@ -247,6 +140,27 @@ def _sidecar_bits(path: Path, codes: np.ndarray) -> int | None:
 # batched index build
 
 
+def check_build_input(codes: Any, bits: int | None, batch_size: Any, ids: Any
+                      ) -> tuple[np.ndarray, int, np.ndarray | None]:
+    """The inputs of an index build, checked the same way for every backend: ``codes`` (a packed-codes
+    file, read memory-mapped, or a packed uint8 array ``(N, bytes)``) with its ``bits``, a positive
+    ``batch_size`` and ``ids`` (``(N,)`` or None). Returns ``(codes, bits, ids)``."""
+    if isinstance(codes, (str, os.PathLike)):
+        codes, bits = read_packed_codes(codes, bits)
+    elif bits is None:
+        raise ConfigError("bits: the code length is needed for packed codes given as an array")
+    codes = np.asarray(codes) if not isinstance(codes, np.ndarray) else codes
+    if codes.ndim != 2 or codes.dtype != np.uint8:
+        raise CodeError(f"codes: expected packed uint8 codes (items x bytes), got {codes.dtype} {codes.shape}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if ids is not None:
+        ids = np.asarray(ids)
+        if ids.shape != (int(codes.shape[0]),):
+            raise ConfigError(f"ids: expected {codes.shape[0]} ids (one per code), got shape {ids.shape}")
+    return codes, int(bits), ids
+
+
 def build_index_from_packed(codes: Any, bits: int | None = None, kind: str = "flat", *,
                             batch_size: int = DEFAULT_ADD_BATCH, train_size: int | None = None,
                             seed: int = 0, ids: Any = None, progress: ProgressFn = no_progress,
@@ -259,20 +173,8 @@ def build_index_from_packed(codes: Any, bits: int | None = None, kind: str = "fl
     codes drawn without replacement with ``seed`` (default ``min(N, 64 · nlist)``); the default
     ``nlist`` is chosen from the full size N, not the sample.
     """
-    if isinstance(codes, (str, os.PathLike)):
-        codes, bits = read_packed_codes(codes, bits)
-    elif bits is None:
-        raise ConfigError("bits: the code length is needed for packed codes given as an array")
-    codes = np.asarray(codes) if not isinstance(codes, np.ndarray) else codes
-    if codes.ndim != 2 or codes.dtype != np.uint8:
-        raise CodeError(f"codes: expected packed uint8 codes (items x bytes), got {codes.dtype} {codes.shape}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    codes, bits, ids = check_build_input(codes, bits, batch_size, ids)
     n = int(codes.shape[0])
-    if ids is not None:
-        ids = np.asarray(ids)
-        if ids.shape != (n,):
-            raise ConfigError(f"ids: expected {n} ids (one per code), got shape {ids.shape}")
     if kind == "ivf" and "nlist" not in params:
         params["nlist"] = BinaryIndex.default_nlist(n)
     nlist = requested_nlist(kind, params)

@@ -1,5 +1,6 @@
-"""What every :class:`~crossret.hashing.networks.HashNet`-based method shares: normalise → network
-→ codes at inference, classifier predictions, and the saved state (normaliser + ``state_dict``).
+"""The base of the deep hashing methods, :class:`DeepHashMethod`: what every
+:class:`~crossret.hashing.networks.HashNet`-based method shares: normalise → network → codes at
+inference, classifier predictions, and the saved state (normaliser + ``state_dict``).
 
 Subclasses (source-only, COUPLE) implement ``fit`` and set ``normalizer``, ``network``,
 ``num_classes`` and ``input_dim`` (and ``source_normalizer`` when the source domain has its own
@@ -23,9 +24,9 @@ import torch
 
 from crossret.data.domain import Domain, class_count
 from crossret.errors import ConfigError
-from crossret.hashing._state import PersistentMethod
 from crossret.hashing.base import HashMethod, check_domain
 from crossret.hashing.networks import HashNet, default_encoder_dim, torch_threads
+from crossret.hashing.persistence import PersistentMethod
 from crossret.hashing.preprocessing import FeatureNormalizer
 from crossret.limits import check_memory
 
@@ -85,7 +86,7 @@ def cpu_state(state: Any) -> Any:
     return state
 
 
-class HashNetMethod(PersistentMethod, HashMethod):
+class DeepHashMethod(PersistentMethod, HashMethod):
     """Base of the deep hashing methods: inference and persistence of one ``HashNet``."""
 
     storage = "torch"
@@ -99,7 +100,7 @@ class HashNetMethod(PersistentMethod, HashMethod):
         self.num_classes: int | None = None
         self.device: torch.device = CPU
 
-    def to(self, device: str | torch.device) -> HashNetMethod:
+    def to(self, device: str | torch.device) -> DeepHashMethod:
         """Train and encode on ``device`` (``cpu``, ``cuda`` or ``cuda:N``) from now on; a fitted network moves
         there. Refused with a one-line :class:`~crossret.errors.ConfigError` where torch cannot use it.
 
@@ -197,3 +198,7 @@ class HashNetMethod(PersistentMethod, HashMethod):
         net.load_state_dict(state_dict, strict=True)
         net.eval()
         self.network, self.num_classes = net, num_classes
+
+
+# Alias of DeepHashMethod, the name existing importers use.
+HashNetMethod = DeepHashMethod

@@ -114,7 +114,7 @@ class Hooks:
         if event == self.target:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    # -- the rename that finishes every atomic write (crossret._io.atomic_open)
+    # -- the rename that finishes every atomic write (crossret.storage.atomic.atomic_open)
     def rename(self, original: Any, src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             rel = Path(os.fspath(dst)).resolve().relative_to(self.run_dir).as_posix()
@@ -152,6 +152,7 @@ def install_hooks(kind: str, hooks: Hooks) -> None:
 
     if kind == "couple":
         from crossret.hashing import couple
+        from crossret.hashing.couple import selection as couple_selection  # where the refresh calls these
 
         refresh = couple.Couple._refresh
 
@@ -165,8 +166,8 @@ def install_hooks(kind: str, hooks: Hooks) -> None:
         couple.Couple._refresh = _refresh
 
         def watch(name: str, before: str, after: str | None) -> None:
-            original = getattr(couple, name, None)
-            if original is None:  # not used by this version of couple.py
+            original = getattr(couple_selection, name, None)
+            if original is None:  # not used by this version of the refresh
                 return
 
             def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -176,7 +177,7 @@ def install_hooks(kind: str, hooks: Hooks) -> None:
                     hooks.event("refresh", hooks.refresh, after)
                 return result
 
-            setattr(couple, name, wrapped)
+            setattr(couple_selection, name, wrapped)
 
         watch("build_cross_domain_graph", "graph", None)
         watch("l2_flow_diffusion_active_set", "diffusion", "diffused")
@@ -397,7 +398,7 @@ class Reader:
 
             return {"state": load_albef_checkpoint(path, AlbefConfig.from_dict(self.ref_config["albef"]))
                     .model.state_dict()}
-        from crossret.hashing._state import read_method_file
+        from crossret.hashing.persistence import read_method_file
 
         header, arrays, state_dict = read_method_file(path, expected_method="couple")
         return {"header": strip_timings(header), "arrays": arrays, "state": state_dict}

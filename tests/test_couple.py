@@ -15,14 +15,12 @@ import yaml
 
 from _cli import cli
 from _couple_common import BITS, TINY, fit_codes, gaussian_domains, stop_after, tiny, without_timings
-from crossret._sealed import save_torch
 from crossret.data import load_benchmark, make_split
 from crossret.data.benchmarks import demo_domains
 from crossret.data.domain import Domain
 from crossret.errors import ConfigError, DataError, FileFormatError
 from crossret.experiment import RunConfig, run_experiment
 from crossret.hashing import make_method
-from crossret.hashing._state import load_method
 from crossret.hashing.couple import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
@@ -31,6 +29,8 @@ from crossret.hashing.couple import (
     CoupleConfig,
     read_checkpoint,
 )
+from crossret.hashing.registry import load_method
+from crossret.storage.sealed import save_torch
 
 LOSS_KEYS = ("loss_total", "loss_ce", "loss_target_ce", "loss_target_im", "loss_coral", "loss_quant",
              "loss_relation", "loss_mix_low", "loss_mix_high")

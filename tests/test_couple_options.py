@@ -22,13 +22,9 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from _couple_common import BITS, fit_codes, gaussian_domains, stop_after, tiny, without_timings
-from crossret._sealed import save_torch
 from crossret.errors import ConfigError, FileFormatError
 from crossret.graph.walks import random_walks
-from crossret.hashing import couple as couple_module
 from crossret.hashing import make_method
-from crossret.hashing._hashnet import ENCODE_BATCH
-from crossret.hashing._state import load_method
 from crossret.hashing.couple import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
@@ -38,6 +34,10 @@ from crossret.hashing.couple import (
     _Selection,
     read_checkpoint,
 )
+from crossret.hashing.couple import selection as couple_selection
+from crossret.hashing.deep import ENCODE_BATCH
+from crossret.hashing.registry import load_method
+from crossret.storage.sealed import save_torch
 
 N_PER_SIDE = 60  # targets (and sources) of gaussian_domains()
 
@@ -266,7 +266,7 @@ def test_agreement_is_a_no_op_for_classifier_selection(domains):
 def diffusion_spy(monkeypatch):
     """Record the seed mass handed to ``clip_to_feasible`` (before clipping) and the solver's results."""
     log = {"seeds": [], "results": []}
-    clip, solve = couple_module.clip_to_feasible, couple_module.l2_flow_diffusion_active_set
+    clip, solve = couple_selection.clip_to_feasible, couple_selection.l2_flow_diffusion_active_set
 
     def clip_spy(adjacency, seed, degree, *args, **kwargs):
         log["seeds"].append((adjacency.copy(), np.array(seed, copy=True), np.array(degree, copy=True)))
@@ -277,8 +277,8 @@ def diffusion_spy(monkeypatch):
         log["results"].append(result)
         return result
 
-    monkeypatch.setattr(couple_module, "clip_to_feasible", clip_spy)
-    monkeypatch.setattr(couple_module, "l2_flow_diffusion_active_set", solve_spy)
+    monkeypatch.setattr(couple_selection, "clip_to_feasible", clip_spy)
+    monkeypatch.setattr(couple_selection, "l2_flow_diffusion_active_set", solve_spy)
     return log
 
 
@@ -625,13 +625,13 @@ def test_both_graph_features_are_the_unit_input_beside_the_unit_encoder_features
     on ``[x/|x|, f/|f|]``: ``x`` the normalised inputs, ``f`` the features the ``encoder`` run's graph used."""
     source, target = domains
     seen: list[tuple[np.ndarray, np.ndarray]] = []
-    original = couple_module.build_cross_domain_graph
+    original = couple_selection.build_cross_domain_graph
 
     def spy(source_features, source_labels, target_features, **kwargs):
         seen.append((np.array(source_features), np.array(target_features)))
         return original(source_features, source_labels, target_features, **kwargs)
 
-    monkeypatch.setattr(couple_module, "build_cross_domain_graph", spy)
+    monkeypatch.setattr(couple_selection, "build_cross_domain_graph", spy)
     fit_codes(source, target, tiny(epochs=2))
     encoder_input = np.concatenate(seen[0])
     seen.clear()

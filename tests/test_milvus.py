@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -442,3 +443,57 @@ def test_errors_against_a_server(make_index: Any, milvus_uri: str) -> None:
         index.search(db[:1], 1)
     with pytest.raises(ConfigError, match="no collection"):
         MilvusBinaryIndex.connect("crossret_test_errors", uri=milvus_uri)
+
+
+@pytest.mark.slow
+def test_range_search_stored_items_and_locator_against_a_server(make_index: Any, milvus_uri: str,
+                                                                tmp_path: Path) -> None:
+    # The protocol methods that rely on server behaviour: the range-search radius (Milvus keeps
+    # distance < radius for HAMMING), BINARY_VECTOR values read back by query, and save/load by locator.
+    from crossret.retrieval.backend import IndexBackend, open_index
+
+    rng = np.random.default_rng(11)
+    bits = 24
+    db, queries = random_packed(rng, 1200, bits), random_packed(rng, 15, bits)
+    ids = rng.permutation(10**5)[:1200].astype(np.int64)
+    ref = BinaryIndex.from_packed(db, bits, ids=ids)
+    for flush in (False, True):  # growing segment, then sealed and indexed
+        index = make_index(db, bits, "flat", ids=ids, flush=flush)
+        assert isinstance(index, IndexBackend)
+        for radius in (0, 6, 9, 24):
+            got, want = index.range_search(queries, radius), ref.range_search(queries, radius)
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_array_equal(a, b)
+        codes, stored = index.stored_items()
+        np.testing.assert_array_equal(codes, db)
+        np.testing.assert_array_equal(stored, ids)
+    locator = index.save(tmp_path / "index.json")
+    with open_index(locator, backend="milvus") as again:
+        assert (again.bits, again.ntotal, again.collection) == (bits, 1200, index.collection)
+        assert_same_as_faiss(db, queries, bits, 25, again, ids=ids)
+
+
+@pytest.mark.slow
+def test_cli_backend_milvus_against_a_server(milvus_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from _cli import cli
+
+    rng = np.random.default_rng(12)
+    db = random_packed(rng, 500, 32)
+    np.save(tmp_path / "db.npy", db)
+    np.save(tmp_path / "q.npy", db[:4])
+    name = "crossret_test_cli"
+    common = ("--backend", "milvus", "--uri", milvus_uri)
+    try:
+        code, _, err = cli(monkeypatch, capsys, "index", "build", "--codes", tmp_path / "db.npy", "--bits", 32,
+                           "--out", tmp_path / "m.json", "--collection", name, *common)
+        assert code == 0, err
+        code, out, err = cli(monkeypatch, capsys, "index", "search", tmp_path / "m.json", "--queries",
+                             tmp_path / "q.npy", "-k", "5", "--json", *common)
+        assert code == 0, err
+        answer = json.loads(out.strip().splitlines()[-1])
+        ref_d, ref_i = BinaryIndex.from_packed(db, 32).search(db[:4], 5)
+        assert answer["ids"] == ref_i.tolist() and answer["distances"] == ref_d.tolist()
+    finally:
+        with contextlib.suppress(Exception), MilvusBinaryIndex.connect(name, uri=milvus_uri) as index:
+            index.drop()

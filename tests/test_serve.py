@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from crossret.data import load_benchmark
 from crossret.errors import ConfigError, CrossretError, MissingExtraError
 from crossret.experiment import RunConfig, run_experiment
-from crossret.hashing._state import load_method
+from crossret.hashing.registry import load_method
 from crossret.retrieval import BinaryIndex, pack_codes
 from crossret.serve import ServiceLimits, create_app
 

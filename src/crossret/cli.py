@@ -25,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from crossret.errors import ConfigError, CrossretError, DataError
-from crossret.hashing._registry import available_methods
+from crossret.hashing.registry import available_methods
 from crossret.progress import ProgressFn
 
 if TYPE_CHECKING:
@@ -42,8 +42,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-index_app = typer.Typer(help="Build and search persistent indexes: binary (Hamming) codes, and GCKD galleries "
-                        "searched by text.", no_args_is_help=True)
+index_app = typer.Typer(help="Build and search persistent indexes: binary (Hamming) codes, in a local file or a "
+                        "Milvus collection (--backend), and GCKD galleries searched by text.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 gckd_app = typer.Typer(help="GCKD cross-dataset text-to-image person retrieval: synthetic data, source "
                        "pre-training, adaptation to an unlabelled target, evaluation.", no_args_is_help=True)
@@ -75,6 +75,16 @@ DataDirOpt = Annotated[
     typer.Option("--data-dir", help="Directory with the benchmark files (default: $CROSSRET_DATA)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line of stdout.")]
+BackendOpt = Annotated[
+    str,
+    typer.Option("--backend", help="Where the binary index lives: local (an index file searched in this process) or "
+                 "milvus (a Milvus collection; needs the 'milvus' extra, see docs/milvus.md)."),
+]
+UriOpt = Annotated[
+    str | None,
+    typer.Option("--uri", help="--backend milvus: the server address (default: the locator file's, else "
+                 "http://127.0.0.1:19530). A token is read from $CROSSRET_MILVUS_TOKEN."),
+]
 TiesOpt = Annotated[
     Ties,
     typer.Option(help="Tie rule for equal Hamming distances: 'expected' = exact expected AP under random "
@@ -183,7 +193,7 @@ def _int_option(value: str, name: str) -> int:
 
 
 def _print_json(obj: Any) -> None:
-    from crossret._io import to_jsonable
+    from crossret.storage.atomic import to_jsonable
 
     sys.stdout.write(json.dumps(to_jsonable(obj), separators=(",", ":")) + "\n")
     sys.stdout.flush()
@@ -194,8 +204,8 @@ def _pct(value: float | None) -> str:
 
 
 def load_npy(path: Path, what: str, **kwargs: Any) -> np.ndarray:
-    """:func:`crossret._io.load_npy`, imported on first use (it needs numpy)."""
-    from crossret._io import load_npy as _load
+    """:func:`crossret.storage.safe_read.load_npy`, imported on first use (it needs numpy)."""
+    from crossret.storage.safe_read import load_npy as _load
 
     return _load(path, what, **kwargs)
 
@@ -777,18 +787,30 @@ def index_build(
     split: Annotated[str, typer.Option(help="With --gallery: the dataset split whose images are the "
                                        "gallery.")] = "test",
     device: Annotated[str, typer.Option(help="With --gallery: torch device that encodes the images.")] = "cpu",
+    backend: BackendOpt = "local",
+    uri: UriOpt = None,
+    collection: Annotated[str | None, typer.Option(help="--backend milvus: name of the new collection (default: a "
+                                                   "fresh crossret_<hex> name). With --overwrite a collection of "
+                                                   "this name that crossret made is replaced.")] = None,
 ) -> None:
     """Build a binary index from codes and save it (atomic write, checksummed).
 
     Packed uint8 codes (e.g. from `crossret index encode`) are memory-mapped and added in batches.
+    With --backend milvus the codes go to a new Milvus collection (kind flat or ivf) and --out gets a
+    small locator file naming it, which `crossret index search` and `crossret serve` open.
     With a GCKD run and --gallery: a dense (inner-product) index of the gallery images' ITC embeddings
     (kind flat or hnsw), searched with `crossret index search --text`.
     """
-    from crossret.retrieval.streaming import build_index_from_packed
+    from crossret.retrieval.backend import build_index, check_backend
+    from crossret.retrieval.packing import as_packed
     from crossret.runs import check_output_file, run_file
 
+    check_backend(backend)
+    options = _backend_options(backend, uri, collection)
     if (codes is None) == (run_dir is None):
         raise ConfigError("give exactly one of --codes FILE or --run RUN_DIR")
+    if backend != "local" and gallery is not None:
+        raise ConfigError(f"--gallery builds a GCKD gallery index, which is a local file; drop --backend {backend}")
     if _gckd_index_build(output, run_dir, gallery, split, kind, param, bits, ids, device, overwrite):
         return
     check_output_file(output, "index", overwrite=overwrite)
@@ -799,18 +821,27 @@ def index_build(
     params = _index_params(param)
     source: Any = _packed_codes_file(codes, bits)
     if source is None:  # ±1 / {0,1} codes: small enough to load and pack in memory
-        source, bits = _as_packed(_load_npy(codes, "--codes"), bits, "--codes")
+        source, bits = as_packed(_load_npy(codes, "--codes"), bits, name="--codes", origin="cli")
+    if backend == "milvus":
+        options["overwrite"] = "crossret" if overwrite else False
     with _progress_bar() as progress:
-        index = build_index_from_packed(source, bits, kind, batch_size=batch_size, train_size=train_size,
-                                        seed=seed, ids=_load_npy(ids, "--ids") if ids else None,
-                                        progress=progress, **params)
-    index.save(output)
-    out.print(f"wrote {output}: {index.ntotal} codes, {index.bits} bits, kind {kind} {index.params or ''}")
+        index = build_index(source, bits, kind, backend=backend, params=params, batch_size=batch_size,
+                            train_size=train_size, seed=seed, ids=_load_npy(ids, "--ids") if ids else None,
+                            progress=progress, **options)
+    try:
+        index.save(output)
+    finally:
+        index.close()
+    where = f"Milvus collection {index.collection} at {index.uri}, " if backend == "milvus" else ""
+    out.print(f"wrote {output}: {where}{index.ntotal} codes, {index.bits} bits, kind {kind} {index.params or ''}")
 
 
 @index_app.command("search")
 def index_search(
-    index_file: Annotated[Path, typer.Argument(help="Index file written by `crossret index build`.")],
+    ctx: typer.Context,
+    index_file: Annotated[Path | None, typer.Argument(help="Index file written by `crossret index build` (with "
+                                                      "--backend milvus: the locator file it wrote, or leave it out "
+                                                      "and give --collection).")] = None,
     queries: Annotated[Path | None, typer.Option(help=".npy of query codes (±1 or 0/1, or packed "
                                                  "uint8).")] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per query.")] = 10,
@@ -826,27 +857,45 @@ def index_search(
     text_file: Annotated[Path | None, typer.Option(help="A UTF-8 file of captions, one per line (blank lines "
                                                    "skipped).")] = None,
     device: Annotated[str, typer.Option(help="With --text: torch device that encodes the captions.")] = "cpu",
+    backend: BackendOpt = "local",
+    uri: UriOpt = None,
+    collection: Annotated[str | None, typer.Option(help="--backend milvus: the collection to search (instead of "
+                                                   "the one the locator file names).")] = None,
 ) -> None:
     """Search an index: the k nearest codes (Hamming) of every query, or, for a GCKD gallery index,
     the k best images (ITC score) of every caption (--run, --text / --text-file)."""
     import numpy as np
 
-    from crossret._io import atomic_open
-    from crossret.retrieval.index import BinaryIndex
+    from crossret.retrieval.backend import check_backend, open_index, refuse_locator
+    from crossret.retrieval.packing import as_packed
     from crossret.runs import check_output_file
+    from crossret.storage.atomic import atomic_open
 
-    if _gckd_index_search(index_file, queries, run_dir, text, text_file, k, save, device, as_json):
-        return
+    check_backend(backend)
+    options = _backend_options(backend, uri, collection)
+    if backend == "local" and index_file is None:
+        ctx.fail("Missing argument 'index_file'.")  # the usage error typer gave while the argument was required
+    if backend != "local" and (text or text_file is not None or run_dir is not None):
+        raise ConfigError(f"--backend {backend} searches binary codes (--queries); captions (--run, --text, "
+                          "--text-file) search a local GCKD gallery index")
+    if backend == "local":
+        assert index_file is not None
+        refuse_locator(index_file)
+        if _gckd_index_search(index_file, queries, run_dir, text, text_file, k, save, device, as_json):
+            return
     if queries is None:
         raise ConfigError("give --queries Q.npy (query codes) to search a binary index")
     if save is not None:
         check_output_file(save, "search", overwrite=overwrite, option="--save")
-    index = BinaryIndex.load(index_file)
-    packed, _ = _as_packed(_load_npy(queries, "--queries"), index.bits, "--queries")
-    from crossret.threads import use_threads
+    index = open_index(index_file, backend=backend, **options)
+    try:
+        packed, _ = as_packed(_load_npy(queries, "--queries"), index.bits, name="--queries", origin="cli")
+        from crossret.threads import use_threads
 
-    with use_threads("search"):
-        distances, ids = index.search(packed, k)
+        with use_threads("search"):
+            distances, ids = index.search(packed, k)
+    finally:
+        index.close()
     if save is not None:
         with atomic_open(save, "wb") as handle:
             np.savez(handle, distances=distances, ids=ids)
@@ -909,7 +958,9 @@ def index_recall(
     index, reference = BinaryIndex.load(index_file), BinaryIndex.load(exact)
     if param:
         index.set_params(**_index_params(param))
-    packed, _ = _as_packed(_load_npy(queries, "--queries"), index.bits, "--queries")
+    from crossret.retrieval.packing import as_packed
+
+    packed, _ = as_packed(_load_npy(queries, "--queries"), index.bits, name="--queries", origin="cli")
     t0 = time.perf_counter()
     index.search(packed, k)
     seconds = time.perf_counter() - t0
@@ -932,6 +983,27 @@ def _index_params(items: list[str] | None) -> dict[str, Any]:
         elif isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"--param {key}: index parameters are integers, got {value!r}")
     return params
+
+
+def _backend_options(backend: str, uri: str | None, collection: str | None) -> dict[str, Any]:
+    """``--uri``/``--collection`` (and ``$CROSSRET_MILVUS_TOKEN``) as options of the milvus backend; both are
+    refused with another backend."""
+    import os
+
+    if backend != "milvus":
+        given = [name for name, value in (("--uri", uri), ("--collection", collection)) if value is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} apply to --backend milvus, not --backend {backend}")
+        return {}
+    options: dict[str, Any] = {}
+    if uri is not None:
+        options["uri"] = uri
+    if collection is not None:
+        options["collection"] = collection
+    token = os.environ.get("CROSSRET_MILVUS_TOKEN")
+    if token:
+        options["token"] = token  # never a command-line option: it would show in the process list
+    return options
 
 
 def _packed_codes_file(path: Path, bits: int | None) -> Path | None:
@@ -1061,8 +1133,9 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
     database: Annotated[Setting, typer.Option(help="cross = the source codes, single = the target-train "
                                               "codes.")] = Setting.cross,
-    index: Annotated[Path | None, typer.Option(help="Serve this saved index (.crbi) instead of building a flat "
-                                               "one over the run's codes.")] = None,
+    index: Annotated[Path | None, typer.Option(help="Serve this saved index (.crbi; with --backend milvus its "
+                                               "locator file) instead of building a flat one over the run's "
+                                               "codes.")] = None,
     max_k: Annotated[int, typer.Option(min=1, help="Most results per query.")] = 1000,
     max_batch: Annotated[int, typer.Option(min=1, help="Most queries per request.")] = 1024,
     max_body_bytes: Annotated[int, typer.Option(min=64, help="Largest request body (413 above).")] = 8 << 20,
@@ -1083,6 +1156,10 @@ def serve(
                                                  "dataset folder (or give --index GALLERY_INDEX).")] = None,
     split: Annotated[str, typer.Option(help="With --gallery: the split whose images are the gallery.")] = "test",
     device: Annotated[str, typer.Option(help="GCKD run: torch device that encodes the captions.")] = "cpu",
+    backend: BackendOpt = "local",
+    uri: UriOpt = None,
+    collection: Annotated[str | None, typer.Option(help="--backend milvus: serve this collection (instead of the "
+                                                   "one the --index locator file names).")] = None,
 ) -> None:
     """Serve a run as a read-only JSON search API: Hamming k-NN, or text search for a GCKD run (docs/serve.md).
 
@@ -1093,15 +1170,19 @@ def serve(
     deadline (--request-timeout), at most --max-concurrent requests compute at once and --max-requests are
     in progress, and idle or slow clients cannot crowd others out (request heads within 5 s, idle
     keep-alive connections closed after 5 s, and at the connection cap the longest-idle connection makes
-    room for a new one). Files are chosen on
+    room for a new one). With --backend milvus the codes are searched in a Milvus collection: --index is the
+    locator file `crossret index build --backend milvus` wrote, or --collection names it. Files are chosen on
     this command line only: no request value reaches the file system. No authentication: bind to loopback
     (the default) or put a proxy in front.
 
     Needs the optional 'serve' extra: pip install 'crossret\\[serve]'.
     """
+    from crossret.retrieval.backend import check_backend
     from crossret.serve.app import ServerSettings, create_app, require_serve_extra, run_server
     from crossret.serve.state import ServiceLimits
 
+    check_backend(backend)
+    options = _backend_options(backend, uri, collection)
     require_serve_extra(server=True)
     limits = ServiceLimits(max_k=max_k, max_batch=max_batch, max_body_bytes=max_body_bytes,
                            request_timeout=request_timeout,
@@ -1110,6 +1191,9 @@ def serve(
 
     found = run_kind(run_dir) if run_dir is not None and run_dir.is_dir() else None
     if found == "gckd":
+        if backend != "local":
+            raise ConfigError(f"--backend {backend} serves binary codes; a GCKD run serves text search over a local "
+                              "gallery: drop --backend")
         from crossret.serve.app import create_text_app
 
         service = create_text_app(run_dir, gallery=gallery, split=split, index=index, limits=limits, device=device)
@@ -1120,13 +1204,17 @@ def serve(
         if gallery is not None:
             raise ConfigError(f"--gallery needs a GCKD run (`crossret gckd pretrain|adapt`); {run_dir or 'no run'} "
                               "is not one (hashing runs serve their database codes: drop --gallery)")
-        if index is not None and index.is_file():
+        if backend == "local" and index is not None and index.is_file():
+            from crossret.retrieval.backend import refuse_locator
             from crossret.retrieval.index import read_index_header
+
+            refuse_locator(index)
 
             if read_index_header(index)["index_type"] == "dense":
                 raise ConfigError(f"--index {index} is a GCKD gallery index: serve it with the GCKD run that built "
                                   "it, crossret serve GCKD_RUN --index FILE")
-        service = create_app(run_dir, database=database.value, index=index, limits=limits)
+        service = create_app(run_dir, database=database.value, index=index, limits=limits,
+                             **({"backend": backend, "backend_options": options} if backend != "local" else {}))
         info = service.state.service.info()
         err.print(f"serving {info['size']} codes ({info['bits']} bits, {info['kind']}) on http://{host}:{port}",
                   highlight=False)
@@ -1330,25 +1418,6 @@ def gckd_eval(
         _print_json(result)
         return
     _print_person_metrics(result["evaluation"], f"{run_dir} on {result['evaluated_on']}")
-
-
-def _as_packed(array: np.ndarray, bits: int | None, what: str) -> tuple[np.ndarray, int]:
-    """±1/{0,1} codes -> packed. uint8 arrays are packed codes when ``bits`` is given (exact or 64-bit
-    padded width)."""
-    import numpy as np
-
-    from crossret.retrieval.packing import check_packed, pack_codes
-
-    if array.ndim != 2:
-        raise DataError(f"{what}: expected a 2-D array of codes (one row per item), got shape {array.shape}")
-    if bits is not None and array.dtype == np.uint8 and array.shape[1] != bits:
-        return check_packed(array, bits, allow_padding=True, name=what), bits
-    if bits is not None and array.shape[1] != bits:
-        raise DataError(f"{what}: codes have {array.shape[1]} bits but {bits} were expected; code lengths "
-                        "must match")
-    if array.dtype == np.uint8 and array.size and int(array.max()) > 1:
-        raise DataError(f"{what}: holds uint8 values above 1, i.e. packed codes; pass --bits L to read them")
-    return pack_codes(array, name=what), int(array.shape[1])
 
 
 if __name__ == "__main__":  # pragma: no cover

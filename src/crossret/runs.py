@@ -55,9 +55,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from crossret._io import _fsync_directory, _umask, read_json_file, write_json_atomic
-from crossret._leftovers import remove_stale_temporaries
 from crossret.errors import ConfigError, DataError, FileFormatError
+from crossret.storage.atomic import fsync_directory as _fsync_directory
+from crossret.storage.atomic import remove_stale_temporaries, write_json_atomic
+from crossret.storage.atomic import umask as _umask
+from crossret.storage.safe_read import read_json_file
 
 __all__ = [
     "KINDS",
@@ -552,7 +554,7 @@ def detach_run_log(handler: logging.Handler | None) -> None:
 
 # ---------------------------------------------------------------------------------------------- output files
 #: Kinds of output files :func:`check_output_file` recognises, and how a message names them.
-OUTPUT_KINDS = {"index": "crossret index (.crbi)", "codes": "crossret packed-codes file",
+OUTPUT_KINDS = {"index": "crossret index (.crbi or Milvus locator)", "codes": "crossret packed-codes file",
                 "plot": "crossret plot", "search": "crossret search-results file"}
 _PNG = b"\x89PNG\r\n\x1a\n"
 #: The PNG ``Software`` text crossret's plots carry (crossret.report.plots).
@@ -569,9 +571,11 @@ def _starts_with(path: Path, prefixes: tuple[bytes, ...]) -> bool:
 
 
 def _is_index(path: Path) -> bool:
-    from crossret.retrieval.index import _BINARY_MAGIC, _DENSE_MAGIC
+    """An index file crossret wrote: a ``.crbi`` of either type, or the locator of a Milvus collection."""
+    from crossret.retrieval.index import INDEX_MAGICS
+    from crossret.retrieval.milvus import LOCATOR_PREFIX
 
-    return _starts_with(path, (_BINARY_MAGIC, _DENSE_MAGIC))
+    return _starts_with(path, (*INDEX_MAGICS, LOCATOR_PREFIX))
 
 
 def _is_sidecar(path: Path) -> bool:
@@ -616,7 +620,7 @@ def _is_plot(path: Path) -> bool:
 
 
 def _is_search_results(path: Path) -> bool:
-    from crossret._io import npz_members
+    from crossret.storage.safe_read import npz_members
 
     try:
         return set(npz_members(path)) == {"distances", "ids"}

@@ -52,7 +52,8 @@ Guarantees (all kinds):
   range search is ``< radius``; the radius is shifted by one). Exact for ``flat``; for ``ivf`` only
   the probed lists are searched, for ``multihash`` only the hash candidates.
 
-File format (both index types; never pickle), written atomically as one file::
+File format (both index types; never pickle): the checksummed container of
+:mod:`crossret.storage.sealed`, written atomically as one file::
 
     magic (8 bytes)  b"CRBINIDX" | b"CRDNSIDX"
     format version   uint32 little-endian
@@ -63,25 +64,24 @@ File format (both index types; never pickle), written atomically as one file::
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import math
 import os
 import re
-import struct
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from crossret._io import write_bytes_atomic
 from crossret.errors import CodeError, ConfigError, DataError, FileFormatError
 from crossret.limits import MAX_BITS, check_memory, check_result_slots
 from crossret.retrieval.packing import BIT_ORDER, check_packed, packed_width, pad_packed, padded_bits
+from crossret.storage.sealed import Container, Wording
 
 __all__ = [
     "FORMAT_VERSION",
+    "INDEX_MAGICS",
     "MISSING_DISTANCE",
     "MISSING_ID",
     "BinaryIndex",
@@ -96,8 +96,8 @@ MISSING_SCORE = float("-inf")
 
 _BINARY_MAGIC = b"CRBINIDX"
 _DENSE_MAGIC = b"CRDNSIDX"
-_PREFIX = struct.Struct("<8sIQ")  # magic, format version, header length
-_MAX_HEADER_BYTES = 1 << 24  # a header is a few hundred bytes; anything huge is garbage
+#: The first bytes of every index file crossret writes (binary, dense).
+INDEX_MAGICS: tuple[bytes, ...] = (_BINARY_MAGIC, _DENSE_MAGIC)
 
 _HNSW_DEFAULTS = {"M": 32, "efConstruction": 40, "efSearch": 64}
 # faiss layout (fourcc) each built-in kind serializes to (factory strings may give any of them).
@@ -107,8 +107,8 @@ _MULTIHASH_MAX_B = 64  # faiss reads each hash key as one 64-bit word
 # Queries per block of faiss' exhaustive binary search (faiss' default is 32). Each block runs one
 # OpenMP parallel region per 65,536 database codes, so with 32 a search of 300 queries over 1M codes
 # forks and joins 160 times; on a busy machine every join waits for the slowest, descheduled thread.
-# 1024 gave ~2x lower wall time there (2 threads, 1M x 64 bits, 300 queries: 1.45 s -> 0.75 s) with
-# the same per-query scan order, so results and tie order are unchanged (benchmarks/scale.py).
+# 1024 joins 32 times fewer (measured in docs/scale.md, "Exact search speed") with the same per-query
+# scan order, so results and tie order are unchanged.
 _FLAT_QUERY_BATCH = 1024
 # Parameters that may be 0 (all others must be >= 1).
 _ZERO_OK_PARAMS = {"nflip"}
@@ -244,9 +244,9 @@ _INT64_MAX = np.iinfo(np.int64).max
 def _sort_binary_rows(dist: np.ndarray, internal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_sort_rows` for Hamming results: rows sorted by (distance, id), missing (id -1) last.
 
-    Packs both keys into one int64 and sorts values in place — about 7x cheaper than the lexsort +
-    gathers (measured 0.5 vs 3.8 ms for 300 x 100 results), which matters when a search over a
-    small database takes only milliseconds. Falls back to the lexsort for out-of-range values.
+    Packs both keys into one int64, ``distance << 36 | id``, and sorts values in place: cheaper than
+    the lexsort and its gathers, which matters when a search over a small database takes only
+    milliseconds. Falls back to the lexsort for out-of-range values.
     """
     if internal.size == 0 or int(internal.max()) >= 1 << _ID_BITS or int(dist.max()) >= 1 << (62 - _ID_BITS):
         dist = np.where(internal < 0, MISSING_DISTANCE, dist).astype(np.int32)
@@ -289,99 +289,39 @@ def _check_graph_memory(index: Any, n_new: int) -> None:
 # file framing
 
 
-def _frame(magic: bytes, header: dict[str, Any], payload: bytes) -> bytes:
-    header = dict(header)
-    header["format_version"] = FORMAT_VERSION
-    header["payload_bytes"] = len(payload)
-    header["sha256"] = hashlib.sha256(payload).hexdigest()
-    header["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    header_bytes = json.dumps(header, sort_keys=True).encode("utf-8")
-    return _PREFIX.pack(magic, FORMAT_VERSION, len(header_bytes)) + header_bytes + payload
+_INDEX_WORDING = Wording(
+    missing="{path}: no such index file",
+    unreadable="{path}: cannot read the index file ({exc})",
+    bad_magic="{path}: not a crossret index file (bad magic bytes)",
+    short_prefix="{path}: truncated — the file ends inside the fixed-size prefix",
+    newer_version=("{path}: written by a newer crossret format version {version} (this crossret reads up to "
+                   "{newest}); upgrade crossret"),
+    invalid_version="{path}: invalid format version {version}",
+    short_payload="{path}: truncated — the payload has {present} of {declared} bytes; rebuild or re-copy it",
+    checksum="{path}: checksum mismatch — the file was altered or corrupted",
+)
+_INDEX_FIELDS = (("format_version", int), ("kind", str), ("ntotal", int), ("params", dict), ("payload_bytes", int),
+                 ("faiss_bytes", int), ("ids_bytes", int), ("sha256", str))
+_SIBLINGS = ((_BINARY_MAGIC, "{path}: this is a binary crossret index; load it with BinaryIndex.load"),
+             (_DENSE_MAGIC, "{path}: this is a dense crossret index; load it with DenseIndex.load"))
+# The file of each index type (crossret.storage.sealed); a header is a few hundred bytes, anything
+# far larger is garbage.
+_CONTAINERS = {
+    magic: Container(magic=magic, version=FORMAT_VERSION, fields=_INDEX_FIELDS, what="index",
+                     version_field="format_version", max_header_bytes=1 << 24,
+                     siblings=tuple(s for s in _SIBLINGS if s[0] != magic), wording=_INDEX_WORDING)
+    for magic in (_BINARY_MAGIC, _DENSE_MAGIC)
+}
 
 
-def _read_frame(path: str | os.PathLike, magic: bytes) -> tuple[dict[str, Any], bytes]:
-    """Read and verify a framed index file; return (header, payload).
-
-    The header is read and its declared sizes checked against the file's size before the payload is
-    read, so a corrupt or foreign file never makes this allocate more than the file holds."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            head = handle.read(min(size, _PREFIX.size + _MAX_HEADER_BYTES))
-            header = _parse_header(path, head, magic)
-            start = _PREFIX.size + header["_header_bytes"]
-            expected = header["payload_bytes"]
-            present = size - start
-            if present < expected:
-                raise FileFormatError(
-                    f"{path}: truncated — the payload has {present} of {expected} bytes; rebuild or re-copy it"
-                )
-            if present > expected:
-                raise FileFormatError(f"{path}: {present - expected} unexpected bytes after the payload")
-            handle.seek(start)
-            payload = handle.read(expected)
-    except FileNotFoundError:
-        raise FileFormatError(f"{path}: no such index file") from None
-    except OSError as exc:
-        raise FileFormatError(f"{path}: cannot read the index file ({exc})") from exc
-    if len(payload) != expected:  # the file changed while it was read
-        raise FileFormatError(f"{path}: truncated — the payload has {len(payload)} of {expected} bytes")
-    if hashlib.sha256(payload).hexdigest() != header["sha256"]:
-        raise FileFormatError(f"{path}: checksum mismatch — the file was altered or corrupted")
-    return header, payload
-
-
-def _parse_header(path: Path, data: bytes, magic: bytes) -> dict[str, Any]:
-    other = {_BINARY_MAGIC: ("a binary", "BinaryIndex"), _DENSE_MAGIC: ("a dense", "DenseIndex")}
-    if len(data) < len(magic) or data[: len(magic)] != magic:
-        prefix = data[: len(magic)]
-        if prefix in other:
-            what, cls = other[prefix]
-            raise FileFormatError(f"{path}: this is {what} crossret index; load it with {cls}.load")
-        if len(data) < len(magic) and magic.startswith(data):
-            raise FileFormatError(f"{path}: truncated — only {len(data)} bytes")
-        raise FileFormatError(f"{path}: not a crossret index file (bad magic bytes)")
-    if len(data) < _PREFIX.size:
-        raise FileFormatError(f"{path}: truncated — the file ends inside the fixed-size prefix")
-    _, version, header_len = _PREFIX.unpack_from(data)
-    if version > FORMAT_VERSION:
-        raise FileFormatError(
-            f"{path}: written by a newer crossret format version {version} (this crossret reads up to "
-            f"{FORMAT_VERSION}); upgrade crossret"
-        )
-    if version < 1:
-        raise FileFormatError(f"{path}: invalid format version {version}")
-    if header_len > _MAX_HEADER_BYTES:
-        raise FileFormatError(f"{path}: garbage header (declared length {header_len} bytes)")
-    if len(data) < _PREFIX.size + header_len:
-        raise FileFormatError(f"{path}: truncated — the file ends inside the header")
-    raw = data[_PREFIX.size : _PREFIX.size + header_len]
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, integers too long, nesting too deep
-        raise FileFormatError(f"{path}: garbage header — not valid UTF-8 JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise FileFormatError(f"{path}: garbage header — expected a JSON object")
-    required = {
-        "format_version": int, "kind": str, "ntotal": int, "params": dict, "payload_bytes": int,
-        "faiss_bytes": int, "ids_bytes": int, "sha256": str,
-    }
-    for key, typ in required.items():
-        if not isinstance(header.get(key), typ) or isinstance(header.get(key), bool):
-            raise FileFormatError(f"{path}: garbage header — missing or invalid field {key!r}")
-    if header["format_version"] != version:
-        raise FileFormatError(
-            f"{path}: header format_version {header['format_version']} disagrees with the prefix ({version})"
-        )
+def _check_index_header(path: Path, header: dict[str, Any], _version: int) -> None:
+    """The header checks of an index file beyond the container's: consistent payload sizes, a kind."""
     if header["faiss_bytes"] + header["ids_bytes"] != header["payload_bytes"] or min(
         header["faiss_bytes"], header["ids_bytes"], header["ntotal"]
     ) < 0:
         raise FileFormatError(f"{path}: garbage header — inconsistent payload sizes")
-    if not isinstance(header.get("kind"), str) or not header["kind"]:
+    if not header["kind"]:
         raise FileFormatError(f"{path}: garbage header — empty index kind")
-    header["_header_bytes"] = header_len
-    return header
 
 
 def read_index_header(path: str | os.PathLike) -> dict[str, Any]:
@@ -389,12 +329,11 @@ def read_index_header(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     try:
         with open(path, "rb") as handle:
-            head = handle.read(_PREFIX.size + _MAX_HEADER_BYTES)
+            magic = _DENSE_MAGIC if handle.read(len(_DENSE_MAGIC)) == _DENSE_MAGIC else _BINARY_MAGIC
+            size = os.fstat(handle.fileno()).st_size
+            header, _ = _CONTAINERS[magic].read_header(path, handle, size, check=_check_index_header)
     except OSError as exc:
         raise FileFormatError(f"{path}: cannot read the index file ({exc})") from exc
-    magic = _DENSE_MAGIC if head.startswith(_DENSE_MAGIC) else _BINARY_MAGIC
-    header = _parse_header(path, head, magic)
-    header.pop("_header_bytes")
     header["index_type"] = "dense" if magic == _DENSE_MAGIC else "binary"
     return header
 
@@ -524,7 +463,7 @@ class _FaissIndex:
             ids_bytes=len(ids_bytes),
         )
         path = Path(path)
-        write_bytes_atomic(path, _frame(self._MAGIC, header, faiss_bytes + ids_bytes))
+        _CONTAINERS[self._MAGIC].write(path, header, faiss_bytes + ids_bytes)
         return path
 
 
@@ -805,7 +744,7 @@ class BinaryIndex(_FaissIndex):
     def load(cls, path: str | os.PathLike) -> BinaryIndex:
         """Load an index written by :meth:`save`, verifying magic, version, sizes and checksum."""
         path = Path(path)
-        header, payload = _read_frame(path, cls._MAGIC)
+        header, payload = _CONTAINERS[cls._MAGIC].read(path, check=_check_index_header)
         bits, pbits = header.get("bits"), header.get("padded_bits")
         if not isinstance(bits, int) or bits <= 0 or pbits != padded_bits(bits):
             raise FileFormatError(f"{path}: garbage header — invalid bits/padded_bits ({bits!r}, {pbits!r})")
@@ -840,6 +779,41 @@ class BinaryIndex(_FaissIndex):
         except ConfigError as exc:
             raise FileFormatError(f"{path}: stored parameters do not fit the index ({exc})") from None
         return obj
+
+    # -- backend protocol (crossret.retrieval.backend.IndexBackend)
+
+    def stored_items(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Every stored code and its user id, in position order: ``(codes uint8 (ntotal,
+        packed_width(bits)), ids int64 (ntotal,) or None when positions are the ids)``.
+
+        Kinds that keep a flat copy of the codes (HNSW, multi-hash) read it directly; IVF kinds read
+        through a direct map, which this adds to the in-memory index. Raises :class:`ConfigError`
+        when the faiss index cannot give its codes back.
+        """
+        self._require_searchable()
+        raw = self._faiss_index
+        n = int(raw.ntotal)
+        source = raw.storage if hasattr(raw, "storage") else raw
+        try:
+            codes = source.reconstruct_n(0, n)
+        except RuntimeError:
+            try:
+                source.make_direct_map(True)
+                codes = source.reconstruct_n(0, n)
+            except (RuntimeError, AttributeError) as exc:
+                raise ConfigError(f"index kind {self.kind!r}: cannot read back its codes ({exc})") from None
+        codes = np.asarray(codes, dtype=np.uint8).reshape(n, -1)
+        ids = None if self._ids is None else self._ids.copy()
+        return np.ascontiguousarray(codes[:, : packed_width(self.bits)]), ids
+
+    def close(self) -> None:
+        """Nothing to release (the index lives in this process); part of the backend protocol."""
+
+    def __enter__(self) -> BinaryIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"BinaryIndex(bits={self.bits}, kind={self.kind!r}, ntotal={self.ntotal}, params={self.params})"
@@ -987,7 +961,7 @@ class DenseIndex(_FaissIndex):
     def load(cls, path: str | os.PathLike) -> DenseIndex:
         """Load a dense index written by :meth:`save`, verifying magic, version, sizes and checksum."""
         path = Path(path)
-        header, payload = _read_frame(path, cls._MAGIC)
+        header, payload = _CONTAINERS[cls._MAGIC].read(path, check=_check_index_header)
         dim, normalize = header.get("dim"), header.get("normalize")
         if not isinstance(dim, int) or dim <= 0 or not isinstance(normalize, bool):
             raise FileFormatError(f"{path}: garbage header — invalid dim/normalize ({dim!r}, {normalize!r})")

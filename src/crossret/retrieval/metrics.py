@@ -1,7 +1,7 @@
 """Retrieval metrics: Hamming ranking of binary codes, and dense (embedding) retrieval.
 
-Hamming ranking (DESIGN "Retrieval conventions")
-------------------------------------------------
+Hamming ranking (docs/benchmarks.md, "Metrics")
+-----------------------------------------------
 Relevance is "same label"; a database label of -1 (unknown) is never relevant. The database is
 streamed in chunks of ``chunk_size`` rows; per query only the counts per Hamming distance are kept,
 ``n[q, d]`` (items at distance ``d``) and ``r[q, d]`` (relevant items at distance ``d``), so memory
@@ -44,7 +44,7 @@ from crossret.errors import CodeError, ConfigError, DataError
 from crossret.progress import ProgressFn
 from crossret.retrieval import hamming
 from crossret.retrieval._defaults import DEFAULT_PRECISION_NS, TIE_RULES
-from crossret.retrieval.packing import as_pm1, check_packed, pack_codes, packed_to_words
+from crossret.retrieval.packing import as_packed, packed_to_words
 from crossret.threads import use_threads
 
 DEFAULT_CHUNK_SIZE = 262_144
@@ -103,30 +103,15 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def _to_packed(codes: Any, bits: int | None, name: str) -> tuple[np.ndarray, int]:
-    """Codes -> (packed uint8 ``(n, >= ceil(L/8))``, L).
-
-    A uint8 array is read as *packed* when ``bits`` is given; any other array (±1, {0,1}, bool) is
-    a code matrix ``(n, L)`` and is packed here.
-    """
-    array = np.asarray(codes)
-    if bits is not None and array.dtype == np.uint8:
-        return check_packed(array, bits, allow_padding=True, name=name), int(bits)
-    pm1 = as_pm1(array, name=name)
-    length = pm1.shape[1]
-    if bits is not None and length != bits:
-        raise CodeError(f"{name}: rows have {length} bits but bits={bits} was given")
-    return pack_codes(pm1), length
-
-
 def _prepare_codes(query_codes: Any, db_codes: Any, bits: int | None) -> tuple[np.ndarray, np.ndarray, int]:
     if bits is not None and (not _is_int(bits) or bits <= 0):
         raise CodeError(f"bits must be a positive integer, got {bits!r}")
     q_array = np.asarray(query_codes)
     db_array = np.asarray(db_codes)
     try:
-        q_packed, q_bits = _to_packed(q_array, bits, "query codes")
-        db_packed, db_bits = _to_packed(db_array, bits, "database codes")
+        # A uint8 array is packed when bits is given; any other array is a code matrix (as_packed "api").
+        q_packed, q_bits = as_packed(q_array, bits, name="query codes")
+        db_packed, db_bits = as_packed(db_array, bits, name="database codes")
     except CodeError as exc:
         both_packed = bits is not None and q_array.dtype == np.uint8 and db_array.dtype == np.uint8
         if both_packed and q_array.ndim == 2 and db_array.ndim == 2 and q_array.shape[1] != db_array.shape[1]:

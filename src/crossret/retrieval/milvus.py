@@ -1,9 +1,10 @@
 """Milvus backend for Hamming search: :class:`MilvusBinaryIndex` (optional extra ``milvus``).
 
-The same interface as :class:`crossret.retrieval.BinaryIndex`, with the codes held in a Milvus
-collection instead of a local faiss index, so a database can outgrow one machine and be shared by
-several processes. ``pymilvus`` is imported only when an index is made (``import crossret`` never
-needs it); install it with ``pip install 'crossret[milvus]'``. See docs/milvus.md.
+The :class:`crossret.retrieval.backend.IndexBackend` protocol (backend name ``"milvus"``) with the
+codes held in a Milvus collection instead of a local faiss index, so a database can outgrow one
+machine and be shared by several processes. ``pymilvus`` is imported only when an index is made
+(``import crossret`` never needs it); install it with ``pip install 'crossret[milvus]'``. See
+docs/milvus.md.
 
 Kinds: ``"flat"`` is Milvus ``BIN_FLAT`` (exhaustive, exact); ``"ivf"`` is ``BIN_IVF_FLAT`` with
 ``nlist`` (default :meth:`BinaryIndex.default_nlist` of the first added batch) and ``nprobe``
@@ -16,6 +17,11 @@ requires a dimension that is a multiple of 8, so a ``bits``-bit code is stored i
 crossret's metadata (bits, kind, bit order) is JSON in the collection description; :meth:`connect`
 reads it back.
 
+Persistence: the collection is the index. :meth:`~MilvusBinaryIndex.save` flushes it and writes a
+*locator* file, a small JSON object (``{"crossret": "milvus-collection", "version": 1, "uri": ...,
+"db_name": ..., "collection": ..., "bits": ..., "kind": ...}``, never the token) that
+:meth:`~MilvusBinaryIndex.load` reads to connect again.
+
 Guarantees:
 
 * Inputs are validated by ``BinaryIndex``'s own check (rows of ``packed_width(bits)`` bytes or
@@ -27,6 +33,8 @@ Guarantees:
   and its earliest positions are kept, so ``flat`` (and ``ivf`` with ``nprobe == nlist``) return
   exactly what ``BinaryIndex`` ``flat`` returns, ids included. With ``exact_ties=False`` one request
   of limit k is made: distances are still exact, ids inside the last group are Milvus's choice.
+* ``range_search(q, radius)`` returns every item with distance ``<= radius`` in the same order
+  (``ivf``: of the probed lists only), as ``BinaryIndex.range_search``.
 * ``k > ntotal``: missing slots hold id ``-1`` and distance ``MISSING_DISTANCE`` at the end of a row.
 * ``k`` is at most :data:`MAX_TOPK` (16384, Milvus's limit).
 
@@ -36,15 +44,17 @@ One writer per collection: positions are assigned from the count this object hol
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from crossret.errors import CodeError, ConfigError, CrossretError
+from crossret.errors import CodeError, ConfigError, CrossretError, FileFormatError
 from crossret.extras import install_command, require
 from crossret.retrieval.index import (
     MISSING_DISTANCE,
@@ -56,13 +66,17 @@ from crossret.retrieval.index import (
     check_ids_mode,
 )
 from crossret.retrieval.packing import BIT_ORDER, packed_width, padded_bits
+from crossret.storage.atomic import write_bytes_atomic
 
 __all__ = [
     "DEFAULT_URI",
+    "LOCATOR_FORMAT",
+    "LOCATOR_PREFIX",
     "MAX_TOPK",
     "MilvusBackendError",
     "MilvusBinaryIndex",
     "MilvusConnectionError",
+    "read_locator",
 ]
 
 DEFAULT_URI = "http://127.0.0.1:19530"
@@ -75,6 +89,13 @@ _NO_UID = -1  # stored in ``uid`` when the index uses positions as ids
 _MAX_REQUEST_BYTES = 16 << 20  # insert payload per request, well below Milvus's gRPC limits
 _MAX_HITS_PER_REQUEST = 1 << 18  # nq * limit per search request, bounds the response size
 _RANGE_QUERIES_PER_REQUEST = 256
+_RANGE_FIRST_LIMIT = 1024  # hits asked per query in a range search's first request
+_GIVEN_CLIENT = "<given client>"  # ``uri`` of an index opened on a caller's client
+LOCATOR_FORMAT = "milvus-collection"  # the "crossret" tag of a locator file (MilvusBinaryIndex.save)
+_LOCATOR_VERSION = 1
+#: The first bytes of every locator file (json.dumps with indent=2 keeps the key order it is given).
+LOCATOR_PREFIX = b'{\n  "crossret": "milvus-collection"'
+_MAX_LOCATOR_BYTES = 1 << 16
 _CONSISTENCY_LEVELS = ("Strong", "Session", "Bounded", "Eventually")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 
@@ -143,8 +164,64 @@ def _check_collection_name(name: Any) -> str:
     return name
 
 
+def _crossret_meta(info: dict[str, Any]) -> dict[str, Any] | None:
+    """crossret's metadata from a collection description, or None when crossret did not make it."""
+    try:
+        meta = json.loads(info.get("description") or "")
+    except json.JSONDecodeError:
+        return None
+    return meta if isinstance(meta, dict) and meta.get("tag") == _META_TAG else None
+
+
+def _code_bytes(value: Any, width: int, collection: str) -> bytes:
+    """A ``BINARY_VECTOR`` value as read back by ``query``: pymilvus versions give ``bytes`` or a
+    one-element list holding them."""
+    if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], (bytes, bytearray)):
+        value = value[0]
+    data = bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
+    if data is None or len(data) != width:
+        raise MilvusBackendError(f"collection {collection!r}: a stored code is not {width} bytes "
+                                 f"({type(value).__name__}); it was not written by crossret")
+    return data
+
+
+def read_locator(path: str | os.PathLike) -> dict[str, Any]:
+    """The fields of a locator file written by :meth:`MilvusBinaryIndex.save` (checked, not connected)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(_MAX_LOCATOR_BYTES + 1)
+    except FileNotFoundError:
+        raise FileFormatError(f"{path}: no such Milvus locator file") from None
+    except OSError as exc:
+        raise FileFormatError(f"{path}: cannot read the Milvus locator file ({exc})") from exc
+    if data.startswith((b"CRBINIDX", b"CRDNSIDX")):
+        raise FileFormatError(f"{path}: is a crossret index file, not a Milvus locator; open it with the 'local' "
+                              "backend (--backend local)")
+    try:
+        if len(data) > _MAX_LOCATOR_BYTES:
+            raise ValueError(f"more than {_MAX_LOCATOR_BYTES} bytes; a locator is a few hundred")
+        record = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise FileFormatError(f"{path}: not a crossret Milvus locator file ({exc})") from None
+    if not isinstance(record, dict) or record.get("crossret") != LOCATOR_FORMAT:
+        raise FileFormatError(f"{path}: not a crossret Milvus locator file (no {LOCATOR_FORMAT!r} tag)")
+    if record.get("version") != _LOCATOR_VERSION:
+        raise FileFormatError(f"{path}: unsupported Milvus locator version {record.get('version')!r} (this crossret "
+                              f"reads version {_LOCATOR_VERSION})")
+    uri, db_name, bits = record.get("uri"), record.get("db_name"), record.get("bits")
+    if (uri is not None and not isinstance(uri, str)) or not isinstance(db_name, str) \
+            or isinstance(bits, bool) or not isinstance(bits, int) or bits <= 0 \
+            or not isinstance(record.get("collection"), str) or not _NAME_RE.match(record["collection"]):
+        raise FileFormatError(f"{path}: garbage Milvus locator — invalid uri, db_name, collection or bits")
+    return record
+
+
 class MilvusBinaryIndex:
-    """Hamming-distance index over packed binary codes stored in a Milvus collection."""
+    """Hamming-distance index over packed binary codes stored in a Milvus collection.
+
+    Implements :class:`crossret.retrieval.backend.IndexBackend` (backend name ``"milvus"``).
+    """
 
     _KINDS: ClassVar[dict[str, tuple[str, set[str]]]] = {
         "flat": ("BIN_FLAT", set()),
@@ -153,17 +230,18 @@ class MilvusBinaryIndex:
 
     def __init__(self, bits: int, kind: str = "flat", *, collection: str | None = None,
                  uri: str | None = None, host: str | None = None, port: int | None = None,
-                 token: str = "", db_name: str = "", client: Any = None, overwrite: bool = False,
+                 token: str = "", db_name: str = "", client: Any = None, overwrite: bool | str = False,
                  timeout: float | None = None, batch_size: int = 10_000, exact_ties: bool = True,
                  consistency_level: str = "Session", **params: Any) -> None:
         """Create a new collection for ``bits``-bit codes and connect to it.
 
         ``collection`` defaults to a fresh ``crossret_<hex>`` name; an existing collection of that
-        name is an error unless ``overwrite=True`` (open existing ones with :meth:`connect`).
+        name is an error unless ``overwrite`` is ``True`` (drop it) or ``"crossret"`` (drop it only when
+        crossret made it). Open existing ones with :meth:`connect` or :meth:`load`.
         ``client`` reuses an open ``pymilvus.MilvusClient`` instead of ``uri``/``host``/``port``.
-        ``consistency_level`` of reads: ``"Session"`` sees every write made through this process and
-        answers in milliseconds; ``"Strong"`` also sees other clients' latest writes but waits for the
-        server's next time tick (a few hundred ms per request on Milvus 2.3).
+        ``consistency_level`` of reads: ``"Session"`` sees every write made through this process;
+        ``"Strong"`` also sees other clients' latest writes but waits for the server's next time tick
+        on every request (docs/milvus.md).
         ``params``: ``nlist`` and ``nprobe`` for ``kind="ivf"``.
         """
         if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits <= 0:
@@ -178,6 +256,8 @@ class MilvusBinaryIndex:
                 f"accepted: {', '.join(sorted(allowed)) or 'none'}"
             )
         checked = {name: _check_int_param(name, value) for name, value in params.items()}
+        if overwrite not in (False, True, "crossret"):
+            raise ConfigError(f"overwrite must be False, True or 'crossret', got {overwrite!r}")
         name = _check_collection_name(collection) if collection is not None else f"crossret_{uuid.uuid4().hex[:16]}"
         self._init_state(int(bits), kind, checked, name, batch_size, exact_ties, timeout, consistency_level)
         self._open(client, uri, host, port, token, db_name)
@@ -206,6 +286,7 @@ class MilvusBinaryIndex:
         self.timeout = timeout
         self.consistency_level = consistency_level
         self.uri = ""
+        self.db_name = ""
         self._client: Any = None
         self._owns_client = False
         self._dropped = False
@@ -220,10 +301,11 @@ class MilvusBinaryIndex:
         if client is not None:
             if uri is not None or host is not None or port is not None:
                 raise ConfigError("pass either client=... or uri=/host=/port=..., not both")
-            self._client, self.uri, self._owns_client = client, "<given client>", False
+            self._client, self.uri, self._owns_client = client, _GIVEN_CLIENT, False
         else:
             self._client, self.uri = _make_client(uri, host, port, token, db_name, self.timeout)
             self._owns_client = True
+        self.db_name = db_name
 
     def _metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"tag": _META_TAG, "version": _META_VERSION, "bits": self.bits,
@@ -232,14 +314,17 @@ class MilvusBinaryIndex:
             meta["nprobe"] = self.params["nprobe"]
         return meta
 
-    def _create(self, overwrite: bool) -> None:
+    def _create(self, overwrite: bool | str) -> None:
         pymilvus = _pymilvus()
         if self._call("has_collection", self._client.has_collection, self.collection):
             if not overwrite:
                 raise ConfigError(
                     f"collection {self.collection!r} already exists at {self.uri}; open it with "
-                    "MilvusBinaryIndex.connect(...) or pass overwrite=True to replace it"
+                    "MilvusBinaryIndex.connect(...) or pass overwrite=True (--overwrite) to replace it"
                 )
+            if overwrite == "crossret" and _crossret_meta(self._describe()) is None:
+                raise ConfigError(f"collection {self.collection!r} at {self.uri} was not created by crossret; it is "
+                                  "not replaced: choose another collection name")
             self._call("drop_collection", self._client.drop_collection, self.collection)
         schema = pymilvus.MilvusClient.create_schema(
             auto_id=False, enable_dynamic_field=False, description=json.dumps(self._metadata(), sort_keys=True)
@@ -294,18 +379,62 @@ class MilvusBinaryIndex:
             raise
         return obj
 
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, *, collection: str | None = None, uri: str | None = None,
+             host: str | None = None, port: int | None = None, token: str = "", db_name: str | None = None,
+             client: Any = None, **options: Any) -> MilvusBinaryIndex:
+        """Connect to the collection a locator file names (written by :meth:`save`), or to ``collection``.
+
+        The locator gives the collection, server address, database and code length; ``collection``,
+        ``uri`` (or ``host``/``port``/``client``) and ``db_name`` replace what it says. The token is
+        never stored: pass ``token`` when the server needs one. ``options`` go to :meth:`connect`
+        (``timeout``, ``batch_size``, ``exact_ties``, ``consistency_level``, ``nprobe``).
+        """
+        bits = None
+        if path is not None:
+            record = read_locator(path)
+            if collection is None or collection == record["collection"]:
+                collection, bits = record["collection"], int(record["bits"])
+            if uri is None and host is None and port is None and client is None:
+                uri = record["uri"]
+                if uri is None:
+                    raise ConfigError(f"{path}: the locator records no server address (the index was saved through "
+                                      "a client object); pass uri=...")
+            if db_name is None:
+                db_name = record["db_name"]
+        elif collection is None:
+            raise ConfigError("give a locator file written by MilvusBinaryIndex.save (crossret index build --backend "
+                              "milvus) or the collection name (collection=..., --collection)")
+        index = cls.connect(collection, bits=bits, uri=uri, host=host, port=port, token=token,
+                            db_name=db_name or "", client=client, **options)
+        return index
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Make the collection durable and write a locator file naming it; returns the path.
+
+        The codes stay on the server: :meth:`flush` seals them (and waits for the index), then ``path``
+        gets a small JSON file (atomically) with the collection, server address (``uri``), database
+        and code length, which :meth:`load` reads back. The token is not written.
+        """
+        self._require_open()
+        self.flush()
+        record = {"crossret": LOCATOR_FORMAT, "version": _LOCATOR_VERSION,
+                  "uri": None if self.uri == _GIVEN_CLIENT else self.uri, "db_name": self.db_name,
+                  "collection": self.collection, "bits": self.bits, "kind": self.kind}
+        text = json.dumps(record, indent=2) + "\n"
+        path = Path(path)
+        write_bytes_atomic(path, text.encode("utf-8"))
+        return path
+
     def _attach(self, bits: int | None, params: dict[str, Any]) -> None:
         if not self._call("has_collection", self._client.has_collection, self.collection):
             raise ConfigError(
                 f"no collection {self.collection!r} at {self.uri}; create it with "
                 f"MilvusBinaryIndex(bits, collection={self.collection!r}) or from_packed(...)"
             )
-        info = self._call("describe_collection", self._client.describe_collection, self.collection)
-        try:
-            meta = json.loads(info.get("description") or "")
-        except json.JSONDecodeError:
-            meta = None
-        if not isinstance(meta, dict) or meta.get("tag") != _META_TAG:
+        info = self._describe()
+        meta = _crossret_meta(info)
+        if meta is None:
             raise ConfigError(f"collection {self.collection!r} at {self.uri} was not created by crossret's "
                               "MilvusBinaryIndex (no crossret metadata in its description)")
         if meta.get("version") != _META_VERSION or meta.get("bit_order") != BIT_ORDER:
@@ -381,6 +510,9 @@ class MilvusBinaryIndex:
             if any(s in lowered for s in ("unavailable", "connect", "deadline exceeded", "not ready")):
                 raise MilvusConnectionError(f"Milvus {what} failed, server unreachable ({where}): {message}") from exc
             raise MilvusBackendError(f"Milvus {what} failed ({where}): {message}") from exc
+
+    def _describe(self) -> dict[str, Any]:
+        return self._call("describe_collection", self._client.describe_collection, self.collection)
 
     def _require_open(self) -> None:
         if self._dropped:
@@ -557,16 +689,20 @@ class MilvusBinaryIndex:
             limit = min(MAX_TOPK, 4 * limit)
         return dist, ids
 
-    def _search_params(self) -> dict[str, Any]:
-        inner = {"nprobe": self.params["nprobe"]} if self.kind == "ivf" else {}
+    def _search_params(self, radius: int | None = None) -> dict[str, Any]:
+        inner: dict[str, Any] = {"nprobe": self.params["nprobe"]} if self.kind == "ivf" else {}
+        if radius is not None:
+            inner["radius"] = radius + 1  # Milvus keeps HAMMING distances < radius
         return {"metric_type": "HAMMING", "params": inner}
 
-    def _search_request(self, queries: np.ndarray, limit: int, where: str) -> list[list[tuple[int, int, int]]]:
-        """One Milvus search; per query a list of (distance, position, uid) hits."""
+    def _search_request(self, queries: np.ndarray, limit: int, where: str,
+                        radius: int | None = None) -> list[list[tuple[int, int, int]]]:
+        """One Milvus search (a range search with ``radius``); per query a list of (distance, position,
+        uid) hits."""
         out_fields = ["uid"] if self._ids_mode else []
         result = self._call(
             "search", self._client.search, self.collection, data=[q.tobytes() for q in queries], filter=where,
-            limit=limit, output_fields=out_fields, search_params=self._search_params(), timeout=self.timeout,
+            limit=limit, output_fields=out_fields, search_params=self._search_params(radius), timeout=self.timeout,
             consistency_level=self.consistency_level,
         )
         parsed = []
@@ -596,6 +732,82 @@ class MilvusBinaryIndex:
                 break
         found.sort()
         return closer + found[:need]
+
+    def range_search(self, packed_queries: np.ndarray, radius: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All items within Hamming distance ``<= radius``, as :meth:`BinaryIndex.range_search`.
+
+        Returns ``(lims int64 (Q+1,), distances int32, ids int64)``: the results of query ``i`` are
+        ``[lims[i]:lims[i+1]]``, sorted by ``(distance, position)``. Uses Milvus's range search (the
+        ``radius`` search parameter; for ``HAMMING`` it keeps ``distance < radius``, so ``radius + 1``
+        is sent), which still returns at most ``limit`` hits per query: a query whose answer fills the
+        limit is asked again with a larger one, and past :data:`MAX_TOPK` window by window over
+        positions (a window of ``MAX_TOPK`` positions holds at most ``MAX_TOPK`` items, so each
+        windowed answer is complete). Exact for ``flat``; ``ivf`` searches its ``nprobe`` lists only.
+        """
+        if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 0:
+            raise ConfigError(f"radius must be a non-negative integer Hamming distance, got {radius!r}")
+        queries = self._prepare(packed_queries, "query codes")
+        self._require_open()
+        nq = queries.shape[0]
+        found: list[list[tuple[int, int, int]]] = [[] for _ in range(nq)]
+        if nq and self._ntotal and self._has_index:
+            self._ensure_loaded()
+            radius = int(min(radius, self.dim))  # no distance exceeds the stored width
+            limit = min(MAX_TOPK, _RANGE_FIRST_LIMIT)
+            pending = np.arange(nq)
+            while pending.size:
+                retry = []
+                per_request = max(1, min(_RANGE_QUERIES_PER_REQUEST, _MAX_HITS_PER_REQUEST // limit))
+                for lo in range(0, pending.size, per_request):
+                    rows = pending[lo : lo + per_request]
+                    answers = self._search_request(queries[rows], limit, "", radius=radius)
+                    for r, hits in zip(rows, answers, strict=True):
+                        if len(hits) < limit:
+                            found[r] = hits
+                        elif limit < MAX_TOPK:
+                            retry.append(r)
+                        else:
+                            found[r] = self._range_windows(queries[r], radius)
+                pending = np.asarray(retry, dtype=np.int64)
+                limit = min(MAX_TOPK, 4 * limit)
+        lims = np.zeros(nq + 1, dtype=np.int64)
+        dist_parts: list[int] = []
+        id_parts: list[int] = []
+        for r, hits in enumerate(found):
+            # The bound is checked here too, so the answer does not depend on whether a server keeps
+            # distance < radius (documented) or <= radius.
+            kept = sorted(hit for hit in hits if hit[0] <= radius)
+            lims[r + 1] = lims[r] + len(kept)
+            dist_parts.extend(d for d, _, _ in kept)
+            id_parts.extend(u if self._ids_mode else p for _, p, u in kept)
+        return lims, np.asarray(dist_parts, dtype=np.int32), np.asarray(id_parts, dtype=np.int64)
+
+    def _range_windows(self, query: np.ndarray, radius: int) -> list[tuple[int, int, int]]:
+        """Every item within ``radius`` of one query, read window by window over positions."""
+        hits: list[tuple[int, int, int]] = []
+        for lo in range(0, self._ntotal, MAX_TOPK):
+            hits.extend(self._search_request(query[None, :], MAX_TOPK, f"pos >= {lo} and pos < {lo + MAX_TOPK}",
+                                             radius=radius)[0])
+        return hits
+
+    # -- contents
+
+    def stored_items(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Every stored code and its user id, in position order: ``(codes uint8 (ntotal,
+        packed_width(bits)), ids int64 (ntotal,) or None when positions are the ids)``, read from the
+        server window by window."""
+        self._require_open()
+        width = self.dim // 8
+        codes = np.zeros((self._ntotal, width), dtype=np.uint8)
+        uids = np.empty(self._ntotal, dtype=np.int64) if self._ids_mode else None
+        fields = ["uid", "code"] if self._ids_mode else ["code"]
+        for lo, hi, rows in self._iter_rows(fields):
+            block = b"".join(_code_bytes(row["code"], width, self.collection) for row in rows)
+            codes[lo:hi] = np.frombuffer(block, dtype=np.uint8).reshape(hi - lo, width)
+            if uids is not None:
+                uids[lo:hi] = [int(row["uid"]) for row in rows]
+        return codes, uids
 
     # -- lifecycle
 

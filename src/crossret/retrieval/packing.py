@@ -1,19 +1,23 @@
 """Binary codes: ±1 <-> packed bytes. The one place that knows the bit layout.
 
-Conventions (DESIGN "Retrieval conventions"):
+Conventions (every module that packs, pads or reads codes follows them):
 
 * Codes are ±1 while learning; ``sign(0) = +1`` (never 0).
 * A packed code is a row of ``ceil(L / 8)`` uint8 bytes in **faiss's bit order**: bit ``j`` of the
   code is bit ``j % 8`` (least significant first) of byte ``j // 8``; a ``+1`` (or ``1``) is a set bit.
 * For search, rows are zero-padded to a multiple of 64 bits. Padding bits are 0 in every code, so
   Hamming distances are unchanged and the 64-bit kernels apply.
+
+:func:`as_packed` is the one entry point for input that may be either codes or packed codes.
 """
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import numpy as np
 
-from crossret.errors import CodeError
+from crossret.errors import CodeError, DataError
 
 BIT_ORDER = "lsb-first"  # recorded in saved indexes; the only order crossret writes
 WORD_BITS = 64
@@ -78,6 +82,44 @@ def pack_codes(codes: np.ndarray, *, name: str = "codes") -> np.ndarray:
     ``name``)."""
     pm1 = as_pm1(codes, name=name)
     return np.packbits(pm1 > 0, axis=1, bitorder="little")
+
+
+def as_packed(codes: Any, bits: int | None = None, *, name: str = "codes",
+              origin: Literal["api", "cli"] = "api") -> tuple[np.ndarray, int]:
+    """Codes or packed codes -> ``(packed uint8 (N, >= ceil(L/8)), L)``.
+
+    ``codes`` is a code matrix ``(N, L)`` of ±1, {0,1} or bool values (packed here, ``L`` its width)
+    or, when ``bits`` gives ``L``, packed uint8 rows of ``ceil(L/8)`` bytes or zero-padded to 64 bits
+    (checked by :func:`check_packed`, returned as they are). Errors name ``name``. ``origin`` says
+    where the array came from, which decides how a uint8 array is read when ``bits`` is given:
+
+    ``"api"`` (an array passed to a function): uint8 is packed. Errors are :class:`CodeError`.
+    ``"cli"`` (a ``.npy`` named on the command line, where 0/1 codes are often stored as uint8):
+    uint8 with exactly ``bits`` columns is a 0/1 code matrix, any other width packed codes. The
+    array must be 2-D and a code matrix ``bits`` wide (:class:`DataError`); uint8 values above 1
+    without ``bits`` are packed codes whose length is unknown, an error that names ``--bits``.
+    """
+    if origin not in ("api", "cli"):
+        raise ValueError(f"origin must be 'api' or 'cli', got {origin!r}")
+    array = np.asarray(codes)
+    if origin == "api":
+        if bits is not None and array.dtype == np.uint8:
+            return check_packed(array, bits, allow_padding=True, name=name), int(bits)
+        pm1 = as_pm1(array, name=name)
+        length = pm1.shape[1]
+        if bits is not None and length != bits:
+            raise CodeError(f"{name}: rows have {length} bits but bits={bits} was given")
+        return pack_codes(pm1), length
+    if array.ndim != 2:
+        raise DataError(f"{name}: expected a 2-D array of codes (one row per item), got shape {array.shape}")
+    if bits is not None and array.dtype == np.uint8 and array.shape[1] != bits:
+        return check_packed(array, bits, allow_padding=True, name=name), int(bits)
+    if bits is not None and array.shape[1] != bits:
+        raise DataError(f"{name}: codes have {array.shape[1]} bits but {bits} were expected; code lengths "
+                        "must match")
+    if array.dtype == np.uint8 and array.size and int(array.max()) > 1:
+        raise DataError(f"{name}: holds uint8 values above 1, i.e. packed codes; pass --bits L to read them")
+    return pack_codes(array, name=name), int(array.shape[1])
 
 
 def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:

@@ -68,11 +68,15 @@ def require_serve_extra(*, server: bool = False) -> None:
 
 
 def create_app(run_dir: str | Path | None, *, database: str = "cross", index: str | Path | None = None,
-               kind: str = "flat", limits: ServiceLimits | None = None, search_threads: int | None = 1) -> Any:
-    """A FastAPI app serving a finished run directory (and/or a saved ``.crbi`` index).
+               kind: str = "flat", limits: ServiceLimits | None = None, search_threads: int | None = 1,
+               backend: str = "local", backend_options: dict[str, Any] | None = None) -> Any:
+    """A FastAPI app serving a finished run directory (and/or a saved index).
 
     ``database``: ``cross`` (the source codes) or ``single`` (the target-train codes). ``index``: serve
-    this saved index instead of building a ``kind`` index over the run's codes. ``limits``: request
+    this saved index instead of building a ``kind`` index over the run's codes; ``backend`` names where
+    it lives and ``backend_options`` how to reach it (:func:`crossret.retrieval.backend.open_index`:
+    a ``.crbi`` file for ``local``; a locator file and/or ``collection``, ``uri``, ... for ``milvus``).
+    ``limits``: request
     bounds, the request timeout and the compute concurrency (:class:`ServiceLimits`). ``search_threads``:
     faiss threads per search (1: concurrent requests use the cores; ``None``: faiss' default). The service state
     (with :meth:`~crossret.serve.state.ServiceState.reload`) is ``app.state.service``.
@@ -80,7 +84,7 @@ def create_app(run_dir: str | Path | None, *, database: str = "cross", index: st
     """
     require_serve_extra()
     state = ServiceState(run_dir, database=database, index=index, kind=kind, limits=limits,
-                         search_threads=search_threads)
+                         search_threads=search_threads, backend=backend, backend_options=backend_options)
     return build_app(state)
 
 

@@ -1,6 +1,7 @@
 """What the search service holds and does, free of any web framework.
 
-A :class:`Snapshot` is one loaded database: a :class:`~crossret.retrieval.BinaryIndex`, the packed
+A :class:`Snapshot` is one loaded database: an index (a :class:`~crossret.retrieval.backend.IndexBackend`:
+a local :class:`~crossret.retrieval.BinaryIndex` or a Milvus collection), the packed
 codes of its items (for search by item id), their labels when known, and the run's fitted model
 (to encode raw feature vectors). :class:`ServiceState` owns the current snapshot, answers queries
 against it and can :meth:`~ServiceState.reload` a new one: the new snapshot is built completely
@@ -27,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from crossret._io import load_npy
 from crossret.errors import CodeError, ConfigError, CrossretError, DataError, FileFormatError
+from crossret.storage.safe_read import load_npy
 
 __all__ = [
     "CODE_FORMATS",
@@ -43,7 +44,7 @@ __all__ = [
     "timeout_error",
 ]
 
-#: ``--database`` choice -> the run's ``codes/<name>_codes.npy`` (DESIGN: cross = source, single = target-train).
+#: ``--database`` choice -> the run's ``codes/<name>_codes.npy`` (cross: the source; single: the target train set).
 DATABASES = {"cross": "source", "single": "target_train"}
 
 #: How query codes may be written (documented in docs/serve.md).
@@ -149,7 +150,7 @@ class Query:
 class Snapshot:
     """One loaded database, immutable once built (requests only read it)."""
 
-    index: Any  # BinaryIndex
+    index: Any  # an IndexBackend (crossret.retrieval.backend)
     bits: int
     codes: np.ndarray  # packed uint8 (N, ceil(bits/8)), row = index position
     item_ids: np.ndarray | None  # the index's own ids per position; None: item id == position
@@ -198,33 +199,20 @@ def _load_npy(path: Path, what: str) -> np.ndarray:
 
 def _load_model(run_dir: Path) -> Any | None:
     """The run's fitted method (``model.npz`` / ``model.pt``), or None when the run saved none."""
-    from crossret.hashing._state import load_method
+    from crossret.hashing.registry import load_method
     from crossret.runs import find_model_file
 
     path = find_model_file(run_dir)
     return None if path is None else load_method(path)
 
 
-def _reconstruct(index: Any, bits: int) -> np.ndarray:
-    """Packed codes of every item of a loaded index, in position order (for search by item id)."""
-    from crossret.retrieval.packing import packed_width
-
-    raw = index._faiss_index
-    n = int(raw.ntotal)
-    # Kinds that keep a flat copy of the codes (HNSW, multi-hash) read it directly.
-    source = raw.storage if hasattr(raw, "storage") else raw
+def _stored_items(index: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """Packed codes and ids of every item of an opened index, in position order (for search by item id)."""
     try:
-        codes = source.reconstruct_n(0, n)
-    except RuntimeError:
-        # IVF kinds can only reconstruct through a direct map; this one is built in memory only.
-        try:
-            source.make_direct_map(True)
-            codes = source.reconstruct_n(0, n)
-        except (RuntimeError, AttributeError) as exc:
-            raise FileFormatError(f"index kind {index.kind!r}: cannot read back its codes ({exc}); search by "
-                                  "item id needs them — serve the run directory without --index") from None
-    codes = np.asarray(codes, dtype=np.uint8).reshape(n, -1)
-    return np.ascontiguousarray(codes[:, : packed_width(bits)])
+        return index.stored_items()
+    except ConfigError as exc:
+        raise FileFormatError(f"{exc}; search by item id needs them — serve the run directory without "
+                              "--index") from None
 
 
 def _run_meta(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -234,19 +222,30 @@ def _run_meta(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_snapshot(run_dir: str | Path | None, *, database: str = "cross", index: str | Path | None = None,
-                  kind: str = "flat", generation: int = 0) -> Snapshot:
-    """Load a finished run directory (model, database codes and labels) and/or a saved ``.crbi`` index.
+                  kind: str = "flat", generation: int = 0, backend: str = "local",
+                  backend_options: dict[str, Any] | None = None) -> Snapshot:
+    """Load a finished run directory (model, database codes and labels) and/or a saved index.
 
-    Without ``index`` a ``kind`` index is built over the run's ``database`` codes (item id = row of
-    ``codes/<source|target_train>_codes.npy``). With ``index`` its items and ids are served; labels
-    come from the run's database when the index holds exactly those codes in the same order.
+    Without ``index`` a local ``kind`` index is built over the run's ``database`` codes (item id = row
+    of ``codes/<source|target_train>_codes.npy``). With ``index`` (opened by
+    :func:`crossret.retrieval.backend.open_index` with ``backend`` and ``backend_options``; for
+    ``milvus`` a ``collection`` option may stand in for the locator file) its items and ids are
+    served; labels come from the run's database when the index holds exactly those codes in the same
+    order.
     """
+    from crossret.retrieval.backend import check_backend, open_index
     from crossret.retrieval.index import BinaryIndex
     from crossret.retrieval.packing import as_pm1, pack_codes
 
     if database not in DATABASES:
         raise ConfigError(f"database must be one of {', '.join(DATABASES)}, got {database!r}")
-    if run_dir is None and index is None:
+    backend = check_backend(backend)
+    options = dict(backend_options or {})
+    located = index is not None or (backend != "local" and options.get("collection") is not None)
+    if backend != "local" and not located:
+        raise ConfigError(f"--backend {backend}: give --index LOCATOR (the file `crossret index build --backend "
+                          f"{backend}` wrote) or --collection NAME")
+    if run_dir is None and not located:
         raise ConfigError("give a run directory, an index file (--index), or both")
     meta: dict[str, Any] = {"database": database if run_dir is not None else None, "run": None,
                             "run_dir": None, "index_file": None, "labels_note": None}
@@ -286,16 +285,20 @@ def load_snapshot(run_dir: str | Path | None, *, database: str = "cross", index:
             raise FileFormatError(f"{run_path}: the model makes {model.bits}-bit codes but the run has {bits} bits")
         meta.update(run=_run_meta(metrics), run_dir=run_path.name)
 
-    if index is not None:
-        index_path = Path(index)
-        built = BinaryIndex.load(index_path)
-        if bits is not None and built.bits != bits:
-            raise ConfigError(f"{index_path}: holds {built.bits}-bit codes but the run has {bits}-bit codes; "
-                              "serve an index built from this run")
-        bits = int(built.bits)
-        codes = _reconstruct(built, bits)
-        # BinaryIndex has no public accessor for its id map; it is None when ids are positions.
-        item_ids = getattr(built, "_ids", None)
+    if located:
+        index_path = Path(index) if index is not None else None
+        built = open_index(index_path, backend=backend, **options)
+        try:
+            # A collection opened without a locator file is named by the collection.
+            label = str(index_path) if index_path is not None else f"collection {built.collection!r}"
+            if bits is not None and built.bits != bits:
+                raise ConfigError(f"{label}: holds {built.bits}-bit codes but the run has {bits}-bit codes; "
+                                  "serve an index built from this run")
+            bits = int(built.bits)
+            codes, item_ids = _stored_items(built)
+        except BaseException:
+            built.close()
+            raise
         labels_out = None
         if run_codes is not None:
             if run_codes.shape == codes.shape and np.array_equal(run_codes, codes):
@@ -303,12 +306,13 @@ def load_snapshot(run_dir: str | Path | None, *, database: str = "cross", index:
             else:
                 meta["labels_note"] = (f"the index does not hold the run's {database}-domain codes in their order; "
                                        "labels are not served")
-        meta["index_file"] = index_path.name
+        meta["index_file"] = index_path.name if index_path is not None else built.collection
     else:
         assert bits is not None and run_codes is not None
         built = BinaryIndex.from_packed(run_codes, bits, kind=kind)
         codes, item_ids, labels_out = run_codes, None, run_labels
     if codes.shape[0] == 0:
+        built.close()
         raise DataError("the database holds no codes; nothing to search")
     meta["kind"] = built.kind
     return Snapshot(index=built, bits=int(bits), codes=codes, item_ids=item_ids, labels=labels_out, model=model,
@@ -356,15 +360,26 @@ class ServiceState:
     """
 
     def __init__(self, run_dir: str | Path | None, *, database: str = "cross", index: str | Path | None = None,
-                 kind: str = "flat", limits: ServiceLimits | None = None, search_threads: int | None = 1) -> None:
+                 kind: str = "flat", limits: ServiceLimits | None = None, search_threads: int | None = 1,
+                 backend: str = "local", backend_options: dict[str, Any] | None = None) -> None:
         self.limits = (limits or ServiceLimits()).validate()
+        if backend == "milvus":
+            from crossret.retrieval.milvus import MAX_TOPK
+
+            # exclude_self searches k + 1 results.
+            if self.limits.max_k + 1 > MAX_TOPK:
+                raise ConfigError(f"max_k={self.limits.max_k} (--max-k): the milvus backend returns at most {MAX_TOPK} "
+                                  f"results per query; use --max-k {MAX_TOPK - 1} or less")
         if search_threads is not None and (not _is_int(search_threads) or search_threads < 1):
             raise ConfigError(f"search_threads must be an integer >= 1 or None, got {search_threads!r}")
         self.search_threads = search_threads
         self._thread_settings = threading.local()
         self._sources = {"run_dir": run_dir, "database": database, "index": index, "kind": kind}
+        # Where indexes come from stays fixed across reloads.
+        self._backend = {"backend": backend, "backend_options": dict(backend_options or {})}
         self._lock = threading.Lock()
-        self._snapshot = load_snapshot(run_dir, database=database, index=index, kind=kind, generation=0)
+        self._snapshot = load_snapshot(run_dir, database=database, index=index, kind=kind, generation=0,
+                                       **self._backend)
 
     # -- snapshot management
 
@@ -387,7 +402,7 @@ class ServiceState:
         with self._lock:
             generation = self._snapshot.generation + 1
         fresh = load_snapshot(sources["run_dir"], database=sources["database"], index=sources["index"],
-                              kind=sources["kind"], generation=generation)
+                              kind=sources["kind"], generation=generation, **self._backend)
         with self._lock:
             # Keep generations increasing even if two reloads race.
             fresh.generation = max(generation, self._snapshot.generation + 1)
@@ -475,9 +490,8 @@ class ServiceState:
     def _limit_search_threads(self) -> None:
         """Cap faiss' OpenMP threads in the calling thread (the setting is per thread).
 
-        A server runs many small searches at once; letting each one spin up an OpenMP team made a
-        single-query search over 100k codes ~50x slower on a busy 2-core machine (38 ms vs 0.4 ms),
-        and concurrent requests already use the cores.
+        A server runs many small searches at once and concurrent requests already use the cores; an
+        OpenMP team per small search mostly waits for its threads (docs/scale.md, "Threads").
         """
         if self.search_threads is None or getattr(self._thread_settings, "threads", None) == self.search_threads:
             return

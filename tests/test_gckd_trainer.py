@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crossret._sealed import save_torch
 from crossret.errors import ConfigError, DataError, FileFormatError
+from crossret.storage.sealed import save_torch
 from crossret.textimage.albef import AlbefConfig, AlbefModel
 from crossret.textimage.feature_heads import FeatureHeadsConfig, FeatureHeadsModel
 from crossret.textimage.gckd import (
@@ -715,7 +715,7 @@ def test_failed_checkpoint_write_leaves_old_file(trained_checkpoint: Path, tmp_p
         assert Path(src).read_bytes().startswith(b"CRSEALED")  # the new checkpoint went to a temporary file
         raise OSError("disk full")
 
-    monkeypatch.setattr("crossret._io.os.replace", boom)
+    monkeypatch.setattr("crossret.storage.atomic.os.replace", boom)
     with pytest.raises(OSError, match="disk full"):
         trainer.fit(_data())
     assert path.read_bytes() == good

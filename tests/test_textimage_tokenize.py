@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from crossret.errors import ConfigError, DataError
-from crossret.textimage.checkpoint import load_bert_vocab
 from crossret.textimage.tokenize import (
     SPECIAL_TOKENS,
     CaptionTokenizer,
     TokenBatch,
     check_vocab_fits,
+    load_bert_vocab,
     mask_tokens,
     train_wordpiece_vocab,
 )

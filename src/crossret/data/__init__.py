@@ -1,4 +1,9 @@
-"""Data: domains, feature-file readers, named benchmarks and protocol splits."""
+"""Data: domains, feature-file readers, named benchmarks and protocol splits.
+
+Imported here: the torch-free core. The size checks of MAT / HDF5 files (:mod:`crossret.data.declared_sizes`),
+the person-retrieval datasets (:mod:`crossret.data.person`, torch and PIL), their synthetic generator and the
+cross-modal Wikipedia features are imported from their own modules.
+"""
 
 from crossret.data.benchmarks import (
     BenchmarkInfo,

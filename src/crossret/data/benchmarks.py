@@ -1,4 +1,4 @@
-"""Named benchmarks and the protocol split (DESIGN "Data conventions").
+"""Named benchmarks and the protocol split (docs/benchmarks.md, "Protocols").
 
 A benchmark is a source file, a target file, a query rule and a preprocessing rule. Everything
 that decides the numbers is recorded in ``RetrievalSplit.protocol`` (seed, rule, file checksums,

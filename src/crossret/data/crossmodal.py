@@ -48,8 +48,9 @@ from typing import Any, Literal
 import numpy as np
 
 from crossret.data.benchmarks import DATA_ENV, resolve_data_dir
+from crossret.data.declared_sizes import check_mat_sizes, corrupt_file_error, dense_from_sparse
 from crossret.data.domain import Domain, check_features, check_labels
-from crossret.data.readers import _corrupt, _dense, _sniff, check_mat_sizes
+from crossret.data.readers import _sniff
 from crossret.errors import DataError
 
 Modality = Literal["image", "text"]
@@ -421,7 +422,7 @@ def _load_struct(path: Path) -> Mapping[str, Any]:
     except DataError:
         raise
     except Exception as exc:  # a truncated or damaged file fails inside scipy with many types
-        raise _corrupt(path, "MATLAB .mat", exc) from exc
+        raise corrupt_file_error(path, "MATLAB .mat", exc) from exc
     return _struct(path, "data", raw, _DATA_FIELDS)
 
 
@@ -451,7 +452,7 @@ def _field_matrix(path: Path, key: str, value: Any) -> np.ndarray:
     import scipy.sparse
 
     if scipy.sparse.issparse(value):
-        value = _dense(path, f"data.{key}", value)
+        value = dense_from_sparse(path, f"data.{key}", value)
     array = np.asarray(value)
     if array.dtype.kind not in "fiub":
         raise DataError(
@@ -487,7 +488,7 @@ def _split_indices(path: Path, key: str, value: Any, n: int) -> np.ndarray:
     import scipy.sparse
 
     if scipy.sparse.issparse(value):
-        value = _dense(path, f"split.{key}", value)
+        value = dense_from_sparse(path, f"split.{key}", value)
     array = np.asarray(value)
     if array.dtype.kind not in "fiu":
         raise DataError(f"{path}: split.{key} is not a numeric array (dtype {array.dtype}); expected 1-based indices")

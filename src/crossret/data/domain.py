@@ -1,7 +1,7 @@
 """Domains and protocol splits: the objects every method and metric works on.
 
 A :class:`Domain` is a validated ``(features, labels)`` pair. A :class:`RetrievalSplit` is what a
-protocol yields (DESIGN "Data conventions"): the labelled source, the target training set (labels
+protocol yields (docs/benchmarks.md, "Protocols"): the labelled source, the target training set (labels
 kept *only* for evaluation), the target queries, and the two databases:
 
 * cross-domain database  = source,

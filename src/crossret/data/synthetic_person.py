@@ -49,10 +49,11 @@ from pathlib import Path
 
 import numpy as np
 
-from crossret._io import _umask, write_text_atomic
 from crossret.data.person import SPLIT_NAMES, canonical_person_format, clean_caption, load_person_dataset
 from crossret.errors import ConfigError
 from crossret.extras import missing_extra
+from crossret.storage.atomic import umask as _umask
+from crossret.storage.atomic import write_text_atomic
 
 try:
     from PIL import Image
@@ -498,7 +499,7 @@ def _image_name(style: str, split: str, pid: int, k: int, camera: int, ext: str)
 
 
 def _entry(style: str, split: str, pid: int, rel: str, captions: list[str]) -> dict[str, object]:
-    # Key order and id base as in the real files (papers/gckd.md §3.1).
+    # Key order and id base as in the real annotation files (the layout IRRA and RaSa read).
     if style == "rstpreid":
         return {"id": pid, "img_path": rel, "captions": captions, "split": split}
     tokens = [clean_caption(c, None).split() for c in captions]

@@ -45,6 +45,7 @@ from crossret.config_keys import reject_unknown_keys
 from crossret.errors import ConfigError, DataError
 from crossret.extras import require
 from crossret.limits import check_memory
+from crossret.textimage.backbone import MaskedLanguageBackbone
 
 __all__ = [
     "TEMP_MAX",
@@ -537,9 +538,10 @@ class LearnableTemperature:
         return self.temp.clamp(TEMP_MIN, TEMP_MAX)
 
 
-class AlbefModel(LearnableTemperature, nn.Module):
+class AlbefModel(LearnableTemperature, nn.Module, MaskedLanguageBackbone):
     """ALBEF (Li et al., NeurIPS 2021): ViT image encoder, BERT text encoder, BERT fusion encoder with
     cross-attention, ITC projections + temperature, ITM head and MLM head. See the module docstring.
+    A :class:`~crossret.textimage.backbone.MaskedLanguageBackbone`.
 
     The momentum (teacher) model of ALBEF/GCKD is a second instance: :func:`momentum_copy` and
     :func:`ema_update`. Queues and losses live with the trainer.

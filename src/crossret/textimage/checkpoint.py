@@ -1,4 +1,4 @@
-"""Official ALBEF checkpoints ↔ :class:`~crossret.textimage.albef.AlbefModel`, and the BERT vocabulary.
+"""Official ALBEF checkpoints ↔ :class:`~crossret.textimage.albef.AlbefModel`.
 
 An ALBEF checkpoint (``ALBEF.pth``, ``ALBEF_4M.pth``, RaSa/retrieval fine-tunes) is a ``torch.save``
 of ``{"model": state_dict, "config": ..., "optimizer": ..., ...}``; only ``"model"`` is read. Files
@@ -55,7 +55,6 @@ as ALBEF's own ``state_dict()`` has), plus a ``"crossret"`` entry recording the 
 
 from __future__ import annotations
 
-import inspect
 import os
 import pickle
 import re
@@ -67,11 +66,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from crossret._io import atomic_open
-from crossret._sealed import is_zip_file, verify_zip
 from crossret.errors import DataError, FileFormatError
-from crossret.extras import require
+from crossret.storage.atomic import atomic_open
+from crossret.storage.sealed import is_zip_file, verify_zip
 from crossret.textimage.albef import AlbefConfig, AlbefModel, interpolate_pos_embed
+from crossret.textimage.tokenize import load_bert_vocab  # re-export: moved to tokenize, kept here for one release
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -563,57 +562,3 @@ def save_albef_checkpoint(
     with atomic_open(path, "wb") as handle:
         torch.save(payload, handle)
     return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# vocabulary
-# ----------------------------------------------------------------------------------------------------------------
-
-_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-
-
-def load_bert_vocab(path: str | os.PathLike, *, lowercase: bool = True, max_length: int | None = None) -> Any:
-    """A ``transformers.BertTokenizerFast`` from a local BERT ``vocab.txt`` (one token per line, the line
-    number is the id; ALBEF uses ``bert-base-uncased``'s). Nothing is downloaded.
-
-    ``lowercase``: lower-case and strip accents (the uncased models). ``max_length`` sets
-    ``model_max_length`` (e.g. ``AlbefConfig.max_position``). A missing, empty or malformed file (no
-    ``[PAD] [UNK] [CLS] [SEP] [MASK]``, duplicate tokens) is a :class:`DataError`.
-    """
-    require("gckd", "transformers")
-    from transformers import BertTokenizerFast
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: BERT vocabulary file not found; pass the vocab.txt of the text encoder "
-                        "(e.g. bert-base-uncased/vocab.txt)")
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read the vocabulary as UTF-8 text ({exc})") from exc
-    if lines and lines[-1] == "":
-        lines.pop()  # the final newline
-    tokens = [line.rstrip("\r") for line in lines]
-    if not tokens or all(not t.strip() for t in tokens):
-        raise DataError(f"{path}: the vocabulary file is empty; expected one token per line")
-    vocab: dict[str, int] = {}
-    for index, token in enumerate(tokens):
-        if token in vocab:
-            raise DataError(f"{path}: token {token!r} appears twice (lines {vocab[token] + 1} and {index + 1})")
-        vocab[token] = index
-    missing = [t for t in _SPECIAL_TOKENS if t not in vocab]
-    if missing:
-        raise DataError(f"{path}: not a BERT vocabulary: special tokens {missing} are missing")
-
-    params = inspect.signature(BertTokenizerFast.__init__).parameters
-    kwargs: dict[str, Any] = {"do_lower_case": lowercase}
-    if max_length is not None:
-        kwargs["model_max_length"] = int(max_length)
-    if "vocab" in params:  # transformers ≥ 5 builds the WordPiece model from a token → id dict
-        tokenizer = BertTokenizerFast(vocab=vocab, **kwargs)
-    else:  # transformers 4.x reads the file itself
-        tokenizer = BertTokenizerFast(vocab_file=str(path), **kwargs)
-    if len(tokenizer) != len(vocab) or tokenizer.convert_tokens_to_ids("[CLS]") != vocab["[CLS]"]:
-        raise DataError(f"{path}: the tokenizer built from this vocabulary disagrees with it "
-                        f"({len(tokenizer)} vs {len(vocab)} tokens); check the file")
-    return tokenizer

@@ -18,12 +18,11 @@ every other item by ITC descending, ties by gallery index. RaSa pads the non-can
 break ties among the non-candidates differently, which only changes mAP / mINP when relevant items lie
 outside the top ``k`` (gckd.md §5 "Tie caveat"); ITC order is the secondary key gckd.md recommends.
 
-Models: anything with ``encode_image(images) -> (image_tokens, image_feat)``,
-``encode_text(input_ids, attention_mask) -> (text_tokens, text_feat)`` and
-``itm_logits(text_tokens, attention_mask, image_tokens, image_atts=None) -> (N, 2)`` -- i.e.
-:class:`~crossret.textimage.albef.AlbefModel` and :class:`~crossret.textimage.feature_heads.FeatureHeadsModel`
-(whose "images"/"input_ids" are feature matrices, whose tokens are ``(N, 1, F)`` and whose masks are
-``None``). Metrics are fractions in [0, 1] (multiply by 100 for the papers' tables).
+Models: any :class:`~crossret.textimage.backbone.Backbone` (``encode_image``, ``encode_text``,
+``itm_logits``), i.e. :class:`~crossret.textimage.albef.AlbefModel` and
+:class:`~crossret.textimage.feature_heads.FeatureHeadsModel` (whose "images"/"input_ids" are feature
+matrices, whose tokens are ``(N, 1, F)`` and whose masks are ``None``). Metrics are fractions in [0, 1]
+(multiply by 100 for the papers' tables).
 """
 
 from __future__ import annotations
@@ -35,10 +34,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from crossret.errors import ConfigError, DataError
 from crossret.retrieval.metrics import ranking_metrics
+from crossret.textimage.backbone import Backbone
 
 __all__ = [
     "TIE_RULE",
@@ -123,7 +123,7 @@ class EncodedQueries:
 
 
 @contextmanager
-def _inference(model: nn.Module) -> Iterator[None]:
+def _inference(model: Backbone) -> Iterator[None]:
     """``model.eval()`` + ``torch.no_grad()``; afterwards every submodule gets back its own train/eval flag."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
@@ -142,7 +142,7 @@ def _check_tensor(x: Any, what: str) -> Tensor:
 
 
 def encode_gallery(
-    model: nn.Module,
+    model: Backbone,
     batches: Iterable[Tensor],
     *,
     device: str | torch.device = "cpu",
@@ -171,7 +171,7 @@ def encode_gallery(
 
 
 def encode_queries(
-    model: nn.Module,
+    model: Backbone,
     batches: Iterable[tuple[Tensor, Tensor | None]],
     *,
     device: str | torch.device = "cpu",
@@ -287,7 +287,7 @@ def stable_topk(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(idx, order, axis=1)
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
+def _model_dtype(model: Backbone) -> torch.dtype:
     for p in model.parameters():
         if p.is_floating_point():
             return p.dtype
@@ -295,7 +295,7 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def itm_rerank(
-    model: nn.Module,
+    model: Backbone,
     queries: EncodedQueries,
     gallery: EncodedGallery,
     *,
@@ -470,7 +470,7 @@ def text_to_image_metrics(
 
 
 def evaluate_model(
-    model: nn.Module,
+    model: Backbone,
     image_batches: Iterable[Tensor],
     text_batches: Iterable[tuple[Tensor, Tensor | None]],
     query_ids: Sequence[int] | np.ndarray,

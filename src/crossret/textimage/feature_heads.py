@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from crossret.config_keys import reject_unknown_keys
 from crossret.errors import ConfigError, DataError
 from crossret.textimage.albef import TEMP_MAX, TEMP_MIN, LearnableTemperature
+from crossret.textimage.backbone import Backbone
 
 __all__ = ["FeatureHeadsConfig", "FeatureHeadsFeatures", "FeatureHeadsModel"]
 
@@ -131,8 +132,9 @@ def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequentia
                          nn.LayerNorm(out_dim))
 
 
-class FeatureHeadsModel(LearnableTemperature, nn.Module):
-    """Projection MLPs + ITC projections + a pairwise fusion MLP with an ITM head (module docstring)."""
+class FeatureHeadsModel(LearnableTemperature, nn.Module, Backbone):
+    """Projection MLPs + ITC projections + a pairwise fusion MLP with an ITM head (module docstring); a
+    :class:`~crossret.textimage.backbone.Backbone` without an MLM head."""
 
     def __init__(self, config: FeatureHeadsConfig) -> None:
         super().__init__()

@@ -1,5 +1,5 @@
 """GCKD training (Luo et al., "Graph-Based Cross-Domain Knowledge Distillation for Cross-Dataset
-Text-to-Image Person Retrieval", AAAI 2025), following the reconstruction in ``papers/gckd.md`` §2.3–2.4.
+Text-to-Image Person Retrieval", AAAI 2025), as reconstructed in docs/gckd.md.
 
 One step (``B_s`` labelled source pairs; ``B_t`` target images and ``B_t`` target captions, unpaired):
 
@@ -48,13 +48,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from crossret import distributed
-from crossret._sealed import load_torch, save_torch
 from crossret.config_keys import reject_unknown_keys
 from crossret.errors import ConfigError, DataError, FileFormatError, NumericalError
+from crossret.storage.sealed import load_torch, save_torch
 from crossret.textimage.albef import ema_update, momentum_copy
+from crossret.textimage.backbone import Backbone, MaskedLanguageBackbone
 from crossret.textimage.losses import (
     cmkd_loss,
     itc_loss,
@@ -78,7 +79,7 @@ LOSS_TERMS = ("itc", "itm", "mlm", "prop", "kd", "cd_itm")
 
 @dataclass
 class GckdConfig:
-    """Every GCKD hyper-parameter and switch (defaults: gckd.md §3.3 / the issue; [R] = reconstruction)."""
+    """Every GCKD hyper-parameter and switch (defaults: gckd.md §3.3; [R] = reconstruction)."""
 
     epochs: int = 30
     lr: float = 1e-5  # backbone (RaSa)
@@ -98,7 +99,7 @@ class GckdConfig:
     # loss_ita; right when starting from pre-trained weights); "student" = the student's own in-batch
     # features, gradient to both towers, no bank (CLIP-style). From random weights the teacher's text
     # [CLS] features are nearly identical for hundreds of steps, so "teacher" candidates give the vision
-    # tower no gradient and the temperature collapses (measured: held-out mAP 9 vs 44; docs/gckd.md).
+    # tower no gradient and the temperature collapses (docs/gckd.md, "Teacher and evaluation").
     itc_candidates: str = "teacher"
     momentum: float = 0.999  # EMA teacher m
     mlm_prob: float = 0.15
@@ -242,34 +243,34 @@ class TrainResult:
 
 
 class GckdTrainer:
-    """Trains ``model`` (an :class:`~crossret.textimage.albef.AlbefModel` or
-    :class:`~crossret.textimage.feature_heads.FeatureHeadsModel`) with :class:`GckdConfig` on
+    """Trains a :class:`~crossret.textimage.backbone.Backbone` ``model`` with :class:`GckdConfig` on
     :class:`~crossret.textimage.streams.TrainingData`.
 
-    ``mask_fn(input_ids, attention_mask, generator) -> (masked_ids, labels)`` enables MLM (ALBEF backbone
-    with token inputs). ``checkpoint_dir`` receives ``checkpoint.pt`` after every epoch.
+    ``mask_fn(input_ids, attention_mask, generator) -> (masked_ids, labels)`` enables MLM (for a
+    :class:`~crossret.textimage.backbone.MaskedLanguageBackbone` with token inputs). ``checkpoint_dir``
+    receives ``checkpoint.pt`` after every epoch.
     """
 
-    def __init__(self, model: nn.Module, config: GckdConfig, *, device: str | torch.device = "cpu",
+    def __init__(self, model: Backbone, config: GckdConfig, *, device: str | torch.device = "cpu",
                  mask_fn: Callable[[Tensor, Tensor | None, torch.Generator], tuple[Tensor, Tensor]] | None = None,
                  checkpoint_dir: str | Path | None = None) -> None:
         self.config = config.validate()
         self.device = torch.device(device)
-        self.model = model.to(self.device)
+        self.model: Backbone = model.to(self.device)
         # The teacher runs in eval mode (no dropout): its similarities are the pseudo targets, and
         # dropout noise would only make them less reliable (ALBEF's momentum encoders share the
         # student's mode; GCKD does not say).
-        self.teacher = momentum_copy(self.model).eval()
+        self.teacher: Backbone = momentum_copy(self.model).eval()
         embed_dim = int(model.config.embed_dim)
         with torch.random.fork_rng(devices=[]):  # the GNN's initial weights depend on config.seed only
             torch.manual_seed(config.seed)
             self.gnn = GraphPropagation(embed_dim, k=config.knn_k, conv=config.gnn,  # type: ignore[arg-type]
                                         dropout=config.gnn_dropout).to(self.device)
         self.memory = GckdMemory(config.memory_size, embed_dim).to(self.device) if config.memory_size > 0 else None
-        self.mask_fn = mask_fn if config.mlm_weight > 0 and hasattr(model, "mlm_logits") else None
+        self.mask_fn = mask_fn if config.mlm_weight > 0 and isinstance(model, MaskedLanguageBackbone) else None
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         decay, no_decay = [], []
-        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+        skip = model.no_weight_decay()
         for name, param in self.model.named_parameters():
             (no_decay if name in skip or param.ndim < 2 else decay).append(param)
         groups = [{"params": decay, "lr": config.lr, "weight_decay": config.weight_decay, "base_lr": config.lr},
@@ -576,7 +577,7 @@ class GckdTrainer:
         total = steps_per_epoch * c.epochs
         warmup = round(c.warmup_epochs * steps_per_epoch)
         if resume and self.checkpoint_dir is not None and distributed.is_main():
-            from crossret._leftovers import remove_stale_temporaries
+            from crossret.storage.atomic import remove_stale_temporaries
 
             remove_stale_temporaries(self.checkpoint_dir)  # of checkpoint writes killed before their rename
         start_epoch = self._restore(data) if resume else 0

@@ -38,7 +38,6 @@ import numpy as np
 import torch
 
 from crossret import distributed, runs
-from crossret._io import read_yaml_mapping, write_json_atomic, write_yaml_atomic
 from crossret.config_keys import reject_unknown_keys
 from crossret.data.person import (
     EvalView,
@@ -51,18 +50,25 @@ from crossret.data.person import (
 )
 from crossret.errors import ConfigError, DataError
 from crossret.limits import check_threads
+from crossret.storage.atomic import write_json_atomic, write_yaml_atomic
+from crossret.storage.safe_read import read_yaml_mapping
 from crossret.textimage.albef import AlbefConfig, AlbefModel
 from crossret.textimage.checkpoint import (
     albef_checkpoint_shapes,
     compare_albef_shapes,
     load_albef_checkpoint,
-    load_bert_vocab,
     save_albef_checkpoint,
 )
 from crossret.textimage.gckd import GckdConfig, GckdTrainer
 from crossret.textimage.memory import check_bank_memory
 from crossret.textimage.streams import ImageDecoder, PersonTrainingData
-from crossret.textimage.tokenize import CaptionTokenizer, check_vocab_fits, mask_tokens, train_wordpiece_vocab
+from crossret.textimage.tokenize import (
+    CaptionTokenizer,
+    check_vocab_fits,
+    load_bert_vocab,
+    mask_tokens,
+    train_wordpiece_vocab,
+)
 
 log = logging.getLogger("crossret.gckd")
 STAGES = ("pretrain", "adapt")

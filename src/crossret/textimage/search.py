@@ -26,12 +26,16 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from crossret import runs
 from crossret.errors import ConfigError, DataError, FileFormatError
+from crossret.textimage.backbone import Backbone
+
+if TYPE_CHECKING:
+    from crossret.textimage.tokenize import CaptionTokenizer
 
 __all__ = ["GALLERY_FORMAT", "GalleryIndex", "GckdEncoder", "check_text_k", "search_texts"]
 
@@ -55,14 +59,16 @@ def _not_gckd(run: Path, kind: str | None) -> ConfigError:
 
 
 class GckdEncoder:
-    """A GCKD run's model and tokenizer, encoding captions and images to ITC embeddings ``(N, E)`` float32.
+    """A GCKD run's model (a :class:`~crossret.textimage.backbone.Backbone`) and tokenizer, encoding
+    captions and images to ITC embeddings ``(N, E)`` float32.
 
     ``batch_size`` items are encoded per forward pass (the batching of ``gckd eval``, whose default is
     64); ``device`` is a torch device.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_words: int | None = 50, model_sha256: str | None = None,
-                 run_dir: str | None = None, device: str = "cpu", batch_size: int = 64) -> None:
+    def __init__(self, model: Backbone, tokenizer: CaptionTokenizer, *, max_words: int | None = 50,
+                 model_sha256: str | None = None, run_dir: str | None = None, device: str = "cpu",
+                 batch_size: int = 64) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model = model.to(device).eval()
@@ -79,7 +85,7 @@ class GckdEncoder:
         from crossret.extras import require
 
         require("gckd")
-        from crossret._io import read_yaml_mapping
+        from crossret.storage.safe_read import read_yaml_mapping
         from crossret.textimage.albef import AlbefConfig
         from crossret.textimage.checkpoint import load_albef_checkpoint
         from crossret.textimage.tokenize import CaptionTokenizer
@@ -145,8 +151,9 @@ class GckdEncoder:
 
     def encode_images(self, paths: Sequence[str | os.PathLike],
                       progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """ITC embeddings ``(N, E)`` float32 (unit norm) of the image files ``paths`` (eval transform);
-        ``progress(done, total)`` after each batch."""
+        """ITC embeddings ``(N, E)`` float32 (unit norm) of the image files ``paths`` (eval transform at the
+        model's ``config.image_size``, so a backbone that reads pixels); ``progress(done, total)`` after
+        each batch."""
         import torch
 
         from crossret.data.person import ImageTransform, load_image

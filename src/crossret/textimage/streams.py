@@ -38,7 +38,7 @@ from crossret.data.person import (
     IdentityBalancedBatchSampler,
     ImageTransform,
     TrainPairs,
-    _item_rng,
+    item_rng,
     load_image,
 )
 from crossret.distributed import shard_range
@@ -240,7 +240,7 @@ ImageJob = tuple[ImagePart, ...]
 def _decode_part(paths: Mapping[str, Sequence[str]], transform: ImageTransform, part: ImagePart) -> Tensor:
     name, index, seed, epoch = part
     # Augmentation keyed by (seed, epoch, row): reproducible whatever the batch composition or the process.
-    return torch.stack([transform(load_image(paths[name][i]), None if seed is None else _item_rng(seed, epoch, int(i)))
+    return torch.stack([transform(load_image(paths[name][i]), None if seed is None else item_rng(seed, epoch, int(i)))
                         for i in index])
 
 

@@ -1,8 +1,10 @@
-"""Caption tokenisation for the ALBEF text encoder: WordPiece vocabulary training, batching and MLM masking.
+"""Caption tokenisation for the ALBEF text encoder: WordPiece vocabularies, batching and MLM masking.
 
 * :func:`train_wordpiece_vocab` trains a BERT WordPiece ``vocab.txt`` on captions (e.g. the file written by
   :func:`crossret.data.synthetic_person.write_wordpiece_corpus`) with the ``tokenizers`` library, for when the
   ``bert-base-uncased`` vocabulary is not available or too large for a small model;
+* :func:`load_bert_vocab` builds a ``transformers`` BERT tokenizer from a local ``vocab.txt`` (trained here
+  or ``bert-base-uncased``'s), without downloading anything;
 * :class:`CaptionTokenizer` turns a list of captions into ``(input_ids, attention_mask)`` exactly as ALBEF
   does (``tokenizer(text, padding="longest", truncation=True, max_length=..., return_tensors="pt")``);
 * :func:`check_vocab_fits` checks a tokenizer against an ``AlbefConfig``'s ``vocab_size`` / ``max_position``;
@@ -15,6 +17,7 @@ Token ids follow the BERT convention that ALBEF relies on: ``[PAD]`` is id 0 (``
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -24,9 +27,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from crossret._io import write_text_atomic
 from crossret.errors import ConfigError, DataError
 from crossret.extras import require
+from crossret.storage.atomic import write_text_atomic
 
 __all__ = [
     "DEFAULT_MAX_LENGTH",
@@ -34,6 +37,7 @@ __all__ = [
     "CaptionTokenizer",
     "TokenBatch",
     "check_vocab_fits",
+    "load_bert_vocab",
     "mask_tokens",
     "train_wordpiece_vocab",
 ]
@@ -49,7 +53,7 @@ IGNORE_INDEX = -100
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# vocabulary training
+# vocabulary: training and loading
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -89,7 +93,7 @@ def train_wordpiece_vocab(texts: Iterable[str] | str | os.PathLike, out_path: st
     The file has one token per line, the line number being the id: ``[PAD] [UNK] [CLS] [SEP] [MASK]`` get
     ids 0–4 (``[PAD]`` = 0 as in BERT/ALBEF), then every continuation piece ``##c`` and every character ``c`` of
     the corpus, then the learned word pieces. It loads with
-    :func:`crossret.textimage.checkpoint.load_bert_vocab` / :meth:`CaptionTokenizer.from_vocab` (with the same
+    :func:`load_bert_vocab` / :meth:`CaptionTokenizer.from_vocab` (with the same
     ``lowercase``), whose normaliser and pre-tokeniser are the ones used here (``BertNormalizer`` with
     ``strip_accents`` following ``lowercase``, ``BertPreTokenizer``).
 
@@ -146,6 +150,53 @@ def train_wordpiece_vocab(texts: Iterable[str] | str | os.PathLike, out_path: st
     return Path(out_path)
 
 
+def load_bert_vocab(path: str | os.PathLike, *, lowercase: bool = True, max_length: int | None = None) -> Any:
+    """A ``transformers.BertTokenizerFast`` from a local BERT ``vocab.txt`` (one token per line, the line
+    number is the id; ALBEF uses ``bert-base-uncased``'s). Nothing is downloaded.
+
+    ``lowercase``: lower-case and strip accents (the uncased models). ``max_length`` sets
+    ``model_max_length`` (e.g. ``AlbefConfig.max_position``). A missing, empty or malformed file (no
+    ``[PAD] [UNK] [CLS] [SEP] [MASK]``, duplicate tokens) is a :class:`DataError`.
+    """
+    require("gckd", "transformers")
+    from transformers import BertTokenizerFast
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: BERT vocabulary file not found; pass the vocab.txt of the text encoder "
+                        "(e.g. bert-base-uncased/vocab.txt)")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the vocabulary as UTF-8 text ({exc})") from exc
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline
+    tokens = [line.rstrip("\r") for line in lines]
+    if not tokens or all(not t.strip() for t in tokens):
+        raise DataError(f"{path}: the vocabulary file is empty; expected one token per line")
+    vocab: dict[str, int] = {}
+    for index, token in enumerate(tokens):
+        if token in vocab:
+            raise DataError(f"{path}: token {token!r} appears twice (lines {vocab[token] + 1} and {index + 1})")
+        vocab[token] = index
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise DataError(f"{path}: not a BERT vocabulary: special tokens {missing} are missing")
+
+    params = inspect.signature(BertTokenizerFast.__init__).parameters
+    kwargs: dict[str, Any] = {"do_lower_case": lowercase}
+    if max_length is not None:
+        kwargs["model_max_length"] = int(max_length)
+    if "vocab" in params:  # transformers ≥ 5 builds the WordPiece model from a token → id dict
+        tokenizer = BertTokenizerFast(vocab=vocab, **kwargs)
+    else:  # transformers 4.x reads the file itself
+        tokenizer = BertTokenizerFast(vocab_file=str(path), **kwargs)
+    if len(tokenizer) != len(vocab) or tokenizer.convert_tokens_to_ids("[CLS]") != vocab["[CLS]"]:
+        raise DataError(f"{path}: the tokenizer built from this vocabulary disagrees with it "
+                        f"({len(tokenizer)} vs {len(vocab)} tokens); check the file")
+    return tokenizer
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # batching
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,7 +223,7 @@ class CaptionTokenizer:
     caption of the batch.
 
     ``tokenizer``: a ``transformers`` BERT tokenizer (``BertTokenizerFast``, e.g. from
-    :func:`~crossret.textimage.checkpoint.load_bert_vocab`); it must define ``[PAD]``, ``[CLS]``, ``[SEP]`` and
+    :func:`load_bert_vocab`); it must define ``[PAD]``, ``[CLS]``, ``[SEP]`` and
     ``[MASK]``. ``max_length``: the most tokens per caption, **including** ``[CLS]`` and ``[SEP]`` (so at most
     ``max_length - 2`` word pieces); must be at least 2 and, for a model, at most ``AlbefConfig.max_position``
     (:func:`check_vocab_fits`).
@@ -193,9 +244,7 @@ class CaptionTokenizer:
     def from_vocab(cls, path: str | os.PathLike, *, max_length: int = DEFAULT_MAX_LENGTH,
                    lowercase: bool = True) -> CaptionTokenizer:
         """A tokenizer for a local BERT ``vocab.txt`` (e.g. written by :func:`train_wordpiece_vocab`); see
-        :func:`~crossret.textimage.checkpoint.load_bert_vocab`. Nothing is downloaded."""
-        from crossret.textimage.checkpoint import load_bert_vocab
-
+        :func:`load_bert_vocab`. Nothing is downloaded."""
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ConfigError(f"max_length={max_length!r}: must be an integer >= 2 (the token length of a "
                               "caption including [CLS] and [SEP])")

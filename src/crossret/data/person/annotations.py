@@ -1,6 +1,7 @@
-"""Text-to-image person-retrieval datasets: CUHK-PEDES, ICFG-PEDES and RSTPReid.
+"""Person-retrieval annotations: CUHK-PEDES, ICFG-PEDES and RSTPReid records, caption cleaning, and the
+training-pair and evaluation views built from them (no torch, no images decoded).
 
-Layout of a dataset root (the layout IRRA and RaSa expect, see ``papers/gckd.md`` §3.1)::
+Layout of a dataset root (the layout IRRA and RaSa expect; docs/gckd.md)::
 
     root/
       reid_raw.json | ICFG-PEDES.json | data_captions.json     # one annotation file
@@ -20,77 +21,45 @@ Every reader returns a :class:`PersonDataset` with **0-based** person ids. Annot
 a whole: a malformed entry or a missing image is never dropped silently, the :class:`DataError` lists
 the first problems (with their entry index) and how many there are in total.
 
-On top of the records this module builds what training and evaluation need:
-
+* :func:`clean_caption` — RaSa's ``pre_caption``;
 * :func:`build_train_pairs` — (image, caption, person) pairs of the train split (RaSa expands its
-  training json the same way); ``hide_ids=True`` gives the *unlabelled* target stream (ids = -1).
-* :class:`IdentityBalancedBatchSampler` (P identities × K pairs, labelled source) and
-  :class:`ShuffledBatchSampler` (seeded shuffle, unlabelled target).
+  training json the same way); ``hide_ids=True`` gives the *unlabelled* target stream (ids = -1);
 * :func:`build_eval_view` — queries (every caption) and gallery (every unique image) of a test split,
-  the text-to-image protocol of IRRA/RaSa (``papers/gckd.md`` §5).
-* :func:`clean_caption` (RaSa's ``pre_caption``), :func:`load_image`, :class:`ImageTransform`
-  (resize, flip, CLIP/ALBEF normalisation; torch only, no torchvision) and the torch datasets
-  :class:`PairDataset`, :class:`PersonImageDataset`, :class:`CaptionDataset`.
+  the text-to-image protocol of IRRA/RaSa.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, overload
+from typing import Any, overload
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset, Sampler
 
 from crossret.errors import ConfigError, DataError
-from crossret.extras import missing_extra
-from crossret.limits import check_memory
-
-try:
-    from PIL import Image
-except ImportError as exc:  # the 'gckd' extra is not installed
-    raise missing_extra("gckd", "PIL", exc) from exc
 
 __all__ = [
-    "CLIP_MEAN",
-    "CLIP_STD",
+    "HIDDEN_ID",
+    "MAX_LISTED_PROBLEMS",
     "PERSON_DATASETS",
     "SPLIT_NAMES",
-    "CaptionDataset",
-    "CaptionSample",
     "EvalView",
-    "IdentityBalancedBatchSampler",
-    "ImageSample",
-    "ImageTransform",
-    "PairDataset",
-    "PairSample",
     "PersonDataset",
-    "PersonImageDataset",
     "PersonRecord",
-    "ShuffledBatchSampler",
     "TrainPairs",
     "build_eval_view",
     "build_train_pairs",
     "canonical_person_format",
     "clean_caption",
     "detect_person_format",
-    "load_image",
     "load_person_dataset",
     "read_cuhk_pedes",
     "read_icfg_pedes",
     "read_rstpreid",
-    "verify_images",
 ]
-
-# Normalisation of CLIP, also used by ALBEF and RaSa (``transforms.Normalize`` in their datasets).
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 HIDDEN_ID = -1  # what training code sees of a target person id
@@ -477,21 +446,6 @@ def _problem_report(annotation: Path, fmt: _Format, image_root: Path, problems: 
     return "\n".join(lines)
 
 
-def verify_images(paths: Iterable[str | os.PathLike | PersonRecord]) -> None:
-    """Decode every image (paths, or records such as a :class:`PersonDataset`); raise one DataError
-    listing the unreadable ones. Slow (a full decode each): the readers only check that files exist."""
-    bad: list[str] = []
-    for path in paths:
-        try:
-            load_image(path.image_path if isinstance(path, PersonRecord) else path)
-        except DataError as exc:
-            bad.append(str(exc))
-    if bad:
-        shown = "\n".join(f"  {line}" for line in bad[:MAX_LISTED_PROBLEMS])
-        more = f"\n  ... and {len(bad) - MAX_LISTED_PROBLEMS} more" if len(bad) > MAX_LISTED_PROBLEMS else ""
-        raise DataError(f"{len(bad)} unreadable image(s):\n{shown}{more}")
-
-
 # ---------------------------------------------------------------------------------------------- captions
 # RaSa's pre_caption: drop ,.'!?"()*#:;~ and turn - and / into spaces.
 _CAPTION_TABLE = str.maketrans({**dict.fromkeys(",.'!?\"()*#:;~", None), "-": " ", "/": " "})
@@ -581,7 +535,7 @@ def build_train_pairs(dataset: PersonDataset | Sequence[PersonRecord], split: st
     """Expand the records of ``split`` (``None``: all records) into one pair per caption.
 
     Captions are cleaned with :func:`clean_caption`. ``hide_ids=True`` gives the unlabelled target
-    stream (ids -1; GCKD's target train split is used without labels, ``papers/gckd.md`` §1).
+    stream (ids -1; GCKD's target train split is used without labels).
     """
     records = _select(dataset, split)
     name = getattr(dataset, "name", "")
@@ -601,156 +555,10 @@ def build_train_pairs(dataset: PersonDataset | Sequence[PersonRecord], split: st
                       original_ids, name=name)
 
 
-# ---------------------------------------------------------------------------------------------- samplers
-def _check_positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
-    return int(seed)
-
-
-
-def check_sampling_memory(n_identities: int, pairs_per_id: int) -> None:
-    """Refuse an identity-balanced epoch that would not fit in memory: every epoch deals at least one chunk
-    of ``pairs_per_id`` pairs per identity (int64 indices, and their batches)."""
-    check_memory(16 * n_identities * pairs_per_id, f"k={pairs_per_id} pairs per identity (pairs_per_id) for "
-                 f"{n_identities} identities", "lower k")
-
-class IdentityBalancedBatchSampler(Sampler[list[int]]):
-    """Batches of ``p`` distinct identities × ``k`` pairs each, for the labelled source.
-
-    Per epoch (seeded by ``(seed, epoch)``, so every epoch is reproducible on its own):
-
-    * each identity's pairs are shuffled and cut into chunks of ``k``; the last chunk is filled up by
-      sampling the identity's pairs with replacement (so identities with fewer than ``k`` pairs work),
-      hence every pair and every identity appears at least once per epoch;
-    * chunks are dealt into ``max(ceil(chunks / p), largest chunk count)`` batches of ``p`` *distinct*
-      identities, picking identities at random weighted by their remaining chunks (an identity is forced
-      in when it would otherwise not fit into the remaining batches); a batch that runs out of
-      identities with chunks left is topped up with extra chunks of other, random identities.
-
-    Indices within a batch are grouped by identity (``k`` consecutive indices share an id).
-    """
-
-    def __init__(self, person_ids: np.ndarray | Sequence[int], p: int, k: int, seed: int = 0) -> None:
-        ids = np.asarray(person_ids, dtype=np.int64).reshape(-1)
-        self.p = _check_positive("p (identities per batch)", p)
-        self.k = _check_positive("k (pairs per identity)", k)
-        self.seed = _check_seed(seed)
-        self.epoch = 0
-        if ids.size == 0:
-            raise DataError("identity-balanced sampling needs at least one pair")
-        if (ids < 0).any():
-            raise DataError(f"{int((ids < 0).sum())} pair(s) have unknown ids (-1); identity-balanced sampling "
-                            "needs labels: use it on the labelled source, ShuffledBatchSampler on the target")
-        order = np.argsort(ids, kind="stable")
-        unique, starts = np.unique(ids[order], return_index=True)
-        self._groups = np.split(order, starts[1:])
-        if unique.size < self.p:
-            raise ConfigError(f"p={self.p} identities per batch but the data has only {unique.size} identities; "
-                              "lower p")
-        check_sampling_memory(unique.size, self.k)
-        self._chunks = np.array([math.ceil(g.size / self.k) for g in self._groups], dtype=np.int64)
-        self._num_batches = max(math.ceil(int(self._chunks.sum()) / self.p), int(self._chunks.max()))
-
-    @property
-    def batch_size(self) -> int:
-        return self.p * self.k
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose batches ``__iter__`` yields (as ``DistributedSampler.set_epoch``)."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self._num_batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches(self.epoch)
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        """The batches of ``epoch`` (a pure function of ``seed`` and ``epoch``)."""
-        rng = np.random.default_rng([self.seed, _check_seed(epoch)])
-        k = self.k
-        chunks: list[np.ndarray] = []
-        for group, count in zip(self._groups, self._chunks, strict=True):
-            perm = rng.permutation(group)
-            pad = int(count) * k - group.size
-            if pad:
-                perm = np.concatenate([perm, rng.choice(group, size=pad, replace=True)])
-            chunks.append(perm.reshape(int(count), k))
-        remaining = self._chunks.copy()
-        used = np.zeros_like(remaining)
-        n_ids = remaining.size
-        out: list[list[int]] = []
-        for b in range(self._num_batches):
-            left = self._num_batches - b
-            forced = np.flatnonzero(remaining == left)  # these need a chunk in every remaining batch
-            candidates = np.flatnonzero((remaining > 0) & (remaining < left))
-            need = self.p - forced.size
-            if candidates.size > need:
-                # Weighted sampling without replacement (Efraimidis–Spirakis keys), O(n) per batch.
-                keys = np.log(rng.random(candidates.size)) / remaining[candidates]
-                picked = candidates[np.argpartition(-keys, need - 1)[:need]] if need else candidates[:0]
-            else:
-                picked = candidates
-            chosen = np.concatenate([forced, picked])
-            rows = [chunks[i][used[i]] for i in chosen]
-            used[chosen] += 1
-            remaining[chosen] -= 1
-            short = self.p - chosen.size
-            if short:
-                # Not enough identities with chunks left: top up with fresh chunks of other identities.
-                pool = np.setdiff1d(np.arange(n_ids), chosen, assume_unique=True)
-                for i in rng.choice(pool, size=short, replace=False):
-                    group = self._groups[i]
-                    rows.append(rng.choice(group, size=k, replace=group.size < k))
-            batch = np.concatenate(rows)
-            # Shuffle the order of the identity blocks so forced identities are not always first.
-            block_order = rng.permutation(self.p)
-            out.append(batch.reshape(self.p, k)[block_order].reshape(-1).tolist())
-        return out
-
-
-class ShuffledBatchSampler(Sampler[list[int]]):
-    """Seeded shuffled batches of ``batch_size`` indices out of ``n`` (the unlabelled target stream).
-
-    Epoch ``e`` is the permutation drawn from ``(seed, e)``; ``drop_last`` (default) keeps every batch
-    full, which the fixed-size memory-bank updates of GCKD expect.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int = 0, drop_last: bool = True) -> None:
-        self.n = _check_positive("n (number of items)", n)
-        self.batch_size = _check_positive("batch_size", batch_size)
-        self.seed = _check_seed(seed)
-        self.drop_last = bool(drop_last)
-        self.epoch = 0
-        if self.drop_last and self.n < self.batch_size:
-            raise ConfigError(f"batch_size {self.batch_size} is larger than the {self.n} items and drop_last is "
-                              "set, so no batch would be produced; lower batch_size")
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches(self.epoch)
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        perm = np.random.default_rng([self.seed, _check_seed(epoch)]).permutation(self.n)
-        return [perm[i:i + self.batch_size].tolist() for i in range(0, len(self) * self.batch_size, self.batch_size)]
-
-
 # ---------------------------------------------------------------------------------------------- evaluation
 @dataclass(frozen=True, eq=False)
 class EvalView:
-    """Text-to-image evaluation of one split (IRRA/RaSa protocol, ``papers/gckd.md`` §5).
+    """Text-to-image evaluation of one split (IRRA/RaSa protocol).
 
     Queries are *every* caption, the gallery is every unique image; a gallery image is relevant to a
     query iff the person ids are equal. ``caption_image[q]`` is the gallery index of the image the
@@ -800,201 +608,3 @@ def build_eval_view(dataset: PersonDataset | Sequence[PersonRecord], split: str 
             caption_image.append(g)
     return EvalView(tuple(captions), np.asarray(caption_ids, dtype=np.int64), np.asarray(caption_image, dtype=np.int64),
                     tuple(gallery), np.asarray(image_ids, dtype=np.int64), name=name)
-
-
-# ---------------------------------------------------------------------------------------------- images
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image as RGB; a missing, corrupt or truncated file is a DataError naming it.
-
-    Unlike RaSa (``ImageFile.LOAD_TRUNCATED_IMAGES = True``) truncated files are refused, not padded grey.
-    """
-    try:
-        with Image.open(path) as image:
-            _check_image_size(path, image)
-            image.load()  # decode now, so that truncation surfaces here and not inside a transform
-            return image.convert("RGB")
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: image file not found") from exc
-    except DataError:
-        raise
-    except Exception as exc:  # an untrusted file: PIL's decoders raise OSError, SyntaxError, struct.error, ...
-        raise DataError(f"{path}: cannot decode the image ({type(exc).__name__}: {exc}); the file is corrupt or "
-                        "not an image, replace it") from exc
-
-
-#: No image format stores more pixels per byte than a 1-bit deflated PNG (8 x deflate's 1032:1).
-_MAX_PIXELS_PER_BYTE = 8 * 1032
-
-
-def _check_image_size(path: str | os.PathLike, image: Image.Image) -> None:
-    """Refuse an image whose header declares more pixels than its bytes can encode, before PIL
-    allocates the declared size."""
-    width, height = image.size
-    file_size = os.path.getsize(path)
-    if width * height > _MAX_PIXELS_PER_BYTE * file_size + 65536:
-        raise DataError(f"{path}: the image header declares {width} x {height} pixels but the file has only "
-                        f"{file_size} bytes; the file is corrupt or truncated, replace it")
-
-
-@dataclass(frozen=True)
-class ImageTransform:
-    """Resize to ``size`` = (H, W), random horizontal flip with ``flip_prob``, normalise with ``mean``/``std``.
-
-    Pure torch: resizing is ``F.interpolate`` with ``antialias=True`` (the PIL-compatible kernel that
-    torchvision uses), bicubic by default as in RaSa/ALBEF; values are clamped to [0, 1] after resizing
-    as an 8-bit resize would. Output: float32 ``(3, H, W)``.
-    """
-
-    size: tuple[int, int] = (384, 128)
-    flip_prob: float = 0.0
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
-    interpolation: str = "bicubic"
-
-    def __post_init__(self) -> None:
-        size = tuple(int(s) for s in self.size)
-        if len(size) != 2 or min(size) < 1:
-            raise ConfigError(f"image size must be (height, width) with positive values, got {self.size!r}")
-        if not 0.0 <= float(self.flip_prob) <= 1.0:
-            raise ConfigError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ConfigError("mean and std need 3 values each (RGB) and std must be positive")
-        if self.interpolation not in ("bicubic", "bilinear"):
-            raise ConfigError(f"interpolation must be 'bicubic' or 'bilinear', got {self.interpolation!r}")
-        object.__setattr__(self, "size", size)
-        object.__setattr__(self, "_mean", torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1))
-        object.__setattr__(self, "_std", torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1))
-
-    @classmethod
-    def train(cls, size: tuple[int, int] = (384, 128), flip_prob: float = 0.5, **kwargs: Any) -> ImageTransform:
-        return cls(size, flip_prob, **kwargs)
-
-    @classmethod
-    def eval(cls, size: tuple[int, int] = (384, 128), **kwargs: Any) -> ImageTransform:
-        return cls(size, 0.0, **kwargs)
-
-    def __call__(self, image: Image.Image | np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
-        """Transform one RGB image (PIL or uint8 ``(H, W, 3)``); ``rng`` draws the flip (seeded → reproducible)."""
-        if isinstance(image, Image.Image):
-            array = np.array(image.convert("RGB"), dtype=np.uint8)
-        else:
-            array = np.asarray(image)
-            if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-                raise DataError(f"expected a uint8 (H, W, 3) RGB array, got {array.dtype} {array.shape}")
-        flip = False
-        if self.flip_prob > 0:
-            flip = bool((rng if rng is not None else np.random.default_rng()).random() < self.flip_prob)
-        x = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).to(torch.float32).div_(255.0)
-        if tuple(x.shape[1:]) != self.size:
-            x = F.interpolate(x.unsqueeze(0), size=self.size, mode=self.interpolation, align_corners=False,
-                              antialias=True).squeeze(0).clamp_(0.0, 1.0)
-        if flip:
-            x = x.flip(-1)
-        return ((x - self._mean) / self._std).contiguous()  # type: ignore[attr-defined]
-
-
-def _item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    # Keyed by (seed, epoch, index), so augmentation does not depend on worker scheduling or batch order.
-    return np.random.default_rng([seed, epoch, index])
-
-
-# ---------------------------------------------------------------------------------------------- torch datasets
-class PairSample(NamedTuple):
-    image: torch.Tensor
-    caption: str
-    person_id: int
-    index: int
-
-
-class ImageSample(NamedTuple):
-    image: torch.Tensor
-    person_id: int
-    index: int
-
-
-class CaptionSample(NamedTuple):
-    caption: str
-    person_id: int
-    index: int
-
-
-class _EpochSeeded:
-    seed: int
-    epoch: int
-
-    def set_epoch(self, epoch: int) -> None:
-        """Augmentations of epoch ``epoch`` (call before creating the epoch's DataLoader iterator)."""
-        self.epoch = int(epoch)
-
-
-class PairDataset(_EpochSeeded, Dataset[PairSample]):
-    """Training pairs for a DataLoader: ``(image tensor, cleaned caption, person id, pair index)``.
-
-    With a target :class:`TrainPairs` (ids hidden) ``person_id`` is -1. Tokenisation is left to the collate.
-    """
-
-    def __init__(self, pairs: TrainPairs, transform: ImageTransform, seed: int = 0) -> None:
-        self.pairs = pairs
-        self.transform = transform
-        self.seed = _check_seed(seed)
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> PairSample:
-        index = int(index)
-        path = self.pairs.image_paths[self.pairs.image_index[index]]
-        image = self.transform(load_image(path), _item_rng(self.seed, self.epoch, index))
-        return PairSample(image, self.pairs.captions[index], int(self.pairs.person_ids[index]), index)
-
-
-class PersonImageDataset(_EpochSeeded, Dataset[ImageSample]):
-    """Images only (an evaluation gallery, or the target images of the unpaired reading): ``(image, id, index)``."""
-
-    def __init__(self, image_paths: Sequence[str], transform: ImageTransform,
-                 person_ids: np.ndarray | Sequence[int] | None = None, seed: int = 0) -> None:
-        self.image_paths = tuple(image_paths)
-        ids = np.full(len(self.image_paths), HIDDEN_ID, dtype=np.int64) if person_ids is None else \
-            np.asarray(person_ids, dtype=np.int64)
-        if ids.shape != (len(self.image_paths),):
-            raise DataError(f"{len(self.image_paths)} images but {ids.shape} person ids")
-        self.person_ids = ids
-        self.transform = transform
-        self.seed = _check_seed(seed)
-        self.epoch = 0
-
-    @classmethod
-    def gallery(cls, view: EvalView, transform: ImageTransform) -> PersonImageDataset:
-        return cls(view.image_paths, transform, view.image_person_ids)
-
-    def __len__(self) -> int:
-        return len(self.image_paths)
-
-    def __getitem__(self, index: int) -> ImageSample:
-        index = int(index)
-        image = self.transform(load_image(self.image_paths[index]), _item_rng(self.seed, self.epoch, index))
-        return ImageSample(image, int(self.person_ids[index]), index)
-
-
-class CaptionDataset(Dataset[CaptionSample]):
-    """Captions only (evaluation queries): ``(caption, person id, index)``."""
-
-    def __init__(self, captions: Sequence[str], person_ids: np.ndarray | Sequence[int] | None = None) -> None:
-        self.captions = tuple(captions)
-        ids = np.full(len(self.captions), HIDDEN_ID, dtype=np.int64) if person_ids is None else \
-            np.asarray(person_ids, dtype=np.int64)
-        if ids.shape != (len(self.captions),):
-            raise DataError(f"{len(self.captions)} captions but {ids.shape} person ids")
-        self.person_ids = ids
-
-    @classmethod
-    def queries(cls, view: EvalView) -> CaptionDataset:
-        return cls(view.captions, view.caption_person_ids)
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def __getitem__(self, index: int) -> CaptionSample:
-        index = int(index)
-        return CaptionSample(self.captions[index], int(self.person_ids[index]), index)

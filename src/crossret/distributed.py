@@ -1,8 +1,9 @@
 """Data-parallel training under ``torchrun``: the process group and the few collectives the trainers use.
 
 Everything here is a no-op (or the identity) when the process is not part of a process group with more
-than one rank, so single-process code calls these helpers unconditionally and stays bit-for-bit what
-it was. See ``docs/distributed.md`` for what the trainers shard and what they run on rank 0.
+than one rank, so single-process code calls these helpers unconditionally and gives bit-for-bit the
+same results as without them. See ``docs/distributed.md`` for what the trainers shard and what they
+run on rank 0.
 
 * :func:`process_group` joins the group that ``torchrun`` describes in the environment (``RANK``,
   ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and leaves it afterwards;

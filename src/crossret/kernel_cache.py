@@ -3,7 +3,7 @@
 crossret's kernels are ``@njit(cache=True)``. numba reads ``NUMBA_CACHE_DIR`` when it is imported and
 picks each kernel's cache location when the kernel is defined; without that variable it writes beside
 the source, into ``site-packages/crossret/**/__pycache__``: read-only in many installs (then every
-process compiles again, seconds per kernel) and shared between the users of one environment.
+process compiles every kernel again) and shared between the users of one environment.
 :func:`configure_numba_cache` sets the variable before crossret's numba modules are imported
 (``crossret.retrieval`` and ``crossret.graph`` call it first); a directory the user chose with
 ``NUMBA_CACHE_DIR`` is kept as it is.

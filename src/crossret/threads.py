@@ -2,7 +2,7 @@
 
 Each library keeps its own thread count, and two of them can silently share one: faiss calls OpenMP,
 and when torch was imported first (it loads its ``libgomp`` globally) faiss' OpenMP *is* torch's, so
-``torch.set_num_threads(1)`` around a training loop also put every faiss search inside it on one
+``torch.set_num_threads(1)`` around a training loop also puts every faiss search inside it on one
 thread. This module owns those settings per *phase* of the work:
 
 =================  ===========================================  ==================================

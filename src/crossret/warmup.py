@@ -2,12 +2,12 @@
 
 A crossret kernel is compiled the first time a process calls it with a new combination of argument
 types, and the machine code is kept in numba's cache (:mod:`crossret.kernel_cache`); a process that
-finds it there loads it in milliseconds instead of compiling for seconds. :func:`compile_kernels`
-calls the public functions that reach each kernel on tiny inputs: codes of one and of several 64-bit
-words (16, 64, 128 and 256 bits, in case a kernel specialises on the width), both tie rules with MAP@k
-and precision@N, the top-k search with many queries and with one query (the path that splits a query
-across threads and merges), the distance matrix, the flow diffusion's solver and the multi-hash index
-check. ``crossret warmup`` runs it once after an install.
+finds it there loads it instead of compiling it (docs/scale.md, "Kernel compilation").
+:func:`compile_kernels` calls the public functions that reach each kernel on tiny inputs: codes of one
+and of several 64-bit words (16, 64, 128 and 256 bits, in case a kernel specialises on the width), both
+tie rules with MAP@k and precision@N, the top-k search with many queries and with one query (the path
+that splits a query across threads and merges), the distance matrix, the flow diffusion's solver and the
+multi-hash index check. ``crossret warmup`` runs it once after an install.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""COUPLE's cross-domain relationship graph (couple.md §3.1).
+"""COUPLE's cross-domain relationship graph (Luo et al., "Cross-Domain Diffusion with Progressive
+Alignment for Efficient Adaptive Retrieval", IEEE TIP 2025).
 
 Nodes are the source samples followed by the target (training) samples: node ``i < n_s`` is
 source sample ``i``, node ``n_s + j`` is target sample ``j``. Edges:
@@ -9,7 +10,7 @@ source sample ``i``, node ``n_s + j`` is target sample ``j``. Edges:
   version is not reproduced);
 * **intra-target**: mutual kNN inside the target;
 * **intra-source**: same-label pairs, restricted to each class's ``k_source`` nearest neighbours
-  (a class clique would make the graph quadratic in the class size; couple.md §7.7), symmetrised
+  (a class clique would make the graph quadratic in the class size; docs/couple.md), symmetrised
   by union — every such pair is correct by construction, so no mutuality is needed.
 
 Weights are ``max(0, cos(f_a, f_b))`` on the given features (the current encoder features during
@@ -207,7 +208,7 @@ def _same_label_knn_pairs(xs: np.ndarray, labels: np.ndarray, k: int, knn: str =
         return np.zeros((2, 0), np.int64)
     both = np.concatenate(pairs, axis=1).astype(np.int64)
     # Unique pairs in (i, j) lexicographic order via the 1-D key i·n + j (np.unique(axis=1) sorts
-    # structured rows, several times slower).
+    # structured rows, which is slower).
     n = int(labels.size)
     key = np.unique(both[0] * n + both[1])
     return np.stack([key // n, key % n])

@@ -1,7 +1,7 @@
 """ℓ2-norm flow diffusion: the dual push solver, per-class seeding and label-aware reweighting.
 
 Problem (Fountoulakis, Wang & Yang, "p-Norm Flow Diffusion for Local Graph Clustering", ICML 2020;
-the diffusion of COUPLE, couple.md §3.2). On a graph with conductances ``w_e > 0``, signed incidence
+the diffusion of COUPLE, Luo et al., IEEE TIP 2025). On a graph with conductances ``w_e > 0``, signed incidence
 ``B`` and Laplacian ``L = Bᵀ diag(w) B``, source mass ``Δ ≥ 0`` and sink capacities ``T ≥ 0``:
 
     primal   min_f ½ Σ_e f_e² / w_e          s.t.  m = Δ + Bᵀ f ≤ T
@@ -477,13 +477,14 @@ def disagreement_reweight(adjacency: sp.spmatrix, node_labels: np.ndarray, facto
 def class_seed_mass(
     degree: np.ndarray, n_source: int, source_labels: np.ndarray, num_classes: int, target_fill: float
 ) -> np.ndarray:
-    """Per-class seed mass of COUPLE's diffusion (couple.md §3.2 A), ``(n, C)``.
+    """Per-class seed mass of COUPLE's diffusion (docs/couple.md, "What runs"), ``(n, C)``.
 
     Column ``c`` puts ``Δ_i = α · deg(i)`` on the source nodes of class ``c`` (nodes ``0..n_s−1``)
     and 0 elsewhere, with ``α = 1 + target_fill · vol(target) / vol(source)``: the excess over the
     seeds' own capacity ``T_i = deg(i)`` is then ``target_fill`` times the class's share of the
     target volume, so ``target_fill = 1`` is enough mass to fill a class's worth of target nodes.
-    (With the review's ``α = 1`` nothing diffuses; a large fixed α floods the other classes.)
+    (With ``α = 1``, i.e. ``Δ = T`` on the seeds, nothing diffuses; a large fixed α floods the other
+    classes.)
     """
     degree = np.asarray(degree, dtype=np.float64)
     labels = np.asarray(source_labels).reshape(-1)

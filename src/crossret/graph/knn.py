@@ -62,8 +62,8 @@ KNN_METHODS = ("exact", "hnsw", "ivf", "auto")
 # costs O(Q·(N/B + p·B)·d) with a fixed cell size B and p probed cells, i.e. about linear in Q.
 AUTO_APPROX_ROWS = 20_000
 # ivf defaults: cells of about IVF_CELL_ROWS database rows, each query scans its IVF_PROBES most similar
-# cells. Measured recall@k against exact search (benchmarks/graph_scaling.py, synthetic features with
-# 16-d intrinsic dimension, k = 3): 0.98 at 200k database rows, 0.94–0.95 at 500k.
+# cells. Their recall against exact search is measured by benchmarks/graph_scaling.py (docs/benchmarks.md,
+# "Graph + diffusion scaling").
 IVF_CELL_ROWS = 1_000
 IVF_PROBES = 8
 # Spherical k-means of the cells: Lloyd iterations and training rows per cell (a sample keeps training

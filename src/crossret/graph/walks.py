@@ -1,4 +1,5 @@
-"""Weighted random walks on a sparse graph, vectorised over walkers (COUPLE §3.4).
+"""Weighted random walks on a sparse graph, vectorised over walkers (COUPLE's Mixup along
+cross-domain random-walk paths; Luo et al., IEEE TIP 2025).
 
 A walker at node ``v`` moves to neighbour ``u`` with probability ``w_vu / deg(v)``. Walks stop at
 the first node of a *stop set* (COUPLE: the first target node) or after ``max_steps`` moves. All

@@ -59,8 +59,8 @@ _S56 = np.uint64(56)
 # (~ 1 / (240 a^8)) is below 1e-17.
 _DIRECT_TERMS = 64
 
-# Below this many (query, item) pairs a call runs on one thread: waking the worker threads costs
-# ~0.1-10 ms per call (much more on a busy machine), more than the work itself.
+# Below this many (query, item) pairs a call runs on one thread: waking the worker threads costs more
+# than the work itself (docs/scale.md, "Exact search speed").
 _SERIAL_PAIRS = 1 << 18
 
 # Queries that share one pass over a database tile in the blocked kernels (search and metrics).
@@ -110,7 +110,7 @@ def _popcount64(x: np.uint64) -> np.int64:
     return np.int64((x * _H01) >> _S56)
 
 
-# Serial: a helper for small inputs, and a parallel kernel costs seconds more to compile.
+# Serial: a helper for small inputs, and a parallel kernel takes much longer to compile.
 @nb.njit(cache=True)
 def _distance_kernel(q_words, db_words, out):  # pragma: no cover - compiled
     n_q, n_words = q_words.shape
@@ -244,8 +244,8 @@ def _index_rank_kernel(q_words, q_labels, db_words, db_labels, before, before_re
         apk_acc = apk_sum[q]
         nk = n_rel_topk[q]
         # Blocks: a branch-free counting loop that notes (distance, # seen before) of the relevant
-        # items, then the (rare, ~1/#labels) relevant items are scored. ~20 % faster than one
-        # branchy loop.
+        # items, then the (rare, ~1/#labels) relevant items are scored. Faster than one branchy loop
+        # (docs/scale.md, "MAP evaluation at scale").
         rel_dist = np.empty(_RANK_BLOCK, dtype=np.int64)
         rel_seen = np.empty(_RANK_BLOCK, dtype=np.int64)
         for j0 in range(0, n_db, _RANK_BLOCK):
@@ -467,7 +467,7 @@ def _expected_truncated_ap(partial_full: float, n_before: int, rel_before: int, 
 
 
 # Serial on purpose: O(Q (L + 1)) work (plus O(k) per query for AP@k) is small next to the
-# O(Q N) distance pass, and a parallel kernel would add seconds of compile time.
+# O(Q N) distance pass, and a parallel kernel would add compile time.
 @nb.njit(cache=True)
 def _expected_kernel(counts, rel_counts, topk, ns, ap, apk, rel_at_n):  # pragma: no cover
     n_q, n_dist = counts.shape
@@ -869,9 +869,10 @@ _BYTES_HIGH = np.uint64(0x8080808080808080)
 _SAMPLE = 1024  # items whose distances give a query's starting bound (see _guess_bound)
 _TOPK_MIN_CHUNK = 1 << 16  # items per database chunk when few queries are split across threads
 # The threshold scan is used while k <= N / _SCAN_MAX_SHARE on databases of at least
-# _SCAN_MIN_DATABASE items (see uses_threshold_scan; both measured with benchmarks/scale.py).
+# _SCAN_MIN_DATABASE items (see uses_threshold_scan; both chosen by measurement with benchmarks/scale.py,
+# docs/scale.md "Exact search speed").
 _SCAN_MAX_SHARE = 1000
-_SCAN_MAX_SHARE_TWO_WORDS = 10_000  # 128-bit codes: the counting kernels won at k = N / 1000
+_SCAN_MAX_SHARE_TWO_WORDS = 10_000  # 128-bit codes: chosen by measurement (docs/scale.md)
 _SCAN_MIN_DATABASE = 1 << 16
 
 
@@ -1132,13 +1133,13 @@ _SWAR_HIGH = {1: np.uint64(0x8080808080808080), 2: np.uint64(0x8000800080008000)
 def _scan_chunk(q_words, q, db_words, j0, j1, buf, hist):  # pragma: no cover - compiled
     """Pass 1 over items ``j0..j1``: ``buf[j] = distance``; ``hist`` (``_LANES · (L + 1)``) counts
     them. Consecutive items increment different lanes: with one histogram, runs of equal distances
-    (common: distances of random codes cluster around L / 2) serialise on the same counter and this
-    loop ran ~1.5x slower."""
+    (common: distances of random codes cluster around L / 2) serialise on the same counter and slow
+    this loop down (docs/scale.md, "Exact search speed")."""
     n_words = q_words.shape[1]
     first_word = q_words[q, 0]
     n_dist = hist.shape[0] // _LANES
     j4 = j0 + (j1 - j0) // 4 * 4
-    # One loop per word count, branch outside: a branch inside the loop body made it ~2x slower.
+    # One loop per word count, branch outside: a branch inside the loop body slows it down.
     if n_words == 1:
         for j in range(j0, j4, 4):
             d0 = _popcount64(first_word ^ db_words[j, 0])
@@ -1242,7 +1243,7 @@ def _collect_chunk(buf, words, per_word, low, high, j0, j1, t, base, k, out_d, o
     """Pass 2 over items ``j0..j1`` (``j0`` a multiple of ``per_word``). ``words`` is ``buf`` seen as
     uint64, ``per_word`` distances each: a word is only walked item by item when some lane is
     ``<= t`` (SWAR test ``(x - low·(t+1)) & ~x & high``, exact for ``t + 1`` up to half the lane
-    range) — ~4x cheaper than testing every item, since almost no word holds a result."""
+    range) — cheaper than testing every item, since almost no word holds a result."""
     if per_word == 1 or t + 1 > np.int64(1) << (64 // per_word - 1):
         _collect_items(buf, j0, j1, t, base, k, out_d, out_i, q)
         return

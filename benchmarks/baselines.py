@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import _repro
-from crossret._io import write_json_atomic, write_text_atomic
 from crossret.data import list_benchmarks, load_benchmark, resolve_data_dir
 from crossret.experiment import RunConfig, run_experiment
+from crossret.storage.atomic import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("lsh", "itq", "source-only")

@@ -34,7 +34,7 @@ from typing import Any
 
 import _repro
 from couple import _read_configs, _read_runs, compact_row, expand_row, run_jobs  # same runs-file format
-from crossret._io import write_json_atomic, write_text_atomic
+from crossret.storage.atomic import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("dev-m2opt", "dev-u2opt", "dev-m200opt")

@@ -58,9 +58,9 @@ import numpy as np
 import _repro
 from couple import _read_runs, run_jobs  # same runs-file format and recovery rule
 from couple_dev import TASKS, dev_split
-from crossret._io import write_json_atomic, write_text_atomic
 from crossret.graph.knn import unit_rows
 from crossret.hashing.couple import _information_maximisation
+from crossret.storage.atomic import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS_FILE = RESULTS / "couple_selection_runs.jsonl"

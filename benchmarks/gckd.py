@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import _repro
-from crossret._io import write_json_atomic, write_text_atomic
+from crossret.storage.atomic import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS: dict[str, dict[str, Any] | None] = {

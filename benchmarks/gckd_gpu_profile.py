@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from crossret._io import write_json_atomic
+from crossret.storage.atomic import write_json_atomic
 from crossret.textimage.albef import AlbefConfig, AlbefModel
 from crossret.textimage.gckd import GckdConfig, GckdTrainer
 from crossret.textimage.tokenize import mask_tokens

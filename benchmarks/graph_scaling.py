@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 
-from crossret._io import write_json_atomic, write_text_atomic
 from crossret.graph import (
     CrossDomainGraph,
     FlowDiffusionResult,
@@ -44,6 +43,7 @@ from crossret.graph import (
 )
 from crossret.graph import knn as knn_module
 from crossret.graph.knn import KnnIndex, l2_normalize
+from crossret.storage.atomic import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_SIZES = [10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000]

@@ -263,9 +263,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sys.path.insert(0, str(BENCH_DIR))
     import _previous
     import crossret.retrieval.metrics as metrics_module
-    from crossret._io import write_json_atomic, write_text_atomic
     from crossret.retrieval.metrics import DEFAULT_CHUNK_SIZE, evaluate_hamming
     from crossret.retrieval.packing import pack_codes
+    from crossret.storage.atomic import write_json_atomic, write_text_atomic
 
     if args.baseline_commit is None:
         args.baseline_commit = _previous.BEFORE_BLOCKED_KERNELS

@@ -751,7 +751,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.map_queries, args.map_database, args.map_baseline_queries = 1_000, 100_000, 20
         args.graph_sizes, args.service_codes, args.service_seconds = [2_000, 4_000], 50_000, 2.0
 
-    from crossret._io import write_json_atomic, write_text_atomic
+    from crossret.storage.atomic import write_json_atomic, write_text_atomic
 
     stem = "scale_quick" if args.quick else "scale"
     json_path = args.out_dir / f"{stem}.json"

@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "serve_load", help="output path without suffix")
     args = parser.parse_args(argv)
 
-    from crossret._io import write_json_atomic, write_text_atomic
+    from crossret.storage.atomic import write_json_atomic, write_text_atomic
 
     result = measure_service(args.run_dir, args.n_codes, args.bits, args.seconds, args.concurrency, k=args.k,
                              batch=args.batch, mode=args.mode, warmup_seconds=args.warmup,

@@ -75,7 +75,7 @@ def _to_bytes(write: Callable[[Path], Any], name: str) -> bytes:
 
 # ------------------------------------------------------------------------------------------------ npy
 def _run_npy(data: bytes, work: Path) -> None:
-    from crossret._io import check_npy_file, load_npy
+    from crossret.storage.safe_read import check_npy_file, load_npy
 
     path = work / "a.npy"
     path.write_bytes(data)
@@ -397,7 +397,7 @@ def _run_index_payload(data: bytes, work: Path) -> None:
         header.update(index_type="dense", dim=_DIM, metric="inner_product", normalize=False)
         magic, cls = index_module._DENSE_MAGIC, index_module.DenseIndex
     path = work / "payload.crx"
-    path.write_bytes(index_module._frame(magic, header, payload))
+    path.write_bytes(index_module._CONTAINERS[magic].seal(header, payload))
     index = guarded(lambda: cls.load(path))
     if index is not None:
         _use_index(index)
@@ -451,7 +451,8 @@ def _seeds_packed() -> list[bytes]:
 
 # ------------------------------------------------------------------------------------------------ not owned here
 def _run_method(data: bytes, work: Path) -> None:
-    from crossret.hashing._state import load_method, read_method_file
+    from crossret.hashing.persistence import read_method_file
+    from crossret.hashing.registry import load_method
 
     path = work / "model.npz"
     path.write_bytes(data)
@@ -463,7 +464,7 @@ def _run_method(data: bytes, work: Path) -> None:
 
 def _seeds_method() -> list[bytes]:
     from crossret.data.domain import Domain
-    from crossret.hashing.base import make_method
+    from crossret.hashing.registry import make_method
 
     x, y = _small_domain(20, 6)
     source = Domain("s", x.astype(np.float32), y.astype(np.int64) - 1)
@@ -475,8 +476,8 @@ def _seeds_method() -> list[bytes]:
 
 
 def _run_rundir(data: bytes, work: Path) -> None:
-    from crossret._io import read_yaml_mapping
     from crossret.experiment import RunConfig, read_run_metrics
+    from crossret.storage.safe_read import read_yaml_mapping
 
     (work / "config.yaml").write_bytes(data)
     (work / "metrics.json").write_bytes(data)
@@ -522,7 +523,7 @@ def _seeds_checkpoint() -> list[bytes]:
 
 
 def _run_vocab(data: bytes, work: Path) -> None:
-    from crossret.textimage.checkpoint import load_bert_vocab
+    from crossret.textimage.tokenize import load_bert_vocab
 
     path = work / "vocab.txt"
     path.write_bytes(data)
@@ -846,8 +847,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("hamming", _run_hamming, _random_seeds()),
     Target("person", _run_person, _seeds_person, heavy=True),
     Target("image", _run_image, _seeds_image, heavy=True),
-    # Readers owned elsewhere (hashing/_state.py, experiment.py, _io.read_yaml_mapping,
-    # textimage/checkpoint.py): fuzzed for the report, not part of the default test.
+    # Readers owned elsewhere (hashing/persistence.py, experiment.py, storage.safe_read.read_yaml_mapping,
+    # textimage/checkpoint.py, textimage/tokenize.py): fuzzed for the report, not part of the default test.
     Target("method", _run_method, _seeds_method, owned=False),
     Target("rundir", _run_rundir, _seeds_rundir, heavy=True, owned=False),
     Target("checkpoint", _run_checkpoint, _seeds_checkpoint, heavy=True, owned=False),

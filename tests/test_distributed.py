@@ -228,8 +228,9 @@ def _worker(rank: int, port: int, root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    import crossret._io as io_module
-    from crossret import _sealed, distributed, experiment
+    import crossret.storage.atomic as io_module
+    from crossret import distributed, experiment
+    from crossret.storage import sealed as sealed_module
 
     # Count every file write of this rank: under torchrun only rank 0 may write.
     writes: list[str] = []
@@ -243,8 +244,9 @@ def _worker(rank: int, port: int, root: str) -> None:
 
         setattr(module, name, wrapper)
 
-    # Checkpoints and saved methods go through the sealed container's writer; other binary files through _io's.
-    for module, name in ((_sealed, "write_bytes_atomic"), (io_module, "write_bytes_atomic"),
+    # Checkpoints, saved methods and indexes go through the sealed container's writer; other binary files
+    # through the atomic writer.
+    for module, name in ((sealed_module, "write_bytes_atomic"), (io_module, "write_bytes_atomic"),
                          (experiment, "write_json_atomic"),
                          (experiment, "write_yaml_atomic"), (experiment, "save_npy_atomic")):
         counting(module, name)

@@ -671,7 +671,7 @@ def test_extreme_magnitudes_give_informative_finite_codes(name, scale) -> None:
 @pytest.mark.parametrize("name", ["lsh", "itq", "source-only"])
 def test_degenerate_fits_survive_save_and_load(tmp_path, name, data) -> None:
     """The power-of-two rescale is part of the saved normaliser, and ITQ's zero projection saves like any."""
-    from crossret.hashing._state import load_method
+    from crossret.hashing.registry import load_method
 
     xs, ys, xt = blobs()
     if data == "identical":

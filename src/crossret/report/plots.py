@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from crossret._io import write_bytes_atomic
 from crossret.errors import ConfigError, DataError
+from crossret.storage.atomic import write_bytes_atomic
 
 __all__ = ["SETTINGS", "plot_map_vs_bits", "plot_pr_curves", "plot_precision_at_n", "run_plot_files",
            "write_run_plots"]

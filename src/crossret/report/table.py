@@ -31,8 +31,8 @@ _COLUMNS = ("data", "method", "bits", "config_id", "n_runs", "map_cross_mean", "
 
 def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     """``{"run_dir", "config", "metrics"}`` of a finished hashing run (its ``config.yaml`` and ``metrics.json``)."""
-    from crossret._io import read_json_file, read_yaml_mapping
     from crossret.runs import run_file
+    from crossret.storage.safe_read import read_json_file, read_yaml_mapping
 
     metrics_path = run_file(run_dir, "metrics.json")
     if not metrics_path.is_file():

@@ -49,6 +49,29 @@ def test_bank_matches_deque(batches: list[int]) -> None:
         torch.testing.assert_close(bank.features(), exp)
 
 
+@pytest.mark.parametrize("batches", [[3, 4, 2, 5], [7, 1, 9], [12], [0, 2, 11, 6, 3]])
+def test_bank_dataset_indices_follow_the_fifo_through_wrap_around(batches: list[int]) -> None:
+    """The index column moves with its feature row: after any sequence of enqueues (crossing the end, longer than
+    the bank) indices() is the last C indices appended, oldest first, as a deque(maxlen=C) holds them."""
+    cap, dim = 8, 4
+    bank = MemoryBank(cap, dim)
+    ref: deque[tuple[int, int]] = deque(maxlen=cap)
+    rng = np.random.default_rng(0)
+    for n in batches:
+        index = torch.from_numpy(rng.integers(0, 50, size=n))
+        feats = F.normalize(torch.stack([index.float() + 1, torch.ones(n), torch.zeros(n), torch.zeros(n)], 1), dim=-1)
+        bank.enqueue(feats, index=index)
+        ref.extend((int(i), int(i)) for i in index)
+        assert bank.indices().tolist() == [r[0] for r in ref]
+        # row k's feature encodes the index it was written with
+        torch.testing.assert_close(bank.features()[:, 0] / bank.features()[:, 1], bank.indices().float() + 1)
+    assert bank.ids().tolist() == [-1] * len(ref)
+    with pytest.raises(DataError, match="index"):
+        bank.enqueue(_unit(2, dim, 0), index=torch.arange(3))
+    bank.reset()
+    assert len(bank) == 0 and (bank.index_buf == -1).all()
+
+
 def test_bank_overflow_keeps_newest_and_pointer_consistent() -> None:
     bank = MemoryBank(5, 3)
     bank.enqueue(_unit(2, 3, 0), torch.tensor([100, 101]))

@@ -389,3 +389,59 @@ def test_person_source_only_and_fingerprint(person: dict[str, Any]) -> None:
     fp = _person_data(person).fingerprint()
     assert fp["kind"] == "person" and fp["source_pairs"] == len(person["source"])
     assert fp["target_pairs"] == len(person["target"]) and data.fingerprint()["target_pairs"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ fetch by index
+def test_feature_fetch_by_index_returns_the_rows() -> None:
+    si, st, ids = _source()
+    data = _features()
+    assert data.target_sizes() == (11, 13) and data.source_size() == len(ids)
+    idx = np.array([10, 0, 3, 3])
+    assert np.array_equal(data.target_images(idx, key=5).numpy(), data.target_image[idx])
+    text, mask = data.target_captions(np.array([12, 1]))
+    assert mask is None and np.array_equal(text.numpy(), data.target_text[[12, 1]])
+    images, texts, mask, pair_ids = data.source_pairs(np.array([4, 2]))
+    assert mask is None and np.array_equal(images.numpy(), si[[4, 2]].astype(np.float32))
+    assert np.array_equal(texts.numpy(), st[[4, 2]].astype(np.float32)) and pair_ids.tolist() == ids[[4, 2]].tolist()
+    for bad in (np.array([11]), np.array([-1])):
+        with pytest.raises(DataError, match="out of range"):
+            data.target_images(bad)
+    with pytest.raises(DataError, match="no target"):
+        _features(target_image=None, target_text=None).target_sizes()
+
+
+def test_person_fetch_by_index_returns_the_dataset_items(person: dict[str, Any]) -> None:
+    from crossret.data.person import item_rng
+
+    source: TrainPairs = person["source"]
+    target: TrainPairs = person["target"]
+    tok: CaptionTokenizer = person["tokenizer"]
+    data = _person_data(person)
+    transform = ImageTransform.train((32, 16), flip_prob=0.5)
+    assert data.target_sizes() == (len(target.image_paths), len(target)) and data.source_size() == len(source)
+    idx = np.array([3, 0, 3, len(target.image_paths) - 1])
+    batches = data.batches(0)
+    first = next(batches)  # a fetch in the middle of an epoch's stream leaves the stream as it is
+    images = data.target_images(idx, key=4)
+    seed = 7 + PersonTrainingData.FETCH_SEED
+    for img, i in zip(images, idx, strict=True):
+        assert torch.equal(img, transform(load_image(target.image_paths[i]), item_rng(seed, 4, int(i))))
+    assert torch.equal(images, data.target_images(idx, key=4))  # the same key: the same tensors
+    rest = list(batches)
+    _assert_batches_equal([first, *rest], list(_person_data(person).batches(0)))
+    captions = np.array([len(target) - 1, 2])
+    ids, mask = data.target_captions(captions)
+    ref_ids, ref_mask = tok([target.captions[i] for i in captions])
+    assert torch.equal(ids, ref_ids) and mask is not None and torch.equal(mask, ref_mask)
+    rows = np.array([5, 1])
+    s_img, s_ids, s_mask, s_pid = data.source_pairs(rows, key=0)
+    ref_ids, ref_mask = tok([source.captions[i] for i in rows])
+    assert torch.equal(s_ids, ref_ids) and s_mask is not None and torch.equal(s_mask, ref_mask)
+    assert s_pid.tolist() == source.person_ids[rows].tolist()
+    for img, r in zip(s_img, rows, strict=True):
+        image_row = int(source.image_index[r])
+        assert torch.equal(img, transform(load_image(source.image_paths[image_row]), item_rng(seed, 0, image_row)))
+    with pytest.raises(DataError, match="out of range"):
+        data.target_captions(np.array([len(target)]))
+    with pytest.raises(DataError, match="no target"):
+        _person_data(person, target=None).target_images(np.array([0]))

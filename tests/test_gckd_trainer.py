@@ -362,7 +362,8 @@ def test_teacher_starts_as_copy_and_runs_in_eval_mode() -> None:
 def test_memory_holds_the_teacher_features_of_the_step(adapt: bool) -> None:
     data = _one_step_data(target=adapt)
     assert data.steps_per_epoch() == 1
-    config = _config() if adapt else _config(prop_weight=0, kd_weight=0, cd_itm_weight=0)
+    # no warm start: the banks then hold this step's features only
+    config = _config(warm_start_banks=False) if adapt else _config(prop_weight=0, kd_weight=0, cd_itm_weight=0)
     trainer = GckdTrainer(_model(), config)
     trainer.fit(data)
     assert trainer.step == 1
@@ -391,6 +392,8 @@ def test_memory_holds_the_teacher_features_of_the_step(adapt: bool) -> None:
             torch.testing.assert_close(bank.features(), expected, rtol=0, atol=1e-6)
             assert bank.ids().tolist() == [-1] * TB
             assert bank.domains().tolist() == [1] * TB
+        assert torch.equal(mem.target_image.indices(), batch.target_image_index)
+        assert torch.equal(mem.target_text.indices(), batch.target_text_index)
     else:
         assert len(mem.bank("target", "image")) == 0 and len(mem.bank("target", "text")) == 0
 

@@ -15,10 +15,19 @@ One step (``B_s`` labelled source pairs; ``B_t`` target images and ``B_t`` targe
   the GNN with real labels, A8).
 * CMKD (§2.3): pseudo similarity targets ``P'_{t2i} = softmax(z'_t · [z'_v(batch); z'(M_v^t)]ᵀ / τ)`` (and
   i2t); ``L_cmkd = ½ Σ_dir CE(P'_dir, softmax(f_dir · [f'_batch; M^t]ᵀ / τ))``.
-* Cross-domain ITM: a target caption and its best target image (``argmax P'`` over the batch) form a
-  pseudo-positive iff that teacher probability ≥ δ; each positive gets a hard negative image and a hard
-  negative caption drawn from the *source ∪ target* batch (the positive and anything ≥ δ excluded).
-* ``L = w_itc L_itc^s + w_itm L_itm^s + w_mlm L_mlm + w_prop L_itc^{prop} + w_kd L_cmkd + w_cd L_itm^{cd}``.
+* Cross-domain ITM: ``cd_itm_mining="batch"``: a target caption and its best target image (``argmax P'``
+  over the batch) form a pseudo-positive iff that teacher probability ≥ δ; ``"banks"``: caption and image
+  are mutual nearest neighbours (cosine of ``z'``) over batch ∪ target banks, matched by dataset index, with
+  score ≥ δ, and the ITM runs on a pseudo-pair batch loaded by index (or the mined pairs inside the batch).
+  Each positive gets a hard negative image and a hard negative caption drawn from the *source ∪ target*
+  pool (the positive and anything ≥ δ excluded).
+* Target MLM (optional, ALBEF backbone): the masked LM on the pseudo-positives' captions conditioned on their
+  pseudo-positive image, distilled at α.
+* ``L = w_itc L_itc^s + w_itm L_itm^s + w_mlm L_mlm + w_prop L_itc^{prop} + w_kd L_cmkd + w_cd L_itm^{cd}
+  + w_tmlm L_mlm^t``.
+
+Before the first adaptation step the banks are warm-started with the teacher's features of a seeded sample
+of the training data (``warm_start_banks``).
 
 Source-only training is the same loop with every target term off (``GckdConfig.source_only()``), so
 the baseline and GCKD differ by the target terms alone. Checkpoints (model, teacher, GNN, memory,
@@ -43,7 +52,7 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -61,6 +70,7 @@ from crossret.textimage.losses import (
     itc_loss,
     itm_loss,
     momentum_similarity_targets,
+    mutual_nearest_pairs,
     sample_hard_negatives,
     select_confident_target_pairs,
     soft_contrastive_loss,
@@ -74,7 +84,19 @@ log = logging.getLogger("crossret.gckd")
 CHECKPOINT_FORMAT = "crossret.gckd.checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
-LOSS_TERMS = ("itc", "itm", "mlm", "prop", "kd", "cd_itm")
+LOSS_TERMS = ("itc", "itm", "mlm", "prop", "kd", "cd_itm", "target_mlm")
+CD_ITM_MINING = ("batch", "banks")
+CD_ITM_PAIRS = ("fetch", "in_batch")
+
+LEGACY_VALUES: dict[str, Any] = {
+    "cd_itm_mining": "batch", "cd_itm_pairs": "fetch", "cd_itm_batch": 16, "warm_start_banks": False,
+    "warm_start_samples": None, "target_mlm_weight": 0.0, "alpha_ramp_epochs": 0.0,
+}
+"""The values that reproduce the trainer from before these keys existed: a recorded configuration (a
+checkpoint's fingerprint, a benchmark row) that lacks a key ran with this value."""
+
+START_ONLY_KEYS = ("warm_start_banks", "warm_start_samples")
+"""Keys that act only before the first step: a resume (which starts after an epoch) never uses them."""
 
 
 @dataclass
@@ -121,6 +143,23 @@ class GckdConfig:
     prop_weight: float = 1.0
     kd_weight: float = 1.0
     cd_itm_weight: float = 1.0
+    # Cross-domain ITM pseudo-pairs. "batch": each target caption of the batch with its best batch image
+    # (teacher score ≥ δ); "banks": mutual nearest neighbours (cosine) between the target captions and images
+    # of batch ∪ target banks, teacher features (GNN-propagated when use_gnn), kept iff score ≥ δ.
+    cd_itm_mining: str = "batch"
+    # "banks" only: "fetch" = each step, a pseudo-pair batch of cd_itm_batch mined pairs loaded by dataset
+    # index (IndexedTrainingData); "in_batch" = the mined pairs whose caption and image are both in the batch.
+    cd_itm_pairs: str = "fetch"
+    cd_itm_batch: int = 16
+    # Fill the four banks with the teacher's features of a seeded sample of source pairs, target images and
+    # target captions before the first adaptation step (warm_start_samples per bank; None: memory_size).
+    warm_start_banks: bool = True
+    warm_start_samples: int | None = None
+    # Masked LM on the target captions of the pseudo-pairs, conditioned on their pseudo-positive image and
+    # distilled from the teacher at α (ALBEF backbone only).
+    target_mlm_weight: float = 0.0
+    # ALBEF ramps α linearly from 0 over the first epoch (alpha · min(1, step / steps)); 0 = constant α.
+    alpha_ramp_epochs: float = 0.0
     # runtime
     amp: str = "auto"  # "auto" (bf16 on CUDA, off on CPU) | "off" | "bf16"
     seed: int = 0
@@ -128,14 +167,19 @@ class GckdConfig:
     @classmethod
     def source_only(cls, **overrides: Any) -> GckdConfig:
         """Source supervision only (ITC + ITM + MLM): the "source-only" baseline and the pre-training stage."""
-        values: dict[str, Any] = dict(prop_weight=0.0, kd_weight=0.0, cd_itm_weight=0.0)
+        values: dict[str, Any] = dict(prop_weight=0.0, kd_weight=0.0, cd_itm_weight=0.0, target_mlm_weight=0.0)
         values.update(overrides)
         return cls.from_dict(values)
 
     @property
     def adapts(self) -> bool:
         """Whether any target term is on (the step then needs target batches)."""
-        return self.kd_weight > 0 or self.cd_itm_weight > 0 or self.prop_weight > 0
+        return self.kd_weight > 0 or self.cd_itm_weight > 0 or self.prop_weight > 0 or self.target_mlm_weight > 0
+
+    @property
+    def warm_starts(self) -> bool:
+        """Whether :meth:`GckdTrainer.fit` fills the banks before the first step (adaptation with banks)."""
+        return self.warm_start_banks and self.adapts and self.memory_size > 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -144,6 +188,12 @@ class GckdConfig:
     def from_dict(cls, values: Mapping[str, Any]) -> GckdConfig:
         reject_unknown_keys(cls, values.keys(), "GCKD config")
         return cls(**dict(values)).validate()
+
+    @classmethod
+    def from_recorded(cls, values: Mapping[str, Any]) -> GckdConfig:
+        """A configuration recorded by an earlier crossret (a benchmark row, a checkpoint): keys it lacks
+        take their :data:`LEGACY_VALUES`, so that it trains as it did then."""
+        return cls.from_dict({**{k: v for k, v in LEGACY_VALUES.items() if k not in values}, **values})
 
     def validate(self) -> GckdConfig:
         def bad(name: str, why: str) -> ConfigError:
@@ -155,7 +205,7 @@ class GckdConfig:
                 raise bad(name, "must be a finite number")
             return float(value)
 
-        for name in ("epochs", "ids_per_batch", "pairs_per_id", "target_batch", "knn_k"):
+        for name in ("epochs", "ids_per_batch", "pairs_per_id", "target_batch", "knn_k", "cd_itm_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise bad(name, "must be a positive integer")
@@ -164,7 +214,8 @@ class GckdConfig:
         for name in ("lr", "head_lr"):
             if number(name) <= 0:
                 raise bad(name, "must be a positive number")
-        for name in ("weight_decay", "warmup_epochs", "min_lr", *(f"{t}_weight" for t in LOSS_TERMS)):
+        for name in ("weight_decay", "warmup_epochs", "min_lr", "alpha_ramp_epochs",
+                     *(f"{t}_weight" for t in LOSS_TERMS)):
             if number(name) < 0:
                 raise bad(name, "must be a finite number >= 0")
         for name in ("alpha", "momentum", "mlm_prob", "gnn_dropout"):
@@ -178,8 +229,16 @@ class GckdConfig:
             raise bad("teacher_temp", "must be null or in (0, 10]")
         if self.gnn not in ("gcn", "sage"):
             raise bad("gnn", "must be 'gcn' or 'sage'")
-        if not isinstance(self.use_gnn, bool):
-            raise bad("use_gnn", "must be true or false")
+        for name in ("use_gnn", "warm_start_banks"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
+        if self.warm_start_samples is not None and (isinstance(self.warm_start_samples, bool) or not isinstance(
+                self.warm_start_samples, int) or self.warm_start_samples <= 0):
+            raise bad("warm_start_samples", "must be null (memory_size) or a positive integer")
+        if self.cd_itm_mining not in CD_ITM_MINING:
+            raise bad("cd_itm_mining", f"must be one of {', '.join(CD_ITM_MINING)}")
+        if self.cd_itm_pairs not in CD_ITM_PAIRS:
+            raise bad("cd_itm_pairs", f"must be one of {', '.join(CD_ITM_PAIRS)}")
         if self.delta_on not in ("probability", "cosine"):
             raise bad("delta_on", "must be 'probability' or 'cosine'")
         if not -1.0 <= number("delta") <= 1.0:
@@ -237,9 +296,13 @@ def _mlm_on_masked(pred: Tensor, labels: Tensor, teacher_logits: Tensor | None, 
 # ---------------------------------------------------------------------------------------------- trainer
 @dataclass
 class TrainResult:
+    """``target_pairing``: the protocol of the target data, ``"unpaired"`` (GCKD's: no target pairing used)
+    or ``"paired"`` (the target's image–caption pairing used: another protocol); None without target terms."""
+
     history: list[dict[str, Any]]
     resumed_from_epoch: int
     train_seconds: float
+    target_pairing: str | None = None
 
 
 class GckdTrainer:
@@ -267,7 +330,8 @@ class GckdTrainer:
             self.gnn = GraphPropagation(embed_dim, k=config.knn_k, conv=config.gnn,  # type: ignore[arg-type]
                                         dropout=config.gnn_dropout).to(self.device)
         self.memory = GckdMemory(config.memory_size, embed_dim).to(self.device) if config.memory_size > 0 else None
-        self.mask_fn = mask_fn if config.mlm_weight > 0 and isinstance(model, MaskedLanguageBackbone) else None
+        self.mask_fn = (mask_fn if (config.mlm_weight > 0 or config.target_mlm_weight > 0)
+                        and isinstance(model, MaskedLanguageBackbone) else None)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         decay, no_decay = [], []
         skip = model.no_weight_decay()
@@ -288,6 +352,17 @@ class GckdTrainer:
         self._world = 1
         self._images_local = False
         self._rng_calls = 0
+        # Set by fit: the data (fetching pseudo-pair batches by index), the steps of the α ramp.
+        self._data: TrainingData | None = None
+        self._alpha_ramp_steps = 0
+
+    def _alpha(self) -> float:
+        """The momentum-distillation weight of this step: ``α · min(1, step / ramp)`` during the ramp (ALBEF's
+        first epoch), ``α`` otherwise."""
+        alpha = self.config.alpha
+        if self._alpha_ramp_steps > 0 and self.step < self._alpha_ramp_steps:
+            return alpha * self.step / self._alpha_ramp_steps
+        return alpha
 
     # ------------------------------------------------------------------ data-parallel hooks (identity in one process)
     def _local(self, t: Tensor | None) -> Tensor | None:
@@ -379,8 +454,9 @@ class GckdTrainer:
             cand_t, cand_v = torch.cat([tf_ts, bank_ts]), torch.cat([tf_vs, bank_vs])
             cand_ids = torch.cat([ids, bank_ids])
             soft = momentum_similarity_targets(tf_vs, tf_ts, temp, text_candidates=cand_t, image_candidates=cand_v)
+        alpha = self._alpha()
         if c.itc_weight > 0:
-            terms["itc"] = itc_loss(f_vs, f_ts, temp, ids, soft, c.alpha, text_candidates=cand_t,
+            terms["itc"] = itc_loss(f_vs, f_ts, temp, ids, soft, alpha, text_candidates=cand_t,
                                     image_candidates=cand_v, candidate_ids=cand_ids)
 
         # -- source ITM with in-batch hard negatives (same identity never a negative)
@@ -400,33 +476,38 @@ class GckdTrainer:
             terms["itm"] = itm_loss(pos, torch.cat(negs) if negs else pos[:0])
 
         # -- MLM (ALBEF backbone only)
-        if self.mask_fn is not None:
+        if self.mask_fn is not None and c.mlm_weight > 0:
             # The masks are drawn for the global batch (the generator advances as in one process).
             masked, labels = self.mask_fn(batch.source_text, batch.source_mask, self.generator)
-            if self._world == 1:
-                logits = model.mlm_logits(masked, batch.source_mask, s_img_tok)
-                with torch.no_grad():
-                    t_logits = teacher.mlm_logits(masked, batch.source_mask, ts_img_tok) if c.alpha > 0 else None
-                terms["mlm"] = mlm_distill_loss(logits, labels, t_logits, c.alpha)
-            else:
-                terms["mlm"] = self._mlm_sharded(masked, labels, text_mask, s_img_tok, ts_img_tok)
+            terms["mlm"] = self._mlm(masked, labels, batch.source_mask, s_img_tok, ts_img_tok, alpha)
 
         self._teacher_feats = (tf_vs, tf_ts)
         if adapt:
             self._target_terms(batch, temp, source_tokens, f_vs, f_ts, tf_vs, tf_ts, terms, stats)
 
         weights = {"itc": c.itc_weight, "itm": c.itm_weight, "mlm": c.mlm_weight, "prop": c.prop_weight,
-                   "kd": c.kd_weight, "cd_itm": c.cd_itm_weight}
+                   "kd": c.kd_weight, "cd_itm": c.cd_itm_weight, "target_mlm": c.target_mlm_weight}
         total = sum(weights[name] * value for name, value in terms.items())
         stats.update({name: float(value.detach()) for name, value in terms.items()})
         return total, stats  # type: ignore[return-value]
 
+    def _mlm(self, masked: Tensor, labels: Tensor, mask: Tensor | None, img_tok: Tensor,
+             teacher_img_tok: Tensor | None, alpha: float) -> Tensor:
+        """ALBEF MLM of the global batch's ``masked`` ids ``(B, L)`` conditioned on ``img_tok`` (this rank's
+        rows under torchrun), distilled from the teacher (``teacher_img_tok``) at ``alpha``."""
+        if self._world == 1:
+            logits = self.model.mlm_logits(masked, mask, img_tok)  # type: ignore[attr-defined]
+            with torch.no_grad():
+                t_logits = (self.teacher.mlm_logits(masked, mask, teacher_img_tok)  # type: ignore[attr-defined]
+                            if alpha > 0 and teacher_img_tok is not None else None)
+            return mlm_distill_loss(logits, labels, t_logits, alpha)
+        return self._mlm_sharded(masked, labels, self._local(mask), img_tok, teacher_img_tok, alpha)
+
     def _mlm_sharded(self, masked: Tensor, labels: Tensor, text_mask: Tensor | None, img_tok: Tensor,
-                     teacher_img_tok: Tensor) -> Tensor:
+                     teacher_img_tok: Tensor | None, alpha: float) -> Tensor:
         """The MLM term under torchrun: each rank runs the MLM head on its rows; the logits of the masked
         positions (row-major, so concatenated in rank order they are the single-process ones) are gathered
         with gradient and the loss is :func:`mlm_distill_loss` of the global batch."""
-        c = self.config
         chosen_all = labels != -100
         masked_l, labels_l = self._local(masked), self._local(labels)
         assert masked_l is not None and labels_l is not None
@@ -437,11 +518,11 @@ class GckdTrainer:
         chosen = labels_l != -100
         pred = distributed.gather_with_grad(logits[chosen].float())
         t_logits = None
-        if c.alpha > 0:
+        if alpha > 0 and teacher_img_tok is not None:
             with torch.no_grad():
                 teacher_logits = self.teacher.mlm_logits(masked_l, text_mask, teacher_img_tok)
                 t_logits = distributed.gather_rows(teacher_logits[chosen])
-        return _mlm_on_masked(pred, labels[chosen_all], t_logits, c.alpha)
+        return _mlm_on_masked(pred, labels[chosen_all], t_logits, alpha)
 
     def _target_terms(self, batch: StepBatch, temp: Tensor, source_tokens: tuple[Tensor, Tensor], f_vs: Tensor,
                       f_ts: Tensor, tf_vs: Tensor, tf_ts: Tensor, terms: dict[str, Tensor], stats: dict[str, float]
@@ -455,11 +536,14 @@ class GckdTrainer:
             t_txt_tok, f_tt = model.encode_text(text, text_mask)
         f_vt, f_tt = self._gather(f_vt), self._gather(f_tt)
         _check_finite(f_vt, f_tt, where=f"step {self.step} (target features)")
+        target_mlm = self.mask_fn is not None and c.target_mlm_weight > 0
         with torch.no_grad():
-            _, tf_vt = teacher.encode_image(images)
+            tt_img_tok, tf_vt = teacher.encode_image(images)
             _, tf_tt = teacher.encode_text(text, text_mask)
             tf_vt, tf_tt = self._gather_rows(tf_vt), self._gather_rows(tf_tt)
-        if c.cd_itm_weight > 0:
+            # the teacher's image tokens condition its MLM logits (target MLM distilled at α)
+            tt_img_tok = self._gather_rows(tt_img_tok) if target_mlm and self._alpha() > 0 else None
+        if c.cd_itm_weight > 0 or target_mlm:
             t_img_tok, t_txt_tok = self._gather(t_img_tok), self._gather(t_txt_tok)
         self._teacher_feats = (tf_vs, tf_ts, tf_vt, tf_tt)
         b_s, b_t = f_vs.shape[0], f_vt.shape[0]
@@ -503,44 +587,177 @@ class GckdTrainer:
             terms["kd"] = cmkd_loss(f_vt, f_tt, (q_i2t, q_t2i), temp, text_candidates=torch.cat([tf_tt, bank_tt]),
                                     image_candidates=torch.cat([tf_vt, bank_vt]), min_confidence=c.kd_min_confidence)
 
-        # -- cross-domain ITM on δ-filtered target pseudo-positives
-        with torch.no_grad():
-            batch_sim = zt_tt @ zt_vt.T
-            score = F.softmax(batch_sim / temp, dim=1) if c.delta_on == "probability" else batch_sim
-            text_idx, image_idx = select_confident_target_pairs(score, c.delta)
-        stats["pseudo_pairs"] = float(text_idx.numel())
-        truth = getattr(self, "_truth", None)
-        if truth is not None and text_idx.numel() and batch.target_text_index is not None:
-            img_truth, txt_truth = truth
-            ti = batch.target_image_index.cpu().numpy()[image_idx.cpu().numpy()]
-            tt = batch.target_text_index.cpu().numpy()[text_idx.cpu().numpy()]
-            stats["pseudo_pair_precision"] = float(np.mean(img_truth[ti] == txt_truth[tt]))
-        if c.cd_itm_weight > 0 and text_idx.numel():
-            pos = self._itm(t_txt_tok, batch.target_mask, t_img_tok, text_idx, image_idx)
+        # -- cross-domain ITM (and target MLM) on δ-filtered target pseudo-positives
+        pool = _Pool(t_txt_tok, batch.target_mask, t_img_tok, f_tt, f_vt, batch.target_text, tt_img_tok)
+        if c.cd_itm_mining == "batch":
             with torch.no_grad():
-                # candidates: source ∪ target batch; exclude the positive and every target item ≥ δ
+                batch_sim = zt_tt @ zt_vt.T
+                score = F.softmax(batch_sim / temp, dim=1) if c.delta_on == "probability" else batch_sim
+                text_idx, image_idx = select_confident_target_pairs(score, c.delta)
                 above = score >= c.delta  # (T_text, T_image)
-                ex_img = torch.zeros(text_idx.numel(), b_s + b_t, dtype=torch.bool, device=f_vt.device)
-                ex_img[:, b_s:] = above[text_idx]
-                ex_img[torch.arange(text_idx.numel()), b_s + image_idx] = True
-                ex_txt = torch.zeros(text_idx.numel(), b_s + b_t, dtype=torch.bool, device=f_vt.device)
-                ex_txt[:, b_s:] = above[:, image_idx].T
-                ex_txt[torch.arange(text_idx.numel()), b_s + text_idx] = True
-                sim_t2v = f_tt[text_idx] @ torch.cat([f_vs, f_vt]).T / temp
-                sim_v2t = f_vt[image_idx] @ torch.cat([f_ts, f_tt]).T / temp
-                no_ids = torch.full((b_s + b_t,), -1, dtype=torch.long, device=f_vt.device)
-                neg_for_image, neg_for_text = sample_hard_negatives(sim_v2t, sim_t2v, None, self.generator,
-                                                                    candidate_ids=no_ids, exclude=(ex_txt, ex_img))
-            all_img_tok = torch.cat([source_tokens[0], t_img_tok])
-            all_txt_tok, all_mask = _pad_cat(source_tokens[1], batch.source_mask, t_txt_tok, batch.target_mask)
-            negs = []
-            ok = torch.nonzero(neg_for_text >= 0).squeeze(1)  # text rows with a negative image
-            if ok.numel():
-                negs.append(self._itm(t_txt_tok, batch.target_mask, all_img_tok, text_idx[ok], neg_for_text[ok]))
-            ok = torch.nonzero(neg_for_image >= 0).squeeze(1)  # image rows with a negative text
-            if ok.numel():
-                negs.append(self._itm(all_txt_tok, all_mask, t_img_tok, neg_for_image[ok], image_idx[ok]))
-            terms["cd_itm"] = itm_loss(pos, torch.cat(negs) if negs else pos[:0])
+            stats["pseudo_pairs"] = float(text_idx.numel())
+            truth = getattr(self, "_truth", None)
+            if truth is not None and text_idx.numel() and batch.target_text_index is not None:
+                img_truth, txt_truth = truth
+                ti = batch.target_image_index.cpu().numpy()[image_idx.cpu().numpy()]
+                tt = batch.target_text_index.cpu().numpy()[text_idx.cpu().numpy()]
+                stats["pseudo_pair_precision"] = float(np.mean(img_truth[ti] == txt_truth[tt]))
+        else:
+            bank_tt_index = self.memory.target_text.indices() if self.memory is not None else None
+            bank_vt_index = self.memory.target_image.indices() if self.memory is not None else None
+            mined = self._mine_bank_pairs(batch, zt_tt, zt_vt, zt_bank_tt, zt_bank_vt, bank_tt_index,
+                                          bank_vt_index, temp, stats)
+            pool, text_idx, image_idx, above = self._pseudo_pair_pool(batch, pool, mined, need_tokens=(
+                c.cd_itm_weight > 0 or target_mlm), teacher_tokens=target_mlm and self._alpha() > 0)
+            stats["cd_itm_pairs"] = float(text_idx.numel())
+        if c.cd_itm_weight > 0 and text_idx.numel():
+            terms["cd_itm"] = self._cd_itm(pool, text_idx, image_idx, above, source_tokens, batch.source_mask,
+                                           f_vs, f_ts, temp)
+        if target_mlm and text_idx.numel():
+            assert self.mask_fn is not None and pool.text_ids is not None
+            # the masks are drawn for the global list of pairs (the generator advances as in one process)
+            masked, labels = self.mask_fn(pool.text_ids[text_idx], _rows(pool.mask, text_idx), self.generator)
+            teacher_tok = pool.teacher_image[image_idx] if pool.teacher_image is not None else None
+            terms["target_mlm"] = self._mlm(masked, labels, _rows(pool.mask, text_idx),
+                                            self._local(pool.image[image_idx]), self._local(teacher_tok),
+                                            self._alpha())
+
+    def _cd_itm(self, pool: _Pool, text_idx: Tensor, image_idx: Tensor, above: Tensor,
+                source_tokens: tuple[Tensor, Tensor], source_mask: Tensor | None, f_vs: Tensor, f_ts: Tensor,
+                temp: Tensor) -> Tensor:
+        """Cross-domain ITM (gckd.md §2.3) on the pseudo-positives ``(pool.text[text_idx[j]],
+        pool.image[image_idx[j]])``: ALBEF's ITM loss with, per positive, one hard-negative image and one
+        hard-negative caption drawn from the source ∪ target pool, excluding the positive and every target item
+        whose teacher score with it is ≥ δ (``above (T_pool, I_pool)``)."""
+        b_s, n_img, n_txt = f_vs.shape[0], pool.f_image.shape[0], pool.f_text.shape[0]
+        n_pos = text_idx.numel()
+        pos = self._itm(pool.text, pool.mask, pool.image, text_idx, image_idx)
+        with torch.no_grad():
+            # candidates: source ∪ target pool; exclude the positive and every target item ≥ δ
+            ex_img = torch.zeros(n_pos, b_s + n_img, dtype=torch.bool, device=f_vs.device)
+            ex_img[:, b_s:] = above[text_idx]
+            ex_img[torch.arange(n_pos), b_s + image_idx] = True
+            ex_txt = torch.zeros(n_pos, b_s + n_txt, dtype=torch.bool, device=f_vs.device)
+            ex_txt[:, b_s:] = above[:, image_idx].T
+            ex_txt[torch.arange(n_pos), b_s + text_idx] = True
+            sim_t2v = pool.f_text[text_idx] @ torch.cat([f_vs, pool.f_image]).T / temp
+            sim_v2t = pool.f_image[image_idx] @ torch.cat([f_ts, pool.f_text]).T / temp
+            no_ids = torch.full((b_s + n_img,), -1, dtype=torch.long, device=f_vs.device)
+            neg_for_image, neg_for_text = sample_hard_negatives(sim_v2t, sim_t2v, None, self.generator,
+                                                                candidate_ids=no_ids, exclude=(ex_txt, ex_img))
+        all_img_tok = torch.cat([source_tokens[0], pool.image])
+        all_txt_tok, all_mask = _pad_cat(source_tokens[1], source_mask, pool.text, pool.mask)
+        negs = []
+        ok = torch.nonzero(neg_for_text >= 0).squeeze(1)  # text rows with a negative image
+        if ok.numel():
+            negs.append(self._itm(pool.text, pool.mask, all_img_tok, text_idx[ok], neg_for_text[ok]))
+        ok = torch.nonzero(neg_for_image >= 0).squeeze(1)  # image rows with a negative text
+        if ok.numel():
+            negs.append(self._itm(all_txt_tok, all_mask, pool.image, neg_for_image[ok], image_idx[ok]))
+        return itm_loss(pos, torch.cat(negs) if negs else pos[:0])
+
+    @torch.no_grad()
+    def _mine_bank_pairs(self, batch: StepBatch, zt_tt: Tensor, zt_vt: Tensor, zt_bank_tt: Tensor,
+                         zt_bank_vt: Tensor, bank_tt_index: Tensor | None, bank_vt_index: Tensor | None,
+                         temp: Tensor, stats: dict[str, float]) -> _Mined:
+        """Pseudo-pairs mined over batch ∪ target banks (``cd_itm_mining="banks"``).
+
+        Candidates: the batch's target captions / images, then the banks' newest first, each dataset index
+        once (its newest teacher feature; unknown indices ``-1`` are left out). Pairs:
+        :func:`~crossret.textimage.losses.mutual_nearest_pairs` on the cosine ``(T_u, I_u)`` of the (propagated)
+        teacher features, score ≥ δ (the cosine, or with ``delta_on="probability"`` the t2i softmax at τ over
+        all ``I_u`` images). Stats: ``pseudo_pairs`` and, with the target train labels (report only),
+        ``pseudo_pair_precision``."""
+        c = self.config
+        if batch.target_text_index is None or batch.target_image_index is None:
+            raise DataError("cd_itm_mining='banks' needs the target dataset indices in every batch")
+        dev = zt_tt.device
+        empty = torch.zeros(0, dtype=torch.long, device=dev)
+        text_index = torch.cat([batch.target_text_index.to(dev),
+                                (bank_tt_index if bank_tt_index is not None else empty).flip(0)])
+        image_index = torch.cat([batch.target_image_index.to(dev),
+                                 (bank_vt_index if bank_vt_index is not None else empty).flip(0)])
+        text_feat = torch.cat([zt_tt, zt_bank_tt.flip(0)])
+        image_feat = torch.cat([zt_vt, zt_bank_vt.flip(0)])
+        text_u, text_first = _first_occurrence(text_index)
+        image_u, image_first = _first_occurrence(image_index)
+        probability = c.delta_on == "probability"
+        with torch.autocast(dev.type, enabled=False):  # float32: bf16 cosines would tie among thousands
+            cosine = text_feat[text_first].float() @ image_feat[image_first].float().T  # (T_u, I_u)
+            rows, cols = mutual_nearest_pairs(cosine, c.delta, temp=temp.float() if probability else None)
+            score = F.softmax(cosine / temp.float(), dim=1) if probability else cosine
+        caption, image = text_u[rows], image_u[cols]
+        stats["pseudo_pairs"] = float(rows.numel())
+        truth = getattr(self, "_truth", None)
+        if truth is not None and rows.numel():
+            img_truth, txt_truth = truth
+            stats["pseudo_pair_precision"] = float(np.mean(img_truth[image.cpu().numpy()]
+                                                           == txt_truth[caption.cpu().numpy()]))
+        return _Mined(caption, image, text_u, image_u, score >= c.delta)
+
+    def _pseudo_pair_pool(self, batch: StepBatch, pool: _Pool, mined: _Mined, *, need_tokens: bool,
+                          teacher_tokens: bool) -> tuple[_Pool, Tensor, Tensor, Tensor]:
+        """The target pool the cross-domain ITM draws from and the positives' rows in it, for mined pairs.
+
+        ``cd_itm_pairs="in_batch"``: the pool is the batch; the positives are the mined pairs whose caption and
+        image are both in it (first rows). ``"fetch"``: ``cd_itm_batch`` mined pairs (a random subset drawn from
+        the trainer's generator) are loaded by index (:class:`~crossret.textimage.streams.IndexedTrainingData`,
+        augmentation key = step + 1) and appended to the batch: pool = ``[batch; pseudo-pair batch]``, positives
+        at rows ``(B_t + j, B_t + j)``. ``above (T_pool, I_pool)``: teacher score ≥ δ, looked up by dataset index."""
+        c = self.config
+        assert batch.target_text_index is not None and batch.target_image_index is not None
+        dev = pool.f_text.device
+        text_index, image_index = batch.target_text_index.to(dev), batch.target_image_index.to(dev)
+        if c.cd_itm_pairs == "in_batch":
+            in_text = mined.caption.view(-1, 1) == text_index.view(1, -1)  # (P, B_t)
+            in_image = mined.image.view(-1, 1) == image_index.view(1, -1)
+            both = in_text.any(dim=1) & in_image.any(dim=1)
+            text_idx = in_text[both].int().argmax(dim=1)
+            image_idx = in_image[both].int().argmax(dim=1)
+        else:
+            n = mined.caption.numel()
+            chosen = torch.randperm(n, generator=self.generator, device=self.generator.device)[:c.cd_itm_batch]
+            chosen = chosen.to(dev)
+            captions, images = mined.caption[chosen], mined.image[chosen]
+            if chosen.numel() and need_tokens:  # (without a term that uses them, nothing is loaded)
+                pool = self._fetch_into_pool(pool, captions, images, teacher_tokens)
+            b_t = text_index.numel()
+            text_idx = image_idx = torch.arange(b_t, b_t + chosen.numel(), device=dev)
+            text_index, image_index = torch.cat([text_index, captions]), torch.cat([image_index, images])
+        rows = torch.searchsorted(mined.text_u, text_index)
+        cols = torch.searchsorted(mined.image_u, image_index)
+        return pool, text_idx, image_idx, mined.above[rows][:, cols]
+
+    def _fetch_into_pool(self, pool: _Pool, captions: Tensor, images: Tensor, teacher_tokens: bool) -> _Pool:
+        """Load the pseudo-pair batch (caption and image rows) by index and append it to the pool: student
+        tokens and features (this rank's rows, gathered with gradient), teacher image tokens when asked."""
+        data = self._data
+        if data is None or not all(hasattr(data, name) for name in ("target_images", "target_captions")):
+            raise ConfigError("cd_itm_pairs='fetch' needs training data that fetches target items by index "
+                              "(IndexedTrainingData, e.g. FeatureTrainingData / PersonTrainingData); use "
+                              "cd_itm_pairs='in_batch' with other data")
+        key = self.step + 1
+        p_img = data.target_images(images.cpu().numpy(), key).to(self.device)  # type: ignore[attr-defined]
+        p_txt, p_mask = data.target_captions(captions.cpu().numpy())  # type: ignore[attr-defined]
+        p_txt = p_txt.to(self.device)
+        p_mask = p_mask.to(self.device) if p_mask is not None else None
+        with self._sharded():
+            img_tok, f_v = self.model.encode_image(self._local(p_img))
+            txt_tok, f_t = self.model.encode_text(self._local(p_txt), self._local(p_mask))
+        f_v, f_t = self._gather(f_v), self._gather(f_t)
+        _check_finite(f_v, f_t, where=f"step {self.step} (pseudo-pair batch)")
+        img_tok, txt_tok = self._gather(img_tok), self._gather(txt_tok)
+        teacher_image = None
+        if teacher_tokens and pool.teacher_image is not None:
+            with torch.no_grad():
+                t_tok, _ = self.teacher.encode_image(self._local(p_img))
+                teacher_image = torch.cat([pool.teacher_image, self._gather_rows(t_tok)])
+        text, mask = _pad_cat(pool.text, pool.mask, txt_tok, p_mask)
+        text_ids = None
+        if pool.text_ids is not None:
+            text_ids, _ = _pad_cat_ids(pool.text_ids, pool.mask, p_txt, p_mask)
+        return _Pool(text, mask, torch.cat([pool.image, img_tok]), torch.cat([pool.f_text, f_t]),
+                     torch.cat([pool.f_image, f_v]), text_ids, teacher_image)
 
     # ------------------------------------------------------------------ training loop
     def fit(self, data: TrainingData, *, resume: bool = False,
@@ -573,9 +790,14 @@ class GckdTrainer:
              should_stop: Callable[[], bool] | None) -> TrainResult:
         c = self.config
         self._truth = data.target_truth()
+        self._data = data
         steps_per_epoch = data.steps_per_epoch()
         total = steps_per_epoch * c.epochs
         warmup = round(c.warmup_epochs * steps_per_epoch)
+        self._alpha_ramp_steps = round(c.alpha_ramp_epochs * steps_per_epoch)
+        if c.adapts and c.target_pairing == "paired":
+            log.warning("target_pairing='paired': training uses the target's image-caption pairing, a different "
+                        "protocol from GCKD's unlabelled target (results are not comparable to unpaired runs)")
         if resume and self.checkpoint_dir is not None and distributed.is_main():
             from crossret.storage.atomic import remove_stale_temporaries
 
@@ -588,6 +810,9 @@ class GckdTrainer:
         for module in (self.model, self.teacher, self.gnn):  # rank 0's weights everywhere (no-op in one process)
             distributed.broadcast_module_(module)
         started = time.perf_counter()
+        if start_epoch == 0 and self.step == 0 and c.warm_starts:
+            with _autocast(c, self.device):  # every rank computes the same features (same teacher, same items)
+                self.warm_start(data)
         for epoch in range(start_epoch, c.epochs):
             self.model.train()
             self.gnn.train()
@@ -632,7 +857,8 @@ class GckdTrainer:
                 stop = distributed.broadcast_object(stop)  # rank 0 decides, so that every rank stops together
             if stop and epoch + 1 < c.epochs:
                 break
-        return TrainResult(self.history, start_epoch, time.perf_counter() - started)
+        return TrainResult(self.history, start_epoch, time.perf_counter() - started,
+                           c.target_pairing if c.adapts else None)
 
     @torch.no_grad()
     def _enqueue(self, batch: StepBatch) -> None:
@@ -644,8 +870,59 @@ class GckdTrainer:
             empty = feats[0].new_zeros(0, feats[0].shape[1])
             feats = (*feats, empty, empty)
         # The features are the global batch's already (gathered in losses under torchrun): no second gather.
-        self.memory.enqueue(*feats, source_ids=batch.source_ids, gather=False)
+        self.memory.enqueue(*feats, source_ids=batch.source_ids, gather=False,
+                            target_image_index=batch.target_image_index if len(self._teacher_feats) == 4 else None,
+                            target_text_index=batch.target_text_index if len(self._teacher_feats) == 4 else None)
         self._teacher_feats = None
+
+    @torch.no_grad()
+    def warm_start(self, data: TrainingData) -> dict[str, int]:
+        """Fill the four banks with the teacher's features of a seeded sample of the training data (gckd.md
+        §2.2: the banks hold the most recent features of C samples per modality from the first step on).
+
+        Per bank ``n = min(warm_start_samples or memory_size, available)`` items drawn without replacement by
+        ``numpy.random.default_rng([seed, 4099])``: source pairs (image and text banks, with identities and
+        pair rows), target images and target captions (with their dataset indices), in that order, each sample
+        sorted by index. Teacher features in chunks of ``target_batch`` items, enqueued in sample order
+        (augmentation key 0). Returns the number of items per bank."""
+        c = self.config
+        assert self.memory is not None
+        needed = ("source_size", "source_pairs", "target_sizes", "target_images", "target_captions")
+        if not all(hasattr(data, name) for name in needed):
+            raise ConfigError("warm_start_banks needs training data that fetches items by index "
+                              "(IndexedTrainingData, e.g. FeatureTrainingData / PersonTrainingData); set "
+                              "warm_start_banks=false for other data")
+        rng = np.random.default_rng([c.seed, 4099])
+        wanted = c.warm_start_samples or c.memory_size
+        n_images, n_captions = data.target_sizes()  # type: ignore[attr-defined]
+
+        def sample(n: int) -> np.ndarray:
+            return np.sort(rng.choice(n, size=min(wanted, n), replace=False))
+
+        source, images, captions = sample(data.source_size()), sample(n_images), sample(n_captions)  # type: ignore
+        chunk = c.target_batch
+        teacher = self.teacher
+        dev = self.device
+        for start in range(0, source.size, chunk):
+            rows = source[start:start + chunk]
+            s_img, s_txt, s_mask, ids = data.source_pairs(rows, 0)  # type: ignore[attr-defined]
+            _, f_v = teacher.encode_image(s_img.to(dev))
+            _, f_t = teacher.encode_text(s_txt.to(dev), s_mask.to(dev) if s_mask is not None else None)
+            index = torch.from_numpy(rows).to(dev)
+            self.memory.source_image.enqueue(f_v, ids.to(dev), 0, gather=False, index=index)
+            self.memory.source_text.enqueue(f_t, ids.to(dev), 0, gather=False, index=index)
+        for start in range(0, images.size, chunk):
+            rows = images[start:start + chunk]
+            _, f_v = teacher.encode_image(data.target_images(rows, 0).to(dev))  # type: ignore[attr-defined]
+            self.memory.target_image.enqueue(f_v, None, 1, gather=False, index=torch.from_numpy(rows).to(dev))
+        for start in range(0, captions.size, chunk):
+            rows = captions[start:start + chunk]
+            t_txt, t_mask = data.target_captions(rows)  # type: ignore[attr-defined]
+            _, f_t = teacher.encode_text(t_txt.to(dev), t_mask.to(dev) if t_mask is not None else None)
+            self.memory.target_text.enqueue(f_t, None, 1, gather=False, index=torch.from_numpy(rows).to(dev))
+        counts = {"source": int(source.size), "target_images": int(images.size), "target_captions": int(captions.size)}
+        log.info("warm start: banks filled with the teacher features of %s", counts)
+        return counts
 
     # ------------------------------------------------------------------ checkpoints
     def _fingerprint(self, data: TrainingData) -> dict[str, Any]:
@@ -672,7 +949,7 @@ class GckdTrainer:
         if not path.is_file():
             return 0
         state = read_checkpoint(path)
-        if state["fingerprint"] != self._fingerprint(data):
+        if not _same_fingerprint(state["fingerprint"], self._fingerprint(data), path):
             raise ConfigError(f"{path}: the checkpoint was written with a different configuration, model or data; "
                               "resume with the same settings or start a new run directory")
         try:
@@ -692,6 +969,24 @@ class GckdTrainer:
         return int(state["epoch"])
 
 
+def _same_fingerprint(saved: Any, current: dict[str, Any], path: Path) -> bool:
+    """Whether a checkpoint's fingerprint is the current run's. Config keys the checkpoint predates take their
+    :data:`LEGACY_VALUES`; of those, the :data:`START_ONLY_KEYS` are not compared (a resume never runs them)."""
+    if not isinstance(saved, Mapping) or not isinstance(saved.get("config"), Mapping):
+        return bool(saved == current)
+    config = dict(saved["config"])
+    missing = [k for k in LEGACY_VALUES if k not in config]
+    config.update({k: LEGACY_VALUES[k] for k in missing})
+    current_config = dict(current["config"])
+    for key in START_ONLY_KEYS:
+        if key in missing:
+            config[key] = current_config.get(key)
+    if missing:
+        log.info("%s predates the GCKD config keys %s: compared with their earlier behaviour", path,
+                 ", ".join(missing))
+    return bool({**saved, "config": config} == {**current, "config": current_config})
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a GCKD training checkpoint safely (``weights_only``); clear errors for foreign/corrupt files."""
     path = Path(path)
@@ -702,6 +997,53 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileFormatError(f"{path}: GCKD checkpoint version {state.get('version')}; this crossret reads "
                               f"version {CHECKPOINT_VERSION}")
     return state
+
+
+class _Pool(NamedTuple):
+    """The target items the cross-domain ITM and the target MLM draw from (global rows): student text
+    tokens ``(T, L, D_t)`` and ``mask``, image tokens ``(I, N_v, D_v)``, student features ``f_text (T, E)``,
+    ``f_image (I, E)``, the text inputs ``text_ids`` (token ids or features) and the teacher's image tokens
+    (None unless the target MLM is distilled)."""
+
+    text: Tensor
+    mask: Tensor | None
+    image: Tensor
+    f_text: Tensor
+    f_image: Tensor
+    text_ids: Tensor | None
+    teacher_image: Tensor | None
+
+
+class _Mined(NamedTuple):
+    """Pseudo-pairs mined over batch ∪ banks: dataset indices ``caption (P,)``, ``image (P,)``; the sorted
+    candidate indices ``text_u (T_u,)``, ``image_u (I_u,)`` and ``above (T_u, I_u)`` = teacher score ≥ δ."""
+
+    caption: Tensor
+    image: Tensor
+    text_u: Tensor
+    image_u: Tensor
+    above: Tensor
+
+
+def _first_occurrence(index: Tensor) -> tuple[Tensor, Tensor]:
+    """``index (n,)`` → ``(values (u,), first (u,))``: the sorted distinct non-negative values and the position
+    of each one's first occurrence (negative values = unknown, left out)."""
+    valid = torch.nonzero(index >= 0).squeeze(1)
+    values, inverse = torch.unique(index[valid], return_inverse=True)
+    first = torch.full((values.numel(),), index.numel(), dtype=torch.long, device=index.device)
+    first.scatter_reduce_(0, inverse, valid, reduce="amin")
+    return values, first
+
+
+def _pad_cat_ids(a: Tensor, mask_a: Tensor | None, b: Tensor, mask_b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Concatenate two token-id batches ``(B_a, L_a)``, ``(B_b, L_b)``, padding the shorter with id 0 and mask 0
+    (feature inputs, without masks, are concatenated as they are)."""
+    if mask_a is None or mask_b is None:
+        return torch.cat([a, b]), None
+    length = max(a.shape[1], b.shape[1])
+    extra_a, extra_b = length - a.shape[1], length - b.shape[1]
+    return (torch.cat([F.pad(a, (0, extra_a)), F.pad(b, (0, extra_b))]),
+            torch.cat([F.pad(mask_a, (0, extra_a)), F.pad(mask_b, (0, extra_b))]))
 
 
 def _check_finite(*features: Tensor, where: str) -> None:

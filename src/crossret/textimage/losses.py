@@ -193,3 +193,32 @@ def select_confident_target_pairs(sim: Tensor, delta: float, *, best_only: bool 
         keep &= col_best & row_best
     text_idx, image_idx = keep.nonzero(as_tuple=True)
     return text_idx, image_idx
+
+
+@torch.no_grad()
+def mutual_nearest_pairs(cosine: Tensor, delta: float, *, temp: float | Tensor | None = None
+                         ) -> tuple[Tensor, Tensor]:
+    """Mutual nearest neighbours between texts and images, kept above a threshold (GCKD cross-domain ITM
+    pseudo-positives mined over batch ∪ memory banks; gckd.md §2.3, A4).
+
+    ``cosine (T, I)``: text × image cosine of the (propagated) teacher features. ``(k, j)`` is a pair iff
+    ``j = argmax_j' cosine[k, j']`` and ``k = argmax_k' cosine[k', j]`` (first index on ties) and its score
+    is ``≥ δ``, where the score is the cosine itself (``temp`` None) or the t2i probability
+    ``softmax(cosine[k] / τ)_j`` over all ``I`` candidate images (``temp`` = τ). Each text and each image is in
+    at most one pair. Returns ``(text_idx, image_idx)`` int64, sorted by text.
+    """
+    if cosine.ndim != 2:
+        raise DataError(f"mutual_nearest_pairs: cosine must be (T, I), got {tuple(cosine.shape)}")
+    if cosine.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=cosine.device)
+        return empty, empty
+    best_image = cosine.argmax(dim=1)  # (T,)
+    best_text = cosine.argmax(dim=0)  # (I,)
+    texts = torch.arange(cosine.shape[0], device=cosine.device)
+    mutual = best_text[best_image] == texts
+    if temp is None:
+        score = cosine[texts, best_image]
+    else:
+        score = F.softmax(cosine.float() / temp, dim=1)[texts, best_image]
+    keep = mutual & (score >= delta)
+    return texts[keep], best_image[keep]

@@ -3,8 +3,10 @@
 GCKD keeps "the most recent embeddings of a specified number of samples (C) for each modality" from
 both domains. The reading used here (A2 default) is **four** banks — source/target × image/text — each
 a ring buffer of ``C`` L2-normalised **teacher** features (no gradient), as ALBEF's momentum queue, with
-a parallel id queue (source identity ids; ``-1`` = unknown, the target default) and a domain tag per
-slot (``0`` source, ``1`` target), so the "two mixed banks" reading can be rebuilt from the same data.
+a parallel id queue (source identity ids; ``-1`` = unknown, the target default), a domain tag per
+slot (``0`` source, ``1`` target), so the "two mixed banks" reading can be rebuilt from the same data, and
+the dataset index of each item (the target image / caption row; ``-1`` = unknown), which lets the
+cross-domain ITM mine pseudo-pairs over the banks and fetch their inputs by index.
 
 Everything is stored in registered buffers: a bank saves in ``state_dict`` and moves with ``.to()``.
 No collective is issued unless ``torch.distributed.is_initialized()`` (see :func:`gather_if_distributed`).
@@ -13,6 +15,9 @@ every rank's banks hold what one process's would (docs/distributed.md).
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,6 +30,9 @@ from crossret.limits import check_memory
 SOURCE = 0
 TARGET = 1
 UNKNOWN_ID = -1
+UNKNOWN_INDEX = -1
+
+log = logging.getLogger("crossret.gckd")
 
 
 @torch.no_grad()
@@ -44,17 +52,23 @@ def gather_if_distributed(t: Tensor) -> Tensor:
 
 
 class MemoryBank(nn.Module):
-    """A FIFO ring buffer of ``capacity`` L2-normalised ``dim``-d features with ids and domain tags.
+    """A FIFO ring buffer of ``capacity`` L2-normalised ``dim``-d features with ids, domain tags and
+    dataset indices.
 
-    Buffers: ``feats (C, D)`` float32, ``ids_buf (C,)`` int64, ``domain_buf (C,)`` int64, ``ptr ()``
-    (next write slot) and ``count ()`` (filled slots). Semantics are exactly those of a
-    ``collections.deque(maxlen=C)`` that appends the batch rows one by one: a batch that crosses the
-    end wraps around, and a batch longer than ``C`` leaves only its newest ``C`` rows.
+    Buffers: ``feats (C, D)`` float32, ``ids_buf (C,)`` int64, ``domain_buf (C,)`` int64, ``index_buf
+    (C,)`` int64 (dataset index, ``-1`` unknown), ``ptr ()`` (next write slot) and ``count ()`` (filled
+    slots). Semantics are exactly those of a ``collections.deque(maxlen=C)`` that appends the batch rows
+    one by one: a batch that crosses the end wraps around, and a batch longer than ``C`` leaves only its
+    newest ``C`` rows.
+
+    A state dict written before ``index_buf`` existed still loads: every index is then ``-1`` (logged as
+    a warning, and :attr:`indices_restored` is False).
     """
 
     feats: Tensor
     ids_buf: Tensor
     domain_buf: Tensor
+    index_buf: Tensor
     ptr: Tensor
     count: Tensor
 
@@ -67,6 +81,8 @@ class MemoryBank(nn.Module):
         self.register_buffer("feats", torch.zeros(self.capacity, self.dim))
         self.register_buffer("ids_buf", torch.full((self.capacity,), UNKNOWN_ID, dtype=torch.long))
         self.register_buffer("domain_buf", torch.zeros(self.capacity, dtype=torch.long))
+        self.register_buffer("index_buf", torch.full((self.capacity,), UNKNOWN_INDEX, dtype=torch.long))
+        self.indices_restored = True
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
 
@@ -77,11 +93,21 @@ class MemoryBank(nn.Module):
     def is_full(self) -> bool:
         return int(self.count) == self.capacity
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        key = prefix + "index_buf"
+        self.indices_restored = key in state_dict or prefix + "feats" not in state_dict
+        if not self.indices_restored:  # written before the bank stored dataset indices
+            state_dict[key] = torch.full_like(self.index_buf, UNKNOWN_INDEX)
+            log.warning("memory bank %s: the saved state has no dataset indices (written by an earlier crossret); "
+                        "its %d entries get index -1 (not minable as pseudo-pairs until replaced)",
+                        prefix.rstrip(".") or "bank", int(state_dict.get(prefix + "count", torch.tensor(0))))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def enqueue(self, features: Tensor, ids: Tensor | None = None, domain: int | Tensor = SOURCE, *,
-                gather: bool = True, normalize: bool = True) -> None:
-        """Append ``features (n, D)`` with ``ids (n,)`` (None → all ``-1``) and ``domain`` (an int tag or
-        ``(n,)``) in row order, overwriting the oldest slots.
+                gather: bool = True, normalize: bool = True, index: Tensor | None = None) -> None:
+        """Append ``features (n, D)`` with ``ids (n,)`` (None → all ``-1``), ``domain`` (an int tag or
+        ``(n,)``) and dataset ``index (n,)`` (None → all ``-1``) in row order, overwriting the oldest slots.
 
         Features are detached, cast to float32 and (``normalize``) re-L2-normalised, so a bf16 caller
         cannot leave unnormalised rows in the graph. With ``gather`` the rows of all ranks are gathered
@@ -95,12 +121,14 @@ class MemoryBank(nn.Module):
                  else torch.as_tensor(ids, device=features.device).long().reshape(-1))
         dom_t = torch.as_tensor(domain, device=features.device).long().reshape(-1).expand(n) if n else \
             torch.zeros(0, dtype=torch.long, device=features.device)
-        if ids_t.shape[0] != n or dom_t.shape[0] != n:
-            raise DataError(f"MemoryBank.enqueue: ids/domain must have {n} entries, got {ids_t.shape[0]}/"
-                            f"{dom_t.shape[0]}")
+        idx_t = (torch.full((n,), UNKNOWN_INDEX, dtype=torch.long, device=features.device) if index is None
+                 else torch.as_tensor(index, device=features.device).long().reshape(-1))
+        if ids_t.shape[0] != n or dom_t.shape[0] != n or idx_t.shape[0] != n:
+            raise DataError(f"MemoryBank.enqueue: ids/domain/index must have {n} entries, got {ids_t.shape[0]}/"
+                            f"{dom_t.shape[0]}/{idx_t.shape[0]}")
         if gather:
-            features, ids_t, dom_t = (gather_if_distributed(features), gather_if_distributed(ids_t),
-                                      gather_if_distributed(dom_t.contiguous()))
+            features, ids_t, dom_t, idx_t = (gather_if_distributed(features), gather_if_distributed(ids_t),
+                                             gather_if_distributed(dom_t.contiguous()), gather_if_distributed(idx_t))
             n = features.shape[0]
         if n == 0:
             return
@@ -114,6 +142,7 @@ class MemoryBank(nn.Module):
         self.feats[slots] = feats[start:]
         self.ids_buf[slots] = ids_t[start:].to(dev)
         self.domain_buf[slots] = dom_t[start:].to(dev)
+        self.index_buf[slots] = idx_t[start:].to(dev)
         self.ptr.copy_((self.ptr + n) % self.capacity)
         self.count.copy_((self.count + n).clamp(max=self.capacity))
 
@@ -134,12 +163,17 @@ class MemoryBank(nn.Module):
         """The domain tags ``(count,)`` of :meth:`features` (0 source, 1 target)."""
         return self.domain_buf[self._order()]
 
+    def indices(self) -> Tensor:
+        """The dataset indices ``(count,)`` of :meth:`features` (``-1`` = unknown)."""
+        return self.index_buf[self._order()]
+
     @torch.no_grad()
     def reset(self) -> None:
         """Empty the bank (keeps the allocation)."""
         self.feats.zero_()
         self.ids_buf.fill_(UNKNOWN_ID)
         self.domain_buf.zero_()
+        self.index_buf.fill_(UNKNOWN_INDEX)
         self.ptr.zero_()
         self.count.zero_()
 
@@ -147,8 +181,8 @@ class MemoryBank(nn.Module):
 def check_bank_memory(capacity: int, dim: int) -> None:
     """Refuse banks that would not fit in memory, before anything is allocated (ConfigError)."""
     if isinstance(capacity, int) and isinstance(dim, int) and capacity > 0 and dim > 0:
-        # four banks of float32 features and two int64 columns, and the graph's copy of every node
-        check_memory(4 * capacity * (8 * dim + 16), f"memory banks of memory_size={capacity} x {dim} features",
+        # four banks of float32 features and three int64 columns, and the graph's copy of every node
+        check_memory(4 * capacity * (8 * dim + 24), f"memory banks of memory_size={capacity} x {dim} features",
                      "lower memory_size (--set)")
 
 
@@ -178,15 +212,23 @@ class GckdMemory(nn.Module):
     @torch.no_grad()
     def enqueue(self, source_image: Tensor, source_text: Tensor, target_image: Tensor, target_text: Tensor, *,
                 source_ids: Tensor | None = None, target_image_ids: Tensor | None = None,
-                target_text_ids: Tensor | None = None, gather: bool = True) -> None:
+                target_text_ids: Tensor | None = None, gather: bool = True, source_index: Tensor | None = None,
+                target_image_index: Tensor | None = None, target_text_index: Tensor | None = None) -> None:
         """Enqueue one step's teacher features ``(B_*, D)`` into the four banks (gckd.md §2.4, last line).
 
-        Source image and text share ``source_ids``; target ids default to ``-1`` (unlabelled, A1).
+        Source image and text share ``source_ids`` and ``source_index`` (pair rows); target ids default to
+        ``-1`` (unlabelled, A1); ``target_image_index`` / ``target_text_index`` are the target image /
+        caption rows (``-1`` when None).
         """
-        self.source_image.enqueue(source_image, source_ids, SOURCE, gather=gather)
-        self.source_text.enqueue(source_text, source_ids, SOURCE, gather=gather)
-        self.target_image.enqueue(target_image, target_image_ids, TARGET, gather=gather)
-        self.target_text.enqueue(target_text, target_text_ids, TARGET, gather=gather)
+        self.source_image.enqueue(source_image, source_ids, SOURCE, gather=gather, index=source_index)
+        self.source_text.enqueue(source_text, source_ids, SOURCE, gather=gather, index=source_index)
+        self.target_image.enqueue(target_image, target_image_ids, TARGET, gather=gather, index=target_image_index)
+        self.target_text.enqueue(target_text, target_text_ids, TARGET, gather=gather, index=target_text_index)
+
+    @property
+    def indices_restored(self) -> bool:
+        """False when the last loaded state dict had no dataset indices (an earlier crossret's)."""
+        return all(self.bank(d, m).indices_restored for d, m in self.ORDER)
 
     def nodes(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(features (M, D), modality (M,), domain (M,), ids (M,))`` over the four banks in ORDER."""

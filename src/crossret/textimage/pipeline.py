@@ -515,6 +515,9 @@ def _run_gckd(config: GckdRunConfig, final_dir: Path, device: str, resume: bool,
                 "evaluated_on": f"{eval_dataset.name}:{config.eval_split}",
                 "protocol": "text-to-image; queries = every caption of the split, gallery = every image; relevant = "
                             "same person id; no model selection (last epoch)",
+                # "unpaired": GCKD's unlabelled target; "paired": the target's image-caption pairing was used in
+                # training (another protocol, not comparable); None: no target term
+                "target_pairing": result.target_pairing,
                 "evaluation": evaluation, "eval_seconds": time.perf_counter() - started,
                 "train_seconds": result.train_seconds, "resumed_from_epoch": result.resumed_from_epoch,
                 "history": result.history, "train_config": train_config.to_dict(), "init": init_info,

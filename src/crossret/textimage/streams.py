@@ -21,6 +21,11 @@ the pseudo-positive precision report only.
 
 Images are decoded by an :class:`ImageDecoder`: in the calling process, or (``workers`` > 0) in
 DataLoader worker processes. Augmentation is keyed by (seed, epoch, row), so both give the same tensors.
+
+Both sources also implement :class:`IndexedTrainingData`: items fetched by dataset index (target images,
+target captions, source pairs), which the trainer uses to warm-start the memory banks and to load the
+pseudo-pairs mined over the banks. A fetch is a pure function of ``(seed, key, index)``, is never sharded
+and does not disturb the epoch's image stream.
 """
 
 from __future__ import annotations
@@ -81,6 +86,39 @@ class TrainingData(Protocol):
     def fingerprint(self) -> dict[str, int | str]: ...
 
     def target_truth(self) -> tuple[np.ndarray, np.ndarray] | None: ...
+
+
+class IndexedTrainingData(TrainingData, Protocol):
+    """A :class:`TrainingData` whose items can also be fetched by dataset index (bank warm start, pseudo-pair
+    batches). Indices: target image rows ``0..n_images-1``, target caption rows ``0..n_captions-1`` (the
+    rows of ``StepBatch.target_image_index`` / ``target_text_index`` and of ``target_truth``), source pair
+    rows ``0..source_size()-1``. ``key`` picks the augmentation (images with a random transform only);
+    the same ``(key, index)`` always gives the same tensor. Every row is returned (no rank sharding)."""
+
+    def target_sizes(self) -> tuple[int, int]:
+        """``(n_images, n_captions)`` of the target training split."""
+        ...
+
+    def source_size(self) -> int: ...
+
+    def target_images(self, index: np.ndarray, key: int = 0) -> Tensor:
+        """Target images ``index (n,)`` → pixels ``(n, C, H, W)`` or features ``(n, d_img)``."""
+        ...
+
+    def target_captions(self, index: np.ndarray) -> tuple[Tensor, Tensor | None]:
+        """Target captions ``index (n,)`` → ``(token ids (n, L), mask (n, L))`` or ``(features (n, d_txt), None)``."""
+        ...
+
+    def source_pairs(self, index: np.ndarray, key: int = 0) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """Source pairs ``index (n,)`` → ``(images, text, mask, ids (n,))`` as in a :class:`StepBatch`."""
+        ...
+
+
+def _check_index(index: np.ndarray, n: int, what: str) -> np.ndarray:
+    idx = np.asarray(index, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise DataError(f"{what} index out of range for {n} items: [{idx.min()}, {idx.max()}]")
+    return idx
 
 
 class _ImageShard:
@@ -181,6 +219,31 @@ class FeatureTrainingData(_ImageShard):
 
     def target_truth(self) -> tuple[np.ndarray, np.ndarray] | None:
         return self._truth  # type: ignore[return-value]
+
+    def _target(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.target_image is None or self.target_text is None:
+            raise DataError("this training data has no target split")
+        return self.target_image, self.target_text
+
+    def target_sizes(self) -> tuple[int, int]:
+        image, text = self._target()
+        return int(image.shape[0]), int(text.shape[0])
+
+    def source_size(self) -> int:
+        return int(self.source_ids.shape[0])
+
+    def target_images(self, index: np.ndarray, key: int = 0) -> Tensor:
+        image, _ = self._target()
+        return torch.from_numpy(image[_check_index(index, image.shape[0], "target image")])
+
+    def target_captions(self, index: np.ndarray) -> tuple[Tensor, Tensor | None]:
+        _, text = self._target()
+        return torch.from_numpy(text[_check_index(index, text.shape[0], "target caption")]), None
+
+    def source_pairs(self, index: np.ndarray, key: int = 0) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        idx = _check_index(index, self.source_size(), "source pair")
+        return (torch.from_numpy(self.source_image[idx]), torch.from_numpy(self.source_text[idx]), None,
+                torch.from_numpy(self.source_ids[idx]))
 
     def fingerprint(self) -> dict[str, int | str]:
         return {"kind": "features", "source": int(self.source_ids.shape[0]),
@@ -315,6 +378,14 @@ class ImageDecoder:
                 generator=torch.Generator().manual_seed(0))
         return _raising(iter(self._loader))
 
+    def decode(self, job: ImageJob) -> tuple[Tensor, ...]:
+        """The image tensors of one job, decoded in the calling process; a running :meth:`stream` is left as
+        it is (and so are the worker processes)."""
+        item = self._dataset[job]
+        if isinstance(item, DataError):
+            raise item
+        return item
+
     def close(self) -> None:
         """Stop the worker processes (a later :meth:`stream` starts new ones)."""
         self._loader = None
@@ -374,6 +445,39 @@ class PersonTrainingData(_ImageShard):
     def target_truth(self) -> tuple[np.ndarray, np.ndarray] | None:
         return self._truth
 
+    # Fetched items are augmented with the generator keyed by (seed + FETCH_SEED, key, image row).
+    FETCH_SEED = 2
+
+    def _need_target(self) -> TrainPairs:
+        if not self.has_target:
+            raise DataError("this training data has no target split")
+        return self.target
+
+    def target_sizes(self) -> tuple[int, int]:
+        target = self._need_target()
+        return len(target.image_paths), len(target)
+
+    def source_size(self) -> int:
+        return len(self.source)
+
+    def target_images(self, index: np.ndarray, key: int = 0) -> Tensor:
+        target = self._need_target()
+        idx = _check_index(index, len(target.image_paths), "target image")
+        (images,) = self.decoder.decode((("target", idx, self.seed + self.FETCH_SEED, int(key)),))
+        return images
+
+    def target_captions(self, index: np.ndarray) -> tuple[Tensor, Tensor | None]:
+        target = self._need_target()
+        idx = _check_index(index, len(target), "target caption")
+        return self.tokenize([target.captions[i] for i in idx])
+
+    def source_pairs(self, index: np.ndarray, key: int = 0) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        idx = _check_index(index, len(self.source), "source pair")
+        (images,) = self.decoder.decode((("source", self.source.image_index[idx], self.seed + self.FETCH_SEED,
+                                          int(key)),))
+        ids, mask = self.tokenize([self.source.captions[i] for i in idx])
+        return images, ids, mask, torch.from_numpy(self.source.person_ids[idx])
+
     def fingerprint(self) -> dict[str, int | str]:
         return {"kind": "person", "source": self.source.name, "source_pairs": len(self.source),
                 "target": self.target.name if self.has_target else "", "target_pairs": len(self.target)
@@ -409,5 +513,5 @@ class PersonTrainingData(_ImageShard):
             yield batch
 
 
-__all__ = ["HIDDEN_ID", "TARGET_PAIRINGS", "FeatureTrainingData", "ImageDecoder", "PersonTrainingData", "StepBatch",
-           "TrainingData"]
+__all__ = ["HIDDEN_ID", "TARGET_PAIRINGS", "FeatureTrainingData", "ImageDecoder", "IndexedTrainingData",
+           "PersonTrainingData", "StepBatch", "TrainingData"]

@@ -32,16 +32,29 @@ Runs are appended to ``results/gckd_runs.jsonl`` as they finish (an interrupted 
 with the CPU, pinned numerics and package versions it ran with (``environment``; benchmarks/_repro.py);
 tables (mean ± std over seeds) go to ``results/gckd.{json,md}``.
 
+    python benchmarks/gckd.py --protocol v3 [--settings C->I ...] [--seeds 0 .. 7] [--variants ...]
+
+runs the synthetic part with protocol v3 (``SYNTH_V3``: captions naming a subset of the attributes, each
+dataset's own words for some concepts, 1,000-image target test galleries, α = 0.4; docs/benchmarks.md),
+8 seeds by default. Its rows go to the same runs file with ``"synth_version": 3`` (resumed the same way);
+``results/gckd_v3.md`` reports ITM-reranked mAP (the paper's inference) and ITC mAP per variant with the
+paired difference to source-only on the same (setting, seed) and its 95 % percentile-bootstrap interval
+over those pairs (benchmarks/_bootstrap.py), and the same table for the recorded Wikipedia rows;
+``results/gckd_v3_summary.json`` has exactly ``protocol``, ``seeds``, ``settings`` and per variant
+``itm_map``, ``itc_map``, ``delta_itm`` and ``delta_itc`` (``mean``, ``ci95``), in %.
+
     python benchmarks/gckd.py --check N [--check-seed S] [--jobs 1]
 
 re-runs N sampled recorded rows (one per part and variant in turn) with their recorded training config
 and compares their metrics exactly (ITC / ITM mAP, R@1/5/10, mINP; pseudo-pairs per step and their
 precision); writes ``results/gckd_check.{json,md}`` and exits 1 when a row moved; nothing else is run
 or written. Only rows this code can make are sampled: wiki rows, and synthetic rows of protocol
-v2 from the current generic model's digest. A synthetic row's source pre-training is redone, and
-so is the generic pre-training it starts from (once per check, in a temporary directory, never from
-``benchmarks/.cache``: a cached model may come from other numerics); its held-out metrics are compared
-with the ones ``results/gckd.json`` records.
+v2 (or of today's v3 configuration) from the current generic model's digest. A synthetic row's source
+pre-training is redone, and so is the generic pre-training it starts from (once per check and protocol,
+in a temporary directory, never from ``benchmarks/.cache``: a cached model may come from other
+numerics); its held-out metrics are compared with the ones ``results/gckd.json`` (v3:
+``results/gckd_v3.json``) records. A recorded config runs with the trainer's legacy values for keys it
+predates.
 """
 
 from __future__ import annotations
@@ -59,6 +72,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+import _bootstrap
 import _repro
 from crossret.storage.atomic import write_json_atomic, write_text_atomic
 
@@ -71,6 +85,36 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "no-cd-itm": {"cd_itm_weight": 0.0},
     "no-memory": {"memory_size": 0},
 }
+
+def _gckd_fields() -> set[str]:
+    import dataclasses
+
+    from crossret.textimage.gckd import GckdConfig
+
+    return {f.name for f in dataclasses.fields(GckdConfig)}
+
+
+# Optional v3 variants (not run unless named in --variants) for GckdConfig options that not every version of
+# the trainer has: registered only when the fields exist.
+_V3_OPTIONAL: dict[str, dict[str, Any]] = {
+    "gckd-bank-itm": {"cd_itm_mining": "banks"},  # cross-domain ITM pairs mined over the target banks
+    "gckd-target-mlm": {"target_mlm_weight": 1.0},  # masked LM on the pseudo-pairs' target captions
+    "gckd-no-warm-start": {"warm_start_banks": False},  # banks filled during training only
+}
+V3_VARIANTS: dict[str, dict[str, Any] | None] = {
+    **VARIANTS, **{name: change for name, change in _V3_OPTIONAL.items() if set(change) <= _gckd_fields()}}
+
+
+def _legacy(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with every GckdConfig key it lacks set to the value that reproduces the trainer from before
+    that key existed (``crossret.textimage.gckd.LEGACY_VALUES`` where the trainer has it): the wiki and v2
+    protocols, and any recorded row's config, run as they ran when they were recorded."""
+    from crossret.textimage import gckd
+
+    legacy: dict[str, Any] = getattr(gckd, "LEGACY_VALUES", {})
+    return {**{k: v for k, v in legacy.items() if k not in values}, **values}
+
+
 SETTINGS = ("C->I", "C->R", "I->C", "I->R", "R->C", "R->I")
 DATASET = {"C": "cuhk-pedes", "I": "icfg-pedes", "R": "rstpreid"}
 DIRS = {"C": "CUHK-PEDES", "I": "ICFG-PEDES", "R": "RSTPReid"}
@@ -95,6 +139,24 @@ SYNTH = {"pretrain_epochs": 12, "adapt_epochs": 4, "train_ids": 100, "test_ids":
                    "text_heads": 4, "text_intermediate": 128, "text_layers": 2, "embed_dim": 32},
          "train": {"lr": 1e-3, "head_lr": 1e-3, "ids_per_batch": 8, "pairs_per_id": 2, "target_batch": 16,
                    "memory_size": 512, "alpha": 0.0}}
+# Version 3 (``--protocol v3``): captions name 2-4 attributes in varied wording, each dataset has its own words
+# for five concepts that the generic corpus (base words only) never uses, 1,000-image target test galleries,
+# momentum distillation at ALBEF's α = 0.4. Sizes and epochs are fixed by the CPU cost of the whole benchmark
+# and development runs on data seed SYNTH_V3_DEV_SEED (the source's own splits) and on the held-out generic
+# identities (docs/benchmarks.md); no target test label enters any choice.
+SYNTH_V3_VERSION = 3
+SYNTH_V3_DEV_SEED = 100
+SYNTH_V3 = {"pretrain_epochs": 12, "adapt_epochs": 4, "train_ids": 100, "test_ids": 250, "images_per_id": 4,
+            "rerank_k": 32,
+            "generic": {**SYNTH["generic"], "protocol": "v3", "epochs": 45},
+            "model": SYNTH["model"],
+            "train": {**SYNTH["train"], "alpha": 0.4}}
+V3_SEEDS = tuple(range(8))
+
+
+def _protocol(version: int) -> dict[str, Any]:
+    """The synthetic protocol of ``version`` (2 or 3)."""
+    return {SYNTH_VERSION: SYNTH, SYNTH_V3_VERSION: SYNTH_V3}[version]
 
 
 def _variant_config(name: str, base: dict[str, Any], epochs: int) -> Any:
@@ -171,8 +233,8 @@ def run_wiki(job: dict[str, Any]) -> list[dict[str, Any]]:
     for variant in job["variants"]:
         student = copy.deepcopy(model)
         # A check re-runs a recorded row with its recorded config, whatever today's defaults are.
-        config = (GckdConfig.from_dict(job["config"]) if "config" in job
-                  else _variant_config(variant, base, WIKI["adapt_epochs"]))
+        config = (GckdConfig.from_dict(_legacy(job["config"])) if "config" in job
+                  else _variant_config(variant, _legacy(base), WIKI["adapt_epochs"]))
         started = time.perf_counter()
         result = GckdTrainer(student, config).fit(data)
         last = result.history[-1]
@@ -190,15 +252,17 @@ def run_wiki(job: dict[str, Any]) -> list[dict[str, Any]]:
 CACHE = Path(__file__).resolve().parent / ".cache"
 
 
-def generic_spec() -> tuple[dict[str, Any], str]:
-    """What decides the generic pre-trained model, and its digest (the cache key; synthetic rows record it)."""
+def generic_spec(version: int = SYNTH_VERSION) -> tuple[dict[str, Any], str]:
+    """What decides the generic pre-trained model of protocol ``version``, and its digest (the cache key;
+    synthetic rows record it). Version 3's corpus is marked by ``generic["protocol"]``."""
     import hashlib
 
-    spec = {"generic": SYNTH["generic"], "model": SYNTH["model"], "train": SYNTH["train"]}
+    proto = _protocol(version)
+    spec = {"generic": proto["generic"], "model": proto["model"], "train": proto["train"]}
     return spec, hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def generic_pretraining(cache: Path = CACHE, threads: int = 1) -> dict[str, Any]:
+def generic_pretraining(cache: Path = CACHE, threads: int = 1, version: int = SYNTH_VERSION) -> dict[str, Any]:
     """The generic pre-trained tiny ALBEF (and its vocabulary) every synthetic run starts from: built once
     and cached under ``cache/gckd-generic-<digest of the protocol>``; returns its run directory and report.
 
@@ -210,15 +274,17 @@ def generic_pretraining(cache: Path = CACHE, threads: int = 1) -> dict[str, Any]
     from crossret.textimage.pipeline import GckdRunConfig, run_gckd
     from crossret.textimage.tokenize import train_wordpiece_vocab
 
-    spec, digest = generic_spec()
+    spec, digest = generic_spec(version)
+    proto = _protocol(version)
     root = cache / f"gckd-generic-{digest}"
     report_path = root / "report.json"
     if report_path.is_file():
         return json.loads(report_path.read_text(encoding="utf-8"))
-    g = SYNTH["generic"]
+    g = proto["generic"]
     root.mkdir(parents=True, exist_ok=True)
     corpus_dir = generate_pretraining_corpus(root / "corpus", n_ids=g["n_ids"], images_per_id=g["images_per_id"],
-                                             n_test_ids=g["n_test_ids"], seed=g["seed"], overwrite=True)
+                                             n_test_ids=g["n_test_ids"], seed=g["seed"], overwrite=True,
+                                             **({"protocol": g["protocol"]} if "protocol" in g else {}))
     vocab = train_wordpiece_vocab(write_wordpiece_corpus([corpus_dir], root / "captions.txt"), root / "vocab.txt",
                                   vocab_size=g["vocab_size"])
     # One thread by default: several OpenMP threads on a busy machine spin against each other (measured:
@@ -226,8 +292,8 @@ def generic_pretraining(cache: Path = CACHE, threads: int = 1) -> dict[str, Any]
     torch.set_num_threads(max(1, threads))
     started = time.perf_counter()
     metrics = run_gckd(GckdRunConfig(stage="pretrain", source_dir=str(corpus_dir), vocab=str(vocab), model="tiny",
-                                     model_overrides=SYNTH["model"], vocab_size=g["vocab_size"], rerank_k=0,
-                                     train={**SYNTH["train"], **g["batch"], **g["train"], "seed": g["seed"],
+                                     model_overrides=proto["model"], vocab_size=g["vocab_size"], rerank_k=0,
+                                     train={**proto["train"], **g["batch"], **g["train"], "seed": g["seed"],
                                             "epochs": g["epochs"]}),
                        root / "model", resume=(root / "model" / "checkpoints").is_dir(),
                        overwrite=not (root / "model" / "checkpoints").is_dir())
@@ -249,41 +315,57 @@ def run_synth(job: dict[str, Any]) -> list[dict[str, Any]]:
 
     torch.set_num_threads(1)
     seed, source, generic = job["seed"], job["source"], job["generic"]
+    version = job.get("version", SYNTH_VERSION)
+    proto = _protocol(version)
     rows = []
     with tempfile.TemporaryDirectory(prefix="crossret-gckd-bench-") as tmp:
         root = Path(tmp)
-        generate_person_datasets(root / "data", n_train_ids=SYNTH["train_ids"], n_test_ids=SYNTH["test_ids"],
-                                 images_per_id=SYNTH["images_per_id"], seed=seed)
-        common = {"source_dir": str(root / "data" / DIRS[source]), "model": "tiny", "rerank_k": 32}
+        generate_person_datasets(root / "data", n_train_ids=proto["train_ids"], n_test_ids=proto["test_ids"],
+                                 images_per_id=proto["images_per_id"], seed=seed,
+                                 **({} if version == SYNTH_VERSION else {"protocol": "v3"}))
+        common = {"source_dir": str(root / "data" / DIRS[source]), "model": "tiny",
+                  "rerank_k": proto.get("rerank_k", 32)}
         pre = root / "pretrain"
-        # Source training from the generic model; the run inherits the generic vocabulary.
-        run_gckd(GckdRunConfig(stage="pretrain", init=generic["run_dir"], rerank_k=0,
-                               train={**SYNTH["train"], "seed": seed, "epochs": SYNTH["pretrain_epochs"]},
-                               **{k: v for k, v in common.items() if k != "rerank_k"}), pre)
+        # Source training from the generic model; the run inherits the generic vocabulary. It is evaluated
+        # (ITC) on the source's own test split: a source-domain diagnostic, recorded in v3 rows.
+        started = time.perf_counter()
+        pre_metrics = run_gckd(GckdRunConfig(stage="pretrain", init=generic["run_dir"], rerank_k=0,
+                                             train={**proto["train"], "seed": seed, "epochs": proto["pretrain_epochs"]},
+                                             **{k: v for k, v in common.items() if k != "rerank_k"}), pre)
+        pretrain_seconds = time.perf_counter() - started
         done = {tuple(key) for key in job.get("done", [])}
         for target in job["targets"]:
             for variant in job["variants"]:
                 if (f"{source}->{target}", variant) in done:
                     continue
-                change = VARIANTS[variant]
-                train = {**SYNTH["train"], "seed": seed, "epochs": SYNTH["adapt_epochs"], **(change or {})}
+                change = V3_VARIANTS[variant]
+                train = {**proto["train"], "seed": seed, "epochs": proto["adapt_epochs"], **(change or {})}
                 if change is None:
                     train.update(prop_weight=0.0, kd_weight=0.0, cd_itm_weight=0.0)
-                train = job.get("config", train)  # a check: the recorded row's config
+                    if "target_mlm_weight" in _gckd_fields():
+                        train["target_mlm_weight"] = 0.0
+                if version == SYNTH_VERSION:  # v2 runs as it was recorded, whatever today's defaults are
+                    train = _legacy(train)
+                if "config" in job:  # a check: the recorded row's config
+                    train = _legacy(job["config"])
                 started = time.perf_counter()
                 metrics = run_gckd(GckdRunConfig(stage="adapt", target_dir=str(root / "data" / DIRS[target]),
                                                  init=str(pre), train=train, **common),
                                    root / f"{target}-{variant}")
                 last = metrics["history"][-1]
-                rows.append({"part": "synth", "synth_version": SYNTH_VERSION, "setting": f"{source}->{target}",
+                rows.append({"part": "synth", "synth_version": version, "setting": f"{source}->{target}",
                              "variant": variant, "seed": seed,
                              **_metrics_row(metrics["evaluation"]), "train_seconds": time.perf_counter() - started,
                              "pseudo_pairs_per_step": last.get("pseudo_pairs"),
                              "pseudo_pair_precision": last.get("pseudo_pair_precision"),
-                             "config": metrics["train_config"], "pretrain_epochs": SYNTH["pretrain_epochs"],
-                             "synthetic": {k: SYNTH[k] for k in ("train_ids", "test_ids", "images_per_id")},
+                             "config": metrics["train_config"], "pretrain_epochs": proto["pretrain_epochs"],
+                             "synthetic": {k: proto[k] for k in ("train_ids", "test_ids", "images_per_id")},
                              "generic_digest": generic["digest"], "host": _host(),
-                             "environment": _repro.environment()})
+                             "environment": _repro.environment(),
+                             **({} if version == SYNTH_VERSION else {
+                                 "rerank_k": common["rerank_k"], "eval_seconds": metrics.get("eval_seconds"),
+                                 "pretrain_seconds": pretrain_seconds,
+                                 "source_test_itc": _metrics_row(pre_metrics["evaluation"]).get("itc")})})
                 _record(job, rows[-1])
     return rows
 
@@ -298,10 +380,12 @@ def valid_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _setting_label(row: dict[str, Any]) -> str:
-    """The table's setting name; synthetic runs of an older protocol version are labelled as such."""
+    """The table's setting name; synthetic runs of another protocol version are labelled as such."""
     version = row.get("synth_version", 1)
+    if row["part"] == "synth" and version == 1:
+        return f"{row['setting']} (v1: no generic pre-training)"
     if row["part"] == "synth" and version != SYNTH_VERSION:
-        return f"{row['setting']} (v{version}: no generic pre-training)"
+        return f"{row['setting']} (v{version})"
     return row["setting"]
 
 
@@ -410,6 +494,141 @@ def markdown(rows: list[dict[str, Any]], generic: dict[str, Any] | None = None) 
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- v3 tables
+def current_v3(row: dict[str, Any], generic_digest: str) -> bool:
+    """Whether ``row`` is a synthetic row of today's protocol v3 (generic model, epochs, sizes and ITM k);
+    v3 rows of another v3 configuration are neither "done" nor tabulated."""
+    return (row["part"] == "synth" and row.get("synth_version") == SYNTH_V3_VERSION
+            and row.get("generic_digest") == generic_digest and row["pretrain_epochs"] == SYNTH_V3["pretrain_epochs"]
+            and row["config"]["epochs"] == SYNTH_V3["adapt_epochs"] and row.get("rerank_k") == SYNTH_V3["rerank_k"]
+            and row.get("synthetic") == {k: SYNTH_V3[k] for k in ("train_ids", "test_ids", "images_per_id")})
+
+
+def paired_summary(rows: list[dict[str, Any]], resamples: int = _bootstrap.RESAMPLES,
+                   seed: int = _bootstrap.SEED) -> dict[str, dict[str, Any]]:
+    """Per variant: mean ITM / ITC mAP (%) over its (setting, seed) rows and the mean paired difference to
+    source-only on the same (setting, seed), with its 95 % percentile-bootstrap interval over those pairs
+    (benchmarks/_bootstrap.py); ``pairs`` = how many pairs the differences have."""
+    import numpy as np
+
+    by = {(r["variant"], r["setting"], r["seed"]): r for r in rows}
+
+    def values(variant: str, ranking: str) -> dict[tuple[str, int], float]:
+        return {(k[1], k[2]): 100.0 * r[ranking]["map"] for k, r in by.items() if k[0] == variant and r.get(ranking)}
+
+    out: dict[str, dict[str, Any]] = {}
+    for variant in V3_VARIANTS:
+        if not any(k[0] == variant for k in by):
+            continue
+        entry: dict[str, Any] = {}
+        for ranking in ("itm", "itc"):
+            mine = values(variant, ranking)
+            entry[f"{ranking}_map"] = float(np.mean(list(mine.values()))) if mine else float("nan")
+            keys, diffs = _bootstrap.paired_differences(mine, values("source-only", ranking))
+            ci = (_bootstrap.paired_ci(diffs, resamples, seed) if keys
+                  else {"mean": float("nan"), "ci95": [float("nan"), float("nan")]})
+            entry[f"delta_{ranking}"] = {"mean": ci["mean"], "ci95": ci["ci95"]}
+            entry[f"{ranking}_pairs"] = len(keys)
+        out[variant] = entry
+    return out
+
+
+SUMMARY_KEYS = ("itm_map", "itc_map", "delta_itm", "delta_itc")
+
+
+def v3_summary(rows: list[dict[str, Any]], generic_digest: str) -> dict[str, Any]:
+    """``results/gckd_v3_summary.json``: protocol, seeds (how many), settings, and per variant the mean ITM /
+    ITC mAP (%) and the paired Δ against source-only with its 95 % bootstrap interval — exactly these keys."""
+    runs = [r for r in valid_rows(rows) if current_v3(r, generic_digest)]
+    paired = paired_summary(runs)
+    return {"protocol": f"v{SYNTH_V3_VERSION}", "seeds": len({r["seed"] for r in runs}),
+            "settings": [s for s in SETTINGS if any(r["setting"] == s for r in runs)],
+            "variants": {name: {k: entry[k] for k in SUMMARY_KEYS} for name, entry in paired.items()}}
+
+
+def _ci_cell(delta: dict[str, Any]) -> str:
+    lo, hi = delta["ci95"]
+    return f"{delta['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def _paired_lines(paired: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| variant | ITM-reranked mAP | Δ ITM vs source-only [95 % CI] | ITC mAP | Δ ITC vs source-only [95 % CI] "
+             "| pairs |", "|---|---:|---:|---:|---:|---:|"]
+    for name, e in paired.items():
+        label = f"**{name}**" if name == "gckd" else name
+        lines.append(f"| {label} | {e['itm_map']:.2f} | {_ci_cell(e['delta_itm'])} | {e['itc_map']:.2f} | "
+                     f"{_ci_cell(e['delta_itc'])} | {e['itc_pairs']} |")
+    return lines
+
+
+def caption_uniqueness_table(seeds: list[int]) -> dict[str, dict[str, float]]:
+    """Per dataset, the v3 target test captions' ``unique`` fraction and ``mean_fitting`` (identities a caption
+    fits), averaged over ``seeds`` (:func:`crossret.data.synthetic_person.caption_uniqueness`; no rendering)."""
+    import numpy as np
+
+    from crossret.data.synthetic_person import caption_uniqueness
+
+    out = {}
+    for key, style in DATASET.items():
+        stats = [caption_uniqueness(style, SYNTH_V3["train_ids"], SYNTH_V3["test_ids"], SYNTH_V3["images_per_id"],
+                                    seed) for seed in seeds]
+        out[DIRS[key]] = {k: float(np.mean([s[k] for s in stats])) for k in ("unique", "mean_fitting")}
+    return out
+
+
+def v3_markdown(rows: list[dict[str, Any]], generic: dict[str, Any] | None, generic_digest: str,
+                uniqueness: dict[str, dict[str, float]] | None = None) -> str:
+    """``results/gckd_v3.md``: the paired table of protocol v3 (ITM re-ranking, the paper's inference, first;
+    ITC beside it), the per-setting means, and the same paired table for the recorded Wikipedia rows."""
+    runs = [r for r in valid_rows(rows) if current_v3(r, generic_digest)]
+    other = sum(1 for r in rows if r["part"] == "synth" and r.get("synth_version") == SYNTH_V3_VERSION) - len(runs)
+    p = SYNTH_V3
+    lines = ["# GCKD, synthetic protocol v3: text→image on the target (mAP, %)", "",
+             f"Every run starts from one generic pre-trained tiny ALBEF (base lexicon only), trains "
+             f"{p['pretrain_epochs']} epochs on the source, then each variant trains {p['adapt_epochs']} epochs from "
+             f"that model (α = {p['train']['alpha']}); evaluated once at the last epoch on the target test split "
+             f"({p['test_ids']} identities × {p['images_per_id']} images). ITM = the paper's inference (ITC top-"
+             f"{p['rerank_k']} re-ranked by the ITM head); ITC = cosine ranking. Δ = variant − source-only on the "
+             "same (setting, seed), mean over the pairs with a 95 % percentile-bootstrap interval (10,000 "
+             "resamples, seed 0). Written by `benchmarks/gckd.py --protocol v3`.", ""]
+    if generic:
+        itc = generic.get("generic_test") or {}
+        lines += [f"Generic model: held-out generic identities ITC mAP {100 * itc.get('map', float('nan')):.2f} "
+                  f"({generic.get('train_seconds', float('nan')):.0f} s to train).", ""]
+    if other:
+        lines += [f"{other} v3 rows of another v3 configuration are left out.", ""]
+    if runs:
+        seeds = sorted({r["seed"] for r in runs})
+        settings = [s for s in SETTINGS if any(r["setting"] == s for r in runs)]
+        lines += [f"## Synthetic v3: {len(settings)} settings × {len(seeds)} seeds ({len(runs)} runs)", "",
+                  *_paired_lines(paired_summary(runs)), "", "Per setting (mean ± std over seeds):", "",
+                  "| setting | variant | ITM mAP | ITC mAP | ITC R@1 | pseudo-pairs/step | pseudo-pair precision "
+                  "| seeds |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for e in sorted(summarise(runs), key=lambda e: (e["setting"], list(V3_VARIANTS).index(e["variant"]))):
+            def cell(key: str, e: dict[str, Any] = e) -> str:
+                return f"{100 * e[key + '_mean']:.2f} ± {100 * e[key + '_std']:.2f}" if key + "_mean" in e else "-"
+            prec = e["pseudo_pair_precision_mean"]
+            lines.append(f"| {e['setting'].split(' ')[0]} | {e['variant']} | {cell('itm_map')} | {cell('itc_map')} | "
+                         f"{cell('itc_rank1')} | {e['pseudo_pairs_per_step_mean']:.2f} | "
+                         f"{'-' if prec is None else f'{100 * prec:.1f}'} | {len(e['seeds'])} |")
+        lines.append("")
+    else:
+        lines += ["No v3 runs recorded yet.", ""]
+    if uniqueness:
+        lines += ["Target test captions that fit exactly one identity of the split (unique) and the mean number of "
+                  "the split's identities a caption fits (generator property, mean over the seeds):", "",
+                  "| dataset | unique captions | identities per caption |", "|---|---:|---:|"]
+        lines += [f"| {name} | {100 * u['unique']:.1f} % | {u['mean_fitting']:.2f} |" for name, u in uniqueness.items()]
+        lines.append("")
+    wiki = [r for r in valid_rows(rows) if r["part"] == "wiki"]
+    if wiki:
+        lines += [f"## Wikipedia, categories 0-4 → 5-9 (recorded rows as they are; {len({r['seed'] for r in wiki})} "
+                  "seeds, one setting: pairs = seeds)", "", "With this few pairs a percentile-bootstrap interval "
+                  "is too narrow (it can only take the few distinct resample means); read it as the spread of "
+                  "the seeds, not as a 95 % interval.", "", *_paired_lines(paired_summary(wiki)), ""]
+    return "\n".join(lines)
+
+
 def _read_runs(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -435,54 +654,75 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, **{f"{ranking}_{k}": v for ranking in ("itc", "itm") for k, v in (row.get(ranking) or {}).items()}}
 
 
-def checkable(row: dict[str, Any], generic_digest: str) -> bool:
+def checkable(row: dict[str, Any], generic_digest: str | dict[int, str]) -> bool:
     """Whether this code makes ``row``'s setting: a wiki row, or a synthetic row of today's protocol version,
-    generic model, pre-training length and dataset sizes (version 1 trained from scratch, which it no longer does)."""
+    generic model, pre-training length and dataset sizes (version 1 trained from scratch, which it no longer does).
+    ``generic_digest``: the v2 generic model's digest, or the digest per protocol version."""
+    digests = generic_digest if isinstance(generic_digest, dict) else {SYNTH_VERSION: generic_digest}
     if row["part"] == "wiki":
         return row["pretrain_epochs"] == WIKI["pretrain_epochs"]
-    return (row.get("synth_version", 1) == SYNTH_VERSION and row.get("generic_digest") == generic_digest
+    if row.get("synth_version") == SYNTH_V3_VERSION:
+        return SYNTH_V3_VERSION in digests and current_v3(row, digests[SYNTH_V3_VERSION])
+    return (row.get("synth_version", 1) == SYNTH_VERSION and row.get("generic_digest") == digests.get(SYNTH_VERSION)
             and row["pretrain_epochs"] == SYNTH["pretrain_epochs"]
             and row.get("synthetic") == {k: SYNTH[k] for k in ("train_ids", "test_ids", "images_per_id")})
 
 
 def _check_one(job: dict[str, Any]) -> dict[str, Any]:
     """The one row a check job makes (its pre-training redone, its variant trained with the recorded config)."""
-    return _flat((run_wiki if job["part"] == "wiki" else run_synth)(job)[0])
+    return _check_view((run_wiki if job["part"] == "wiki" else run_synth)(job)[0])
+
+
+def _check_view(row: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_flat`, with v3 rows under part ``synth-v3`` (so that they never pair with a v2 row)."""
+    flat = _flat(row)
+    if row.get("synth_version") == SYNTH_V3_VERSION:
+        flat["part"] = "synth-v3"
+    return flat
 
 
 def check(rows: list[dict[str, Any]], n: int, seed: int, data_dir: str, jobs: int, generic_threads: int,
-          recorded_generic: dict[str, Any] | None, out: Path) -> int:
+          recorded_generic: dict[int, dict[str, Any] | None] | dict[str, Any] | None, out: Path) -> int:
     """Re-run ``n`` sampled checkable rows with their recorded configs and compare them exactly; writes
-    ``<out>_check.{json,md}``. When synthetic rows are sampled, the generic model they start from is re-made
-    first (in a temporary directory) and its held-out metrics are compared with ``recorded_generic``'s as one
-    more row. Returns 0 when everything reproduces, 1 otherwise."""
-    spec, digest = generic_spec()
-    eligible = [r for r in rows if checkable(r, digest)]
-    sample = _repro.sample_rows(eligible, n, seed, strata=lambda r: (r["part"], r["variant"]))
+    ``<out>_check.{json,md}``. When synthetic rows are sampled, the generic model of each protocol version
+    they start from is re-made first (in a temporary directory) and its held-out metrics are compared with
+    the recorded report's (``recorded_generic``: per version, or the v2 report) as one more row. Returns 0
+    when everything reproduces, 1 otherwise."""
+    if recorded_generic is not None and "digest" in recorded_generic:
+        recorded_generic = {SYNTH_VERSION: recorded_generic}  # type: ignore[dict-item]
+    recorded = recorded_generic or {}
+    digests = {v: generic_spec(v)[1] for v in (SYNTH_VERSION, SYNTH_V3_VERSION)}
+    eligible = [r for r in rows if checkable(r, digests)]
+    sample = _repro.sample_rows(eligible, n, seed, strata=lambda r: (
+        (r["part"] + "-v3", r["variant"]) if r.get("synth_version") == SYNTH_V3_VERSION else (r["part"], r["variant"])))
     print(f"check: {len(sample)} of {len(eligible)} checkable rows ({len(rows) - len(eligible)} rows of older "
           "protocols are not checkable)", file=sys.stderr)
     generic_rows: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])  # (recorded, now)
     with tempfile.TemporaryDirectory(prefix="crossret-gckd-check-") as tmp:
-        generic = None
-        if any(r["part"] == "synth" for r in sample):
-            print("generic pre-training, re-made for the check ...", file=sys.stderr)
-            generic = generic_pretraining(Path(tmp), threads=generic_threads)
+        generics: dict[int, dict[str, Any]] = {}
+        for version in sorted({r.get("synth_version", 1) for r in sample if r["part"] == "synth"}):
+            print(f"generic pre-training (protocol v{version}), re-made for the check ...", file=sys.stderr)
+            generic = generics[version] = generic_pretraining(Path(tmp) / f"v{version}", threads=generic_threads,
+                                                              version=version)
             print(f"generic pre-training: {generic['train_seconds']:.0f}s, held-out ITC mAP "
                   f"{100 * generic['generic_test']['map']:.2f}", file=sys.stderr)
-            if recorded_generic and recorded_generic.get("digest") == digest:
-                label = {"part": "generic", "setting": f"pre-training {digest}", "variant": "-",
-                         "seed": spec["generic"]["seed"]}
-                generic_rows = ([_flat({**label, "itc": recorded_generic["generic_test"]})],
-                                [_flat({**label, "itc": generic["generic_test"]})])
+            before = recorded.get(version)
+            if before and before.get("digest") == digests[version]:
+                label = {"part": "generic", "setting": f"pre-training {digests[version]}", "variant": "-",
+                         "seed": generic_spec(version)[0]["generic"]["seed"]}
+                generic_rows[0].append(_flat({**label, "itc": before["generic_test"]}))
+                generic_rows[1].append(_flat({**label, "itc": generic["generic_test"]}))
         check_jobs = [{"part": r["part"], "seed": r["seed"], "variants": [r["variant"]], "config": r["config"],
-                       "data_dir": data_dir, "generic": generic,
-                       **({"source": r["setting"][0], "targets": [r["setting"][-1]]} if r["part"] == "synth" else {})}
+                       "data_dir": data_dir, **({"source": r["setting"][0], "targets": [r["setting"][-1]],
+                                                 "version": r.get("synth_version", 1),
+                                                 "generic": generics[r.get("synth_version", 1)]}
+                                                if r["part"] == "synth" else {})}
                       for r in sample]
         fresh = _repro.rerun(_check_one, check_jobs, jobs, describe=lambda row: (
             f"check {row['setting']} {row['variant']} seed {row['seed']}: ITC mAP {100 * row['itc_map']:.2f} "
             f"({row['train_seconds']:.0f}s)"))
-    comparisons = _repro.compare_rows([*map(_flat, sample), *generic_rows[0]], [*fresh, *generic_rows[1]], CHECK_KEYS,
-                                      CHECK_FIELDS)
+    comparisons = _repro.compare_rows([*map(_check_view, sample), *generic_rows[0]], [*fresh, *generic_rows[1]],
+                                      CHECK_KEYS, CHECK_FIELDS)
     environments = {_repro.digest(e): e for e in (r.get("environment", "not recorded") for r in sample)}
     payload, text = _repro.check_report("benchmarks/gckd.py", comparisons, list(environments.values()), CHECK_FIELDS)
     write_json_atomic(out.parent / f"{out.name}_check.json", payload)
@@ -491,12 +731,68 @@ def check(rows: list[dict[str, Any]], n: int, seed: int, data_dir: str, jobs: in
     return 0 if payload["reproduced"] == payload["checked"] else 1
 
 
+def _run_jobs(jobs: list[tuple[Any, dict[str, Any]]], workers: int) -> None:
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [pool.submit(fn, job) for fn, job in jobs]
+        for future in as_completed(futures):
+            future.result()  # rows are in the runs file already; this re-raises a worker's error
+
+
+def run_v3(args: argparse.Namespace, rows: list[dict[str, Any]], runs_path: Path, out: Path) -> int:
+    """``--protocol v3``: the synthetic part with protocol v3 (rows appended to the same runs file, resumed
+    the same way), then ``<out>_v3.json`` (everything), ``<out>_v3_summary.json`` (:func:`v3_summary`) and
+    ``<out>_v3.md``. The wiki part is not run: its recorded rows are tabulated as they are."""
+    started = time.time()
+    seeds = list(V3_SEEDS) if args.seeds is None else args.seeds
+    _, digest = generic_spec(SYNTH_V3_VERSION)
+    report = CACHE / f"gckd-generic-{digest}" / "report.json"
+    generic = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else None
+    if not args.tables_only:
+        done = {(r["setting"], r["variant"], r["seed"]) for r in rows if current_v3(r, digest)}
+        print("generic pre-training, protocol v3 (cached after the first time) ...", file=sys.stderr)
+        generic = generic_pretraining(CACHE, threads=args.generic_threads, version=SYNTH_V3_VERSION)
+        jobs: list[tuple[Any, dict[str, Any]]] = []
+        for seed in seeds:
+            for source in "CIR":
+                settings = [s for s in args.settings if s[0] == source]
+                todo = [v for v in args.variants if any((s, v, seed) not in done for s in settings)]
+                targets = [s[-1] for s in settings if any((s, v, seed) not in done for v in args.variants)]
+                if targets:
+                    jobs.append((run_synth, {"seed": seed, "source": source, "targets": targets, "generic": generic,
+                                             "version": SYNTH_V3_VERSION, "variants": todo,
+                                             "done": [[s, v] for (s, v, sd) in done if sd == seed],
+                                             "runs_path": str(runs_path)}))
+        print(f"{len(jobs)} v3 jobs to do ({len(done)} v3 runs already recorded in {runs_path})", file=sys.stderr)
+        _run_jobs(jobs, args.jobs)
+        rows = _read_runs(runs_path)
+    runs = [r for r in valid_rows(rows) if current_v3(r, digest)]
+    uniqueness = caption_uniqueness_table(sorted({r["seed"] for r in runs}) or seeds)
+    summary = v3_summary(rows, digest)
+    payload = {"script": "benchmarks/gckd.py --protocol v3", "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "wall_seconds_this_invocation": round(time.time() - started, 1), "variants": V3_VARIANTS,
+               "synth_protocol": {**SYNTH_V3, "version": SYNTH_V3_VERSION, "dev_seed": SYNTH_V3_DEV_SEED},
+               "generic_pretraining": generic, "paired": paired_summary(runs),
+               "wiki_paired": paired_summary([r for r in valid_rows(rows) if r["part"] == "wiki"]),
+               "per_setting": summarise(runs), "caption_uniqueness": uniqueness, "runs_file": runs_path.name}
+    write_json_atomic(out.parent / f"{out.name}_v3.json", payload)
+    write_json_atomic(out.parent / f"{out.name}_v3_summary.json", summary)
+    write_text_atomic(out.parent / f"{out.name}_v3.md", v3_markdown(rows, generic, digest, uniqueness))
+    print(f"wrote {out.name}_v3.json, {out.name}_v3_summary.json and {out.name}_v3.md in {out.parent}",
+          file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="benchmark data directory (default $CROSSRET_DATA)")
     parser.add_argument("--parts", nargs="+", default=["wiki", "synth"], choices=("wiki", "synth"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--protocol", default="v2", choices=("v2", "v3"),
+                        help="synthetic protocol: v2 (results/gckd.*) or v3 (synthetic part only, results/gckd_v3*; "
+                        "the wiki rows are tabulated as recorded)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="default: 0 1 2 (v2), 0..7 (v3)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(V3_VARIANTS),
+                        help=f"default: the six of every protocol; v3 also: {', '.join(list(V3_VARIANTS)[6:]) or '-'}")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes (1 torch thread each)")
     parser.add_argument("--generic-threads", type=int, default=1, help="torch threads of the generic pre-training")
@@ -512,12 +808,20 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     runs_path = out.parent / f"{out.name}_runs.jsonl"
     rows = _read_runs(runs_path)
+    if args.protocol == "v3" and not args.check:
+        return run_v3(args, rows, runs_path, out)
+    if args.seeds is None:
+        args.seeds = [0, 1, 2]
+    if set(args.variants) - set(VARIANTS):
+        parser.error(f"--variants {' '.join(sorted(set(args.variants) - set(VARIANTS)))}: only with --protocol v3")
     if args.check:
         from crossret.data import resolve_data_dir
 
-        tables = out.with_suffix(".json")  # the generic model's recorded report is there, not in the cache
-        recorded_generic = json.loads(tables.read_text(encoding="utf-8")).get("generic_pretraining") \
-            if tables.exists() else None
+        recorded_generic = {}  # the generic models' recorded reports are in the tables, not in the cache
+        for version, tables in ((SYNTH_VERSION, out.with_suffix(".json")),
+                                (SYNTH_V3_VERSION, out.parent / f"{out.name}_v3.json")):
+            if tables.exists():
+                recorded_generic[version] = json.loads(tables.read_text(encoding="utf-8")).get("generic_pretraining")
         return check(rows, args.check, args.check_seed, str(resolve_data_dir(args.data_dir)), args.jobs,
                      args.generic_threads, recorded_generic, out)
     started = time.time()
@@ -555,11 +859,9 @@ def main(argv: list[str] | None = None) -> int:
         for _, job in jobs:
             job["runs_path"] = str(runs_path)
         print(f"{len(jobs)} jobs to do ({len(rows)} runs already recorded in {runs_path})", file=sys.stderr)
-        with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = [pool.submit(fn, job) for fn, job in jobs]
-            for future in as_completed(futures):
-                future.result()  # rows are in the runs file already; this re-raises a worker's error
+        _run_jobs(jobs, args.jobs)
         rows = _read_runs(runs_path)
+    rows = [r for r in rows if r.get("synth_version", 1) != SYNTH_V3_VERSION]  # v3 has its own tables (run_v3)
     payload = {"script": "benchmarks/gckd.py", "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                "wall_seconds_this_invocation": round(time.time() - started, 1), "variants": VARIANTS,
                "wiki_protocol": WIKI, "synth_protocol": {**SYNTH, "version": SYNTH_VERSION},

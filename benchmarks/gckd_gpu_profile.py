@@ -43,7 +43,8 @@ def _trainer(model_size: str, device: str, batch: int, amp: str, adapt: bool) ->
     common: dict[str, Any] = dict(epochs=1, ids_per_batch=max(1, batch // 2), pairs_per_id=2, amp=amp,
                                   warmup_epochs=0.0)
     # Random batches cannot be fetched by index, so the banks start empty (no warm start): step time only.
-    train = GckdConfig(target_batch=batch, warm_start_banks=False, **common) if adapt else GckdConfig.source_only(**common)
+    train = (GckdConfig(target_batch=batch, warm_start_banks=False, **common) if adapt
+             else GckdConfig.source_only(**common))
     special = torch.tensor([0, 1, 2, 3, 4], device=device)
 
     def mask_fn(ids: torch.Tensor, attention: torch.Tensor | None, generator: torch.Generator

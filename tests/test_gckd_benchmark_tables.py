@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # gckd.py imports _repro, _bootstrap
 _SPEC = importlib.util.spec_from_file_location(
     "gckd_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "gckd.py")
 bench = importlib.util.module_from_spec(_SPEC)

@@ -1325,6 +1325,9 @@ def gckd_synth(
                           ] = (48, 24),
     overwrite: Annotated[bool, typer.Option(help="Replace dataset folders an earlier gckd synth wrote (never other "
                                             "folders).")] = False,
+    protocol: Annotated[str, typer.Option(help="Caption protocol: v2 (every attribute named, shared words) or v3 "
+                                          "(2-4 attributes in varied wording, each dataset's own words for some "
+                                          "colours and garments); the images are the same.")] = "v2",
 ) -> None:
     """Write small synthetic person-retrieval datasets in the three real annotation formats, each with its
     own rendering and caption style (for trying the pipeline end to end; not a substitute for real data)."""
@@ -1335,7 +1338,7 @@ def gckd_synth(
 
     paths = generate_person_datasets(out_root, n_train_ids=train_ids, n_test_ids=test_ids,
                                      images_per_id=images_per_id, seed=seed, image_size=image_size,
-                                     overwrite=overwrite)
+                                     overwrite=overwrite, protocol=protocol)
     for style, path in paths.items():
         out.print(f"{style}: {path}")
 

@@ -35,6 +35,24 @@ has a random background, tint, contrast, blur and noise, and every caption uses 
 like template ("a photo of a lady in a navy tee, ...") with words drawn from all the datasets'
 synonyms. It teaches word–pixel grounding, not any dataset's rendering or sentence style, so the
 source → target shift (templates, word order, rendering) remains.
+
+**Protocol v3** (``protocol="v3"``; the default ``"v2"`` output is unchanged, byte for byte). The
+images are the same; the captions change so that the stand-in can measure adaptation:
+
+* a caption names a random subset of the identity's attribute groups (gender, hair, upper garment,
+  lower garment, shoes, bag, hat: 2-4 of them for CUHK-PEDES, 2-4 for ICFG-PEDES, 2-3 for RSTPReid),
+  sometimes only in part ("a red top", "long hair"), in one of several sentence templates with
+  synonyms and varied order, so that several identities of a split fit one caption
+  (:func:`caption_uniqueness` measures how many);
+* each dataset names five concepts (red, blue, green, jacket, backpack) with words of its own
+  (:data:`V3_SPECIFIC_WORDS`: "crimson" / "maroon" / "scarlet" for the same rendered red), the
+  other concepts with the shared base lexicon (:data:`V3_BASE_WORDS`);
+* the generic corpus uses the base lexicon only, so generic pre-training grounds "red" but none of
+  the datasets' own words, and a source model has never seen the target's words for those concepts.
+
+The v3 captions of an image come from a seeded stream of their own (:func:`v3_image_captions`),
+independent of the rendering, so what each caption says (:data:`Mentions`) can be re-made without
+rendering.
 """
 
 from __future__ import annotations
@@ -64,13 +82,20 @@ __all__ = [
     "ANNOTATION_FILES",
     "DATASET_DIRS",
     "GENERIC_STYLE",
+    "PROTOCOLS",
     "STYLES",
+    "V3_BASE_WORDS",
+    "V3_SPECIFIC_WORDS",
     "Identity",
+    "Mentions",
+    "caption_uniqueness",
     "dataset_captions",
     "generate_person_dataset",
     "generate_person_datasets",
     "generate_pretraining_corpus",
     "sample_identities",
+    "v3_image_captions",
+    "v3_words",
     "write_wordpiece_corpus",
 ]
 
@@ -489,6 +514,215 @@ _CAPTIONERS: dict[str, Callable[[Identity, bool, np.random.Generator], list[str]
 }
 
 
+# ---------------------------------------------------------------------------------------------- captions, v3
+PROTOCOLS: tuple[str, ...] = ("v2", "v3")
+"""Generator protocols: ``v2`` captions name every attribute with words every style shares with the generic
+corpus; ``v3`` captions name a random subset of attributes, and each style has its own words for some
+concepts that the generic corpus never uses (module docstring)."""
+
+V3_BASE_WORDS: dict[str, tuple[str, ...]] = {
+    "male": ("man", "guy", "male"), "female": ("woman", "lady", "female"), "person": ("person", "pedestrian"),
+    "tshirt": ("t-shirt", "short sleeved shirt"), "shirt": ("shirt", "long sleeved shirt"), "jacket": ("jacket",),
+    "top": ("top",), "trousers": ("pants", "trousers"), "shorts": ("shorts",), "skirt": ("skirt",),
+    "shoes": ("shoes",), "backpack": ("backpack",), "handbag": ("handbag", "purse"), "hat": ("hat", "cap"),
+    **{name: (name,) for name in (*COLOURS, *HAIR_COLOURS)}, "gray": ("gray", "grey"),
+}
+"""The base lexicon: every word of the v3 generic corpus for a concept (a key of :data:`V3_BASE_WORDS` is a
+gender, garment, bag, colour or ``"person"``/``"top"`` for an unnamed gender / upper-garment type)."""
+
+V3_SPECIFIC_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
+    "cuhk-pedes": {"red": ("crimson",), "blue": ("navy",), "green": ("olive",), "jacket": ("cardigan",),
+                   "backpack": ("knapsack",)},
+    "icfg-pedes": {"red": ("maroon",), "blue": ("cobalt",), "green": ("emerald",), "jacket": ("anorak",),
+                   "backpack": ("schoolbag",)},
+    "rstpreid": {"red": ("scarlet",), "blue": ("indigo",), "green": ("jade",), "jacket": ("parka",),
+                 "backpack": ("rucksack",)},
+}
+"""Each style's own words for the same five concepts: they replace the base words in that style's captions
+and appear in no other style and never in the generic corpus, so neither generic pre-training nor the source
+teaches a target's words for them."""
+
+_V3_STYLE_BASE: dict[str, dict[str, tuple[str, ...]]] = {  # each style's choice among the base synonyms
+    "cuhk-pedes": {"male": ("man", "guy"), "female": ("woman", "lady"), "gray": ("gray",)},
+    "icfg-pedes": {"male": ("male", "man"), "female": ("female", "woman"), "gray": ("grey",),
+                   "tshirt": ("short sleeved shirt",), "trousers": ("trousers",)},
+    "rstpreid": {"male": ("guy", "man"), "female": ("lady", "woman"), "tshirt": ("t-shirt",), "trousers": ("pants",)},
+}
+# (number of units a caption names: choices, weights); the gender counts as one unit.
+_V3_UNITS_PER_CAPTION: dict[str, tuple[tuple[int, ...], tuple[float, ...]]] = {
+    "cuhk-pedes": ((2, 3, 4), (0.4, 0.4, 0.2)), "icfg-pedes": ((2, 3, 4), (0.2, 0.5, 0.3)),
+    "rstpreid": ((2, 3), (0.6, 0.4)),
+}
+_V3_UNITS: tuple[str, ...] = ("gender", "hair", "upper", "lower", "shoes", "bag", "hat")
+_V3_UNIT_WEIGHTS: tuple[float, ...] = (1.5, 1.0, 1.5, 1.2, 1.0, 1.0, 1.0)
+_V3_BOTTOM_UP: tuple[str, ...] = ("shoes", "lower", "upper", "hat", "bag", "hair")  # ICFG's order
+
+Mentions = dict[str, object]
+"""What one v3 caption says: :class:`Identity` field name → value; an identity fits the caption when every
+named field has that value."""
+
+
+def v3_words(style: str) -> dict[str, tuple[str, ...]]:
+    """The v3 lexicon of ``style`` (a dataset style or ``"generic"``): concept → words drawn at random."""
+    if style == GENERIC_STYLE:
+        return dict(V3_BASE_WORDS)
+    style = _check_style(style)
+    return {**V3_BASE_WORDS, **_V3_STYLE_BASE[style], **V3_SPECIFIC_WORDS[style]}
+
+
+def _v3_phrases(ident: Identity, units: Sequence[str], words: dict[str, tuple[str, ...]], rng: np.random.Generator,
+                article: bool = True) -> tuple[list[tuple[str, str]], Mentions]:
+    """``(kind, phrase)`` per named unit (kind ``"wear"`` or ``"have"``) and what they say. Upper garments and
+    hair are sometimes named only in part (``"a red top"``, ``"long hair"``)."""
+    def say(key: str) -> str:
+        return _pick(rng, words[key])
+
+    def art(phrase: str) -> str:
+        return _a(phrase) if article else phrase
+
+    phrases: list[tuple[str, str]] = []
+    said: Mentions = {}
+    for unit in units:
+        if unit == "gender":
+            said["gender"] = ident.gender
+        elif unit == "hair":
+            part = _pick(rng, ("both", "colour", "length"), (0.6, 0.2, 0.2))
+            colour = "" if part == "length" else say(ident.hair_colour) + " "
+            length = "" if part == "colour" else ident.hair_length + " "
+            phrases.append(("have", f"{length}{colour}hair"))
+            if part != "colour":
+                said["hair_length"] = ident.hair_length
+            if part != "length":
+                said["hair_colour"] = ident.hair_colour
+        elif unit == "upper":
+            typed = rng.random() < 0.5
+            phrases.append(("wear", art(f"{say(ident.upper_colour)} {say(ident.upper_type if typed else 'top')}")))
+            said["upper_colour"] = ident.upper_colour
+            if typed:
+                said["upper_type"] = ident.upper_type
+        elif unit == "lower":
+            phrase = f"{say(ident.lower_colour)} {say(ident.lower_type)}"
+            phrases.append(("wear", art(phrase) if ident.lower_type == "skirt" else phrase))
+            said.update(lower_type=ident.lower_type, lower_colour=ident.lower_colour)
+        elif unit == "shoes":
+            phrases.append(("wear", f"{say(ident.shoes_colour)} {say('shoes')}"))
+            said["shoes_colour"] = ident.shoes_colour
+        elif unit == "bag":
+            phrases.append(("have", art(f"{say(ident.bag_colour)} {say(ident.bag)}") if ident.bag != "none"
+                            else "no bag"))
+            said["bag"] = ident.bag
+            if ident.bag != "none":
+                said["bag_colour"] = ident.bag_colour
+        else:  # hat
+            phrases.append(("wear", art(f"{say(ident.hat_colour)} {say('hat')}") if ident.hat else "no hat"))
+            said["hat"] = ident.hat
+            if ident.hat:
+                said["hat_colour"] = ident.hat_colour
+    return phrases, said
+
+
+def _join(parts: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _v3_caption(style: str, ident: Identity, rng: np.random.Generator) -> tuple[str, Mentions]:
+    """One v3 caption of ``ident`` in ``style`` (a dataset style) and what it says."""
+    words = v3_words(style)
+    counts, weights = _V3_UNITS_PER_CAPTION[style]
+    k = int(counts[int(rng.choice(len(counts), p=np.asarray(weights) / sum(weights)))])
+    w = np.asarray(_V3_UNIT_WEIGHTS)
+    units = [_V3_UNITS[i] for i in rng.choice(len(_V3_UNITS), size=k, replace=False, p=w / w.sum())]
+    if style == "icfg-pedes":
+        units.sort(key=lambda u: _V3_BOTTOM_UP.index(u) if u in _V3_BOTTOM_UP else -1)
+    gendered = "gender" in units
+    subject = _pick(rng, words[ident.gender] if gendered else words["person"])
+    pronoun = _pronouns(ident)[0] if gendered else "the " + subject
+    phrases, said = _v3_phrases(ident, units, words, rng, article=style != "rstpreid")
+    wear = [p for kind, p in phrases if kind == "wear"]
+    have = [p for kind, p in phrases if kind == "have"]
+    if style == "cuhk-pedes":
+        template = int(rng.integers(4))
+        if not wear or not have:  # k >= 2 units: at least one besides the gender
+            text = f"{_a(subject).capitalize()} {'wearing' if wear else 'with'} {_join(wear or have)}."
+        elif template == 0:
+            text = f"{_a(subject).capitalize()} wearing {_join(wear)} with {_join(have)}."
+        elif template == 1:
+            text = f"The {subject} is wearing {_join(wear)}. {pronoun.capitalize()} has {_join(have)}."
+        elif template == 2:
+            text = f"{_a(subject).capitalize()} with {_join(have)} is dressed in {_join(wear)}."
+        else:
+            text = f"This {subject} wears {_join(wear)} and has {_join(have)}."
+    elif style == "icfg-pedes":
+        opening = _pick(rng, ("The {s} is wearing", "This {s} is dressed in", "In this image the {s} wears"))
+        text = f"{opening.format(s=subject)} {_join(wear)}." if wear else f"The {subject} has {_join(have)}."
+        if wear and have:
+            text += f" {pronoun.capitalize()} {_pick(rng, ('has', 'also has', 'is seen with'))} {_join(have)}."
+    else:  # rstpreid: terse fragments in random order
+        fragments = [p for _, p in phrases]
+        fragments = [fragments[i] for i in rng.permutation(len(fragments))]
+        template = int(rng.integers(3))
+        if template == 0 or not fragments:
+            text = ", ".join([subject.capitalize(), *fragments]) + "."
+        elif template == 1:
+            text = "; ".join([fragments[0].capitalize(), *fragments[1:], subject]) + "."
+        else:
+            text = f"{subject.capitalize()} in {', '.join(fragments)}."
+    return text, said
+
+
+def v3_image_captions(style: str, ident: Identity, seed: int, pid: int, k: int) -> list[tuple[str, Mentions]]:
+    """The v3 captions of image ``k`` of identity ``pid`` (as :func:`generate_person_dataset` writes them with
+    ``protocol="v3"``) with what each says. They come from their own seeded stream, independent of the
+    image's rendering, so they can be re-made without rendering."""
+    style = _check_style(style)
+    rng = np.random.default_rng([int(seed), _style_index(style), 3, int(pid), int(k)])
+    return [_v3_caption(style, ident, rng) for _ in range(_STYLES[style].captions_per_image)]
+
+
+def _v3_generic_captions(ident: Identity, rng: np.random.Generator) -> list[str]:
+    """Two alt-text-like v3 generic captions: every attribute (the gender in 80 %), base lexicon only, in
+    random order."""
+    out = []
+    for _ in range(2):
+        units = ["hair", "upper", "lower", "shoes"]
+        if ident.bag != "none" or rng.random() < 0.5:
+            units.append("bag")
+        if ident.hat or rng.random() < 0.5:
+            units.append("hat")
+        phrases, _ = _v3_phrases(ident, units, V3_BASE_WORDS, rng)
+        body = ", ".join(phrases[i][1] for i in rng.permutation(len(phrases)))
+        person = _pick(rng, V3_BASE_WORDS[ident.gender] if rng.random() < 0.8 else V3_BASE_WORDS["person"])
+        opening = _pick(rng, (f"a photo of {_a(person)} with", f"{_a(person)} with", f"picture: {person},",
+                              f"street photo of {_a(person)}:"))
+        out.append(f"{opening} {body}.")
+    return out
+
+
+def caption_uniqueness(style: str, n_train_ids: int = 40, n_test_ids: int = 10, images_per_id: int = 4,
+                       seed: int = 0, *, n_val_ids: int = 0, split: str = "test") -> dict[str, float]:
+    """How far the v3 captions of ``split`` of the dataset :func:`generate_person_dataset` writes with these
+    arguments (and ``protocol="v3"``) identify a person, computed from the captions' :data:`Mentions`
+    without rendering: ``unique`` = fraction of captions that fit exactly one identity of the split,
+    ``mean_fitting`` = mean number of the split's identities a caption fits (its own included)."""
+    n_train, n_val, n_test = (_check_count(name, v, 0) for name, v in (("n_train_ids", n_train_ids),
+                                                                       ("n_val_ids", n_val_ids),
+                                                                       ("n_test_ids", n_test_ids)))
+    style = _check_style(style)
+    identities = sample_identities(n_train + n_val + n_test, style, seed)
+    first, count = {"train": (0, n_train), "val": (n_train, n_val), "test": (n_train + n_val, n_test)}[split]
+    members = identities[first:first + count]
+    fits = []
+    for pid in range(first, first + count):
+        for k in range(images_per_id):
+            for _, said in v3_image_captions(style, identities[pid], seed, pid, k):
+                fits.append(sum(all(getattr(p, f) == v for f, v in said.items()) for p in members))
+    if not fits:
+        raise ConfigError(f"split {split!r} has no identities")
+    return {"captions": float(len(fits)), "unique": float(np.mean(np.asarray(fits) == 1)),
+            "mean_fitting": float(np.mean(fits))}
+
+
 # ---------------------------------------------------------------------------------------------- writing
 def _image_name(style: str, split: str, pid: int, k: int, camera: int, ext: str) -> str:
     if style == "cuhk-pedes":
@@ -515,7 +749,7 @@ def _check_count(name: str, value: int, minimum: int) -> int:
 
 def generate_person_dataset(style: str, out_dir: str | os.PathLike, n_train_ids: int = 40, n_test_ids: int = 10,
                             images_per_id: int = 4, seed: int = 0, image_size: tuple[int, int] = (48, 24), *,
-                            n_val_ids: int = 0, overwrite: bool = False) -> Path:
+                            n_val_ids: int = 0, overwrite: bool = False, protocol: str = "v2") -> Path:
     """Write a synthetic dataset of ``style`` (``"cuhk-pedes"``, ``"icfg-pedes"``, ``"rstpreid"``) into
     ``out_dir``: the style's annotation json plus ``imgs/``; return ``out_dir``.
 
@@ -523,9 +757,11 @@ def generate_person_dataset(style: str, out_dir: str | os.PathLike, n_train_ids:
     val split), then ``n_test_ids`` test; each has ``images_per_id`` images. ``image_size`` = (H, W) is
     the base size; the width is scaled by the style's aspect factor. Files are written into a temporary
     sibling folder that is renamed into place, so ``out_dir`` is never left half-written; an existing
-    non-empty ``out_dir`` is replaced only with ``overwrite=True``.
+    non-empty ``out_dir`` is replaced only with ``overwrite=True``. ``protocol``: ``"v2"`` (every attribute
+    named) or ``"v3"`` (a random subset, the style's own words; module docstring); the images are the same.
     """
     style = _check_style(style)
+    protocol = _check_protocol(protocol)
     n_train = _check_count("n_train_ids", n_train_ids, 0)
     n_val = _check_count("n_val_ids", n_val_ids, 0)
     n_test = _check_count("n_test_ids", n_test_ids, 0)
@@ -542,16 +778,18 @@ def generate_person_dataset(style: str, out_dir: str | os.PathLike, n_train_ids:
     identities = sample_identities(n_train + n_val + n_test, style, seed)
     splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
     return _write_dataset(style, style, Path(out_dir), identities, splits, per_id, seed, (height, width),
-                          lambda rng: spec, overwrite)
+                          lambda rng: spec, overwrite, protocol)
 
 
 def generate_pretraining_corpus(out_dir: str | os.PathLike, n_ids: int = 1000, images_per_id: int = 2,
                                 seed: int = 0, image_size: tuple[int, int] = (48, 24), *, n_test_ids: int = 0,
-                                overwrite: bool = False) -> Path:
+                                overwrite: bool = False, protocol: str = "v2") -> Path:
     """Write the generic pre-training corpus (module docstring) into ``out_dir`` in the CUHK-PEDES format:
     ``n_ids`` train identities (then ``n_test_ids`` test identities, to monitor the pre-training), each
-    with ``images_per_id`` images in random rendering styles and two generic captions. Deterministic for
-    the arguments; written atomically like :func:`generate_person_dataset`."""
+    with ``images_per_id`` images in random rendering styles and two generic captions (``protocol="v3"``:
+    with the base lexicon :data:`V3_BASE_WORDS` only). Deterministic for the arguments; written atomically
+    like :func:`generate_person_dataset`."""
+    protocol = _check_protocol(protocol)
     n_train = _check_count("n_ids", n_ids, 1)
     n_test = _check_count("n_test_ids", n_test_ids, 0)
     per_id = _check_count("images_per_id", images_per_id, 1)
@@ -560,7 +798,13 @@ def generate_pretraining_corpus(out_dir: str | os.PathLike, n_ids: int = 1000, i
     identities = sample_identities(n_train + n_test, GENERIC_STYLE, seed)
     splits = ["train"] * n_train + ["test"] * n_test
     return _write_dataset(GENERIC_STYLE, "cuhk-pedes", Path(out_dir), identities, splits, per_id, seed,
-                          (int(image_size[0]), int(image_size[1])), _random_style, overwrite)
+                          (int(image_size[0]), int(image_size[1])), _random_style, overwrite, protocol)
+
+
+def _check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown synthetic protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    return protocol
 
 
 MAX_IMAGE_SIDE = 2048
@@ -579,10 +823,10 @@ SYNTHETIC_MARKER = ".crossret-synthetic"
 
 def _write_dataset(style: str, file_format: str, out: Path, identities: list[Identity], splits: list[str],
                    per_id: int, seed: int, size: tuple[int, int], spec_for: Callable[[np.random.Generator], _Style],
-                   overwrite: bool) -> Path:
+                   overwrite: bool, protocol: str = "v2") -> Path:
     """Render and write every image and annotation of one dataset (``style`` picks the captions and the
-    seeded streams, ``file_format`` the json layout and file names) into a temporary sibling folder that
-    is renamed into place."""
+    seeded streams, ``file_format`` the json layout and file names, ``protocol`` the caption generator) into
+    a temporary sibling folder that is renamed into place."""
     height, width = size
     style_index = _style_index(style)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -613,12 +857,19 @@ def _write_dataset(style: str, file_format: str, out: Path, identities: list[Ide
                     Image.fromarray(pixels).save(path, format="PNG")
                 else:
                     Image.fromarray(pixels).save(path, format="JPEG", quality=92, subsampling=0)
-                captions = _CAPTIONERS[style](ident, walking, rng)[: spec.captions_per_image]
+                if protocol == "v2":
+                    captions = _CAPTIONERS[style](ident, walking, rng)[: spec.captions_per_image]
+                elif style == GENERIC_STYLE:
+                    captions = _v3_generic_captions(ident, rng)[: spec.captions_per_image]
+                else:
+                    captions = [text for text, _ in v3_image_captions(style, ident, seed, pid, k)]
                 entries.append(_entry(file_format, split, pid, rel, captions))
         (tmp / ANNOTATION_FILES[file_format]).write_text(json.dumps(entries) + "\n", encoding="utf-8")
         # Only folders holding this marker are ever replaced (overwrite=True): a user's own data never is.
-        (tmp / SYNTHETIC_MARKER).write_text(json.dumps({"format": "crossret-synthetic-person", "style": style,
-                                                        "seed": seed}) + "\n", encoding="utf-8")
+        marker: dict[str, object] = {"format": "crossret-synthetic-person", "style": style, "seed": seed}
+        if protocol != "v2":  # v2 markers stay as they were
+            marker["protocol"] = protocol
+        (tmp / SYNTHETIC_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
         mode = 0o777 & ~_umask()
         for folder, dirs, _ in os.walk(tmp):  # mkdtemp makes a private 0700 folder; give normal permissions
             for d in dirs:
@@ -643,7 +894,7 @@ def _write_dataset(style: str, file_format: str, out: Path, identities: list[Ide
 def generate_person_datasets(out_root: str | os.PathLike, styles: Iterable[str] = STYLES, **kwargs: object
                              ) -> dict[str, Path]:
     """Generate several styles into ``out_root/<CUHK-PEDES|ICFG-PEDES|RSTPReid>``; kwargs as
-    :func:`generate_person_dataset` (``n_val_ids`` is ignored for ICFG-PEDES)."""
+    :func:`generate_person_dataset`, ``protocol`` included (``n_val_ids`` is ignored for ICFG-PEDES)."""
     paths = {}
     for style in styles:
         name = _check_style(style)

@@ -276,3 +276,111 @@ def test_errors() -> None:
         EncodedQueries(torch.ones(2, 3), torch.ones(2, 4, 5), torch.ones(2, 3))
     with pytest.raises(DataError, match="image_tokens"):
         EncodedGallery(torch.ones(2, 3), torch.ones(3, 1, 5))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# candidate score: "itm" (ALBEF / RaSa) and "itm+itc" (BLIP: ITM logit + itc_weight x ITC cosine)
+
+
+def combined_reference_orders(itc: np.ndarray, topk: np.ndarray, itm: np.ndarray, weight: float) -> list[list[int]]:
+    """The "itm+itc" re-ranked order in plain Python: candidates by (-(itm + weight * itc), -itc, index), then
+    the rest by (-itc, index)."""
+    orders = []
+    for q in range(itc.shape[0]):
+        cand = [int(g) for g in topk[q]]
+        score = {g: float(s) + weight * float(itc[q, g]) for g, s in zip(cand, itm[q], strict=True)}
+        head = sorted(cand, key=lambda g, q=q: (-score[g], -float(itc[q, g]), g))
+        rest = sorted((g for g in range(itc.shape[1]) if g not in score), key=lambda g, q=q: (-float(itc[q, g]), g))
+        orders.append(head + rest)
+    return orders
+
+
+@pytest.mark.parametrize(("seed", "weight"), [(0, 1.0), (1, 0.5), (2, 2.0), (3, 0.25), (4, 3.0)])
+def test_itm_plus_itc_order_matches_sorted_reference_with_ties(seed: int, weight: float) -> None:
+    rng = np.random.default_rng(100 + seed)
+    n_q, n_g, k = 12, 10, 5
+    queries, gallery, itc = integer_case(rng, n_q, n_g)  # integer ITC: many ties
+    topk = np.stack([rng.permutation(n_g)[:k] for _ in range(n_q)])
+    # Integer / half-integer ITM: with these weights itm + weight * itc ties across different (itm, itc) pairs.
+    itm = (rng.integers(-2, 3, (n_q, k)) / 2).astype(np.float32)
+    orders = combined_reference_orders(itc, topk, itm, weight)
+    scores = reranked_scores(itc, topk, itm, rerank_score="itm+itc", itc_weight=weight)
+    np.testing.assert_array_equal(np.argsort(-scores, axis=1, kind="stable"), np.array(orders))
+    combined = np.array([[float(itm[q, j]) + weight * float(itc[q, topk[q, j]]) for j in range(k)] for q in range(n_q)])
+    assert any(len(set(row)) < k for row in combined.tolist())  # a query really has tied combined scores
+
+    q_ids, g_ids = rng.integers(0, 4, n_q), rng.integers(0, 4, n_g)
+    ks = (1, 3, 5)
+    result = text_to_image_metrics(queries, gallery, q_ids, g_ids, rerank=(topk, itm), ks=ks,
+                                   rerank_score="itm+itc", itc_weight=weight)
+    assert_same(result["itm"], metrics_from_orders(orders, list(q_ids), list(g_ids), ks))
+    assert (result["rerank_score"], result["rerank_itc_weight"]) == ("itm+itc", weight)
+
+
+def test_itm_plus_itc_at_weight_zero_is_itm_alone_and_default_is_itm() -> None:
+    rng = np.random.default_rng(11)
+    queries, gallery, itc = integer_case(rng, 9, 8)
+    topk = stable_topk(itc, 4)
+    itm = rng.normal(size=(9, 4)).astype(np.float32)
+    q_ids, g_ids = rng.integers(0, 3, 9), rng.integers(0, 3, 8)
+    default = text_to_image_metrics(queries, gallery, q_ids, g_ids, rerank=(topk, itm))
+    zero = text_to_image_metrics(queries, gallery, q_ids, g_ids, rerank=(topk, itm), rerank_score="itm+itc",
+                                 itc_weight=0.0)
+    assert default["itm"] == zero["itm"]
+    assert (default["rerank_score"], default["rerank_itc_weight"]) == ("itm", 0.0)
+    np.testing.assert_array_equal(reranked_scores(itc, topk, itm), reranked_scores(itc, topk, itm, rerank_score="itm"))
+    # The weight is ignored (and recorded as 0) for "itm".
+    assert text_to_image_metrics(queries, gallery, q_ids, g_ids, rerank=(topk, itm), itc_weight=5.0) == default
+
+
+def test_itm_plus_itc_with_dominant_weight_reproduces_itc_metrics() -> None:
+    rng = np.random.default_rng(5)
+    text, image = torch.randn(8, 4), torch.randn(11, 4)  # continuous ITC: no ties
+    queries, gallery = EncodedQueries(text), EncodedGallery(image)
+    itc = (text @ image.T).numpy()
+    topk = stable_topk(itc, 6)
+    itm = rng.normal(size=(8, 6)).astype(np.float32)
+    q_ids, g_ids = rng.integers(0, 3, 8), rng.integers(0, 3, 11)
+    result = text_to_image_metrics(queries, gallery, q_ids, g_ids, rerank=(topk, itm), rerank_score="itm+itc",
+                                   itc_weight=1e6)
+    assert result["itm"] == result["itc"]
+    plain = text_to_image_metrics(queries, gallery, q_ids, g_ids, rerank=(topk, itm))
+    assert plain["itm"] != plain["itc"]  # ITM alone does move this ranking
+
+
+def test_evaluate_model_with_itm_plus_itc_equals_manual_combination() -> None:
+    model = feature_model(4)
+    rng = np.random.default_rng(1)
+    images, texts = torch.randn(10, 6), torch.randn(6, 5)
+    g_ids, q_ids = rng.integers(0, 3, 10), rng.integers(0, 3, 6)
+    full = evaluate_model(model, [images], [(texts, None)], q_ids, g_ids, rerank_k=5, rerank_score="itm+itc",
+                          itc_weight=2.0)
+    gallery, queries = encode_gallery(model, [images]), encode_queries(model, [(texts, None)])
+    topk, itm = itm_rerank(model, queries, gallery, k=5)
+    itc = (queries.text_feat @ gallery.image_feat.T).numpy()
+    orders = combined_reference_orders(itc, topk, itm, 2.0)
+    assert_same(full["itm"], metrics_from_orders(orders, list(q_ids), list(g_ids), (1, 5, 10)))
+    assert (full["rerank_score"], full["rerank_itc_weight"], full["rerank_k"]) == ("itm+itc", 2.0, 5)
+
+
+@pytest.mark.parametrize(("score", "weight", "match"), [
+    ("itc", 1.0, "rerank_score"), ("ITM", 1.0, "rerank_score"), (None, 1.0, "rerank_score"),
+    ("itm+itc", -1.0, "itc_weight"), ("itm+itc", float("nan"), "itc_weight"), ("itm+itc", float("inf"), "itc_weight"),
+    ("itm+itc", True, "itc_weight"), ("itm+itc", "1", "itc_weight"),
+])
+def test_rerank_score_errors(score, weight, match) -> None:
+    rng = np.random.default_rng(0)
+    queries, gallery, itc = integer_case(rng, 3, 4)
+    topk = stable_topk(itc, 2)
+    with pytest.raises(ConfigError, match=match):
+        text_to_image_metrics(queries, gallery, [0, 1, 2], [0, 1, 2, 3], rerank=(topk, np.zeros((3, 2))),
+                              rerank_score=score, itc_weight=weight)
+    with pytest.raises(ConfigError, match=match):
+        reranked_scores(itc, topk, np.zeros((3, 2)), rerank_score=score, itc_weight=weight)
+
+    def no_batches():
+        raise AssertionError("validated before encoding")
+        yield  # pragma: no cover
+
+    with pytest.raises(ConfigError, match=match):
+        evaluate_model(feature_model(), no_batches(), no_batches(), [0], [0], rerank_score=score, itc_weight=weight)

@@ -11,8 +11,13 @@ Protocol (ALBEF, Li et al., NeurIPS 2021, ``Retrieval.py: evaluation``; RaSa, Ba
 4. :func:`text_to_image_metrics`: Rank-k / mAP / mINP (mINP: Ye et al., TPAMI 2021) of the ITC ranking,
    and of the re-ranked one.
 
+Candidate score (``rerank_score``): ``"itm"`` (default) is ``s = s_itm`` alone, as ALBEF's and RaSa's
+``Retrieval.py`` (``score_matrix_t2i[i, topk_idx] = score``); ``"itm+itc"`` is
+``s = s_itm + λ · S[q, g]`` with ``λ = itc_weight`` (1 in BLIP, Li et al., ICML 2022,
+``train_retrieval.py``: ``score + topk_sim``, the raw cosine added to the ITM logit).
+
 Re-ranked order of a query (exact, computed by integer ranks, no score padding): its ``k``
-candidates first, by ``s_itm`` descending, ties by ITC score descending, then by gallery index; then
+candidates first, by ``s`` descending, ties by ITC score descending, then by gallery index; then
 every other item by ITC descending, ties by gallery index. RaSa pads the non-candidates with −100
 (so they tie and their order is arbitrary) and APTM adds 0.002 × the min-max-normalised ITC; both
 break ties among the non-candidates differently, which only changes mAP / mINP when relevant items lie
@@ -41,23 +46,28 @@ from crossret.retrieval.metrics import ranking_metrics
 from crossret.textimage.backbone import Backbone
 
 __all__ = [
+    "RERANK_SCORES",
     "TIE_RULE",
     "EncodedGallery",
     "EncodedQueries",
+    "check_rerank_score",
     "encode_gallery",
     "encode_queries",
     "evaluate_model",
     "itm_rerank",
+    "rerank_candidate_scores",
     "reranked_scores",
     "stable_topk",
     "text_to_image_metrics",
 ]
 
 TIE_RULE = (
-    "descending score, ties in gallery order; re-ranked: the ITC top-k by ITM logit[:, 1] descending "
-    "(ties by ITC score descending, then gallery index), then all other items by ITC descending "
-    "(ties by gallery index)"
+    "descending score, ties in gallery order; re-ranked: the ITC top-k by their candidate score descending "
+    "(rerank_score 'itm': ITM logit[:, 1]; 'itm+itc': ITM logit[:, 1] + itc_weight * ITC cosine; ties by ITC "
+    "score descending, then gallery index), then all other items by ITC descending (ties by gallery index)"
 )
+# "itm": ALBEF / RaSa (the ITM logit alone); "itm+itc": BLIP (ITM logit + itc_weight x ITC cosine).
+RERANK_SCORES = ("itm", "itm+itc")
 _CHUNK_ENTRIES = 1 << 22  # (query chunk x G) ITC entries per chunk, as crossret.retrieval.metrics
 _DEFAULT_QUERY_CHUNK = 1024
 
@@ -390,17 +400,50 @@ def _float32_order_key(x: np.ndarray) -> np.ndarray:
     return np.where(bits >= 0, bits, -(bits & 0x7FFFFFFF))
 
 
-def reranked_scores(itc: np.ndarray, topk_idx: np.ndarray, itm_scores: np.ndarray) -> np.ndarray:
+def check_rerank_score(rerank_score: Any, itc_weight: Any) -> tuple[str, float]:
+    """Validated ``(rerank_score, itc_weight)``: one of :data:`RERANK_SCORES` and a finite number ``>= 0``.
+
+    Raises:
+        ConfigError: naming the bad value.
+    """
+    if rerank_score not in RERANK_SCORES:
+        raise ConfigError(f"rerank_score={rerank_score!r} must be one of {', '.join(RERANK_SCORES)} ('itm': the ITM "
+                          "logit alone, as ALBEF/RaSa; 'itm+itc': ITM logit + itc_weight x ITC cosine, as BLIP)")
+    if (isinstance(itc_weight, (bool, np.bool_)) or not isinstance(itc_weight, (int, float, np.integer, np.floating))
+            or not np.isfinite(itc_weight) or itc_weight < 0):
+        raise ConfigError(f"itc_weight={itc_weight!r} must be a finite number >= 0")
+    return str(rerank_score), float(itc_weight)
+
+
+def rerank_candidate_scores(itc_candidates: np.ndarray, itm_scores: np.ndarray, rerank_score: str = "itm",
+                            itc_weight: float = 1.0) -> np.ndarray:
+    """Candidate scores ``s (n, k)`` float64 that order the re-ranked candidates (module docstring).
+
+    ``itc_candidates``: the ITC cosines ``S[q, topk_idx[q, j]]`` ``(n, k)``; ``itm_scores``: the ITM logits
+    ``(n, k)``. ``"itm"``: ``s = s_itm`` (ALBEF, RaSa); ``"itm+itc"``: ``s = s_itm + λ · S`` with
+    ``λ = itc_weight`` (BLIP: ``score + topk_sim``, λ = 1), summed in float64.
+    """
+    rerank_score, itc_weight = check_rerank_score(rerank_score, itc_weight)
+    score = np.asarray(itm_scores, dtype=np.float64)
+    if rerank_score == "itm+itc":
+        score = score + itc_weight * np.asarray(itc_candidates, dtype=np.float64)
+    return score
+
+
+def reranked_scores(itc: np.ndarray, topk_idx: np.ndarray, itm_scores: np.ndarray, *, rerank_score: str = "itm",
+                    itc_weight: float = 1.0) -> np.ndarray:
     """Integer scores ``(n, G)`` whose descending stable order is the re-ranked order (module docstring).
 
     ``itc (n, G)`` float32; ``topk_idx``, ``itm_scores (n, k)``. Candidates get
-    ``2^32 + k - p`` (``p`` = 0-based position after sorting them by (ITM desc, ITC desc, index)), every
-    other item its float32 order key of ITC (``< 2^31``), so candidates come first and the rest keep the
-    ITC order; equal ITC keys tie and the stable sort keeps gallery order.
+    ``2^32 + k - p`` (``p`` = 0-based position after sorting them by (candidate score ``s`` desc, ITC
+    desc, index); ``s`` from :func:`rerank_candidate_scores`), every other item its float32 order key
+    of ITC (``< 2^31``), so candidates come first and the rest keep the ITC order; equal ITC keys tie
+    and the stable sort keeps gallery order.
     """
     k = topk_idx.shape[1]
     itc_c = np.take_along_axis(itc, topk_idx, axis=1)
-    order = np.lexsort((topk_idx, -itc_c, -itm_scores), axis=-1)
+    score = rerank_candidate_scores(itc_c, itm_scores, rerank_score, itc_weight)
+    order = np.lexsort((topk_idx, -itc_c, -score), axis=-1)
     scores = _float32_order_key(itc)
     ranked = np.take_along_axis(topk_idx, order, axis=1)
     top = np.broadcast_to(_ABOVE_ALL_KEYS + np.arange(k, 0, -1, dtype=np.int64), ranked.shape)
@@ -416,23 +459,28 @@ def text_to_image_metrics(
     *,
     rerank: tuple[np.ndarray, np.ndarray] | None = None,
     ks: Sequence[int] = (1, 5, 10),
+    rerank_score: str = "itm",
+    itc_weight: float = 1.0,
 ) -> dict[str, Any]:
     """Rank-k, mAP and mINP of text-to-image retrieval (defined in :func:`~crossret.retrieval.metrics.ranking_metrics`).
 
     ``itc``: ranking by ``S = f_t f_vᵀ`` (float32) descending, ties by gallery index.
     ``itm`` (only with ``rerank=(topk_idx (Q, k), itm_scores (Q, k))``, e.g. from :func:`itm_rerank`):
-    each query's ``k`` candidates first, ordered by ITM score descending, ties by ITC descending, then by
-    gallery index; then all other items by ITC descending, ties by gallery index. Both are streamed in
-    query chunks (never a ``Q x G`` matrix at once) and ranked exactly (integer ranks, no epsilons).
+    each query's ``k`` candidates first, ordered by their candidate score descending (``rerank_score``
+    ``"itm"``: the ITM logit, ALBEF/RaSa; ``"itm+itc"``: ITM logit + ``itc_weight`` × ITC cosine, BLIP),
+    ties by ITC descending, then by gallery index; then all other items by ITC descending, ties by
+    gallery index. Both are streamed in query chunks (never a ``Q x G`` matrix at once) and ranked
+    exactly (integer ranks, no epsilons).
 
-    Returns ``{"itc": {...}, "itm": {...} (with rerank only), "rerank_k": k (0 without), "tie_rule": ...}``;
-    each metrics dict has ``rank{k}``, ``map``, ``minp`` (fractions), ``n_queries``, ``n_gallery``,
-    ``n_queries_without_relevant``.
+    Returns ``{"itc": {...}, "itm": {...} (with rerank only), "rerank_k": k (0 without), "rerank_score",
+    "rerank_itc_weight" (0.0 for "itm"), "tie_rule": ...}``; each metrics dict has ``rank{k}``, ``map``,
+    ``minp`` (fractions), ``n_queries``, ``n_gallery``, ``n_queries_without_relevant``.
 
     Raises:
         DataError: id counts that differ from the encoded rows, mismatched dims, NaN scores, a malformed
-            ``rerank``. ConfigError: bad ``ks``.
+            ``rerank``. ConfigError: bad ``ks``, ``rerank_score`` or ``itc_weight``.
     """
+    rerank_score, itc_weight = check_rerank_score(rerank_score, itc_weight)
     _check_pair(queries, gallery)
     n_q, n_g = len(queries), len(gallery)
     for name, ids, n, what in (("query_ids", query_ids, n_q, "encoded queries"),
@@ -445,6 +493,8 @@ def text_to_image_metrics(
     result: dict[str, Any] = {
         "itc": ranking_metrics(itc, query_ids, gallery_ids, ks=ks, chunk_size=chunk),
         "rerank_k": 0,
+        "rerank_score": rerank_score,
+        "rerank_itc_weight": itc_weight if rerank_score == "itm+itc" else 0.0,
         "tie_rule": TIE_RULE,
     }
     if rerank is None:
@@ -462,7 +512,8 @@ def text_to_image_metrics(
         raise DataError("itm_scores contain NaN; check the ITM logits")
 
     def reranked(start: int, stop: int) -> np.ndarray:
-        return reranked_scores(itc(start, stop), topk[start:stop], itm_scores[start:stop])
+        return reranked_scores(itc(start, stop), topk[start:stop], itm_scores[start:stop],
+                               rerank_score=rerank_score, itc_weight=itc_weight)
 
     result["itm"] = ranking_metrics(reranked, query_ids, gallery_ids, ks=ks, chunk_size=chunk)
     result["rerank_k"] = int(topk.shape[1])
@@ -480,18 +531,23 @@ def evaluate_model(
     device: str | torch.device = "cpu",
     batch_size: int = 64,
     ks: Sequence[int] = (1, 5, 10),
+    rerank_score: str = "itm",
+    itc_weight: float = 1.0,
 ) -> dict[str, Any]:
     """Encode, (optionally) ITM re-rank the ITC top ``rerank_k`` and compute the metrics.
 
     ``rerank_k=0`` skips re-ranking (and does not keep token states). ``batch_size`` is the number of
-    (query, candidate) pairs per ITM forward pass. Returns :func:`text_to_image_metrics`'s dict.
+    (query, candidate) pairs per ITM forward pass. ``rerank_score`` / ``itc_weight``: the candidate
+    score (:func:`text_to_image_metrics`). Returns :func:`text_to_image_metrics`'s dict.
     """
     if not isinstance(rerank_k, (int, np.integer)) or isinstance(rerank_k, bool) or rerank_k < 0:
         raise ConfigError(f"rerank_k must be a non-negative integer (0 disables re-ranking), got {rerank_k!r}")
+    check_rerank_score(rerank_score, itc_weight)  # before any encoding
     keep = rerank_k > 0
     gallery = encode_gallery(model, image_batches, device=device, keep_tokens=keep)
     queries = encode_queries(model, text_batches, device=device, keep_tokens=keep)
     rerank = None
     if keep:
         rerank = itm_rerank(model, queries, gallery, k=int(rerank_k), batch_size=batch_size, device=device)
-    return text_to_image_metrics(queries, gallery, query_ids, gallery_ids, rerank=rerank, ks=ks)
+    return text_to_image_metrics(queries, gallery, query_ids, gallery_ids, rerank=rerank, ks=ks,
+                                 rerank_score=rerank_score, itc_weight=itc_weight)

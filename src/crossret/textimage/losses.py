@@ -155,6 +155,35 @@ def sample_hard_negatives(sim_i2t: Tensor, sim_t2i: Tensor, ids: Tensor | None =
     return out[0], out[1]
 
 
+@torch.no_grad()
+def sample_weak_positives(ids: Tensor, probability: float, generator: torch.Generator | None = None) -> Tensor:
+    """ITM positive texts with RaSa's weak positives (p-ITM; Bai et al., IJCAI 2023): ``text_rows (B,)``.
+
+    Image row ``i`` is paired with its own text ``i`` unless a draw ``u_i ~ U(0, 1)`` falls below ``p =
+    probability`` and the batch holds another row of the same non-negative identity in ``ids (B,)``;
+    then with a row ``j ≠ i`` of that identity, drawn uniformly (another caption of the same person).
+    RaSa swaps in a caption of the person drawn from the whole training set; here the draw stays inside
+    the identity-balanced batch. ``p = 0`` returns ``arange(B)`` without touching ``generator`` (so the
+    ALBEF pairing and every later draw are unchanged). Returns int64 on ``ids.device``; deterministic
+    given ``generator``.
+    """
+    if isinstance(probability, bool) or not 0.0 <= float(probability) <= 1.0:
+        raise ConfigError(f"sample_weak_positives: probability={probability!r} must be in [0, 1]")
+    if ids.dim() != 1:
+        raise DataError(f"sample_weak_positives: ids must be (B,), got {tuple(ids.shape)}")
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    if float(probability) == 0.0 or ids.numel() == 0:
+        return rows
+    same = (ids.view(-1, 1) == ids.view(1, -1)) & (ids.view(-1, 1) >= 0)
+    same[rows, rows] = False
+    has_partner = same.any(dim=1)
+    weights = same.float()
+    weights[rows, rows] = (~has_partner).float()  # a valid (ignored) draw for rows without a partner
+    swap = (torch.rand(ids.shape[0], generator=generator, device=ids.device) < float(probability)) & has_partner
+    partner = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    return torch.where(swap, partner, rows)
+
+
 def itm_loss(itm_logits_pos: Tensor, itm_logits_neg: Tensor) -> Tensor:
     """ALBEF ITM loss: ``CE(cat[pos (P, 2), neg (Q, 2)], cat[1·P, 0·Q])`` averaged over all ``P + Q`` rows
     (column 1 = "matched"). GCKD's cross-domain ITM uses the same form with pseudo-positives."""

@@ -151,3 +151,25 @@ def test_cli_pretrain_runs_and_prints_json(datasets: dict[str, Path], tmp_path: 
     assert payload["stage"] == "pretrain" and payload["evaluated_on"].endswith(":test")
     assert payload["train_config"]["kd_weight"] == 0.0 and payload["train_config"]["memory_size"] == 16
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_cli_eval_rerank_score_options(runs: dict, datasets: dict[str, Path], tmp_path: Path) -> None:
+    """``--rerank-score itm+itc`` with weight 0 re-ranks exactly as the ITM logit alone; a huge ITC weight
+    ranks as ITC does; the choice is recorded; a bad choice is a ConfigError naming it."""
+    runner = CliRunner()
+    base = ["gckd", "eval", str(runs["root"] / "adapt"), "--data", str(datasets["rstpreid"]), "--rerank-k", "5",
+            "--json"]
+
+    def evaluation(*extra: str) -> dict:
+        result = runner.invoke(app, [*base, *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output.strip().splitlines()[-1])["evaluation"]
+
+    itm_only = evaluation()
+    zero = evaluation("--rerank-score", "itm+itc", "--rerank-itc-weight", "0")
+    assert zero["itm"] == itm_only["itm"] == runs["adapt"]["evaluation"]["itm"]
+    assert (itm_only["rerank_score"], zero["rerank_score"]) == ("itm", "itm+itc")
+    huge = evaluation("--rerank-score", "itm+itc", "--rerank-itc-weight", "1e9")
+    assert huge["itm"]["map"] == pytest.approx(huge["itc"]["map"], abs=1e-6)
+    bad = runner.invoke(app, [*base, "--rerank-score", "itc"])  # `crossret` turns a ConfigError into exit 2
+    assert isinstance(bad.exception, ConfigError) and "rerank_score='itc' must be one of" in str(bad.exception)

@@ -1238,6 +1238,11 @@ VocabOpt = Annotated[Path | None, typer.Option("--vocab", help="BERT vocab.txt. 
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda.")]
 RerankOpt = Annotated[int, typer.Option("--rerank-k", help="ITM re-ranking of each query's top-k images "
                                         "(0: ITC ranking only).")]
+RerankScoreOpt = Annotated[str, typer.Option("--rerank-score", help="How the top-k is re-ranked: itm (the ITM "
+                                             "logit, as ALBEF and RaSa) or itm+itc (plus --rerank-itc-weight "
+                                             "times the ITC cosine, as BLIP).")]
+RerankWeightOpt = Annotated[float, typer.Option("--rerank-itc-weight", help="Weight of the ITC cosine in "
+                                                "--rerank-score itm+itc.")]
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace the crossret run in --out (finished or interrupted) once the "
                                             "new one has finished.")]
 GckdResumeOpt = Annotated[bool, typer.Option(help="Continue an interrupted run in --out (same options; --workers "
@@ -1276,7 +1281,8 @@ class _WarningLines:
 
 def _gckd_run(stage: str, source: Path, target: Path | None, out_dir: Path, model: str, model_set: list[str] | None,
               init: str | None, vocab: Path | None, set_: list[str] | None, rerank_k: int, device: str,
-              overwrite: bool, resume: bool, as_json: bool, max_tokens: int, workers: int, strict: bool) -> None:
+              overwrite: bool, resume: bool, as_json: bool, max_tokens: int, workers: int, strict: bool, *,
+              rerank_score: str = "itm", rerank_itc_weight: float = 1.0) -> None:
     from crossret.extras import require
 
     require("gckd")
@@ -1285,7 +1291,8 @@ def _gckd_run(stage: str, source: Path, target: Path | None, out_dir: Path, mode
     config = GckdRunConfig(stage=stage, source_dir=str(source), target_dir=str(target) if target else None,
                            model=model, model_overrides=_parse_overrides(model_set), init=init, init_strict=strict,
                            vocab=str(vocab) if vocab else None, train=_parse_overrides(set_), rerank_k=rerank_k,
-                           device=device, max_tokens=max_tokens, workers=workers).validate()
+                           device=device, max_tokens=max_tokens, workers=workers, rerank_score=rerank_score,
+                           rerank_itc_weight=rerank_itc_weight).validate()
     with _WarningLines(), _progress_bar() as progress:
         metrics = run_gckd(config, out_dir, resume=resume, overwrite=overwrite, progress=progress)
     if as_json:
@@ -1305,7 +1312,8 @@ def _print_person_metrics(evaluation: dict[str, Any], title: str) -> None:
     table = Table(title=title)
     for column in ("ranking", "R@1 %", "R@5 %", "R@10 %", "mAP %", "mINP %"):
         table.add_column(column, justify="left" if column == "ranking" else "right")
-    for key, label in (("itc", "ITC"), ("itm", f"ITM re-rank top-{evaluation.get('rerank_k')}")):
+    rerank = "ITM" if evaluation.get("rerank_score", "itm") == "itm" else "ITM+ITC"
+    for key, label in (("itc", "ITC"), ("itm", f"{rerank} re-rank top-{evaluation.get('rerank_k')}")):
         if evaluation.get(key):
             m = evaluation[key]
             table.add_row(label, _pct(m["rank1"]), _pct(m["rank5"]), _pct(m["rank10"]), _pct(m["map"]),
@@ -1357,6 +1365,8 @@ def gckd_pretrain(
     vocab: VocabOpt = None,
     set_: TrainSetOpt = None,
     rerank_k: RerankOpt = 128,
+    rerank_score: RerankScoreOpt = "itm",
+    rerank_itc_weight: RerankWeightOpt = 1.0,
     device: DeviceOpt = "cpu",
     max_tokens: MaxTokensOpt = 40,
     workers: WorkersOpt = 0,
@@ -1367,7 +1377,8 @@ def gckd_pretrain(
 ) -> None:
     """Source training (identity-aware ITC with momentum distillation, ITM with hard negatives, MLM)."""
     _gckd_run("pretrain", source, target, out_dir, model, model_set, init, vocab, set_, rerank_k, device, overwrite,
-              resume, as_json, max_tokens, workers, strict)
+              resume, as_json, max_tokens, workers, strict, rerank_score=rerank_score,
+              rerank_itc_weight=rerank_itc_weight)
 
 
 @gckd_app.command("adapt")
@@ -1383,6 +1394,8 @@ def gckd_adapt(
     vocab: VocabOpt = None,
     set_: TrainSetOpt = None,
     rerank_k: RerankOpt = 128,
+    rerank_score: RerankScoreOpt = "itm",
+    rerank_itc_weight: RerankWeightOpt = 1.0,
     device: DeviceOpt = "cpu",
     max_tokens: MaxTokensOpt = 40,
     workers: WorkersOpt = 0,
@@ -1394,7 +1407,8 @@ def gckd_adapt(
     """GCKD adaptation: memory banks + kNN graph + GNN, EMA teacher with contrastive KD, δ-filtered
     cross-domain ITM, on top of the source losses."""
     _gckd_run("adapt", source, target, out_dir, model, model_set, init, vocab, set_, rerank_k, device, overwrite,
-              resume, as_json, max_tokens, workers, strict)
+              resume, as_json, max_tokens, workers, strict, rerank_score=rerank_score,
+              rerank_itc_weight=rerank_itc_weight)
 
 
 @gckd_app.command("eval")
@@ -1403,6 +1417,8 @@ def gckd_eval(
     data: Annotated[Path, typer.Option("--data", help="Dataset folder to evaluate on.")],
     split: Annotated[str, typer.Option(help="Split: test, val or train.")] = "test",
     rerank_k: RerankOpt = 128,
+    rerank_score: RerankScoreOpt = "itm",
+    rerank_itc_weight: RerankWeightOpt = 1.0,
     device: DeviceOpt = "cpu",
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Tokens per caption, [CLS] and [SEP] "
                                                    "included (default: the run's).")] = None,
@@ -1416,7 +1432,7 @@ def gckd_eval(
     from crossret.textimage.pipeline import evaluate_run
 
     result = evaluate_run(run_dir, data, split=split, rerank_k=rerank_k, device=device, max_tokens=max_tokens,
-                          workers=workers)
+                          workers=workers, rerank_score=rerank_score, rerank_itc_weight=rerank_itc_weight)
     if as_json:
         _print_json(result)
         return

@@ -113,6 +113,8 @@ class GckdRunConfig:
     max_tokens: int = 40
     train: dict[str, Any] = field(default_factory=dict)
     rerank_k: int = 128
+    rerank_score: str = "itm"
+    rerank_itc_weight: float = 1.0
     eval_batch_size: int = 64
     eval_split: str = "test"
     device: str = "cpu"
@@ -144,6 +146,9 @@ class GckdRunConfig:
             raise ConfigError(f"init_strict={self.init_strict!r} must be true or false")
         if not isinstance(self.rerank_k, int) or self.rerank_k < 0:
             raise ConfigError(f"rerank_k={self.rerank_k!r} must be an integer >= 0 (0: ITC ranking only)")
+        from crossret.textimage.evaluate import check_rerank_score
+
+        check_rerank_score(self.rerank_score, self.rerank_itc_weight)
         self.training_config()  # validates the GckdConfig keys early
         return self
 
@@ -372,10 +377,12 @@ def _batched(n: int, size: int) -> Iterator[np.ndarray]:
 
 
 def evaluate_view(model: AlbefModel, tokenizer: CaptionTokenizer, view: EvalView, *, rerank_k: int = 128,
-                  batch_size: int = 64, device: str = "cpu", workers: int = 0) -> dict[str, Any]:
+                  batch_size: int = 64, device: str = "cpu", workers: int = 0, rerank_score: str = "itm",
+                  rerank_itc_weight: float = 1.0) -> dict[str, Any]:
     """Text→image metrics of ``model`` on ``view`` (all captions vs all images), ITC and, with
-    ``rerank_k`` > 0, ITM re-ranking of each query's top-k (gckd.md §5). ``workers`` > 0 decodes the
-    gallery images in that many worker processes."""
+    ``rerank_k`` > 0, re-ranking of each query's top-k by ``rerank_score`` (``"itm"``: the ITM logit, as
+    ALBEF and RaSa; ``"itm+itc"``: plus ``rerank_itc_weight`` times the ITC cosine, as BLIP; docs/gckd.md).
+    ``workers`` > 0 decodes the gallery images in that many worker processes."""
     from crossret.textimage.evaluate import evaluate_model
 
     transform = ImageTransform.eval(tuple(model.config.image_size))
@@ -387,7 +394,8 @@ def evaluate_view(model: AlbefModel, tokenizer: CaptionTokenizer, view: EvalView
                     for rows in _batched(view.num_queries, batch_size))
     try:
         return evaluate_model(model, image_batches, text_batches, view.caption_person_ids, view.image_person_ids,
-                              rerank_k=rerank_k, device=device, batch_size=batch_size)
+                              rerank_k=rerank_k, device=device, batch_size=batch_size, rerank_score=rerank_score,
+                              itc_weight=rerank_itc_weight)
     finally:
         decoder.close()
 
@@ -508,7 +516,8 @@ def _run_gckd(config: GckdRunConfig, final_dir: Path, device: str, resume: bool,
             if progress is not None:
                 progress(0, 1, "evaluating")
             evaluation = evaluate_view(model, tokenizer, view, rerank_k=config.rerank_k,
-                                       batch_size=config.eval_batch_size, device=device, workers=config.workers)
+                                       batch_size=config.eval_batch_size, device=device, workers=config.workers,
+                                       rerank_score=config.rerank_score, rerank_itc_weight=config.rerank_itc_weight)
             metrics = {
                 "stage": config.stage, "finished_all_epochs": finished,
                 "source": source.name, "target": target.name if target is not None else None,
@@ -543,7 +552,7 @@ def _run_gckd(config: GckdRunConfig, final_dir: Path, device: str, resume: bool,
 
 def evaluate_run(run_dir: str | Path, dataset_dir: str | Path, *, split: str = "test", rerank_k: int = 128,
                  batch_size: int = 64, device: str = "cpu", max_tokens: int | None = None,
-                 workers: int = 0) -> dict[str, Any]:
+                 workers: int = 0, rerank_score: str = "itm", rerank_itc_weight: float = 1.0) -> dict[str, Any]:
     """Evaluate a finished run's model on ``split`` of another (or the same) dataset. Captions are cut
     at the run's ``max_tokens`` unless ``max_tokens`` is given (at most the model's position embeddings)."""
     run = Path(run_dir)
@@ -551,6 +560,9 @@ def evaluate_run(run_dir: str | Path, dataset_dir: str | Path, *, split: str = "
     if not model_file.is_file() or not vocab_file.is_file():
         raise DataError(f"{run}: not a finished crossret GCKD run (model.pt and vocab.txt are needed)")
     check_threads(workers, "workers (--workers)", minimum=0)
+    from crossret.textimage.evaluate import check_rerank_score
+
+    check_rerank_score(rerank_score, rerank_itc_weight)
     saved = read_yaml_mapping(runs.run_file(run, "config.yaml"))
     albef = AlbefConfig.from_dict(saved["albef"])
     tokens = int(saved["run"]["max_tokens"]) if max_tokens is None else max_tokens
@@ -560,7 +572,7 @@ def evaluate_run(run_dir: str | Path, dataset_dir: str | Path, *, split: str = "
     dataset = load_person_dataset(None, dataset_dir)
     view = build_eval_view(dataset, split, max_words=int(saved["run"]["max_words"]))
     result = evaluate_view(model, tokenizer, view, rerank_k=rerank_k, batch_size=batch_size, device=device,
-                           workers=workers)
+                           workers=workers, rerank_score=rerank_score, rerank_itc_weight=rerank_itc_weight)
     return {"run": str(run), "evaluated_on": f"{dataset.name}:{split}", "max_tokens": tokens, "evaluation": result}
 
 

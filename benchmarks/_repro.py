@@ -189,3 +189,50 @@ def check_report(script: str, comparisons: list[dict[str, Any]], recorded_enviro
                     parts.append(f"{f} {old} → {new}")
         lines.append(f"| {label} | {'yes' if c['reproduced'] else 'no'} | {'; '.join(parts) or '-'} |")
     return payload, "\n".join(lines) + "\n"
+
+
+def regenerating_path(runs_path: Path) -> Path:
+    """The sibling file a regeneration writes its fresh rows to as they finish (``x_runs.jsonl`` →
+    ``x_runs.regenerating.jsonl``); it resumes there when interrupted and goes once the runs file is replaced."""
+    return runs_path.with_suffix(".regenerating.jsonl")
+
+
+def regenerate_report(script: str, comparisons: list[dict[str, Any]], kept: list[dict[str, Any]],
+                      fields: tuple[str, ...], headline: tuple[str, ...]) -> tuple[dict[str, Any], str]:
+    """The JSON payload and a markdown summary of a regeneration. ``comparisons``: :func:`compare_rows` of the
+    recorded rows against their fresh versions, each with the ``headline`` fields' recorded and new values
+    added under ``values``; ``kept``: the rows left as recorded (their keys and ``why``)."""
+    moved = [c for c in comparisons if not c["reproduced"]]
+    reasons: dict[str, int] = {}
+    for row in kept:
+        reasons[row["why"]] = reasons.get(row["why"], 0) + 1
+    deltas = {f: [c["values"][f]["now"] - c["values"][f]["recorded"] for c in comparisons
+                  if isinstance(c["values"][f]["now"], (int, float)) and isinstance(c["values"][f]["recorded"],
+                                                                                    (int, float))]
+              for f in headline}
+    stats = {f: {"rows": len(d), "mean_abs_delta": sum(abs(x) for x in d) / len(d) if d else None,
+                 "max_abs_delta": max((abs(x) for x in d), default=None)} for f, d in deltas.items()}
+    payload = {"script": script, "environment_now": environment(), "regenerated": len(comparisons),
+               "moved": len(moved), "unchanged": len(comparisons) - len(moved), "kept": len(kept),
+               "kept_by_reason": reasons, "headline_deltas": stats, "rows": comparisons, "kept_rows": kept}
+    lines = [f"# Regeneration: {script}", "",
+             f"{len(comparisons)} rows re-run with their recorded configs: {len(moved)} moved, "
+             f"{len(comparisons) - len(moved)} identical. {len(kept)} rows kept as recorded"
+             + (": " + "; ".join(f"{n} {why}" for why, n in reasons.items()) if reasons else "") + ".", ""]
+    for f, s in stats.items():
+        if s["rows"]:
+            lines.append(f"- {f}: mean |Δ| {s['mean_abs_delta']:.6g}, max |Δ| {s['max_abs_delta']:.6g} "
+                         f"over {s['rows']} rows")
+    if moved:
+        keys = [k for k in moved[0] if k not in ("reproduced", "moved", "values")]
+        lines += ["", f"| {' | '.join(keys)} | {' | '.join(headline)} | other fields that moved |",
+                  "|" + "---|" * (len(keys) + len(headline) + 1)]
+        for c in moved:
+            cells = ["-" if c[k] is None else str(c[k]) for k in keys]
+            for f in headline:
+                old, new = c["values"][f]["recorded"], c["values"][f]["now"]
+                cells.append(f"{old:.6g} → {new:.6g}" if isinstance(old, float) and isinstance(new, float)
+                             else f"{old} → {new}")
+            cells.append(", ".join(f for f in fields if f in c["moved"] and f not in headline) or "-")
+            lines.append(f"| {' | '.join(cells)} |")
+    return payload, "\n".join(lines) + "\n"

@@ -55,6 +55,18 @@ in a temporary directory, never from ``benchmarks/.cache``: a cached model may c
 numerics); its held-out metrics are compared with the ones ``results/gckd.json`` (v3:
 ``results/gckd_v3.json``) records. A recorded config runs with the trainer's legacy values for keys it
 predates.
+
+    python benchmarks/gckd.py --regenerate [--parts wiki synth] [--protocol v2|v3] [--jobs 2]
+
+re-runs every recorded row this code can re-make (the rows ``--check`` samples from) with its recorded
+config, one job per (part, protocol, seed, source) so that each source pre-training is done once; the
+generic model of each synthetic protocol comes from ``benchmarks/.cache`` as in a normal run. Fresh rows go
+to ``results/gckd_runs.regenerating.jsonl`` as they finish (a re-started regeneration skips the rows already
+there); once every selected row is redone, the runs file is replaced atomically by the rows in their
+recorded order, each re-made row by its fresh version and every other row (protocol v1, another v3
+configuration, or outside ``--parts`` / ``--protocol``) byte for byte as recorded. The runs file is left
+alone when another invocation wrote to it meanwhile. ``results/gckd_regenerate.{json,md}`` list the rows
+whose metrics moved (recorded vs new ITC / ITM mAP) and the rows kept, and the tables are rewritten.
 """
 
 from __future__ import annotations
@@ -68,6 +80,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -116,6 +129,7 @@ def _legacy(values: dict[str, Any]) -> dict[str, Any]:
 
 
 SETTINGS = ("C->I", "C->R", "I->C", "I->R", "R->C", "R->I")
+WIKI_SETTING = "wiki 0-4 -> 5-9"
 DATASET = {"C": "cuhk-pedes", "I": "icfg-pedes", "R": "rstpreid"}
 DIRS = {"C": "CUHK-PEDES", "I": "ICFG-PEDES", "R": "RSTPReid"}
 
@@ -237,13 +251,14 @@ def run_wiki(job: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for variant in job["variants"]:
         student = copy.deepcopy(model)
-        # A check re-runs a recorded row with its recorded config, whatever today's defaults are.
-        config = (GckdConfig.from_dict(_legacy(job["config"])) if "config" in job
+        # A check or a regeneration re-runs a recorded row with its recorded config, whatever today's defaults are.
+        recorded = job["configs"][_config_key(WIKI_SETTING, variant)] if "configs" in job else job.get("config")
+        config = (GckdConfig.from_dict(_legacy(recorded)) if recorded is not None
                   else _variant_config(variant, _legacy(base), WIKI["adapt_epochs"]))
         started = time.perf_counter()
         result = GckdTrainer(student, config).fit(data)
         last = result.history[-1]
-        rows.append({"part": "wiki", "setting": "wiki 0-4 -> 5-9", "variant": variant, "seed": seed,
+        rows.append({"part": "wiki", "setting": WIKI_SETTING, "variant": variant, "seed": seed,
                      **_metrics_row(evaluate(student)), "train_seconds": time.perf_counter() - started,
                      "pseudo_pairs_per_step": last.get("pseudo_pairs"),
                      "pseudo_pair_precision": last.get("pseudo_pair_precision"),
@@ -353,6 +368,8 @@ def run_synth(job: dict[str, Any]) -> list[dict[str, Any]]:
                     train = _legacy(train)
                 if "config" in job:  # a check: the recorded row's config
                     train = _legacy(job["config"])
+                if "configs" in job:  # a regeneration: each recorded row's config
+                    train = _legacy(job["configs"][_config_key(f"{source}->{target}", variant)])
                 started = time.perf_counter()
                 metrics = run_gckd(GckdRunConfig(stage="adapt", target_dir=str(root / "data" / DIRS[target]),
                                                  init=str(pre), train=train, **common),
@@ -736,6 +753,119 @@ def check(rows: list[dict[str, Any]], n: int, seed: int, data_dir: str, jobs: in
     return 0 if payload["reproduced"] == payload["checked"] else 1
 
 
+# ---------------------------------------------------------------------------------------------- regenerate
+# What identifies a row in a regeneration (the synthetic protocol version too: v1, v2 and v3 rows share keys).
+REGENERATE_KEYS = ("part", "synth_version", "setting", "variant", "seed")
+
+
+def _config_key(setting: str, variant: str) -> str:
+    """The key of a recorded config in a regeneration job's ``configs``."""
+    return f"{setting}|{variant}"
+
+
+def _row_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """:data:`REGENERATE_KEYS` of ``row`` (a synthetic row without ``synth_version`` is protocol v1)."""
+    version = row.get("synth_version", 1) if row["part"] == "synth" else None
+    return row["part"], version, row["setting"], row["variant"], row["seed"]
+
+
+def regenerate_jobs(rows: list[dict[str, Any]], data_dir: str | None,
+                    generics: dict[int, dict[str, Any]]) -> list[tuple[Any, dict[str, Any]]]:
+    """The jobs that re-make ``rows`` (re-makeable rows, :func:`checkable`): one per (part, protocol version,
+    seed, source), in the order the rows first appear, so that a source pre-training is done once for every row
+    that starts from it. Each job carries every row's recorded config (``configs``, by :func:`_config_key`);
+    a synthetic job runs only its rows' (setting, variant) pairs (the others of its targets × variants are
+    ``done``). ``generics``: the generic model report per synthetic protocol version."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        part, version, setting, _, seed = _row_key(row)
+        groups.setdefault((part, version, seed, setting[0] if part == "synth" else None), []).append(row)
+    jobs: list[tuple[Any, dict[str, Any]]] = []
+    for (part, version, seed, source), group in groups.items():
+        variants = list(dict.fromkeys(r["variant"] for r in group))
+        configs = {_config_key(r["setting"], r["variant"]): r["config"] for r in group}
+        if part == "wiki":
+            jobs.append((run_wiki, {"seed": seed, "variants": variants, "configs": configs, "data_dir": data_dir}))
+            continue
+        targets = list(dict.fromkeys(r["setting"][-1] for r in group))
+        done = [[f"{source}->{t}", v] for t in targets for v in variants
+                if _config_key(f"{source}->{t}", v) not in configs]
+        jobs.append((run_synth, {"seed": seed, "source": source, "targets": targets, "variants": variants,
+                                 "version": version, "generic": generics[version], "configs": configs,
+                                 "done": done}))
+    return jobs
+
+
+def _why_kept(row: dict[str, Any], digests: dict[int, str]) -> str | None:
+    """Why a regeneration keeps ``row`` as recorded, or ``None`` when this code re-makes it."""
+    if checkable(row, digests):
+        return None
+    if row["part"] == "wiki":
+        return "wiki rows of another pre-training length"
+    version = row.get("synth_version", 1)
+    return ("synthetic protocol v1 (trained from scratch)" if version == 1
+            else f"synthetic protocol v{version} of another configuration or generic model")
+
+
+def regenerate(rows: list[dict[str, Any]], runs_path: Path, out: Path, parts: list[str], versions: set[int],
+               data_dir: Callable[[], Any], jobs: int, generic_threads: int) -> list[dict[str, Any]]:
+    """Re-run every recorded row this code re-makes (:func:`checkable`) of ``parts`` (and, synthetic, of the
+    protocol ``versions``) with its recorded config, writing the fresh rows to ``<runs>.regenerating.jsonl``
+    as they finish (a re-started regeneration skips the rows already there). Only when every such row is
+    redone is the runs file replaced, atomically, by the rows in their recorded order: each re-makeable row by
+    its fresh version, every other row (another protocol, or outside ``parts`` / ``versions`` and not in the
+    partial file) unchanged. The generic model of each synthetic protocol comes from ``benchmarks/.cache`` as
+    in a normal run (made once when missing). Writes ``<out>_regenerate.{json,md}`` (which rows moved) and
+    returns the new rows. ``data_dir``: a callable giving the data directory (called only for wiki rows)."""
+    digests = {v: generic_spec(v)[1] for v in (SYNTH_VERSION, SYNTH_V3_VERSION)}
+    remakeable = [r for r in rows if checkable(r, digests)]
+    keys = [_row_key(r) for r in remakeable]
+    if len(set(keys)) != len(keys):
+        twice = sorted({k for k in keys if keys.count(k) > 1}, key=str)
+        raise SystemExit(f"error: {runs_path} has re-makeable rows recorded twice ({twice[:3]}...); "
+                         "a regeneration cannot tell them apart")
+    partial = _repro.regenerating_path(runs_path)
+    fresh = {_row_key(r): r for r in _read_runs(partial)}
+    selected = [r for r in remakeable if r["part"] in parts
+                and (r["part"] != "synth" or r.get("synth_version", 1) in versions)]
+    todo = [r for r in selected if _row_key(r) not in fresh]
+    print(f"regenerate: {len(todo)} of {len(selected)} selected rows to run ({len(selected) - len(todo)} already "
+          f"in {partial.name}); {len(rows) - len(remakeable)} rows of other protocols are kept as recorded",
+          file=sys.stderr)
+    generics: dict[int, dict[str, Any]] = {}
+    for version in sorted({r["synth_version"] for r in todo if r["part"] == "synth"}):
+        print(f"generic pre-training, protocol v{version} (cached after the first time) ...", file=sys.stderr)
+        generics[version] = generic_pretraining(CACHE, threads=generic_threads, version=version)
+    work = regenerate_jobs(todo, str(data_dir()) if any(r["part"] == "wiki" for r in todo) else None, generics)
+    for _, job in work:
+        job["runs_path"] = str(partial)
+    _run_jobs(work, jobs)
+    fresh = {_row_key(r): r for r in _read_runs(partial)}
+    missing = [_row_key(r) for r in selected if _row_key(r) not in fresh]
+    if missing:
+        raise SystemExit(f"error: {len(missing)} rows were not regenerated (e.g. {missing[0]}); run again to resume")
+    if _read_runs(runs_path) != rows:
+        raise SystemExit(f"error: {runs_path} changed during the regeneration (another invocation wrote to it); "
+                         f"it was left as it is: run --regenerate again (it resumes from {partial.name})")
+    replaced = [(r, fresh[_row_key(r)]) for r in remakeable if _row_key(r) in fresh]
+    new_rows = [fresh.get(_row_key(r), r) if checkable(r, digests) else r for r in rows]
+    write_text_atomic(runs_path, "".join(json.dumps(r) + "\n" for r in new_rows))
+    partial.unlink()
+    comparisons = _repro.compare_rows([_flat(old) for old, _ in replaced], [_flat(new) for _, new in replaced],
+                                      REGENERATE_KEYS, CHECK_FIELDS)
+    for comparison, (old, new) in zip(comparisons, replaced, strict=True):
+        comparison["values"] = {f: {"recorded": _flat(old).get(f), "now": _flat(new).get(f)}
+                                for f in ("itc_map", "itm_map")}
+    kept = [{**{k: r.get(k) for k in REGENERATE_KEYS}, "why": _why_kept(r, digests) or "outside --parts / --protocol"}
+            for r in rows if _row_key(r) not in fresh or not checkable(r, digests)]
+    payload, text = _repro.regenerate_report("benchmarks/gckd.py --regenerate", comparisons, kept, CHECK_FIELDS,
+                                             ("itc_map", "itm_map"))
+    write_json_atomic(out.parent / f"{out.name}_regenerate.json", {**payload, "runs_file": runs_path.name})
+    write_text_atomic(out.parent / f"{out.name}_regenerate.md", text)
+    print(text, file=sys.stderr)
+    return new_rows
+
+
 def _run_jobs(jobs: list[tuple[Any, dict[str, Any]]], workers: int) -> None:
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = [pool.submit(fn, job) for fn, job in jobs]
@@ -790,10 +920,12 @@ def run_v3(args: argparse.Namespace, rows: list[dict[str, Any]], runs_path: Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="benchmark data directory (default $CROSSRET_DATA)")
-    parser.add_argument("--parts", nargs="+", default=["wiki", "synth"], choices=("wiki", "synth"))
-    parser.add_argument("--protocol", default="v2", choices=("v2", "v3"),
-                        help="synthetic protocol: v2 (results/gckd.*) or v3 (synthetic part only, results/gckd_v3*; "
-                        "the wiki rows are tabulated as recorded)")
+    parser.add_argument("--parts", nargs="+", default=None, choices=("wiki", "synth"),
+                        help="default: wiki synth (with --regenerate and --protocol: synth)")
+    parser.add_argument("--protocol", default=None, choices=("v2", "v3"),
+                        help="synthetic protocol: v2 (default; results/gckd.*) or v3 (synthetic part only, "
+                        "results/gckd_v3*; the wiki rows are tabulated as recorded); with --regenerate: only the "
+                        "synthetic rows of this protocol (default: every re-makeable row)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="default: 0 1 2 (v2), 0..7 (v3)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(V3_VARIANTS),
@@ -807,12 +939,29 @@ def main(argv: list[str] | None = None) -> int:
                         help="re-run N sampled recorded rows and compare them exactly (writes <out>_check.*; "
                         "exit 1 when one moved); nothing else is run or written")
     parser.add_argument("--check-seed", type=int, default=0, help="seed of the --check sample")
+    parser.add_argument("--regenerate", action="store_true",
+                        help="re-run every recorded row this code re-makes with its recorded config (resumable, in "
+                        "<runs>.regenerating.jsonl), replace the runs file once all are done (other rows kept as "
+                        "recorded), write <out>_regenerate.{json,md} and rewrite the tables")
     args = parser.parse_args(argv)
+    if args.regenerate and (args.check or args.tables_only):
+        parser.error("--regenerate runs alone (not with --check or --tables-only)")
     _repro.pin_numerics()
 
     out = Path(args.out)
     runs_path = out.parent / f"{out.name}_runs.jsonl"
     rows = _read_runs(runs_path)
+    if args.regenerate:
+        from crossret.data import resolve_data_dir
+
+        parts = args.parts or (["synth"] if args.protocol else ["wiki", "synth"])
+        versions = {SYNTH_VERSION, SYNTH_V3_VERSION} if args.protocol is None else {int(args.protocol[1:])}
+        rows = regenerate(rows, runs_path, out, parts, versions, lambda: resolve_data_dir(args.data_dir), args.jobs,
+                          args.generic_threads)
+        args.tables_only, args.protocol = True, "v2"  # then the tables, as --tables-only writes them
+        if any(r["part"] == "synth" and r.get("synth_version") == SYNTH_V3_VERSION for r in rows):
+            run_v3(args, rows, runs_path, out)
+    args.parts = args.parts or ["wiki", "synth"]
     if args.protocol == "v3" and not args.check:
         return run_v3(args, rows, runs_path, out)
     if args.seeds is None:

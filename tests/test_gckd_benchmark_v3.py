@@ -162,3 +162,12 @@ def test_v2_and_recorded_configs_run_with_the_trainer_they_were_recorded_with() 
     fields = bench._gckd_fields()
     assert list(bench.V3_VARIANTS)[:6] == list(bench.VARIANTS)
     assert all(set(change) <= fields for change in list(bench.V3_VARIANTS.values())[6:])
+
+
+def test_v3_summary_names_only_the_six_variants_of_every_protocol() -> None:
+    """Optional v3 variants (e.g. bank mining) go to gckd_v3.json and the tables, not to the summary."""
+    rows = _rows() + [_row("gckd-bank-itm", s, seed, 0.5, 0.5) for s in bench.SETTINGS for seed in (0, 1, 2)]
+    summary = bench.v3_summary(rows, DIGEST)
+    assert list(summary["variants"]) == ["source-only", "gckd", "no-cmkd"]
+    assert set(summary["variants"]) <= set(bench.VARIANTS)
+    assert summary == bench.v3_summary(_rows(), DIGEST)

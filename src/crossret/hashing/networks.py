@@ -1,6 +1,6 @@
 """Hash networks and the losses shared by the deep hashing methods.
 
-:class:`HashNet` follows the network of COUPLE (couple.md §3.3, class ``DDPA`` of the public code):
+:class:`HashNet` follows the network of COUPLE (class ``DDPA`` of the released code):
 
 * encoder ``E``: Linear(d → e) → BatchNorm → ReLU (COUPLE: ``e = d``);
 * hash head ``H``: Linear(e → m) → BatchNorm → ReLU → Linear(m → L) → tanh (COUPLE: ``m = 1024``);
@@ -163,7 +163,7 @@ def pairwise_similarity_loss(h: torch.Tensor, labels: torch.Tensor, kind: str = 
     """Similarity-preserving loss on hash outputs ``h`` (B × L) of one labelled batch.
 
     * ``couple``: ``MSE(max(0, cos(h_i, h_j)), 1.1 · S_ij)`` — COUPLE's source semantic term
-      (couple.md §3.3, from the PWCF/DAPH-lineage code): same-class codes are pulled together
+      (from the PWCF/DAPH-lineage code): same-class codes are pulled together
       (the target 1.1 keeps pulling past cos = 1, i.e. towards saturation), different-class codes
       pushed to orthogonal or beyond (negative cosines cost nothing).
     * ``cosine``: ``MSE(cos(h_i, h_j), 2 S_ij − 1)`` — the ±1 target of Hamming-distance

@@ -1,6 +1,6 @@
 """Source-only deep hashing: the no-adaptation lower bound for domain-adaptive methods.
 
-A :class:`~crossret.hashing.networks.HashNet` (COUPLE's network, couple.md §3.3) is trained with
+A :class:`~crossret.hashing.networks.HashNet` (COUPLE's network) is trained with
 labels on the **source only** — the target is never looked at, not even to normalise features —
 with COUPLE's three source-side losses:
 

@@ -1,5 +1,5 @@
 """ALBEF-style vision-language backbone (Li et al., "Align before Fuse: Vision and Language
-Representation Learning with Momentum Distillation", NeurIPS 2021), the backbone of GCKD (gckd.md §2.1).
+Representation Learning with Momentum Distillation", NeurIPS 2021), the backbone of GCKD (docs/gckd.md).
 
 Modules (names are this package's; :mod:`crossret.textimage.checkpoint` maps them to ALBEF's keys):
 

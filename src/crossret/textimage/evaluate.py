@@ -1,4 +1,4 @@
-"""Text-to-image person retrieval evaluation: ITC ranking, then ITM re-ranking of the top k (gckd.md §5).
+"""Text-to-image person retrieval evaluation: ITC ranking, then ITM re-ranking of the top k (docs/gckd.md).
 
 Protocol (ALBEF, Li et al., NeurIPS 2021, ``Retrieval.py: evaluation``; RaSa, Bai et al., IJCAI 2023):
 
@@ -21,7 +21,7 @@ candidates first, by ``s`` descending, ties by ITC score descending, then by gal
 every other item by ITC descending, ties by gallery index. RaSa pads the non-candidates with −100
 (so they tie and their order is arbitrary) and APTM adds 0.002 × the min-max-normalised ITC; both
 break ties among the non-candidates differently, which only changes mAP / mINP when relevant items lie
-outside the top ``k`` (gckd.md §5 "Tie caveat"); ITC order is the secondary key gckd.md recommends.
+outside the top ``k`` (docs/gckd.md); ITC order is the secondary key.
 
 Models: any :class:`~crossret.textimage.backbone.Backbone` (``encode_image``, ``encode_text``,
 ``itm_logits``), i.e. :class:`~crossret.textimage.albef.AlbefModel` and

@@ -101,7 +101,7 @@ START_ONLY_KEYS = ("warm_start_banks", "warm_start_samples")
 
 @dataclass
 class GckdConfig:
-    """Every GCKD hyper-parameter and switch (defaults: gckd.md §3.3; [R] = reconstruction)."""
+    """Every GCKD hyper-parameter and switch (defaults: the paper's setup, docs/gckd.md; [R] = reconstruction)."""
 
     epochs: int = 30
     lr: float = 1e-5  # backbone (RaSa)
@@ -135,7 +135,7 @@ class GckdConfig:
     delta: float = 0.5  # threshold on the teacher's t2i probability (or cosine, delta_on="cosine")
     delta_on: str = "probability"
     kd_min_confidence: float | None = None  # optional row mask of the KD targets
-    teacher_temp: float | None = None  # τ_p of the KD targets; None: the student's τ (gckd.md §2.3)
+    teacher_temp: float | None = None  # τ_p of the KD targets; None: the student's τ (docs/gckd.md)
     # loss weights (A9: all 1)
     itc_weight: float = 1.0
     itm_weight: float = 1.0
@@ -625,7 +625,7 @@ class GckdTrainer:
     def _cd_itm(self, pool: _Pool, text_idx: Tensor, image_idx: Tensor, above: Tensor,
                 source_tokens: tuple[Tensor, Tensor], source_mask: Tensor | None, f_vs: Tensor, f_ts: Tensor,
                 temp: Tensor) -> Tensor:
-        """Cross-domain ITM (gckd.md §2.3) on the pseudo-positives ``(pool.text[text_idx[j]],
+        """Cross-domain ITM (docs/gckd.md) on the pseudo-positives ``(pool.text[text_idx[j]],
         pool.image[image_idx[j]])``: ALBEF's ITM loss with, per positive, one hard-negative image and one
         hard-negative caption drawn from the source ∪ target pool, excluding the positive and every target item
         whose teacher score with it is ≥ δ (``above (T_pool, I_pool)``)."""

@@ -1,11 +1,11 @@
 """Contrastive, matching and distillation losses of ALBEF (Li et al., NeurIPS 2021) and GCKD
-(Luo et al., AAAI 2025; gckd.md §2.1, §2.3).
+(Luo et al., AAAI 2025; docs/gckd.md).
 
 Notation: ``B`` batch rows, ``M`` candidate columns (the other modality's batch, optionally followed by
 a queue / memory bank, as ALBEF's ``cat([feat_m.t(), queue])`` — the first ``B`` candidates are the
 rows' own pairs), ``D`` feature dim, τ temperature. All features are L2-normalised.
 
-GMP loss reading (gckd.md §2.2 step 5, A8): GCKD gives no separate graph loss. Its GNN is trained by
+GMP loss reading (docs/gckd.md, A8): GCKD gives no separate graph loss. Its GNN is trained by
 (a) the target contrastive KD, whose teacher targets come from propagated teacher features
 (:func:`momentum_similarity_targets` on ``z'`` + :func:`soft_contrastive_loss`, i.e. :func:`cmkd_loss`),
 and (b) an identity-aware ITC on the propagated *source* features — :func:`itc_loss` on ``z^s`` with ids.
@@ -80,7 +80,7 @@ def itc_loss(image_feat: Tensor, text_feat: Tensor, temp: float | Tensor, ids: T
 def momentum_similarity_targets(teacher_image_feat: Tensor, teacher_text_feat: Tensor, temp: float | Tensor, *,
                                 text_candidates: Tensor | None = None, image_candidates: Tensor | None = None
                                 ) -> tuple[Tensor, Tensor]:
-    """ALBEF momentum-distillation targets (GCKD pseudo-similarity targets, gckd.md §2.3):
+    """ALBEF momentum-distillation targets (GCKD pseudo-similarity targets, docs/gckd.md):
     ``q_i2t = softmax(f'_v · T'_candᵀ / τ)``, ``q_t2i = softmax(f'_t · V'_candᵀ / τ)``, each ``(B, M)``.
 
     Candidates default to the teacher batch of the other modality; for GCKD's target KD pass the
@@ -96,7 +96,7 @@ def momentum_similarity_targets(teacher_image_feat: Tensor, teacher_text_feat: T
 def cmkd_loss(student_image_feat: Tensor, student_text_feat: Tensor, targets: tuple[Tensor, Tensor],
               temp: float | Tensor, *, text_candidates: Tensor, image_candidates: Tensor,
               min_confidence: float | None = None) -> Tensor:
-    """GCKD target contrastive KD ``L_cmkd^t = ½ Σ_dir CE(P'_dir, softmax(s_dir))`` (gckd.md §2.3).
+    """GCKD target contrastive KD ``L_cmkd^t = ½ Σ_dir CE(P'_dir, softmax(s_dir))`` (docs/gckd.md).
 
     ``s_i2t = f_v (B, D) · T_candᵀ / τ``, ``s_t2i = f_t · V_candᵀ / τ`` (candidates ``(M, D)``, typically
     teacher batch + target memory); ``targets = (P'_i2t, P'_t2i)`` each ``(B, M)``. With
@@ -196,7 +196,7 @@ def itm_loss(itm_logits_pos: Tensor, itm_logits_neg: Tensor) -> Tensor:
 @torch.no_grad()
 def select_confident_target_pairs(sim: Tensor, delta: float, *, best_only: bool = True, mutual: bool = False
                                   ) -> tuple[Tensor, Tensor]:
-    """GCKD threshold-filtered target pseudo-positives (gckd.md §2.3 "cross-domain ITM", A4).
+    """GCKD threshold-filtered target pseudo-positives (docs/gckd.md, A4).
 
     ``sim (T, I)`` text×image score (teacher t2i probability or cosine). With ``best_only`` (default)
     each text ``k`` proposes ``j* = argmax_j sim[k, j]`` and the pair is kept iff ``sim[k, j*] ≥ δ``; with
@@ -228,7 +228,7 @@ def select_confident_target_pairs(sim: Tensor, delta: float, *, best_only: bool 
 def mutual_nearest_pairs(cosine: Tensor, delta: float, *, temp: float | Tensor | None = None
                          ) -> tuple[Tensor, Tensor]:
     """Mutual nearest neighbours between texts and images, kept above a threshold (GCKD cross-domain ITM
-    pseudo-positives mined over batch ∪ memory banks; gckd.md §2.3, A4).
+    pseudo-positives mined over batch ∪ memory banks; docs/gckd.md, A4).
 
     ``cosine (T, I)``: text × image cosine of the (propagated) teacher features. ``(k, j)`` is a pair iff
     ``j = argmax_j' cosine[k, j']`` and ``k = argmax_k' cosine[k', j]`` (first index on ties) and its score

@@ -1,4 +1,4 @@
-"""FIFO embedding memory for GCKD's graph-based multi-modal propagation (gckd.md §2.2, ambiguity A2).
+"""FIFO embedding memory for GCKD's graph-based multi-modal propagation (docs/gckd.md, ambiguity A2).
 
 GCKD keeps "the most recent embeddings of a specified number of samples (C) for each modality" from
 both domains. The reading used here (A2 default) is **four** banks — source/target × image/text — each
@@ -187,7 +187,7 @@ def check_bank_memory(capacity: int, dim: int) -> None:
 
 
 class GckdMemory(nn.Module):
-    """The four GCKD banks M_v^s, M_t^s, M_v^t, M_t^t (gckd.md §2.2 step 1), each ``capacity × dim``.
+    """The four GCKD banks M_v^s, M_t^s, M_v^t, M_t^t (docs/gckd.md), each ``capacity × dim``.
 
     :meth:`nodes` returns the bank part of the GMP graph in the fixed order
     ``[M_v^s; M_t^s; M_v^t; M_t^t]`` with modality (0 image, 1 text), domain and id per node.
@@ -214,7 +214,7 @@ class GckdMemory(nn.Module):
                 source_ids: Tensor | None = None, target_image_ids: Tensor | None = None,
                 target_text_ids: Tensor | None = None, gather: bool = True, source_index: Tensor | None = None,
                 target_image_index: Tensor | None = None, target_text_index: Tensor | None = None) -> None:
-        """Enqueue one step's teacher features ``(B_*, D)`` into the four banks (gckd.md §2.4, last line).
+        """Enqueue one step's teacher features ``(B_*, D)`` into the four banks (docs/gckd.md).
 
         Source image and text share ``source_ids`` and ``source_index`` (pair rows); target ids default to
         ``-1`` (unlabelled, A1); ``target_image_index`` / ``target_text_index`` are the target image /

@@ -1,6 +1,6 @@
-"""GCKD graph-based multi-modal propagation (GMP; gckd.md §2.2 steps 2–5).
+"""GCKD graph-based multi-modal propagation (GMP; docs/gckd.md).
 
-Reading chosen from gckd.md §6 (A3, A7, A8):
+Reading chosen from docs/gckd.md (A3, A7, A8):
 
 * **Nodes** — one *cross-modal, cross-domain* graph: the current batch's features of both modalities and
   both domains (student features, with gradient; or teacher features for the no-grad teacher pass)
@@ -69,7 +69,7 @@ def knn_graph(features: Tensor, k: int = 10, *, chunk_size: int = 4096) -> Tenso
 
 
 class GraphPropagation(nn.Module):
-    """Two-layer GNN over the batch ∪ memory kNN graph (gckd.md §2.2 step 4, A7).
+    """Two-layer GNN over the batch ∪ memory kNN graph (docs/gckd.md, A7).
 
     ``forward(batch_feat (B, D), bank_feat (M, D) | None)`` → ``z (B, D)`` unit-norm, where
     ``X = [batch_feat; bank_feat.detach()]``, ``A = knn_graph(X, k)`` and
@@ -78,7 +78,7 @@ class GraphPropagation(nn.Module):
     ``X̃ = X`` otherwise. Gradients reach ``batch_feat`` and the GNN weights, never the bank.
 
     ``zero_init`` (default) zeroes the second layer's parameters, so that ``z = norm(X)`` at the start:
-    the residual then really "keeps the ITC space usable from step 0" (gckd.md §2.2) instead of adding
+    the residual then really "keeps the ITC space usable from step 0" (docs/gckd.md) instead of adding
     a random 2-layer transform of ``X`` to it, which would corrupt the teacher's similarity targets
     until the GNN has been trained. The layer still gets gradients (its input ``H¹`` is non-zero).
     """

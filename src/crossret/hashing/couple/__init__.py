@@ -1,7 +1,7 @@
 """COUPLE: cross-domain diffusion with progressive alignment (Luo et al., IEEE TIP 2025).
 
-The method as the paper describes it (couple.md §2–3), not as its released code runs (§8 lists the
-bugs we do not reproduce). Every few epochs (``graph_every``, :mod:`~crossret.hashing.couple.selection`):
+The method as the paper describes it, not as its released code runs (docs/couple.md lists the
+differences we do not reproduce). Every few epochs (``graph_every``, :mod:`~crossret.hashing.couple.selection`):
 
 1. **Graph** (:mod:`crossret.graph.cross_domain`) on the current encoder features ``f = E(x)`` of
    source ∪ target-train: mutual-kNN cross-domain and intra-target edges, same-label kNN source

@@ -22,7 +22,7 @@ LABEL_REFINES = ("none", "centroids")
 
 @dataclass
 class CoupleConfig:
-    """COUPLE options (defaults: couple.md §4.6 unless noted).
+    """COUPLE options (defaults: the released code's settings unless noted; docs/couple.md).
 
     epochs, batch_size, target_batch_size, lr, weight_decay: Adam training; an epoch is one pass
         over the larger domain, the smaller one is cycled.

@@ -1,5 +1,5 @@
 """COUPLE's graph refresh: graph → ℓ2 flow diffusion → the low-noise target set (Luo et al., IEEE TIP 2025,
-§3.1–3.2; couple.md §2–3).
+§3.1–3.2).
 
 Every ``graph_every`` epochs the current network encodes source ∪ target-train; the cross-domain graph
 is built on those features (:mod:`crossret.graph.cross_domain`), one ℓ2 flow diffusion per class is
@@ -119,7 +119,8 @@ def _graph_input(graph_features: str, x_all: torch.Tensor, encoded: np.ndarray) 
 def _diffusion_ranking(cfg: CoupleConfig, adjacency: sp.csr_matrix, source_labels: np.ndarray, n_s: int,
                        num_classes: int, previous: Selection | None, classifier_labels: np.ndarray,
                        info: dict[str, Any]) -> _Ranking:
-    """Targets ranked by one ℓ2 flow diffusion per class (couple.md §3.2 A); adds its diagnostics to ``info``.
+    """Targets ranked by one ℓ2 flow diffusion per class (docs/couple.md, "What runs"); adds its diagnostics
+    to ``info``.
 
     A target's label is the class whose diffusion saturates it (largest potential ``x``, else largest
     mass); its confidence is ``1 + x`` when saturated, else the fill ratio ``mass / deg``. Targets no

@@ -1,7 +1,7 @@
 """COUPLE's per-step pieces: batch orders, the sharded forward, the loss terms and the Mixup pairs.
 
 With ``f = E(x)``, ``h = H(f)`` and ``s``/``t`` the batch's source/target rows (Luo et al., IEEE TIP 2025,
-§3.3–3.4; couple.md §2–3):
+§3.3–3.4):
 
 * ``L_ce  = CE(Cl(f_s), y_s) + CE(Cl(f_t), ŷ_t)``, the target term averaged over selected targets;
 * ``L_q   = ρ₂ MSE(h_s, sign h_s) + (1 − ρ₂) MSE(h_t, sign h_t)``;

@@ -124,6 +124,27 @@ def digest(record: Any) -> str:
     return hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def compact_row(row: dict[str, Any], records: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``row`` with each of ``keys`` replaced by ``<key>_id``, the :func:`digest` of its record; the records
+    go to ``records`` (digest → record), stored once beside the runs file."""
+    row = dict(row)
+    for key in keys:
+        if key in row:
+            record = row.pop(key)
+            records[digest(record)] = record
+            row[f"{key}_id"] = digest(record)
+    return row
+
+
+def expand_row(row: dict[str, Any], records: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The inverse of :func:`compact_row` (rows that were never compacted pass through unchanged)."""
+    row = dict(row)
+    for key in keys:
+        if f"{key}_id" in row:
+            row[key] = records[row.pop(f"{key}_id")]
+    return row
+
+
 def sample_rows(rows: list[dict[str, Any]], n: int, seed: int, strata: Callable[[dict[str, Any]], Any]
                 ) -> list[dict[str, Any]]:
     """``n`` rows drawn without replacement, round-robin over the groups ``strata(row)`` defines (so a

@@ -652,16 +652,41 @@ def v3_markdown(rows: list[dict[str, Any]], generic: dict[str, Any] | None, gene
     return "\n".join(lines)
 
 
+# Row fields stored once, by digest, in ``<out>_configs.json`` beside the runs file (many rows share them).
+COMPACT_KEYS = ("config", "environment")
+
+
+def configs_path(runs_path: Path) -> Path:
+    """``<out>_configs.json`` for ``<out>_runs.jsonl``."""
+    return runs_path.with_name(runs_path.name.replace("_runs.jsonl", "") + "_configs.json")
+
+
 def _read_runs(path: Path) -> list[dict[str, Any]]:
+    """The rows of a runs file, each with its ``config`` / ``environment`` (stored by digest) filled in."""
     if not path.exists():
         return []
+    records_file = configs_path(path)
+    records = json.loads(records_file.read_text(encoding="utf-8")) if records_file.exists() else {}
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            rows.append(json.loads(line))
+            rows.append(_repro.expand_row(json.loads(line), records, COMPACT_KEYS))
         except json.JSONDecodeError:
             continue  # a line cut by an interruption: that run is redone
     return rows
+
+
+def compact_runs_file(path: Path) -> None:
+    """Rewrite the runs file with each row's ``config`` / ``environment`` replaced by a digest, the records
+    in :func:`configs_path` (written first, so every digest the runs file names is there). Workers append
+    full rows while a benchmark runs; the main process compacts once they are done."""
+    if not path.exists():
+        return
+    records_file = configs_path(path)
+    records = json.loads(records_file.read_text(encoding="utf-8")) if records_file.exists() else {}
+    rows = [_repro.compact_row(row, records, COMPACT_KEYS) for row in _read_runs(path)]
+    write_text_atomic(records_file, json.dumps(records, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 # ---------------------------------------------------------------------------------------------- check
@@ -919,6 +944,17 @@ def run_v3(args: argparse.Namespace, rows: list[dict[str, Any]], runs_path: Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    status = _main(argv)
+    args = _parser().parse_args(argv)
+    # A check writes nothing to the runs file; a regeneration keeps the rows it does not re-make byte for
+    # byte (the next run or --tables-only compacts what it wrote).
+    if not args.check and not args.regenerate:
+        out = Path(args.out)
+        compact_runs_file(out.parent / f"{out.name}_runs.jsonl")
+    return status
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="benchmark data directory (default $CROSSRET_DATA)")
     parser.add_argument("--parts", nargs="+", default=None, choices=("wiki", "synth"),
@@ -944,6 +980,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="re-run every recorded row this code re-makes with its recorded config (resumable, in "
                         "<runs>.regenerating.jsonl), replace the runs file once all are done (other rows kept as "
                         "recorded), write <out>_regenerate.{json,md} and rewrite the tables")
+    return parser
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.regenerate and (args.check or args.tables_only):
         parser.error("--regenerate runs alone (not with --check or --tables-only)")

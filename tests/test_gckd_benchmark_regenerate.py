@@ -284,14 +284,14 @@ def test_real_synthetic_rows_reproduce_and_run_with_their_recorded_config(tmp_pa
     assert bench.main(["--protocol", "v3", "--settings", "C->I", "--seeds", "3", "--variants", "source-only", "gckd",
                        "--out", str(out)]) == 0
     runs = out.parent / "gckd_runs.jsonl"
-    recorded = [json.loads(line) for line in _lines(runs)]
+    recorded = bench._read_runs(runs)
     # a row recorded before warm_start_banks existed: it runs with the trainer of then (no warm start)
     gckd = next(r for r in recorded if r["variant"] == "gckd")
     assert gckd["config"]["warm_start_banks"] is True
     del gckd["config"]["warm_start_banks"]
     runs.write_text("".join(json.dumps(r) + "\n" for r in recorded))
     assert bench.main(["--regenerate", "--out", str(out)]) == 0
-    fresh = [json.loads(line) for line in _lines(runs)]
+    fresh = bench._read_runs(runs)
     assert [bench._row_key(r) for r in fresh] == [bench._row_key(r) for r in recorded]
     assert fresh[0]["config"] == recorded[0]["config"]
     new_gckd = next(r for r in fresh if r["variant"] == "gckd")
@@ -301,3 +301,24 @@ def test_real_synthetic_rows_reproduce_and_run_with_their_recorded_config(tmp_pa
     assert source_only["reproduced"] and source_only["moved"] == {}  # same code, same numerics: exact
     assert fresh[0]["itc"] == recorded[0]["itc"] and fresh[0]["itm"] == recorded[0]["itm"]
     assert len(list((tmp_path / "cache").glob("gckd-generic-*/report.json"))) == 1  # the cached generic model
+
+
+def test_compacted_runs_file_reads_back_the_same_rows(tmp_path: Path) -> None:
+    """``config`` / ``environment`` stored once by digest in ``<out>_configs.json``: the rows read back are
+    the rows written, and a row appended uncompacted afterwards (a worker) reads back as written too."""
+    runs = tmp_path / "gckd_runs.jsonl"
+    config, env = {"epochs": 4, "lr": 1e-3}, {"torch": "2.13.0", "cpu": "x"}
+    rows = [{"part": "wiki", "seed": s, "variant": v, "config": config, "environment": env, "itc": {"map": 0.1 * s}}
+            for s in range(3) for v in ("gckd", "source-only")]
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench.compact_runs_file(runs)
+    text = runs.read_text()
+    assert '"config"' not in text and text.count('"config_id"') == len(rows)
+    assert len(json.loads(bench.configs_path(runs).read_text())) == 2  # one config, one environment
+    assert bench._read_runs(runs) == rows
+    extra = {**rows[0], "seed": 9}
+    with runs.open("a") as handle:
+        handle.write(json.dumps(extra) + "\n")
+    assert bench._read_runs(runs) == [*rows, extra]
+    bench.compact_runs_file(runs)
+    assert bench._read_runs(runs) == [*rows, extra]

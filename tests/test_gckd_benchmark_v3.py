@@ -150,8 +150,8 @@ def test_v2_and_recorded_configs_run_with_the_trainer_they_were_recorded_with() 
 
     legacy = getattr(gckd, "LEGACY_VALUES", {})
     runs = BENCHMARKS / "results" / "gckd_runs.jsonl"
-    recorded = next(json.loads(line)["config"] for line in runs.read_text().splitlines()
-                    if json.loads(line).get("synth_version") == 2 and json.loads(line)["variant"] == "gckd")
+    recorded = next(row["config"] for row in bench._read_runs(runs)
+                    if row.get("synth_version") == 2 and row["variant"] == "gckd")
     filled = bench._legacy(recorded)
     assert {k: filled[k] for k in recorded} == recorded  # recorded values are kept ...
     assert {k: filled[k] for k in legacy if k not in recorded} == {k: v for k, v in legacy.items() if k not in recorded}

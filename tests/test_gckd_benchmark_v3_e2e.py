@@ -37,7 +37,7 @@ def test_v3_benchmark_records_resumes_and_summarises(tmp_path: Path, monkeypatch
     assert bench.main([*args, "--variants", "source-only", "gckd"]) == 0
     assert len(list((tmp_path / "cache").glob("gckd-generic-*/report.json"))) == 1  # the cache it was given
     runs_path = tmp_path / "results" / "gckd_runs.jsonl"
-    rows = [json.loads(line) for line in runs_path.read_text().splitlines()]
+    rows = bench._read_runs(runs_path)
     assert [(r["setting"], r["variant"], r["seed"], r["synth_version"]) for r in rows] == [
         ("C->I", "source-only", 3, 3), ("C->I", "gckd", 3, 3)]
     _, digest = bench.generic_spec(3)
@@ -57,7 +57,7 @@ def test_v3_benchmark_records_resumes_and_summarises(tmp_path: Path, monkeypatch
     assert gckd["itm_map"] == pytest.approx(100 * rows[1]["itm"]["map"])
     # Resume: the recorded runs are not redone; only the new variant is run.
     assert bench.main([*args, "--variants", "source-only", "gckd", "no-cmkd"]) == 0
-    again = [json.loads(line) for line in runs_path.read_text().splitlines()]
+    again = bench._read_runs(runs_path)
     assert again[:2] == rows and [r["variant"] for r in again[2:]] == ["no-cmkd"]
     assert again[2]["config"]["kd_weight"] == 0.0
     assert (out.parent / "gckd_v3.md").read_text().count("| no-cmkd |") >= 1

@@ -678,13 +678,17 @@ def _read_runs(path: Path) -> list[dict[str, Any]]:
 
 def compact_runs_file(path: Path) -> None:
     """Rewrite the runs file with each row's ``config`` / ``environment`` replaced by a digest, the records
-    in :func:`configs_path` (written first, so every digest the runs file names is there). Workers append
+    in :func:`configs_path` (written first, so every digest the runs file names is there; records no row
+    names any more are dropped). Workers append
     full rows while a benchmark runs; the main process compacts once they are done."""
     if not path.exists():
         return
     records_file = configs_path(path)
     records = json.loads(records_file.read_text(encoding="utf-8")) if records_file.exists() else {}
     rows = [_repro.compact_row(row, records, COMPACT_KEYS) for row in _read_runs(path)]
+    # Only the records some row names (a regenerated row replaces its old config record).
+    named = {row[f"{key}_id"] for row in rows for key in COMPACT_KEYS if f"{key}_id" in row}
+    records = {name: record for name, record in records.items() if name in named}
     write_text_atomic(records_file, json.dumps(records, indent=1, sort_keys=True) + "\n")
     write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
@@ -1024,6 +1028,12 @@ def _main(argv: list[str] | None = None) -> int:
     generic_reports = sorted(CACHE.glob("gckd-generic-*/report.json"))
     generic = next((json.loads(p.read_text(encoding="utf-8")) for p in generic_reports
                     if json.loads(p.read_text(encoding="utf-8"))["spec"]["generic"] == SYNTH["generic"]), None)
+    if generic is None and out.with_suffix(".json").exists():
+        # No cached generic model (a fresh checkout, or the tables rewritten after a regeneration): keep
+        # the report the tables already record rather than dropping it.
+        recorded = json.loads(out.with_suffix(".json").read_text(encoding="utf-8")).get("generic_pretraining")
+        if recorded and recorded.get("spec", {}).get("generic") == SYNTH["generic"]:
+            generic = recorded
     if not args.tables_only:
         from crossret.data import resolve_data_dir
 

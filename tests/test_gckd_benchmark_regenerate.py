@@ -322,3 +322,19 @@ def test_compacted_runs_file_reads_back_the_same_rows(tmp_path: Path) -> None:
     assert bench._read_runs(runs) == [*rows, extra]
     bench.compact_runs_file(runs)
     assert bench._read_runs(runs) == [*rows, extra]
+
+
+def test_compacting_drops_the_records_no_row_names_any_more(tmp_path: Path) -> None:
+    """A regenerated row replaces its row (and config record) in place: the old record goes."""
+    runs = tmp_path / "gckd_runs.jsonl"
+    old, new, env = {"epochs": 4}, {"epochs": 4, "warm_start_banks": False}, {"torch": "2.13.0"}
+    rows = [{"part": "wiki", "seed": s, "config": old, "environment": env} for s in range(2)]
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench.compact_runs_file(runs)
+    assert len(json.loads(bench.configs_path(runs).read_text())) == 2
+    rows = [{**r, "config": new} for r in rows]  # every row re-made with a new config
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench.compact_runs_file(runs)
+    records = json.loads(bench.configs_path(runs).read_text())
+    assert sorted(records.values(), key=json.dumps) == sorted([new, env], key=json.dumps)
+    assert bench._read_runs(runs) == rows

@@ -17,8 +17,10 @@ from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The last commit before the query-blocked Hamming kernels: the baseline of their speed-ups.
+# The last commit before the query-blocked Hamming kernels: the baseline of their first speed-ups.
 BEFORE_BLOCKED_KERNELS = "b12b415"
+# The last commit before the 512-bit-vector search and metric kernels: the default baseline now.
+BEFORE_WIDE_VECTOR_KERNELS = "e0a99d8"
 
 
 def load_module_at(commit: str, module_path: str, name: str) -> ModuleType | None:

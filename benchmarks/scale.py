@@ -210,9 +210,11 @@ def _popcount_floor_seconds(q_words: np.ndarray, pairs_per_query: int, threads: 
     import numba as nb
 
     from crossret.retrieval.hamming import _popcount64, _run_blocks
+    from crossret.retrieval.vector_width import prefer_wide_vectors
 
     @nb.njit(nogil=True)
     def floor_kernel(q, tile, reps, out, q0, q1):  # pragma: no cover - compiled
+        prefer_wide_vectors()  # the same vector width as ours: the floor is what the CPU can do
         for i in range(q0, q1):
             total = np.int64(0)
             for r in range(reps):
@@ -712,7 +714,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="queries on which faiss' best query block size and thread count are chosen")
     parser.add_argument("--baseline-commit", default=None,
                         help="commit whose Hamming kernel is timed beside today's ('none' to skip; default: the "
-                        "last commit before the query-blocked kernels)")
+                        "last commit before the 512-bit-vector kernels)")
     parser.add_argument("--queries-large", type=int, default=100, help="queries at sizes above 2M")
     parser.add_argument("--numpy-queries", type=int, default=50)
     parser.add_argument("--numpy-queries-large", type=int, default=10)
@@ -739,7 +741,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.baseline_commit is None:
         import _previous
 
-        args.baseline_commit = _previous.BEFORE_BLOCKED_KERNELS
+        args.baseline_commit = _previous.BEFORE_WIDE_VECTOR_KERNELS
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:

@@ -78,6 +78,29 @@ def test_topk_on_tie_heavy_codes_matches_a_stable_sort(n_words: int, k: int) -> 
     _assert_topk(q, db, k, threads=1)
 
 
+@pytest.mark.parametrize("n_words", [1, 2, 4])
+@pytest.mark.parametrize("k", [1, 10, 600])
+def test_topk_over_several_query_blocks_matches_a_stable_sort(n_words: int, k: int) -> None:
+    # Two full query blocks of the scan and a partial one; codes drawn from a pool (hits come in
+    # runs, so the scan switches between its counting-only and its storing passes) and fresh codes.
+    rng = np.random.default_rng(100 * n_words + k)
+    block = hamming.search_query_block(n_words, k)
+    db = _words(rng, 70_000, n_words, pool=40)
+    db[rng.random(70_000) < 0.5] = _words(rng, 1, n_words)[0] ^ np.uint64(1)  # long runs of one code
+    q = np.concatenate([_words(rng, block, n_words, pool=40), _words(rng, block + 7, n_words)])
+    _assert_topk(q, db, k)
+
+
+def test_the_search_query_block_shrinks_as_candidate_buffers_grow() -> None:
+    assert hamming.search_query_block(1, 10) == hamming._SEARCH_BLOCK_MAX
+    assert hamming.search_query_block(4, 1000) == hamming._QUERY_BLOCK
+    sizes = [hamming.search_query_block(1, k) for k in (1, 100, 300, 1000, 10_000)]
+    assert sizes == sorted(sizes, reverse=True)
+    for k in (1, 100, 300, 1000):  # within the buffer budget unless at the smallest block
+        block = hamming.search_query_block(1, k)
+        assert block == hamming._QUERY_BLOCK or block * (k + max(k, 256)) * 16 <= hamming._CANDIDATE_BYTES
+
+
 def test_topk_with_k_beyond_the_database_pads_after_every_item() -> None:
     rng = np.random.default_rng(3)
     db = _words(rng, 17_000, 1, pool=5)
@@ -131,15 +154,16 @@ def _histogram_reference(q: np.ndarray, q_labels: np.ndarray, db: np.ndarray, db
     return np.stack([np.bincount(row, minlength=2 * n_dist) for row in slot])
 
 
-@pytest.mark.parametrize("n_words", [1, 3])
+@pytest.mark.parametrize("n_words", [1, 2, 3])
 def test_distance_histograms_match_bincount_over_chunks(n_words: int) -> None:
     rng = np.random.default_rng(n_words)
     n = 3 * hamming._EVAL_TILE + 123
+    n_q = hamming._EVAL_BLOCK + 35  # a full query block and a partial one
     db = _words(rng, n, n_words, pool=20)
-    q = _words(rng, 35, n_words, pool=20)
+    q = _words(rng, n_q, n_words, pool=20)
     db_labels = rng.integers(0, 3, n).astype(np.int32)
-    q_labels = rng.integers(0, 3, 35).astype(np.int32)
-    hist = np.zeros((35, 2 * (64 * n_words + 1)), np.int64)
+    q_labels = rng.integers(0, 3, n_q).astype(np.int32)
+    hist = np.zeros((n_q, 2 * (64 * n_words + 1)), np.int64)
     for start in range(0, n, 5_000):  # chunks that cut through tiles
         hamming.distance_histograms(q, q_labels, db[start:start + 5_000], db_labels[start:start + 5_000], hist)
     np.testing.assert_array_equal(hist, _histogram_reference(q, q_labels, db, db_labels))
@@ -160,16 +184,16 @@ def _index_ap_reference(q: np.ndarray, q_labels: np.ndarray, db: np.ndarray, db_
     return ap, ap_k
 
 
+@pytest.mark.parametrize("n_words", [1, 2])
 @pytest.mark.parametrize("classes", [1, 2, 500])
-def test_index_rule_matches_a_stable_sort_at_several_tiles(classes: int) -> None:
-    # 500 classes: most runs of 64 items hold no relevant item (the counting-only path); 1 class:
-    # every item is relevant (the item-by-item path).
-    rng = np.random.default_rng(classes)
-    n, bits = 2 * hamming._EVAL_TILE + 777, 128
-    db = _words(rng, n, 2, pool=15)
-    q = _words(rng, 33, 2, pool=15)
+def test_index_rule_matches_a_stable_sort_at_several_tiles(classes: int, n_words: int) -> None:
+    # 1 class: every item is relevant; 500: almost none is. Enough queries for two query blocks.
+    rng = np.random.default_rng(classes + n_words)
+    n, bits, n_q = 2 * hamming._EVAL_TILE + 777, 64 * n_words, hamming._EVAL_BLOCK + 9
+    db = _words(rng, n, n_words, pool=15)
+    q = _words(rng, n_q, n_words, pool=15)
     db_labels = rng.integers(0, classes, n)
-    q_labels = rng.integers(0, classes, 33)
+    q_labels = rng.integers(0, classes, n_q)
     to_pm1 = np.unpackbits(q.view(np.uint8), axis=1, bitorder="little").astype(np.int8) * 2 - 1
     db_pm1 = np.unpackbits(db.view(np.uint8), axis=1, bitorder="little").astype(np.int8) * 2 - 1
     result = evaluate_hamming(to_pm1, db_pm1, q_labels, db_labels, bits=bits, ties="index", topk=100,

@@ -42,6 +42,7 @@ from numba import prange
 from crossret.errors import CodeError, ConfigError, DataError
 from crossret.limits import check_result_slots
 from crossret.retrieval.packing import check_packed, packed_to_words
+from crossret.retrieval.vector_width import prefer_wide_vectors
 
 # SWAR popcount constants. They must be uint64: mixing uint64 with int64 makes numba fall back to
 # float64 arithmetic.
@@ -63,12 +64,9 @@ _DIRECT_TERMS = 64
 # than the work itself (docs/scale.md, "Exact search speed").
 _SERIAL_PAIRS = 1 << 18
 
-# Queries that share one pass over a database tile in the blocked kernels (search and metrics).
+# The smallest query block of the threshold scan (see search_query_block); multi-word codes take the
+# scan only with at least half a block of queries to share each tile's word-major copy.
 _QUERY_BLOCK = 16
-
-
-def _n_blocks(n_queries: int) -> int:
-    return -(-n_queries // _QUERY_BLOCK)
 
 
 def _run_blocks(kernel: Callable[..., None], n_tasks: int, n_threads: int, *args: object) -> None:
@@ -134,76 +132,175 @@ def _distance(q_words, q, first_word, db_words, j, n_words):  # pragma: no cover
     return d
 
 
-# Pass 1 of the metrics is query-blocked: a block of ``_QUERY_BLOCK`` queries walks the database chunk
-# in tiles of ``_EVAL_TILE`` items, copied word-major once per block; every query of the block then
-# computes the tile's distances in vectorised passes (one per word) before its counting, so the
-# database is read once per block instead of once per query. The counting itself (one increment per
-# (query, item) pair) is what bounds the pass.
-_EVAL_TILE = 4096
+# The metric passes are query-blocked: a block of ``_EVAL_BLOCK`` queries walks the database chunk in
+# tiles of ``_EVAL_TILE`` items (multi-word codes copied word-major once per block); every query of the
+# block computes the tile's "slots" (distance, plus ``L + 1`` for a relevant item) by vectorised
+# passes, then counts them, so the database is read from memory once per block instead of once per
+# query. The counting itself (one increment per (query, item) pair, into four interleaved histograms
+# so that runs of equal distances do not serialise on one counter) is what bounds the pass. The tile,
+# its labels, the slots and one query's histograms stay in L1.
+_EVAL_TILE = 2048
+_EVAL_BLOCK = 64
+_EVAL_LANES = 4
+
+
+def _n_eval_blocks(n_queries: int) -> int:
+    return -(-n_queries // _EVAL_BLOCK)
+
+
+def _flat_codes(db_words: np.ndarray) -> np.ndarray:
+    """1-word codes as one contiguous vector (the kernels read them in place; a column view would not
+    vectorise); an empty placeholder for wider codes."""
+    return db_words.reshape(-1) if db_words.shape[1] == 1 else db_words[:0, 0].copy()
 
 
 @nb.njit(inline="always", cache=True)
-def _load_tile(db_words, t0, t1, tile_t):  # pragma: no cover - compiled
-    """Copy items ``t0..t1`` word-major into ``tile_t[w, j]``."""
+def _load_tile(db_words, t0, t1, tile, stride):  # pragma: no cover - compiled
+    """Copy items ``t0..t1`` word-major into the flat ``tile`` (word ``w`` of item ``j`` at
+    ``w * stride + j``)."""
     n_words = db_words.shape[1]
     for j in range(t1 - t0):
         for w in range(n_words):
-            tile_t[w, j] = db_words[t0 + j, w]
+            tile[w * stride + j] = db_words[t0 + j, w]
 
 
 @nb.njit(inline="always", cache=True)
-def _tile_distances(q_row, tile_t, n, dist):  # pragma: no cover - compiled
-    """``dist[j] = popcount(q_row XOR tile item j)`` for the first ``n`` items of a word-major tile."""
-    words = tile_t[0, :n]
+def _tile_slots(q_row, label, codes, stride, first, n, labels, t0, rel_offset, slot):  # pragma: no cover
+    """``slot[j] = distance(q_row, item j) + rel_offset · (labels[t0 + j] == label)`` for ``n`` items
+    of word-major codes (word ``w`` of item ``j`` at ``codes[w * stride + first + j]``), vectorised:
+    one pass per word, the first with the label test. Offsets are unsigned (see
+    :func:`_scan_tile_one_word`)."""
+    rel = np.uint32(rel_offset)
+    base = np.uint64(first)
+    lab = np.uint64(t0)
     a = q_row[0]
     for j in range(n):
-        dist[j] = _popcount64(a ^ words[j])
-    for w in range(1, tile_t.shape[0]):
-        words = tile_t[w, :n]
+        u = np.uint64(j)
+        slot[j] = np.uint32(_popcount64(a ^ codes[base + u])) + rel * np.uint32(labels[lab + u] == label)
+    for w in range(1, q_row.shape[0]):
         a = q_row[w]
+        base = np.uint64(w * stride + first)
         for j in range(n):
-            dist[j] += _popcount64(a ^ words[j])
+            u = np.uint64(j)
+            slot[j] += np.uint32(_popcount64(a ^ codes[base + u]))
+
+
+@nb.njit(inline="always", cache=True)
+def _count_slots(slot, n, lane, width):  # pragma: no cover - compiled
+    """``lane[(j % 4) · width + slot[j]] += 1`` for the first ``n`` slots."""
+    w1 = np.uint64(width)
+    w2 = np.uint64(2 * width)
+    w3 = np.uint64(3 * width)
+    n4 = n // 4 * 4
+    for j in range(0, n4, 4):
+        lane[np.uint64(slot[j])] += 1
+        lane[w1 + np.uint64(slot[j + 1])] += 1
+        lane[w2 + np.uint64(slot[j + 2])] += 1
+        lane[w3 + np.uint64(slot[j + 3])] += 1
+    for j in range(n4, n):
+        lane[np.uint64(slot[j])] += 1
+
+
+@nb.njit(inline="always", cache=True)
+def _tile_source(n_words, db_flat, db_words, t0, t1, tile, stride):  # pragma: no cover - compiled
+    """Where a tile's codes are read from: 1-word codes straight from the database (``first = t0``),
+    wider codes from a word-major copy (``first = 0``). Returns ``(codes, first)``."""
+    if n_words == 1:
+        return db_flat, t0
+    _load_tile(db_words, t0, t1, tile, stride)
+    return tile, 0
 
 
 @nb.njit(nogil=True, cache=True)
-def _histogram_kernel(q_words, q_labels, db_words, db_labels, hist, blk0, blk1):  # pragma: no cover - compiled
-    """Query blocks ``blk0..blk1`` of pass 1 (see :func:`distance_histograms`)."""
+def _histogram_kernel(q_words, q_labels, db_words, db_flat, db_labels, hist, blk0,
+                      blk1):  # pragma: no cover - compiled
+    """Query blocks ``blk0..blk1`` of pass 1 (see :func:`distance_histograms`). ``db_flat`` is
+    ``db_words`` as one contiguous vector when ``W == 1``."""
+    prefer_wide_vectors()
     n_q, n_words = q_words.shape
     n_db = db_words.shape[0]
     width = hist.shape[1]
-    stride = np.int32(width // 2)  # L + 1: relevant items count in the second half of a row
+    rel_offset = width // 2  # L + 1: relevant items count in the second half of a row
     for blk in range(blk0, blk1):
-        q0 = blk * _QUERY_BLOCK
-        q1 = min(q0 + _QUERY_BLOCK, n_q)
-        # Four histograms per query, side by side in one row (item j counts in lane j % 4): with one,
-        # runs of equal distances serialise on the same counter. Flat rows index faster than 2-D.
-        lanes = np.zeros((q1 - q0, 4 * width), np.int64)
-        tile_t = np.empty((n_words, _EVAL_TILE), np.uint64)
-        slot = np.empty(_EVAL_TILE, np.int32)
+        q0 = blk * _EVAL_BLOCK
+        q1 = min(q0 + _EVAL_BLOCK, n_q)
+        lanes = np.zeros((q1 - q0) * _EVAL_LANES * width, np.int64)  # query b's lanes from b * 4 * width
+        tile = np.empty(n_words * _EVAL_TILE, np.uint64)
+        slot = np.empty(_EVAL_TILE, np.uint32)
         for t0 in range(0, n_db, _EVAL_TILE):
             t1 = min(t0 + _EVAL_TILE, n_db)
             n = t1 - t0
-            _load_tile(db_words, t0, t1, tile_t)
-            labels = db_labels[t0:t1]
+            codes, first = _tile_source(n_words, db_flat, db_words, t0, t1, tile, _EVAL_TILE)
             for b in range(q1 - q0):
-                _tile_distances(q_words[q0 + b], tile_t, n, slot)
-                label = q_labels[q0 + b]
-                for j in range(n):  # branch-free and vectorised
-                    slot[j] += stride * np.int32(labels[j] == label)
-                lane = lanes[b]
-                n4 = n // 4 * 4
-                for j in range(0, n4, 4):
-                    lane[slot[j]] += 1
-                    lane[width + slot[j + 1]] += 1
-                    lane[2 * width + slot[j + 2]] += 1
-                    lane[3 * width + slot[j + 3]] += 1
-                for j in range(n4, n):
-                    lane[slot[j]] += 1
+                _tile_slots(q_words[q0 + b], q_labels[q0 + b], codes, _EVAL_TILE, first, n, db_labels, t0,
+                            rel_offset, slot)
+                _count_slots(slot, n, lanes[b * _EVAL_LANES * width:(b + 1) * _EVAL_LANES * width], width)
         for b in range(q1 - q0):
             row = hist[q0 + b]
-            lane = lanes[b]
+            at = b * _EVAL_LANES * width
             for x in range(width):
-                row[x] += lane[x] + lane[width + x] + lane[2 * width + x] + lane[3 * width + x]
+                row[x] += lanes[at + x] + lanes[at + width + x] + lanes[at + 2 * width + x] + lanes[at + 3 * width + x]
+
+
+# The walk's slots carry the relevance flag above the distance (distances stay below 2**17, since
+# codes have at most MAX_BITS = 2**16 bits), and each record packs (items before it, distance).
+_WALK_FLAG_SHIFT = 20
+_WALK_DISTANCE_MASK = (1 << _WALK_FLAG_SHIFT) - 1
+
+
+@nb.njit(inline="always", cache=True)
+def _walk_slots(slot, n, seen_row, packed):  # pragma: no cover - compiled
+    """Count the first ``n`` walk slots (distance ``d`` in the low bits, relevance flag above) in
+    ``seen_row[d]``, in order, and note every relevant one as ``(items at d before it) << 20 | d`` in
+    ``packed``. Branch-free: each item's note is written and kept only when relevant, so the loop
+    costs the same whatever share of the database is relevant. Returns the number of notes."""
+    mask = np.uint32(_WALK_DISTANCE_MASK)
+    shift = np.uint32(_WALK_FLAG_SHIFT)
+    m = np.int64(0)
+    for j in range(n):
+        x = slot[j]
+        d = np.uint64(x & mask)
+        before = seen_row[d]
+        seen_row[d] = before + 1
+        packed[m] = (before << _WALK_FLAG_SHIFT) | np.int64(d)
+        m += np.int64(x >> shift)
+    return m
+
+
+# Tie rule ``index`` in one pass over the database: every item of a query's walk counts at its
+# distance (the counts at the end are pass 1's histogram), and each relevant item records its distance
+# and how many items at that distance came before it. Its rank needs the items at smaller distances in
+# the whole database, known only at the end, so ranks are scored afterwards from the records.
+@nb.njit(nogil=True, cache=True)
+def _index_walk_kernel(q_words, q_labels, db_words, db_flat, db_labels, seen, offsets, n_rec, rec_d, rec_s, blk0,
+                       blk1):  # pragma: no cover - compiled
+    """Query blocks ``blk0..blk1`` of the one-pass tie rule ``index`` (see :func:`index_records_walk`):
+    each query of a block walks each tile in database order, counting every item at its distance in
+    ``seen`` and noting the relevant ones (:func:`_walk_slots`)."""
+    prefer_wide_vectors()
+    n_q, n_words = q_words.shape
+    n_db = db_words.shape[0]
+    mask = np.int64(_WALK_DISTANCE_MASK)
+    for blk in range(blk0, blk1):
+        q0 = blk * _EVAL_BLOCK
+        q1 = min(q0 + _EVAL_BLOCK, n_q)
+        tile = np.empty(n_words * _EVAL_TILE, np.uint64)
+        slot = np.empty(_EVAL_TILE, np.uint32)
+        packed = np.empty(_EVAL_TILE, np.int64)
+        for t0 in range(0, n_db, _EVAL_TILE):
+            t1 = min(t0 + _EVAL_TILE, n_db)
+            n = t1 - t0
+            codes, first = _tile_source(n_words, db_flat, db_words, t0, t1, tile, _EVAL_TILE)
+            for b in range(q1 - q0):
+                q = q0 + b
+                _tile_slots(q_words[q], q_labels[q], codes, _EVAL_TILE, first, n, db_labels, t0,
+                            np.int64(1) << _WALK_FLAG_SHIFT, slot)
+                m = _walk_slots(slot, n, seen[q], packed)
+                at = offsets[q] + n_rec[q]
+                for r in range(m):
+                    rec_d[at + r] = packed[r] & mask
+                    rec_s[at + r] = packed[r] >> _WALK_FLAG_SHIFT
+                n_rec[q] += m
 
 
 @nb.njit(inline="always", cache=True)
@@ -270,36 +367,6 @@ def _index_rank_kernel(q_words, q_labels, db_words, db_labels, before, before_re
         ap_sum[q] = ap_acc
         apk_sum[q] = apk_acc
         n_rel_topk[q] = nk
-
-
-# Tie rule ``index`` in one pass over the database: every item of a query's walk counts at its
-# distance (the counts at the end are pass 1's histogram), and each relevant item records its distance
-# and how many items at that distance came before it. Its rank needs the items at smaller distances in
-# the whole database, known only at the end, so ranks are scored afterwards from the records.
-
-
-@nb.njit(parallel=True, cache=True)
-def _index_walk_kernel(q_words, q_labels, db_words, db_labels, seen, offsets, n_rec, rec_d,
-                       rec_s):  # pragma: no cover - compiled
-    n_q, n_words = q_words.shape
-    n_db = db_words.shape[0]
-    for q in prange(n_q):
-        label = q_labels[q]
-        first_word = q_words[q, 0]
-        seen_row = seen[q].copy()  # private copy: no aliasing with the inputs in the hot loop
-        base = offsets[q]
-        n = n_rec[q]
-        for j in range(n_db):
-            d = _distance(q_words, q, first_word, db_words, j, n_words)
-            s = seen_row[d]
-            seen_row[d] = s + 1
-            # Branch-free: the slot after the last record is written every time and kept only for a
-            # relevant item (each query's records have one spare slot).
-            rec_d[base + n] = d
-            rec_s[base + n] = s
-            n += np.int64(db_labels[j] == label)
-        seen[q, :] = seen_row
-        n_rec[q] = n
 
 
 @nb.njit(parallel=True, cache=True)
@@ -666,8 +733,8 @@ def distance_histograms(q_words: np.ndarray, q_labels: np.ndarray, db_words: np.
                                                           hist.shape[1] // 2)
     hist = _state(hist, "hist", np.int64, (q_words.shape[0], hist.shape[1]))
     with _threads_for(q_words.shape[0] * db_words.shape[0]):
-        _run_blocks(_histogram_kernel, _n_blocks(q_words.shape[0]), nb.get_num_threads(), q_words, q_labels,
-                    db_words, db_labels, hist)
+        _run_blocks(_histogram_kernel, _n_eval_blocks(q_words.shape[0]), nb.get_num_threads(), q_words, q_labels,
+                    db_words, _flat_codes(db_words), db_labels, hist)
 
 
 def index_rank_pass(q_words: np.ndarray, q_labels: np.ndarray, db_words: np.ndarray,
@@ -747,7 +814,8 @@ def index_records_walk(q_words: np.ndarray, q_labels: np.ndarray, db_words: np.n
         if np.any(n_rec < 0) or np.any(n_rec + adds + 1 > room):
             raise DataError("rec_d / rec_s: too few record slots for the relevant items of this chunk")
     with _threads_for(q_words.shape[0] * db_words.shape[0]):
-        _index_walk_kernel(q_words, q_labels, db_words, db_labels, seen, offsets, n_rec, rec_d, rec_s)
+        _run_blocks(_index_walk_kernel, _n_eval_blocks(n_q), nb.get_num_threads(), q_words, q_labels, db_words,
+                    _flat_codes(db_words), db_labels, seen, offsets, n_rec, rec_d, rec_s)
 
 
 def index_records_score(seen: np.ndarray, offsets: np.ndarray, n_rec: np.ndarray, rec_d: np.ndarray,
@@ -768,9 +836,15 @@ def index_records_score(seen: np.ndarray, offsets: np.ndarray, n_rec: np.ndarray
     n_rec = np.ascontiguousarray(n_rec, dtype=np.int64)
     if offsets.shape != (n_q,) or n_rec.shape != (n_q,) or rec_d.shape != rec_s.shape:
         raise DataError("index records: offsets and n_rec need one entry per query, rec_d and rec_s one shape")
-    if n_q and (np.any(n_rec < 0) or np.any(offsets + n_rec > rec_d.shape[0])
-                or (n_rec.sum() and (rec_d.min() < 0 or rec_d.max() >= n_dist))):
+    if n_q and (np.any(n_rec < 0) or np.any(offsets < 0) or np.any(offsets + n_rec > rec_d.shape[0])):
         raise DataError("index records: counts or distances outside the record arrays")
+    if n_rec.sum():
+        # Only the records in use are read (slots past them may hold anything).
+        starts = np.cumsum(n_rec) - n_rec
+        used = np.repeat(offsets - starts, n_rec) + np.arange(int(n_rec.sum()))
+        distances = rec_d[used]
+        if distances.min() < 0 or distances.max() >= n_dist:
+            raise DataError("index records: counts or distances outside the record arrays")
     ns = np.asarray(ns)
     if ns.dtype != np.int64 or ns.ndim != 1:
         raise DataError(f"ns: expected a 1-D int64 array, got {ns.dtype} {ns.shape}")
@@ -847,7 +921,7 @@ def hamming_distances(q_packed: np.ndarray, db_packed: np.ndarray, bits: int) ->
 # ----------------------------------------------------------------------------------------------
 # Exact top-k (the ``flat`` kind of :class:`crossret.retrieval.BinaryIndex`)
 #
-# Blocked threshold scan. A task is a block of up to ``_QUERY_BLOCK`` queries and one database chunk.
+# Blocked threshold scan. A task is a block of queries (see search_query_block) and one database chunk.
 # The chunk is walked in tiles that stay in cache (``_TILE_BYTES``), and every query of the block scans
 # the tile before the next one is read, so memory traffic per (query, item) pair drops by the block
 # size. Each query keeps candidates (distance, position) in position order and a bound ``thr``: only an
@@ -874,6 +948,8 @@ _TOPK_MIN_CHUNK = 1 << 16  # items per database chunk when few queries are split
 _SCAN_MAX_SHARE = 1000
 _SCAN_MAX_SHARE_TWO_WORDS = 10_000  # 128-bit codes: chosen by measurement (docs/scale.md)
 _SCAN_MIN_DATABASE = 1 << 16
+_SEARCH_BLOCK_MAX = 64  # queries per tile pass of the threshold scan (see search_query_block)
+_CANDIDATE_BYTES = 1 << 19  # candidate buffers of one query block, at most
 
 
 @nb.njit(inline="always", cache=True)
@@ -940,7 +1016,8 @@ def _offer(cand_d, cand_i, counts, thrs, b, d, position, k, n_dist):  # pragma: 
 def _offer_hits(dist, dist8, words8, m, first, b, cand_d, cand_i, counts, thrs, k,
                 n_dist):  # pragma: no cover - compiled
     """Offer the items of a sub-block (``dist[:m]``, positions ``first + j``) that beat the bound, in
-    position order. ``dist8`` holds the same distances saturated to uint8, seen 8 at a time as
+    position order. ``dist`` may be ``dist8`` itself when every distance fits a byte unsaturated.
+    ``dist8`` holds the same distances saturated to uint8, seen 8 at a time as
     ``words8``: a word is walked item by item only when the SWAR test ``(x - low·thr) & ~x & high``
     says one of its bytes is below ``thr`` (exact for ``thr <= 128``), so most of a sub-block with a
     hit costs one test per 8 items."""
@@ -967,45 +1044,156 @@ def _saturate(dist, dist8, m):  # pragma: no cover - compiled
 
 
 @nb.njit(inline="always", cache=True)
-def _scan_tile_one_word(a, tile, first, b, dist, dist8, words8, cand_d, cand_i, counts, thrs, k,
-                        n_dist):  # pragma: no cover - compiled
-    """Query word ``a`` (block slot ``b``) against a tile of 1-word codes at positions ``first + j``."""
-    n = tile.shape[0]
-    for s0 in range(0, n, _SUB):
-        sub = tile[s0:min(s0 + _SUB, n)]
-        m = sub.shape[0]
-        thr = thrs[b]
-        hits = np.int64(0)
-        for j in range(m):  # vectorised: XOR, popcount, store, compare, sum
-            d = _popcount64(a ^ sub[j])
-            dist[j] = d
-            hits += d < thr
-        if hits:
-            _saturate(dist, dist8, m)
-            _offer_hits(dist, dist8, words8, m, first + s0, b, cand_d, cand_i, counts, thrs, k, n_dist)
+def _pad_bytes(dist8, m):  # pragma: no cover - compiled
+    """Set the bytes of ``dist8`` from ``m`` up to the next multiple of 8 to 255 (never a hit)."""
+    for j in range(m, -(-m // 8) * 8):
+        dist8[j] = np.uint8(255)
 
 
 @nb.njit(inline="always", cache=True)
-def _scan_tile_words(q_row, tile_t, n, dist, dist8, words8, first, b, cand_d, cand_i, counts, thrs, k,
+def _scan_tile_one_word(a, codes, t0, t1, b, dist8, words8, cand_d, cand_i, counts, thrs, k,
+                        n_dist):  # pragma: no cover - compiled
+    """Query word ``a`` (block slot ``b``) against the 1-word codes ``codes[t0:t1]``.
+
+    While hits are rare, a sub-block is first only scanned for its smallest distance (XOR, popcount,
+    min: no stores, as cheap as a popcount sum) and gone through again only when that beats the
+    bound; after a sub-block with a hit, the next one stores its distances while counting (one pass),
+    as hits come in runs while the bound is still loose. Distances (at most 64) are stored as bytes.
+    Items are addressed by unsigned offsets, not slices: a slice costs a reference count update per
+    sub-block in this kernel, and a signed index a negative-index test that stops the loop from
+    vectorising."""
+    dense = False
+    for s0 in range(t0, t1, _SUB):
+        m = min(_SUB, t1 - s0)
+        base = np.uint64(s0)
+        thr = thrs[b]
+        hits = np.int64(0)
+        if dense:
+            for j in range(m):  # vectorised: XOR, popcount, store, compare, sum
+                d = _popcount64(a ^ codes[base + np.uint64(j)])
+                dist8[j] = np.uint8(d)
+                hits += d < thr
+        else:
+            nearest = np.int64(64)
+            for j in range(m):  # vectorised, no stores: XOR, popcount, min
+                nearest = min(nearest, _popcount64(a ^ codes[base + np.uint64(j)]))
+            if nearest < thr:
+                hits = np.int64(1)
+                for j in range(m):
+                    dist8[j] = np.uint8(_popcount64(a ^ codes[base + np.uint64(j)]))
+        dense = hits > 0
+        if hits:
+            _pad_bytes(dist8, m)
+            _offer_hits(dist8, dist8, words8, m, s0, b, cand_d, cand_i, counts, thrs, k, n_dist)
+
+
+@nb.njit(inline="always", cache=True)
+def _nearest_in_sub_block(q_row, tile, stride, s0, m):  # pragma: no cover - compiled
+    """``(smallest distance to q_row of items s0..s0+m of a word-major tile, True)`` by one fused
+    vectorised pass with no stores, for 2- and 4-word codes; ``(0, False)`` for other widths. The
+    tile is flat: word ``w`` of item ``j`` at ``tile[w * stride + j]``."""
+    n_words = q_row.shape[0]
+    nearest = np.int64(64 * n_words)
+    if n_words == 2:
+        a0 = q_row[0]
+        a1 = q_row[1]
+        p0 = np.uint64(s0)
+        p1 = np.uint64(stride + s0)
+        for j in range(m):
+            u = np.uint64(j)
+            nearest = min(nearest, _popcount64(a0 ^ tile[p0 + u]) + _popcount64(a1 ^ tile[p1 + u]))
+        return nearest, True
+    if n_words == 4:
+        a0 = q_row[0]
+        a1 = q_row[1]
+        a2 = q_row[2]
+        a3 = q_row[3]
+        p0 = np.uint64(s0)
+        p1 = np.uint64(stride + s0)
+        p2 = np.uint64(2 * stride + s0)
+        p3 = np.uint64(3 * stride + s0)
+        for j in range(m):
+            u = np.uint64(j)
+            nearest = min(nearest, _popcount64(a0 ^ tile[p0 + u]) + _popcount64(a1 ^ tile[p1 + u])
+                          + _popcount64(a2 ^ tile[p2 + u]) + _popcount64(a3 ^ tile[p3 + u]))
+        return nearest, True
+    return np.int64(0), False
+
+
+@nb.njit(inline="always", cache=True)
+def _bytes_in_sub_block(q_row, tile, stride, s0, m, thr, dist8):  # pragma: no cover - compiled
+    """For 2- and 4-word codes: ``dist8[j] = min(distance, 255)`` of items ``s0..s0+m`` of a flat
+    word-major tile, by one fused vectorised pass; returns how many are ``< thr``."""
+    hits = np.int64(0)
+    if q_row.shape[0] == 2:
+        a0 = q_row[0]
+        a1 = q_row[1]
+        p0 = np.uint64(s0)
+        p1 = np.uint64(stride + s0)
+        for j in range(m):
+            u = np.uint64(j)
+            d = _popcount64(a0 ^ tile[p0 + u]) + _popcount64(a1 ^ tile[p1 + u])
+            dist8[j] = np.uint8(d)
+            hits += d < thr
+        return hits
+    a0 = q_row[0]
+    a1 = q_row[1]
+    a2 = q_row[2]
+    a3 = q_row[3]
+    p0 = np.uint64(s0)
+    p1 = np.uint64(stride + s0)
+    p2 = np.uint64(2 * stride + s0)
+    p3 = np.uint64(3 * stride + s0)
+    for j in range(m):
+        u = np.uint64(j)
+        d = (_popcount64(a0 ^ tile[p0 + u]) + _popcount64(a1 ^ tile[p1 + u])
+             + _popcount64(a2 ^ tile[p2 + u]) + _popcount64(a3 ^ tile[p3 + u]))
+        dist8[j] = np.uint8(min(d, 255))
+        hits += d < thr
+    return hits
+
+
+@nb.njit(inline="always", cache=True)
+def _scan_tile_words(q_row, tile, stride, n, dist, dist8, words8, first, b, cand_d, cand_i, counts, thrs, k,
                      n_dist):  # pragma: no cover - compiled
-    """Query ``q_row`` (``W`` words) against the first ``n`` items of a tile stored word-major
-    (``tile_t[w, j]``): per sub-block, one vectorised pass per word into the L1-resident ``dist``."""
-    n_words = tile_t.shape[0]
+    """Query ``q_row`` (``W`` words) against the first ``n`` items of a flat word-major tile (word
+    ``w`` of item ``j`` at ``tile[w * stride + j]``), item ``j`` at position ``first + j``. 2- and
+    4-word codes (once the bound is at most 255): as :func:`_scan_tile_one_word`, a fused pass for
+    the smallest distance while hits are rare, and one fused pass that stores byte distances and
+    counts hits for a sub-block with a hit and the one after it. Other widths: the distances of each
+    sub-block go into the L1-resident ``dist`` by one vectorised pass per word, and are counted
+    there."""
+    n_words = q_row.shape[0]
+    fused = n_words == 2 or n_words == 4
+    dense = False
     for s0 in range(0, n, _SUB):
         m = min(_SUB, n - s0)
-        words = tile_t[0, s0:s0 + m]
-        a = q_row[0]
-        for j in range(m):
-            dist[j] = _popcount64(a ^ words[j])
-        for w in range(1, n_words):
-            words = tile_t[w, s0:s0 + m]
-            a = q_row[w]
-            for j in range(m):
-                dist[j] += _popcount64(a ^ words[j])
         thr = thrs[b]
+        if fused and not dense:
+            nearest, _ = _nearest_in_sub_block(q_row, tile, stride, s0, m)
+            if nearest >= thr:
+                continue
+        if fused and thr <= 255:
+            # Byte distances are exact below 255, and only items below thr <= 255 are offered.
+            hits = _bytes_in_sub_block(q_row, tile, stride, s0, m, thr, dist8)
+            dense = hits > 0
+            if hits:
+                _pad_bytes(dist8, m)
+                _offer_hits(dist8, dist8, words8, m, first + s0, b, cand_d, cand_i, counts, thrs, k, n_dist)
+            continue
+        a = q_row[0]
+        base = np.uint64(s0)
+        for j in range(m):
+            dist[j] = _popcount64(a ^ tile[base + np.uint64(j)])
+        for w in range(1, n_words):
+            a = q_row[w]
+            base = np.uint64(w * stride + s0)
+            for j in range(m):
+                dist[j] += _popcount64(a ^ tile[base + np.uint64(j)])
         hits = np.int64(0)
         for j in range(m):
             hits += dist[j] < thr
+        dense = hits > 0
         if hits:
             _saturate(dist, dist8, m)
             _offer_hits(dist, dist8, words8, m, first + s0, b, cand_d, cand_i, counts, thrs, k, n_dist)
@@ -1033,20 +1221,21 @@ def _guess_bound(q_words, q, db_words, j_start, n_items, k):  # pragma: no cover
 
 
 @nb.njit(nogil=True, cache=True)
-def _topk_blocked(q_words, db_words, db_flat, k, cap, chunk, res_d, res_i, task0,
+def _topk_blocked(q_words, db_words, db_flat, k, cap, chunk, q_block, res_d, res_i, task0,
                   task1):  # pragma: no cover - compiled
     """Top ``k`` of the (query block, database chunk) tasks ``task0..task1`` into ``res_d`` / ``res_i`` of shape
     ``(Q, n_chunks, k)``, each row ordered by (distance, position) and padded with ``(max, -1)``.
     ``db_flat`` is ``db_words`` as one contiguous vector when ``W == 1`` (a column view would not
     vectorise)."""
+    prefer_wide_vectors()
     n_q, n_words = q_words.shape
     n_db = db_words.shape[0]
     n_dist = n_words * 64 + 1
     n_chunks = res_d.shape[1]
     tile_items = max(_SUB, _TILE_BYTES // (8 * n_words) // _SUB * _SUB)
     for task in range(task0, task1):
-        q0 = (task // n_chunks) * _QUERY_BLOCK
-        q1 = min(q0 + _QUERY_BLOCK, n_q)
+        q0 = (task // n_chunks) * q_block
+        q1 = min(q0 + q_block, n_q)
         c = task % n_chunks
         j_start = c * chunk
         j_stop = min(j_start + chunk, n_db)
@@ -1060,26 +1249,25 @@ def _topk_blocked(q_words, db_words, db_flat, k, cap, chunk, res_d, res_i, task0
         if guessed:
             for b in range(q1 - q0):
                 thrs[b] = _guess_bound(q_words, q0 + b, db_words, j_start, n_items, k)
-        tile_t = np.empty((n_words, tile_items), np.uint64)
+        tile = np.empty(n_words * tile_items, np.uint64)  # word-major: word w of item j at w * tile_items + j
         dist = np.empty(_SUB, np.int32)
         dist8 = np.empty(_SUB, np.uint8)
         words8 = dist8.view(np.uint64)
         for t0 in range(j_start, j_stop, tile_items):
             t1 = min(t0 + tile_items, j_stop)
             if n_words == 1:
-                tile = db_flat[t0:t1]
                 for b in range(q1 - q0):
-                    _scan_tile_one_word(q_words[q0 + b, 0], tile, t0, b, dist, dist8, words8, cand_d, cand_i, counts,
-                                        thrs, k, n_dist)
+                    _scan_tile_one_word(q_words[q0 + b, 0], db_flat, t0, t1, b, dist8, words8, cand_d, cand_i,
+                                        counts, thrs, k, n_dist)
             else:
                 # Word-major copy of the tile, paid once for the whole query block: the distance loop
                 # then reads each word contiguously and vectorises.
                 for j in range(t1 - t0):
                     for w in range(n_words):
-                        tile_t[w, j] = db_words[t0 + j, w]
+                        tile[w * tile_items + j] = db_words[t0 + j, w]
                 for b in range(q1 - q0):
-                    _scan_tile_words(q_words[q0 + b], tile_t, t1 - t0, dist, dist8, words8, t0, b, cand_d, cand_i,
-                                     counts, thrs, k, n_dist)
+                    _scan_tile_words(q_words[q0 + b], tile, tile_items, t1 - t0, dist, dist8, words8, t0, b, cand_d,
+                                     cand_i, counts, thrs, k, n_dist)
         for b in range(q1 - q0):
             if guessed and counts[b] < need:
                 # The guessed bound was too tight for this query (fewer than k items beat it): redo the
@@ -1265,6 +1453,7 @@ def _topk_by_query(q_words, db_words, k, bufs, words, per_word, low, high, out_d
     n_db = db_words.shape[0]
     n_dist = q_words.shape[1] * 64 + 1
     for q in prange(n_q):
+        prefer_wide_vectors()
         tid = nb.get_thread_id()
         hist = np.zeros(_LANES * n_dist, np.int64)
         _scan_chunk(q_words, q, db_words, 0, n_db, bufs[tid], hist)
@@ -1284,6 +1473,7 @@ def _topk_by_chunk(q_words, db_words, k, size, buf, words, per_word, low, high, 
     n_chunks = -(-n_db // size)
     hist = np.zeros((n_q * n_chunks, _LANES * n_dist), np.int64)
     for task in prange(n_q * n_chunks):
+        prefer_wide_vectors()
         q = task // n_chunks
         c = task % n_chunks
         _scan_chunk(q_words, q, db_words, c * size, min((c + 1) * size, n_db), buf[q], hist[task])
@@ -1305,6 +1495,7 @@ def _topk_by_chunk(q_words, db_words, k, size, buf, words, per_word, low, high, 
                 row[d] = start[d]
                 start[d] += count
     for task in prange(n_q * n_chunks):
+        prefer_wide_vectors()
         q = task // n_chunks
         c = task % n_chunks
         _collect_chunk(buf[q], words[q], per_word, low, high, c * size, min((c + 1) * size, n_db), thresholds[q],
@@ -1345,6 +1536,17 @@ def _topk_counting(q_words: np.ndarray, db_words: np.ndarray, k: int, n_threads:
         nb.set_num_threads(previous)
 
 
+def search_query_block(n_words: int, k: int) -> int:
+    """Queries that share each pass over a database tile in the threshold scan: more queries read the
+    database from memory fewer times, as long as their candidate buffers (``2 (k + max(k, 256))``
+    int64 each) stay small beside the L2-resident tile."""
+    cap = k + max(k, 256)
+    block = _SEARCH_BLOCK_MAX
+    while block > _QUERY_BLOCK and block * cap * 16 > _CANDIDATE_BYTES:
+        block //= 2
+    return block
+
+
 def _topk_threshold(q_words: np.ndarray, db_words: np.ndarray, k: int, n_threads: int, out_d: np.ndarray,
                     out_i: np.ndarray) -> None:
     """The blocked threshold scan, written into ``out_d`` / ``out_i`` (see the section comment)."""
@@ -1354,7 +1556,8 @@ def _topk_threshold(q_words: np.ndarray, db_words: np.ndarray, k: int, n_threads
     # Candidate buffer: room for k plus a batch of offers between two cuts (each cut is O(cap + L)).
     cap = k_kept + max(k_kept, 256)
     n_chunks = 1
-    n_blocks = _n_blocks(n_q)
+    q_block = search_query_block(q_words.shape[1], k_kept)
+    n_blocks = -(-n_q // q_block)
     if n_blocks < 2 * n_threads and n_threads > 1:
         # Too few query blocks to keep every thread busy: split the database into chunks too, each of
         # >= _TOPK_MIN_CHUNK items.
@@ -1366,9 +1569,9 @@ def _topk_threshold(q_words: np.ndarray, db_words: np.ndarray, k: int, n_threads
     else:
         res_d = np.full((n_q, n_chunks, k_kept), np.iinfo(np.int32).max, np.int32)
         res_i = np.full((n_q, n_chunks, k_kept), -1, np.int64)
-    db_flat = db_words.reshape(-1) if db_words.shape[1] == 1 else db_words[:0, 0].copy()
+    db_flat = _flat_codes(db_words)
     _run_blocks(_topk_blocked, n_blocks * n_chunks, n_threads, q_words, db_words, db_flat,
-                np.int64(k_kept), np.int64(cap), np.int64(chunk), res_d, res_i)
+                np.int64(k_kept), np.int64(cap), np.int64(chunk), np.int64(q_block), res_d, res_i)
     if n_chunks > 1:
         merged_d = np.empty((n_q, k_kept), np.int32)
         merged_i = np.empty((n_q, k_kept), np.int64)

@@ -340,11 +340,15 @@ def _index_one_pass(q_words: np.ndarray, q_lab: np.ndarray, chunks: Callable[[],
         stop = int(np.searchsorted(ends, base + _INDEX_RECORD_BUDGET, side="right"))
         starts.append(max(stop, starts[-1] + 1))
     n_blocks = len(starts) - 1
+    # One pair of record buffers for every block, uninitialised: the walk writes each record before
+    # the scoring reads it, and fresh zeroed buffers per block cost page faults of their own.
+    largest = max(int(slots[starts[b]:starts[b + 1]].sum()) for b in range(n_blocks)) if n_blocks else 0
+    rec_d_all, rec_s_all = np.empty(largest, np.int64), np.empty(largest, np.int64)
     for b in range(n_blocks):
         q0, q1 = starts[b], starts[b + 1]
         offsets = np.concatenate([[0], np.cumsum(slots[q0:q1])[:-1]]).astype(np.int64)
         size = int(slots[q0:q1].sum())
-        rec_d, rec_s = np.zeros(size, np.int64), np.zeros(size, np.int64)
+        rec_d, rec_s = rec_d_all[:size], rec_s_all[:size]
         n_rec = np.zeros(q1 - q0, np.int64)
         seen = np.zeros((q1 - q0, n_dist), np.int64)
         block_words, block_lab = np.ascontiguousarray(q_words[q0:q1]), np.ascontiguousarray(q_lab[q0:q1])

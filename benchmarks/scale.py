@@ -617,13 +617,15 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{previous} | {r['numpy_over_ours']:.1f}x | {floor} | {r['load_before'][0]} → "
                 f"{r['load_after'][0]} |")
         lines += ["", "Times are wall seconds, best of the interleaved repeats. ns / pair = ours' time per (query, "
-                  "item). Ours (kind `flat`) is crossret's query-blocked kernel (`hamming_topk`: blocks of 16 "
-                  "queries share each pass over a cache-sized database tile; a vectorised XOR + popcount + "
-                  "threshold test per 256 items; exact top k by a bounded candidate buffer). previous kernel = "
+                  "item). Ours (kind `flat`) is crossret's query-blocked kernel (`hamming_topk`: blocks of up to 64 "
+                  "queries share each pass over a cache-sized database tile; per 256 items a store-free "
+                  "512-bit XOR + popcount + min pass, and distances stored only where an item beats the "
+                  "query's bound; exact top k by a bounded candidate buffer). previous kernel = "
                   f"`hamming_topk` as of commit {s['baseline_commit']}, timed in the same run; its ids and distances "
                   f"are {identical} ours"
                   ". floor = every query XOR + popcounting a 128 KiB cache-resident tile of 64-bit codes as many "
-                  "times as the database has items, on ours' threads (no memory traffic, no selection). numpy = "
+                  "times as the database has items, on ours' threads and vector width (no memory traffic, no "
+                  "selection). numpy = "
                   "`np.bitwise_count` of XORed 64-bit words + `argpartition`, one query at a time, timed on "
                   f"{s['exact'][0]['numpy_queries_timed'] if s['exact'] else 0} queries and scaled.", ""]
         if s["single_query"]:

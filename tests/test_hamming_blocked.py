@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from crossret.errors import DataError
 from crossret.retrieval import hamming
 from crossret.retrieval.metrics import evaluate_hamming
 
@@ -228,3 +229,23 @@ def test_one_pass_index_rule_equals_the_two_pass_route(budget: int | None, monke
     np.testing.assert_array_equal(result.ap_at_k, reference.ap_at_k)
     assert result.precision_at == reference.precision_at and result.recall_at == reference.recall_at
     assert result.pr_radius == reference.pr_radius and result.p_at_r2 == reference.p_at_r2
+
+
+def test_scoring_refuses_a_recorded_distance_out_of_range_and_ignores_unused_slots() -> None:
+    # Slots past a query's records may hold anything (the buffers are reused uninitialised); a
+    # distance inside the records outside 0..L is refused, never used as an index.
+    seen = np.zeros((2, 65), np.int64)
+    seen[:, 3] = 4
+    offsets = np.array([0, 3], np.int64)
+    n_rec = np.array([2, 1], np.int64)
+    rec_d = np.array([3, 3, -7, 3, 10**9, 10**9], np.int64)  # slot 2 and slots 4-5 are unused garbage
+    rec_s = np.array([0, 2, 5, 1, 0, 0], np.int64)
+    rel, ap_sum, _, _, _ = hamming.index_records_score(seen, offsets, n_rec, rec_d, rec_s, 10, np.array([1, 4]))
+    assert rel[:, 3].tolist() == [2, 1]
+    # Query 0: relevant at ranks 1 and 3 of the 4 items at d = 3 -> precisions 1/1 and 2/3.
+    np.testing.assert_allclose(ap_sum, [1 + 2 / 3, 1 / 2])
+    for bad in (-1, 65):
+        broken = rec_d.copy()
+        broken[1] = bad
+        with pytest.raises(DataError, match="outside the record arrays"):
+            hamming.index_records_score(seen, offsets, n_rec, broken, rec_s, 10, np.array([1, 4]))

@@ -308,13 +308,20 @@ def _score_relevant(d, s, seen_rel, before, before_rel, ns, first_under):  # pra
     """A relevant item at distance ``d`` with ``s`` items at ``d`` before it: ``rank = before[d] + s + 1``,
     ``precision = (before_rel[d] + # relevant at d before it + 1) / rank`` (``seen_rel`` counts them).
     ``ns`` ascending: the item counts once, at the first cut-off it falls under (the caller turns
-    these counts into "rank <= ns[t]" by a cumulative sum), O(log T). Returns ``(rank, precision)``."""
+    these counts into "rank <= ns[t]" by a cumulative sum): a linear scan of up to 16 cut-offs, else a
+    binary search. Returns ``(rank, precision)``."""
     sr = seen_rel[d]
     seen_rel[d] = sr + 1
     rank = before[d] + s + 1
     precision = (before_rel[d] + sr + 1) / rank
-    t = np.searchsorted(ns, rank)
-    if t < ns.shape[0]:
+    n_cut = ns.shape[0]
+    if n_cut <= 16:  # a short list: a linear scan beats the binary search's call
+        t = 0
+        while t < n_cut and ns[t] < rank:
+            t += 1
+    else:
+        t = np.searchsorted(ns, rank)
+    if t < n_cut:
         first_under[t] += 1
     return rank, precision
 
@@ -345,6 +352,7 @@ def _index_rank_kernel(q_words, q_labels, db_words, db_labels, before, before_re
         # (docs/scale.md, "MAP evaluation at scale").
         rel_dist = np.empty(_RANK_BLOCK, dtype=np.int64)
         rel_seen = np.empty(_RANK_BLOCK, dtype=np.int64)
+        under = rel_at_n[q]  # one view per query (a slice per item costs a reference count update)
         for j0 in range(0, n_db, _RANK_BLOCK):
             j1 = min(j0 + _RANK_BLOCK, n_db)
             n_found = 0
@@ -357,7 +365,7 @@ def _index_rank_kernel(q_words, q_labels, db_words, db_labels, before, before_re
                 n_found += np.int64(db_labels[j] == label)
             for i in range(n_found):
                 rank, precision = _score_relevant(rel_dist[i], rel_seen[i], seen_rel_row, before_row,
-                                                  before_rel_row, ns, rel_at_n[q])
+                                                  before_rel_row, ns, under)
                 ap_acc += precision
                 if rank <= topk:
                     apk_acc += precision
@@ -371,14 +379,23 @@ def _index_rank_kernel(q_words, q_labels, db_words, db_labels, before, before_re
 
 @nb.njit(parallel=True, cache=True)
 def _index_score_kernel(seen, offsets, n_rec, rec_d, rec_s, topk, ns, rel_counts, ap_sum, apk_sum, n_rel_topk,
-                        first_under):  # pragma: no cover - compiled
+                        first_under, bad):  # pragma: no cover - compiled
+    """Score every query's records (see :func:`index_records_score`). A query with a recorded distance
+    outside ``0..L`` is left unscored with ``bad[q] = 1`` (the caller raises): checked here, in the
+    pass that reads the records anyway, rather than by a gather over all of them beforehand."""
     n_q, n_dist = seen.shape
     for q in prange(n_q):
         base = offsets[q]
         n = n_rec[q]
         rel_row = rel_counts[q]
         for r in range(n):
-            rel_row[rec_d[base + r]] += 1
+            d = rec_d[base + r]
+            if d < 0 or d >= n_dist:
+                bad[q] = 1
+                break
+            rel_row[d] += 1
+        if bad[q]:
+            continue
         before = np.empty(n_dist, np.int64)  # items / relevant items at smaller distances
         before_rel = np.empty(n_dist, np.int64)
         total = np.int64(0)
@@ -392,9 +409,10 @@ def _index_score_kernel(seen, offsets, n_rec, rec_d, rec_s, topk, ns, rel_counts
         ap_acc = 0.0
         apk_acc = 0.0
         nk = np.int64(0)
+        under = first_under[q]  # one view per query: a slice per record costs a reference count update
         for r in range(n):  # in database order, as the two-pass kernel scores them
             rank, precision = _score_relevant(rec_d[base + r], rec_s[base + r], seen_rel, before, before_rel, ns,
-                                              first_under[q])
+                                              under)
             ap_acc += precision
             if rank <= topk:
                 apk_acc += precision
@@ -838,13 +856,7 @@ def index_records_score(seen: np.ndarray, offsets: np.ndarray, n_rec: np.ndarray
         raise DataError("index records: offsets and n_rec need one entry per query, rec_d and rec_s one shape")
     if n_q and (np.any(n_rec < 0) or np.any(offsets < 0) or np.any(offsets + n_rec > rec_d.shape[0])):
         raise DataError("index records: counts or distances outside the record arrays")
-    if n_rec.sum():
-        # Only the records in use are read (slots past them may hold anything).
-        starts = np.cumsum(n_rec) - n_rec
-        used = np.repeat(offsets - starts, n_rec) + np.arange(int(n_rec.sum()))
-        distances = rec_d[used]
-        if distances.min() < 0 or distances.max() >= n_dist:
-            raise DataError("index records: counts or distances outside the record arrays")
+
     ns = np.asarray(ns)
     if ns.dtype != np.int64 or ns.ndim != 1:
         raise DataError(f"ns: expected a 1-D int64 array, got {ns.dtype} {ns.shape}")
@@ -854,9 +866,14 @@ def index_records_score(seen: np.ndarray, offsets: np.ndarray, n_rec: np.ndarray
     ap_sum, apk_sum = np.zeros(n_q), np.zeros(n_q)
     n_rel_topk = np.zeros(n_q, np.int64)
     first_under = np.zeros((n_q, ns.shape[0]), np.int64)
+    bad = np.zeros(n_q, np.int8)
+    # Only the records in use are read (slots past them may hold anything); the kernel checks their
+    # distances as it reads them.
     _index_score_kernel(seen, offsets, n_rec, np.ascontiguousarray(rec_d, dtype=np.int64),
                         np.ascontiguousarray(rec_s, dtype=np.int64), np.int64(topk),
-                        np.ascontiguousarray(ns[order]), rel_counts, ap_sum, apk_sum, n_rel_topk, first_under)
+                        np.ascontiguousarray(ns[order]), rel_counts, ap_sum, apk_sum, n_rel_topk, first_under, bad)
+    if bad.any():
+        raise DataError("index records: counts or distances outside the record arrays")
     rel_at_n = np.zeros_like(first_under)
     rel_at_n[:, order] = np.cumsum(first_under, axis=1)
     return rel_counts, ap_sum, apk_sum, n_rel_topk, rel_at_n

@@ -249,3 +249,25 @@ def test_scoring_refuses_a_recorded_distance_out_of_range_and_ignores_unused_slo
         broken[1] = bad
         with pytest.raises(DataError, match="outside the record arrays"):
             hamming.index_records_score(seen, offsets, n_rec, broken, rec_s, 10, np.array([1, 4]))
+
+
+def test_index_rule_switching_between_sparse_and_dense_tiles_matches_a_stable_sort() -> None:
+    # Relevant items rare in some tiles (counted by the histogram lanes) and dense in others (walked),
+    # alternating within one chunk and across chunks, so the lanes are folded in mid-walk.
+    rng = np.random.default_rng(11)
+    tile = hamming._EVAL_TILE
+    n = 5 * tile + 333
+    db = _words(rng, n, 1, pool=25)
+    q = _words(rng, 70, 1, pool=25)
+    q_labels = rng.integers(0, 2, 70)
+    db_labels = rng.integers(2, 1000, n)  # nobody's label: sparse
+    for start in (tile, 3 * tile + 100):  # two dense stretches of one tile each
+        db_labels[start:start + tile] = rng.integers(0, 2, tile)
+    db_labels[rng.random(n) < 0.002] = 0  # a few relevant items inside the sparse tiles too
+    to_pm1 = np.unpackbits(q.view(np.uint8), axis=1, bitorder="little").astype(np.int8) * 2 - 1
+    db_pm1 = np.unpackbits(db.view(np.uint8), axis=1, bitorder="little").astype(np.int8) * 2 - 1
+    result = evaluate_hamming(to_pm1, db_pm1, q_labels, db_labels, bits=64, ties="index", topk=300,
+                              chunk_size=3 * tile - 5)
+    ap, ap_k = _index_ap_reference(q, q_labels, db, db_labels, 300)
+    np.testing.assert_allclose(result.ap, ap, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(result.ap_at_k, ap_k, rtol=0, atol=1e-12)

@@ -169,20 +169,24 @@ def _tile_slots(q_row, label, codes, stride, first, n, labels, t0, rel_offset, s
     """``slot[j] = distance(q_row, item j) + rel_offset · (labels[t0 + j] == label)`` for ``n`` items
     of word-major codes (word ``w`` of item ``j`` at ``codes[w * stride + first + j]``), vectorised:
     one pass per word, the first with the label test. Offsets are unsigned (see
-    :func:`_scan_tile_one_word`)."""
+    :func:`_scan_tile_one_word`). Returns how many of the items are relevant."""
     rel = np.uint32(rel_offset)
     base = np.uint64(first)
     lab = np.uint64(t0)
     a = q_row[0]
+    n_rel = np.int64(0)
     for j in range(n):
         u = np.uint64(j)
-        slot[j] = np.uint32(_popcount64(a ^ codes[base + u])) + rel * np.uint32(labels[lab + u] == label)
+        r = labels[lab + u] == label
+        slot[j] = np.uint32(_popcount64(a ^ codes[base + u])) + rel * np.uint32(r)
+        n_rel += r
     for w in range(1, q_row.shape[0]):
         a = q_row[w]
         base = np.uint64(w * stride + first)
         for j in range(n):
             u = np.uint64(j)
             slot[j] += np.uint32(_popcount64(a ^ codes[base + u]))
+    return n_rel
 
 
 @nb.njit(inline="always", cache=True)
@@ -242,29 +246,93 @@ def _histogram_kernel(q_words, q_labels, db_words, db_flat, db_labels, hist, blk
                 row[x] += lanes[at + x] + lanes[at + width + x] + lanes[at + 2 * width + x] + lanes[at + 3 * width + x]
 
 
-# The walk's slots carry the relevance flag above the distance (distances stay below 2**17, since
-# codes have at most MAX_BITS = 2**16 bits), and each record packs (items before it, distance).
-_WALK_FLAG_SHIFT = 20
-_WALK_DISTANCE_MASK = (1 << _WALK_FLAG_SHIFT) - 1
+# Each record packs (items at its distance before it) << _RECORD_SHIFT | distance (distances stay below
+# 2**17, since codes have at most MAX_BITS = 2**16 bits).
+_RECORD_SHIFT = 20
+_RECORD_DISTANCE_MASK = (1 << _RECORD_SHIFT) - 1
+# A tile whose relevant items are at most this share of it (1 / _SPARSE_RELEVANT) is counted by the
+# histogram lanes with records for its few relevant items; a denser tile is walked branch-free.
+_SPARSE_RELEVANT = 64
 
 
 @nb.njit(inline="always", cache=True)
-def _walk_slots(slot, n, seen_row, packed):  # pragma: no cover - compiled
-    """Count the first ``n`` walk slots (distance ``d`` in the low bits, relevance flag above) in
+def _walk_slots(slot, n, rel_offset, seen_row, packed):  # pragma: no cover - compiled
+    """Count the first ``n`` slots (distance ``d``, plus ``rel_offset`` when relevant) in
     ``seen_row[d]``, in order, and note every relevant one as ``(items at d before it) << 20 | d`` in
     ``packed``. Branch-free: each item's note is written and kept only when relevant, so the loop
-    costs the same whatever share of the database is relevant. Returns the number of notes."""
-    mask = np.uint32(_WALK_DISTANCE_MASK)
-    shift = np.uint32(_WALK_FLAG_SHIFT)
+    costs the same whatever share of the tile is relevant. Returns the number of notes."""
+    rel = np.uint32(rel_offset)
     m = np.int64(0)
     for j in range(n):
         x = slot[j]
-        d = np.uint64(x & mask)
+        r = np.uint32(x >= rel)
+        d = np.uint64(x - r * rel)
         before = seen_row[d]
         seen_row[d] = before + 1
-        packed[m] = (before << _WALK_FLAG_SHIFT) | np.int64(d)
-        m += np.int64(x >> shift)
+        packed[m] = (before << _RECORD_SHIFT) | np.int64(d)
+        m += np.int64(r)
     return m
+
+
+@nb.njit(inline="always", cache=True)
+def _count_with_records(slot, n, rel_offset, flags8, flag_words, lane, width, seen_row,
+                        packed):  # pragma: no cover - compiled
+    """:func:`_count_slots` for a tile with few relevant items, noting each relevant one (before it is
+    counted) in ``packed`` as :func:`_walk_slots` does; the items at ``d`` before it are
+    ``seen_row[d]`` plus this walk's counts at ``d``, relevant or not, in every lane. ``flags8`` (seen 8
+    at a time as ``flag_words``) marks the relevant slots: a group of 8 without one is counted
+    unrolled and branch-free, the others item by item. Returns the number of notes."""
+    rel = np.uint32(rel_offset)
+    for j in range(n):  # vectorised
+        flags8[j] = np.uint8(slot[j] >= rel)
+    w1 = np.uint64(width)
+    w2 = np.uint64(2 * width)
+    w3 = np.uint64(3 * width)
+    n8 = n // 8
+    m = np.int64(0)
+    for g in range(n8):
+        j0 = 8 * g
+        if flag_words[g] == 0:
+            lane[np.uint64(slot[j0])] += 1
+            lane[w1 + np.uint64(slot[j0 + 1])] += 1
+            lane[w2 + np.uint64(slot[j0 + 2])] += 1
+            lane[w3 + np.uint64(slot[j0 + 3])] += 1
+            lane[np.uint64(slot[j0 + 4])] += 1
+            lane[w1 + np.uint64(slot[j0 + 5])] += 1
+            lane[w2 + np.uint64(slot[j0 + 6])] += 1
+            lane[w3 + np.uint64(slot[j0 + 7])] += 1
+        else:
+            m = _count_items_with_records(slot, j0, j0 + 8, rel_offset, lane, width, seen_row, packed, m)
+    return _count_items_with_records(slot, 8 * n8, n, rel_offset, lane, width, seen_row, packed, m)
+
+
+@nb.njit(inline="always", cache=True)
+def _count_items_with_records(slot, j0, j1, rel_offset, lane, width, seen_row, packed,
+                              m):  # pragma: no cover - compiled
+    """Slots ``j0..j1`` of :func:`_count_with_records` one by one; returns the new note count."""
+    rel = np.uint32(rel_offset)
+    for j in range(j0, j1):
+        x = slot[j]
+        if x >= rel:
+            d = np.int64(x) - rel_offset
+            before = seen_row[d]
+            for ln in range(_EVAL_LANES):
+                before += lane[ln * width + d] + lane[ln * width + rel_offset + d]
+            packed[m] = (before << _RECORD_SHIFT) | d
+            m += 1
+        lane[np.uint64(j & 3) * np.uint64(width) + np.uint64(x)] += 1
+    return m
+
+
+@nb.njit(inline="always", cache=True)
+def _fold_lanes(lane, width, n_dist, seen_row):  # pragma: no cover - compiled
+    """Add the lanes' counts (relevant or not) into ``seen_row`` and clear the lanes."""
+    for d in range(n_dist):
+        total = np.int64(0)
+        for ln in range(_EVAL_LANES):
+            total += lane[ln * width + d] + lane[ln * width + n_dist + d]
+        seen_row[d] += total
+    lane[:] = 0
 
 
 # Tie rule ``index`` in one pass over the database: every item of a query's walk counts at its
@@ -275,17 +343,25 @@ def _walk_slots(slot, n, seen_row, packed):  # pragma: no cover - compiled
 def _index_walk_kernel(q_words, q_labels, db_words, db_flat, db_labels, seen, offsets, n_rec, rec_d, rec_s, blk0,
                        blk1):  # pragma: no cover - compiled
     """Query blocks ``blk0..blk1`` of the one-pass tie rule ``index`` (see :func:`index_records_walk`):
-    each query of a block walks each tile in database order, counting every item at its distance in
-    ``seen`` and noting the relevant ones (:func:`_walk_slots`)."""
+    each query of a block goes through each tile in database order, counting every item at its
+    distance and recording the relevant ones: by the histogram lanes of pass 1 when the tile has few
+    relevant items for it (:func:`_count_with_records`), else by a branch-free walk
+    (:func:`_walk_slots`, which needs the lanes folded into ``seen`` first)."""
     prefer_wide_vectors()
     n_q, n_words = q_words.shape
     n_db = db_words.shape[0]
-    mask = np.int64(_WALK_DISTANCE_MASK)
+    n_dist = seen.shape[1]
+    width = 2 * n_dist
+    mask = np.int64(_RECORD_DISTANCE_MASK)
     for blk in range(blk0, blk1):
         q0 = blk * _EVAL_BLOCK
         q1 = min(q0 + _EVAL_BLOCK, n_q)
+        lanes = np.zeros((q1 - q0, _EVAL_LANES * width), np.int64)
+        in_lanes = np.zeros(q1 - q0, np.bool_)
         tile = np.empty(n_words * _EVAL_TILE, np.uint64)
         slot = np.empty(_EVAL_TILE, np.uint32)
+        flags8 = np.empty(_EVAL_TILE, np.uint8)
+        flag_words = flags8.view(np.uint64)
         packed = np.empty(_EVAL_TILE, np.int64)
         for t0 in range(0, n_db, _EVAL_TILE):
             t1 = min(t0 + _EVAL_TILE, n_db)
@@ -293,14 +369,24 @@ def _index_walk_kernel(q_words, q_labels, db_words, db_flat, db_labels, seen, of
             codes, first = _tile_source(n_words, db_flat, db_words, t0, t1, tile, _EVAL_TILE)
             for b in range(q1 - q0):
                 q = q0 + b
-                _tile_slots(q_words[q], q_labels[q], codes, _EVAL_TILE, first, n, db_labels, t0,
-                            np.int64(1) << _WALK_FLAG_SHIFT, slot)
-                m = _walk_slots(slot, n, seen[q], packed)
+                n_rel = _tile_slots(q_words[q], q_labels[q], codes, _EVAL_TILE, first, n, db_labels, t0, n_dist,
+                                    slot)
+                if n_rel * _SPARSE_RELEVANT <= n:
+                    m = _count_with_records(slot, n, n_dist, flags8, flag_words, lanes[b], width, seen[q], packed)
+                    in_lanes[b] = True
+                else:
+                    if in_lanes[b]:
+                        _fold_lanes(lanes[b], width, n_dist, seen[q])
+                        in_lanes[b] = False
+                    m = _walk_slots(slot, n, n_dist, seen[q], packed)
                 at = offsets[q] + n_rec[q]
                 for r in range(m):
                     rec_d[at + r] = packed[r] & mask
-                    rec_s[at + r] = packed[r] >> _WALK_FLAG_SHIFT
+                    rec_s[at + r] = packed[r] >> _RECORD_SHIFT
                 n_rec[q] += m
+        for b in range(q1 - q0):
+            if in_lanes[b]:
+                _fold_lanes(lanes[b], width, n_dist, seen[q0 + b])
 
 
 @nb.njit(inline="always", cache=True)

@@ -271,3 +271,15 @@ def test_index_rule_switching_between_sparse_and_dense_tiles_matches_a_stable_so
     ap, ap_k = _index_ap_reference(q, q_labels, db, db_labels, 300)
     np.testing.assert_allclose(result.ap, ap, rtol=0, atol=1e-12)
     np.testing.assert_allclose(result.ap_at_k, ap_k, rtol=0, atol=1e-12)
+
+
+def test_metric_query_blocks_give_every_thread_an_equal_share() -> None:
+    for n_q in (1, 7, 63, 64, 65, 400, 10_000):
+        for threads in (1, 2, 3, 8):
+            block = hamming._eval_block(n_q, threads)
+            assert 1 <= block <= hamming._EVAL_BLOCK
+            n_blocks = -(-n_q // block)
+            if threads > 1 and n_q >= threads:
+                per_thread = -(-n_blocks // threads)  # blocks the busiest thread takes
+                assert per_thread * block <= -(-n_q // threads) + block - 1  # never a whole extra block
+    assert hamming._eval_block(400, 2) == 50  # 8 blocks of 50, not 7 of 64 (one thread idle at the end)

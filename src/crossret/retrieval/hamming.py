@@ -132,7 +132,7 @@ def _distance(q_words, q, first_word, db_words, j, n_words):  # pragma: no cover
     return d
 
 
-# The metric passes are query-blocked: a block of ``_EVAL_BLOCK`` queries walks the database chunk in
+# The metric passes are query-blocked: a block of up to ``_EVAL_BLOCK`` queries walks the database chunk in
 # tiles of ``_EVAL_TILE`` items (multi-word codes copied word-major once per block); every query of the
 # block computes the tile's "slots" (distance, plus ``L + 1`` for a relevant item) by vectorised
 # passes, then counts them, so the database is read from memory once per block instead of once per
@@ -144,8 +144,12 @@ _EVAL_BLOCK = 64
 _EVAL_LANES = 4
 
 
-def _n_eval_blocks(n_queries: int) -> int:
-    return -(-n_queries // _EVAL_BLOCK)
+def _eval_block(n_queries: int, n_threads: int) -> int:
+    """Queries per block of a metric pass: at most ``_EVAL_BLOCK``, and equal shares for the threads (with
+    7 blocks on 2 threads, one thread would idle through the last one)."""
+    per_thread = -(-n_queries // max(1, n_threads))
+    blocks_per_thread = -(-per_thread // _EVAL_BLOCK)
+    return max(1, -(-per_thread // max(1, blocks_per_thread)))
 
 
 def _flat_codes(db_words: np.ndarray) -> np.ndarray:
@@ -216,7 +220,7 @@ def _tile_source(n_words, db_flat, db_words, t0, t1, tile, stride):  # pragma: n
 
 
 @nb.njit(nogil=True, cache=True)
-def _histogram_kernel(q_words, q_labels, db_words, db_flat, db_labels, hist, blk0,
+def _histogram_kernel(q_words, q_labels, db_words, db_flat, db_labels, hist, q_block, blk0,
                       blk1):  # pragma: no cover - compiled
     """Query blocks ``blk0..blk1`` of pass 1 (see :func:`distance_histograms`). ``db_flat`` is
     ``db_words`` as one contiguous vector when ``W == 1``."""
@@ -226,8 +230,8 @@ def _histogram_kernel(q_words, q_labels, db_words, db_flat, db_labels, hist, blk
     width = hist.shape[1]
     rel_offset = width // 2  # L + 1: relevant items count in the second half of a row
     for blk in range(blk0, blk1):
-        q0 = blk * _EVAL_BLOCK
-        q1 = min(q0 + _EVAL_BLOCK, n_q)
+        q0 = blk * q_block
+        q1 = min(q0 + q_block, n_q)
         lanes = np.zeros((q1 - q0) * _EVAL_LANES * width, np.int64)  # query b's lanes from b * 4 * width
         tile = np.empty(n_words * _EVAL_TILE, np.uint64)
         slot = np.empty(_EVAL_TILE, np.uint32)
@@ -340,8 +344,8 @@ def _fold_lanes(lane, width, n_dist, seen_row):  # pragma: no cover - compiled
 # and how many items at that distance came before it. Its rank needs the items at smaller distances in
 # the whole database, known only at the end, so ranks are scored afterwards from the records.
 @nb.njit(nogil=True, cache=True)
-def _index_walk_kernel(q_words, q_labels, db_words, db_flat, db_labels, seen, offsets, n_rec, rec_d, rec_s, blk0,
-                       blk1):  # pragma: no cover - compiled
+def _index_walk_kernel(q_words, q_labels, db_words, db_flat, db_labels, seen, offsets, n_rec, rec_d, rec_s, q_block,
+                       blk0, blk1):  # pragma: no cover - compiled
     """Query blocks ``blk0..blk1`` of the one-pass tie rule ``index`` (see :func:`index_records_walk`):
     each query of a block goes through each tile in database order, counting every item at its
     distance and recording the relevant ones: by the histogram lanes of pass 1 when the tile has few
@@ -354,8 +358,8 @@ def _index_walk_kernel(q_words, q_labels, db_words, db_flat, db_labels, seen, of
     width = 2 * n_dist
     mask = np.int64(_RECORD_DISTANCE_MASK)
     for blk in range(blk0, blk1):
-        q0 = blk * _EVAL_BLOCK
-        q1 = min(q0 + _EVAL_BLOCK, n_q)
+        q0 = blk * q_block
+        q1 = min(q0 + q_block, n_q)
         lanes = np.zeros((q1 - q0, _EVAL_LANES * width), np.int64)
         in_lanes = np.zeros(q1 - q0, np.bool_)
         tile = np.empty(n_words * _EVAL_TILE, np.uint64)
@@ -837,8 +841,10 @@ def distance_histograms(q_words: np.ndarray, q_labels: np.ndarray, db_words: np.
                                                           hist.shape[1] // 2)
     hist = _state(hist, "hist", np.int64, (q_words.shape[0], hist.shape[1]))
     with _threads_for(q_words.shape[0] * db_words.shape[0]):
-        _run_blocks(_histogram_kernel, _n_eval_blocks(q_words.shape[0]), nb.get_num_threads(), q_words, q_labels,
-                    db_words, _flat_codes(db_words), db_labels, hist)
+        n_threads = nb.get_num_threads()
+        block = _eval_block(q_words.shape[0], n_threads)
+        _run_blocks(_histogram_kernel, -(-q_words.shape[0] // block), n_threads, q_words, q_labels, db_words,
+                    _flat_codes(db_words), db_labels, hist, np.int64(block))
 
 
 def index_rank_pass(q_words: np.ndarray, q_labels: np.ndarray, db_words: np.ndarray,
@@ -918,8 +924,10 @@ def index_records_walk(q_words: np.ndarray, q_labels: np.ndarray, db_words: np.n
         if np.any(n_rec < 0) or np.any(n_rec + adds + 1 > room):
             raise DataError("rec_d / rec_s: too few record slots for the relevant items of this chunk")
     with _threads_for(q_words.shape[0] * db_words.shape[0]):
-        _run_blocks(_index_walk_kernel, _n_eval_blocks(n_q), nb.get_num_threads(), q_words, q_labels, db_words,
-                    _flat_codes(db_words), db_labels, seen, offsets, n_rec, rec_d, rec_s)
+        n_threads = nb.get_num_threads()
+        block = _eval_block(n_q, n_threads)
+        _run_blocks(_index_walk_kernel, -(-n_q // block), n_threads, q_words, q_labels, db_words,
+                    _flat_codes(db_words), db_labels, seen, offsets, n_rec, rec_d, rec_s, np.int64(block))
 
 
 def index_records_score(seen: np.ndarray, offsets: np.ndarray, n_rec: np.ndarray, rec_d: np.ndarray,

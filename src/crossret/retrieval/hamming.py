@@ -1199,34 +1199,40 @@ def _scan_tile_one_word(a, codes, t0, t1, b, dist8, words8, cand_d, cand_i, coun
 
 
 @nb.njit(inline="always", cache=True)
+def _fused_operands(q_row, stride, s0):  # pragma: no cover - compiled
+    """The query words and the unsigned tile offsets of items ``s0..`` for up to four words of a flat
+    word-major tile (word ``w`` of item ``j`` at ``tile[w * stride + j]``); words past the code's are
+    unused."""
+    last = q_row.shape[0] - 1
+    return (q_row[0], q_row[min(1, last)], q_row[min(2, last)], q_row[min(3, last)], np.uint64(s0),
+            np.uint64(stride + s0), np.uint64(2 * stride + s0), np.uint64(3 * stride + s0))
+
+
+@nb.njit(inline="always", cache=True)
+def _distance2(a0, a1, tile, p0, p1, u):  # pragma: no cover - compiled
+    return _popcount64(a0 ^ tile[p0 + u]) + _popcount64(a1 ^ tile[p1 + u])
+
+
+@nb.njit(inline="always", cache=True)
+def _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u):  # pragma: no cover - compiled
+    return _distance2(a0, a1, tile, p0, p1, u) + _distance2(a2, a3, tile, p2, p3, u)
+
+
+@nb.njit(inline="always", cache=True)
 def _nearest_in_sub_block(q_row, tile, stride, s0, m):  # pragma: no cover - compiled
     """``(smallest distance to q_row of items s0..s0+m of a word-major tile, True)`` by one fused
     vectorised pass with no stores, for 2- and 4-word codes; ``(0, False)`` for other widths. The
     tile is flat: word ``w`` of item ``j`` at ``tile[w * stride + j]``."""
     n_words = q_row.shape[0]
     nearest = np.int64(64 * n_words)
+    a0, a1, a2, a3, p0, p1, p2, p3 = _fused_operands(q_row, stride, s0)
     if n_words == 2:
-        a0 = q_row[0]
-        a1 = q_row[1]
-        p0 = np.uint64(s0)
-        p1 = np.uint64(stride + s0)
         for j in range(m):
-            u = np.uint64(j)
-            nearest = min(nearest, _popcount64(a0 ^ tile[p0 + u]) + _popcount64(a1 ^ tile[p1 + u]))
+            nearest = min(nearest, _distance2(a0, a1, tile, p0, p1, np.uint64(j)))
         return nearest, True
     if n_words == 4:
-        a0 = q_row[0]
-        a1 = q_row[1]
-        a2 = q_row[2]
-        a3 = q_row[3]
-        p0 = np.uint64(s0)
-        p1 = np.uint64(stride + s0)
-        p2 = np.uint64(2 * stride + s0)
-        p3 = np.uint64(3 * stride + s0)
         for j in range(m):
-            u = np.uint64(j)
-            nearest = min(nearest, _popcount64(a0 ^ tile[p0 + u]) + _popcount64(a1 ^ tile[p1 + u])
-                          + _popcount64(a2 ^ tile[p2 + u]) + _popcount64(a3 ^ tile[p3 + u]))
+            nearest = min(nearest, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, np.uint64(j)))
         return nearest, True
     return np.int64(0), False
 
@@ -1236,29 +1242,15 @@ def _bytes_in_sub_block(q_row, tile, stride, s0, m, thr, dist8):  # pragma: no c
     """For 2- and 4-word codes: ``dist8[j] = min(distance, 255)`` of items ``s0..s0+m`` of a flat
     word-major tile, by one fused vectorised pass; returns how many are ``< thr``."""
     hits = np.int64(0)
+    a0, a1, a2, a3, p0, p1, p2, p3 = _fused_operands(q_row, stride, s0)
     if q_row.shape[0] == 2:
-        a0 = q_row[0]
-        a1 = q_row[1]
-        p0 = np.uint64(s0)
-        p1 = np.uint64(stride + s0)
         for j in range(m):
-            u = np.uint64(j)
-            d = _popcount64(a0 ^ tile[p0 + u]) + _popcount64(a1 ^ tile[p1 + u])
+            d = _distance2(a0, a1, tile, p0, p1, np.uint64(j))
             dist8[j] = np.uint8(d)
             hits += d < thr
         return hits
-    a0 = q_row[0]
-    a1 = q_row[1]
-    a2 = q_row[2]
-    a3 = q_row[3]
-    p0 = np.uint64(s0)
-    p1 = np.uint64(stride + s0)
-    p2 = np.uint64(2 * stride + s0)
-    p3 = np.uint64(3 * stride + s0)
     for j in range(m):
-        u = np.uint64(j)
-        d = (_popcount64(a0 ^ tile[p0 + u]) + _popcount64(a1 ^ tile[p1 + u])
-             + _popcount64(a2 ^ tile[p2 + u]) + _popcount64(a3 ^ tile[p3 + u]))
+        d = _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, np.uint64(j))
         dist8[j] = np.uint8(min(d, 255))
         hits += d < thr
     return hits

@@ -43,7 +43,7 @@ over those pairs (benchmarks/_bootstrap.py), and the same table for the recorded
 ``results/gckd_v3_summary.json`` has exactly ``protocol``, ``seeds``, ``settings`` and per variant
 ``itm_map``, ``itc_map``, ``delta_itm`` and ``delta_itc`` (``mean``, ``ci95``), in %.
 
-    python benchmarks/gckd.py --check N [--check-seed S] [--jobs 1]
+    python benchmarks/gckd.py --check N [--check-seed S] [--parts wiki synth] [--jobs 1]
 
 re-runs N sampled recorded rows (one per part and variant in turn) with their recorded training config
 and compares their metrics exactly (ITC / ITM mAP, R@1/5/10, mINP; pseudo-pairs per step and their
@@ -962,7 +962,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="benchmark data directory (default $CROSSRET_DATA)")
     parser.add_argument("--parts", nargs="+", default=None, choices=("wiki", "synth"),
-                        help="default: wiki synth (with --regenerate and --protocol: synth)")
+                        help="default: wiki synth (with --regenerate and --protocol: synth); with --check: the "
+                        "parts it samples from")
     parser.add_argument("--protocol", default=None, choices=("v2", "v3"),
                         help="synthetic protocol: v2 (default; results/gckd.*) or v3 (synthetic part only, "
                         "results/gckd_v3*; the wiki rows are tabulated as recorded); with --regenerate: only the "
@@ -1022,6 +1023,8 @@ def _main(argv: list[str] | None = None) -> int:
                                 (SYNTH_V3_VERSION, out.parent / f"{out.name}_v3.json")):
             if tables.exists():
                 recorded_generic[version] = json.loads(tables.read_text(encoding="utf-8")).get("generic_pretraining")
+        if args.parts:  # --parts restricts what a check samples from
+            rows = [r for r in rows if r["part"] in args.parts]
         return check(rows, args.check, args.check_seed, str(resolve_data_dir(args.data_dir)), args.jobs,
                      args.generic_threads, recorded_generic, out)
     started = time.time()

@@ -338,3 +338,24 @@ def test_compacting_drops_the_records_no_row_names_any_more(tmp_path: Path) -> N
     records = json.loads(bench.configs_path(runs).read_text())
     assert sorted(records.values(), key=json.dumps) == sorted([new, env], key=json.dumps)
     assert bench._read_runs(runs) == rows
+
+
+def test_check_samples_only_from_the_parts_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--check N --parts wiki`` hands the check the Wikipedia rows only (default: every part)."""
+    out = tmp_path / "gckd"
+    runs = tmp_path / "gckd_runs.jsonl"
+    rows = [{"part": part, "setting": s, "variant": "gckd", "seed": 0, "itc": {"map": 0.1}}
+            for part, s in (("wiki", "wiki 0-4 -> 5-9"), ("synth", "C->I"))]
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen: list[list[str]] = []
+
+    def fake_check(rows: list[dict[str, Any]], *args: Any) -> int:
+        seen.append([r["part"] for r in rows])
+        return 0
+
+    monkeypatch.setattr(bench, "check", fake_check)
+    monkeypatch.setattr(bench._repro, "pin_numerics", lambda: None)
+    monkeypatch.setenv("CROSSRET_DATA", str(tmp_path))
+    assert bench.main(["--check", "1", "--parts", "wiki", "--out", str(out)]) == 0
+    assert bench.main(["--check", "1", "--out", str(out)]) == 0
+    assert seen == [["wiki"], ["wiki", "synth"]]

@@ -1036,9 +1036,10 @@ def hamming_distances(q_packed: np.ndarray, db_packed: np.ndarray, bits: int) ->
 # The chunk is walked in tiles that stay in cache (``_TILE_BYTES``), and every query of the block scans
 # the tile before the next one is read, so memory traffic per (query, item) pair drops by the block
 # size. Each query keeps candidates (distance, position) in position order and a bound ``thr``: only an
-# item at ``d < thr`` can still enter the top k. The scan of a sub-block (``_SUB`` items) is a
-# vectorised count of ``d < thr`` (XOR + vector popcount + compare); only the rare sub-blocks with a
-# hit are walked item by item. When the candidate buffer fills, it is cut back to the exact top k so
+# item at ``d < thr`` can still enter the top k. The scan of a sub-block (``_SUB`` items) is first a
+# vectorised, store-free pass for its smallest distance (XOR + vector popcount + min); only the
+# sub-blocks where that beats ``thr`` store their distances and are walked, eight at a time. When the
+# candidate buffer fills, it is cut back to the exact top k so
 # far by a histogram over distances (``thr`` becomes the k-th distance: a later item at that distance
 # has a larger position, so it loses the tie). The final order is a stable counting sort by distance
 # of candidates held in position order, which is exactly (distance, position).

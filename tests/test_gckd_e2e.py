@@ -173,3 +173,40 @@ def test_cli_eval_rerank_score_options(runs: dict, datasets: dict[str, Path], tm
     assert huge["itm"]["map"] == pytest.approx(huge["itc"]["map"], abs=1e-6)
     bad = runner.invoke(app, [*base, "--rerank-score", "itc"])  # `crossret` turns a ConfigError into exit 2
     assert isinstance(bad.exception, ConfigError) and "rerank_score='itc' must be one of" in str(bad.exception)
+
+
+def test_delta_calibrated_on_the_source_is_the_one_the_adaptation_trains_with(
+        runs: dict, datasets: dict[str, Path], tmp_path: Path) -> None:
+    """``--delta-precision``: δ is computed from the starting model's features of the source's test split (this
+    source has no val split), recorded in the metrics and used (cosine scale) by the training config."""
+    import yaml
+
+    from crossret.textimage.calibration import calibrate_delta
+
+    out = tmp_path / "calibrated"
+    set_args = [a for key, value in {**TRAIN, "cd_itm_mining": "banks"}.items() for a in ("--set", f"{key}={value}")]
+    result = CliRunner().invoke(app, ["gckd", "adapt", "--source", str(datasets["cuhk-pedes"]), "--target",
+                                      str(datasets["rstpreid"]), "--init", str(runs["root"] / "pre"), "--out", str(out),
+                                      "--rerank-k", "0", "--delta-precision", "0.3", *set_args])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    calibration = metrics["delta_calibration"]
+    assert calibration["split"] == "cuhk-pedes:test" and calibration["precision"] == 0.3
+    _, _, view, ref = _reference_embeddings(runs["root"] / "pre", datasets["cuhk-pedes"])
+    expected = calibrate_delta(torch.cat([e[1] for e in ref["encoded"]]), ref["image_feat"], view.caption_person_ids,
+                               view.image_person_ids, precision=0.3)
+    assert calibration["delta"] == pytest.approx(expected.delta, abs=1e-5)
+    assert (calibration["pairs"], calibration["mutual_pairs"], calibration["reached"]) == (
+        expected.pairs, expected.mutual_pairs, expected.reached)
+    trained = yaml.safe_load((out / "config.yaml").read_text())["train"]
+    assert (trained["delta"], trained["delta_on"]) == (calibration["delta"], "cosine")
+    assert metrics["train_config"]["delta"] == calibration["delta"]
+    assert "calibrated on cuhk-pedes:test" in result.output
+
+    refused = CliRunner().invoke(app, ["gckd", "adapt", "--source", str(datasets["cuhk-pedes"]), "--target",
+                                       str(datasets["rstpreid"]), "--init", str(runs["root"] / "pre"), "--out",
+                                       str(tmp_path / "refused"), "--delta-precision", "0.3", "--delta-split", "val",
+                                       *set_args])
+    assert refused.exit_code != 0
+    assert "--delta-split val: the source cuhk-pedes has no records in that split" in str(refused.exception)
+    assert not (tmp_path / "refused").exists()

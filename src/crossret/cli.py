@@ -1282,7 +1282,8 @@ class _WarningLines:
 def _gckd_run(stage: str, source: Path, target: Path | None, out_dir: Path, model: str, model_set: list[str] | None,
               init: str | None, vocab: Path | None, set_: list[str] | None, rerank_k: int, device: str,
               overwrite: bool, resume: bool, as_json: bool, max_tokens: int, workers: int, strict: bool, *,
-              rerank_score: str = "itm", rerank_itc_weight: float = 1.0) -> None:
+              rerank_score: str = "itm", rerank_itc_weight: float = 1.0, delta_precision: float | None = None,
+              delta_split: str | None = None) -> None:
     from crossret.extras import require
 
     require("gckd")
@@ -1292,7 +1293,8 @@ def _gckd_run(stage: str, source: Path, target: Path | None, out_dir: Path, mode
                            model=model, model_overrides=_parse_overrides(model_set), init=init, init_strict=strict,
                            vocab=str(vocab) if vocab else None, train=_parse_overrides(set_), rerank_k=rerank_k,
                            device=device, max_tokens=max_tokens, workers=workers, rerank_score=rerank_score,
-                           rerank_itc_weight=rerank_itc_weight).validate()
+                           rerank_itc_weight=rerank_itc_weight, delta_precision=delta_precision,
+                           delta_split=delta_split).validate()
     with _WarningLines(), _progress_bar() as progress:
         metrics = run_gckd(config, out_dir, resume=resume, overwrite=overwrite, progress=progress)
     if as_json:
@@ -1305,6 +1307,12 @@ def _gckd_run(stage: str, source: Path, target: Path | None, out_dir: Path, mode
         if init_info.get(name):
             out.print(f"--init {init_info['init']}: {len(init_info[name])} {what}: {', '.join(init_info[name])}",
                       soft_wrap=True)
+    calibration = metrics.get("delta_calibration")
+    if calibration is not None:
+        kept = (f"{calibration['pairs']} of {calibration['mutual_pairs']} mutual-nearest pairs at precision "
+                f"{calibration['pair_precision']:.3f}" if calibration["reached"]
+                else f"no pairs reach precision {calibration['precision']:.2f}")
+        out.print(f"delta (cosine) = {calibration['delta']:.4f}, calibrated on {calibration['split']}: {kept}")
     out.print(f"train {metrics['train_seconds']:.1f}s, eval {metrics['eval_seconds']:.1f}s; run directory: {out_dir}")
 
 
@@ -1400,6 +1408,13 @@ def gckd_adapt(
     max_tokens: MaxTokensOpt = 40,
     workers: WorkersOpt = 0,
     strict: StrictOpt = True,
+    delta_precision: Annotated[float | None, typer.Option(
+        "--delta-precision", help="With --set cd_itm_mining=banks: set δ (cosine) to the smallest cosine at which the "
+        "starting model's mutual-nearest caption-image pairs of the labelled source reach this identity precision "
+        "(no target label is used). Recorded in the run's metrics.")] = None,
+    delta_split: Annotated[str | None, typer.Option(
+        "--delta-split", help="Source split for --delta-precision: train, val or test (default: val where the "
+        "source has one, else test).")] = None,
     overwrite: OverwriteOpt = False,
     resume: GckdResumeOpt = False,
     as_json: JsonOpt = False,
@@ -1408,7 +1423,7 @@ def gckd_adapt(
     cross-domain ITM, on top of the source losses."""
     _gckd_run("adapt", source, target, out_dir, model, model_set, init, vocab, set_, rerank_k, device, overwrite,
               resume, as_json, max_tokens, workers, strict, rerank_score=rerank_score,
-              rerank_itc_weight=rerank_itc_weight)
+              rerank_itc_weight=rerank_itc_weight, delta_precision=delta_precision, delta_split=delta_split)
 
 
 @gckd_app.command("eval")

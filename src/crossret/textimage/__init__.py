@@ -26,6 +26,8 @@ _EXPORTS = {
     "FeatureHeadsConfig": "crossret.textimage.feature_heads",
     "FeatureHeadsFeatures": "crossret.textimage.feature_heads",
     "FeatureHeadsModel": "crossret.textimage.feature_heads",
+    "DeltaCalibration": "crossret.textimage.calibration",
+    "calibrate_delta": "crossret.textimage.calibration",
     "GckdConfig": "crossret.textimage.gckd",
     "GckdTrainer": "crossret.textimage.gckd",
     "FeatureTrainingData": "crossret.textimage.streams",

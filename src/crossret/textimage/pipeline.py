@@ -98,6 +98,10 @@ class GckdRunConfig:
     model's; off, the shared keys are loaded and the others listed. ``max_tokens``: tokens per caption,
     ``[CLS]`` and ``[SEP]`` included. ``workers``: DataLoader processes that decode the images (0: the
     training process). The ``tiny`` preset trains with :data:`TINY_TRAIN_DEFAULTS` unless ``train`` sets them.
+    ``delta_precision`` (``adapt`` with ``cd_itm_mining="banks"``): before training, δ is set on the cosine
+    scale to the smallest cosine at which the starting model's mutual-nearest caption–image pairs of the
+    source's ``delta_split`` (None: ``val`` where the source has one, else ``test``) are of one identity at least
+    this often (:func:`~crossret.textimage.calibration.calibrate_delta`; no target label is used).
     """
 
     stage: str = "adapt"
@@ -119,6 +123,8 @@ class GckdRunConfig:
     eval_split: str = "test"
     device: str = "cpu"
     workers: int = 0
+    delta_precision: float | None = None
+    delta_split: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -149,7 +155,16 @@ class GckdRunConfig:
         from crossret.textimage.evaluate import check_rerank_score
 
         check_rerank_score(self.rerank_score, self.rerank_itc_weight)
-        self.training_config()  # validates the GckdConfig keys early
+        train = self.training_config()  # validates the GckdConfig keys early
+        if self.delta_precision is not None:
+            value = self.delta_precision
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                raise ConfigError(f"delta_precision={value!r} (--delta-precision) must be a precision in (0, 1]")
+            if self.stage != "adapt" or train.cd_itm_mining != "banks":
+                raise ConfigError("delta_precision (--delta-precision) calibrates δ of the pseudo-pairs mined over the "
+                                  "target banks: use it with stage 'adapt' and --set cd_itm_mining=banks")
+        if self.delta_split is not None and self.delta_split not in ("train", "val", "test"):
+            raise ConfigError(f"delta_split={self.delta_split!r} (--delta-split) must be train, val or test")
         return self
 
     def training_config(self, preset: str | None = None) -> GckdConfig:
@@ -385,6 +400,19 @@ def evaluate_view(model: AlbefModel, tokenizer: CaptionTokenizer, view: EvalView
     ``workers`` > 0 decodes the gallery images in that many worker processes."""
     from crossret.textimage.evaluate import evaluate_model
 
+    decoder, image_batches, text_batches = _view_batches(model, tokenizer, view, batch_size, device, workers)
+    try:
+        return evaluate_model(model, image_batches, text_batches, view.caption_person_ids, view.image_person_ids,
+                              rerank_k=rerank_k, device=device, batch_size=batch_size, rerank_score=rerank_score,
+                              itc_weight=rerank_itc_weight)
+    finally:
+        decoder.close()
+
+
+def _view_batches(model: AlbefModel, tokenizer: CaptionTokenizer, view: EvalView, batch_size: int, device: str,
+                  workers: int) -> tuple[ImageDecoder, Iterator[torch.Tensor], Iterator[tuple[Any, ...]]]:
+    """The gallery images (decoded by ``workers`` processes) and the tokenized captions of ``view``, in batches
+    of ``batch_size``; the caller closes the decoder."""
     transform = ImageTransform.eval(tuple(model.config.image_size))
     decoder = ImageDecoder({"gallery": view.image_paths}, transform, workers=workers,
                            pin_memory=device.startswith("cuda"))
@@ -392,12 +420,22 @@ def evaluate_view(model: AlbefModel, tokenizer: CaptionTokenizer, view: EvalView
     image_batches = (images for (images,) in decoder.stream(jobs))
     text_batches = (tuple(tokenizer([view.captions[i] for i in rows]))
                     for rows in _batched(view.num_queries, batch_size))
+    return decoder, image_batches, text_batches
+
+
+def encode_view(model: AlbefModel, tokenizer: CaptionTokenizer, view: EvalView, *, batch_size: int = 64,
+                device: str = "cpu", workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unit-norm ITC features of ``view``: ``(text_feat (Q, E), image_feat (G, E))`` float32 on the CPU, in
+    the view's caption and gallery order (eval mode, no gradient)."""
+    from crossret.textimage.evaluate import encode_gallery, encode_queries
+
+    decoder, image_batches, text_batches = _view_batches(model, tokenizer, view, batch_size, device, workers)
     try:
-        return evaluate_model(model, image_batches, text_batches, view.caption_person_ids, view.image_person_ids,
-                              rerank_k=rerank_k, device=device, batch_size=batch_size, rerank_score=rerank_score,
-                              itc_weight=rerank_itc_weight)
+        gallery = encode_gallery(model, image_batches, device=device, keep_tokens=False)
+        queries = encode_queries(model, text_batches, device=device, keep_tokens=False)
     finally:
         decoder.close()
+    return queries.text_feat, gallery.image_feat
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -453,6 +491,13 @@ def _run_gckd(config: GckdRunConfig, final_dir: Path, device: str, resume: bool,
     plan = plan_init(config)
     train_config = config.training_config(plan.preset)
     check_sizes(config, source, plan)
+    calibration_view = None
+    if config.delta_precision is not None:
+        calibration_split = config.delta_split or calibration_split_of(source)
+        if not source.split_counts().get(calibration_split):
+            raise ConfigError(f"--delta-split {calibration_split}: the source {source.name} has no records in that "
+                              "split; choose a split it has (train, val or test)")
+        calibration_view = build_eval_view(source, calibration_split, max_words=config.max_words)
     distributed.run_on_main(partial(_check_target, final_dir, config, overwrite, resume))
     main = distributed.is_main()  # rank 0 (or the only process) writes files, evaluates and reports progress
     if not main:
@@ -475,6 +520,11 @@ def _run_gckd(config: GckdRunConfig, final_dir: Path, device: str, resume: bool,
         tokenizer = CaptionTokenizer.from_vocab(vocab, max_length=config.max_tokens)
         model, init_info = build_model(config, tokenizer.vocab_size, plan)
         check_vocab_fits(tokenizer, model.config.vocab_size, model.config.max_position)
+        calibration: dict[str, Any] | None = None
+        if calibration_view is not None:
+            assert config.delta_precision is not None
+            train_config, calibration = _calibrated(train_config, model, tokenizer, calibration_view, config, device,
+                                                    source.name, calibration_split)
         distributed.run_on_main(partial(
             write_yaml_atomic, run_dir / "config.yaml",
             {"run": config.to_dict(), "albef": model.config.to_dict(), "train": train_config.to_dict(),
@@ -531,6 +581,7 @@ def _run_gckd(config: GckdRunConfig, final_dir: Path, device: str, resume: bool,
                 "train_seconds": result.train_seconds, "resumed_from_epoch": result.resumed_from_epoch,
                 "history": result.history, "train_config": train_config.to_dict(), "init": init_info,
                 "albef": model.config.to_dict(), "seed": train_config.seed,
+                **({"delta_calibration": calibration} if calibration is not None else {}),
             }
             write_json_atomic(run_dir / "metrics.json", metrics)
             return metrics
@@ -548,6 +599,35 @@ def _run_gckd(config: GckdRunConfig, final_dir: Path, device: str, resume: bool,
         runs.detach_run_log(handler)
         if handle is not None:
             handle.release()
+
+
+def calibration_split_of(source: PersonDataset) -> str:
+    """The source split δ is calibrated on by default: ``val`` where the source has one, else ``test``."""
+    return "val" if source.split_counts().get("val") else "test"
+
+
+def _calibrated(train_config: GckdConfig, model: AlbefModel, tokenizer: CaptionTokenizer, view: EvalView,
+                config: GckdRunConfig, device: str, source_name: str, split: str
+                ) -> tuple[GckdConfig, dict[str, Any]]:
+    """``train_config`` with δ calibrated on ``view`` (the source's ``split``) by the starting model, and the
+    calibration's record for the run's metrics."""
+    from crossret.textimage.calibration import calibrate_delta
+
+    assert config.delta_precision is not None
+    text_feat, image_feat = encode_view(model, tokenizer, view, batch_size=config.eval_batch_size, device=device,
+                                        workers=config.workers)
+    result = calibrate_delta(text_feat, image_feat, view.caption_person_ids, view.image_person_ids,
+                             precision=float(config.delta_precision))
+    record = {"split": f"{source_name}:{split}", **result.to_dict()}
+    if result.reached:
+        log.info("delta calibrated on %s:%s: cosine >= %.4f keeps %d of %d mutual-nearest pairs at precision %.3f",
+                 source_name, split, result.delta, result.pairs, result.mutual_pairs, result.pair_precision)
+    else:
+        log.warning("delta calibration on %s:%s: no mutual-nearest caption-image pairs reach precision %.2f (%d "
+                    "pairs, precision %s); delta = 1.0, so the cross-domain ITM will find almost no pseudo-pairs",
+                    source_name, split, result.precision, result.mutual_pairs,
+                    "n/a" if result.overall_precision is None else f"{result.overall_precision:.3f}")
+    return dataclasses.replace(train_config, delta=result.delta, delta_on="cosine"), record
 
 
 def evaluate_run(run_dir: str | Path, dataset_dir: str | Path, *, split: str = "test", rerank_k: int = 128,
@@ -576,5 +656,5 @@ def evaluate_run(run_dir: str | Path, dataset_dir: str | Path, *, split: str = "
     return {"run": str(run), "evaluated_on": f"{dataset.name}:{split}", "max_tokens": tokens, "evaluation": result}
 
 
-__all__ = ["TINY_TRAIN_DEFAULTS", "GckdRunConfig", "InitPlan", "build_model", "check_max_tokens", "evaluate_run",
-           "evaluate_view", "plan_init", "resolve_vocab", "run_gckd"]
+__all__ = ["TINY_TRAIN_DEFAULTS", "GckdRunConfig", "InitPlan", "build_model", "calibration_split_of",
+           "check_max_tokens", "encode_view", "evaluate_run", "evaluate_view", "plan_init", "resolve_vocab", "run_gckd"]

@@ -56,10 +56,12 @@ def topk_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 
 def test_the_size_rule_takes_the_scan_only_for_a_small_share_of_the_database() -> None:
     rule, share, smallest = _SIZE_RULE, hamming._SCAN_MAX_SHARE, hamming._SCAN_MIN_DATABASE
-    assert rule(1000, share * 100, 1, 100) and not rule(1000, share * 100 - 1, 1, 100)
+    assert share * 1000 >= smallest
+    for n_words in (1, 2, 4):  # the same share at every code length
+        assert rule(1000, share * 1000, n_words, 1000) and not rule(1000, share * 1000 - 1, n_words, 1000)
     assert not rule(1000, smallest - 1, 1, 1) and rule(1000, smallest, 1, 1)
-    assert not rule(1, share * 100, 2, 10)  # multi-word codes need queries to share the tile copy
-    assert rule(hamming._QUERY_BLOCK, share * 100, 4, 10)
+    assert not rule(1, share * 1000, 2, 10)  # multi-word codes need queries to share the tile copy
+    assert rule(hamming._QUERY_BLOCK, share * 1000, 4, 10)
 
 
 def _assert_topk(q: np.ndarray, db: np.ndarray, k: int, **kwargs: object) -> None:
@@ -94,10 +96,10 @@ def test_topk_over_several_query_blocks_matches_a_stable_sort(n_words: int, k: i
 
 def test_the_search_query_block_shrinks_as_candidate_buffers_grow() -> None:
     assert hamming.search_query_block(1, 10) == hamming._SEARCH_BLOCK_MAX
-    assert hamming.search_query_block(4, 1000) == hamming._QUERY_BLOCK
-    sizes = [hamming.search_query_block(1, k) for k in (1, 100, 300, 1000, 10_000)]
+    assert hamming.search_query_block(4, 100_000) == hamming._QUERY_BLOCK
+    sizes = [hamming.search_query_block(1, k) for k in (1, 100, 300, 1000, 10_000, 100_000)]
     assert sizes == sorted(sizes, reverse=True)
-    for k in (1, 100, 300, 1000):  # within the buffer budget unless at the smallest block
+    for k in (1, 100, 300, 1000, 10_000):  # within the buffer budget unless at the smallest block
         block = hamming.search_query_block(1, k)
         assert block == hamming._QUERY_BLOCK or block * (k + max(k, 256)) * 16 <= hamming._CANDIDATE_BYTES
 
@@ -122,16 +124,30 @@ def test_topk_cuts_its_candidate_buffer_many_times_exactly() -> None:
         _assert_topk(q, db, k)
 
 
-def test_topk_recovers_when_the_guessed_bound_is_too_tight() -> None:
-    # The first items (the sample the starting bound is guessed from) are copies of the query, so
-    # the guess keeps only distance 0; fewer than k items are that close, and the query is redone.
+@pytest.mark.parametrize("many_queries", [True, False])
+def test_topk_recovers_when_the_guessed_bound_is_too_tight(many_queries: bool) -> None:
+    # The sampled items (strided for a block of many queries, the first ones for a few) are copies of
+    # query 0, so its guess keeps only distance 0; fewer than k items are that close, and it is redone.
     rng = np.random.default_rng(5)
-    q = _words(rng, 18, 1)
+    q = _words(rng, 18 if many_queries else 1, 1)
     db = _words(rng, 40_000, 1)
-    db[:hamming._SAMPLE] = q[0]
-    for k in (hamming._SAMPLE + 1, 6_000):
+    size, stride = hamming.bound_sample(len(db), 1, many_queries, k=6_000)
+    assert size >= hamming._SAMPLE_MIN and (stride > 1) == many_queries
+    db[:size * stride:stride] = q[0]
+    for k in (size + 1, 6_000):
+        assert hamming.bound_sample(len(db), 1, many_queries, k=k) == (size, stride)
         _assert_topk(q, db, k)
         _assert_topk(q[:1], db, k, threads=1)
+
+
+def test_the_starting_bound_sample_count_keeps_the_risk_of_a_rescan_small() -> None:
+    from scipy.stats import poisson
+
+    for lam in (0.001, 0.16, 1.0, 7.5, 16.4, 65.0, 99.0, 250.0, 4000.0):
+        goal = hamming._sample_goal(lam)
+        assert poisson.sf(goal - 1, lam) <= hamming._BOUND_RISK  # P(X >= goal)
+        if lam <= 100:  # and the smallest such count, where the tail is summed exactly
+            assert poisson.sf(goal - 2, lam) > hamming._BOUND_RISK
 
 
 def test_few_queries_split_across_chunks_merge_in_position_order() -> None:
@@ -283,3 +299,34 @@ def test_metric_query_blocks_give_every_thread_an_equal_share() -> None:
                 per_thread = -(-n_blocks // threads)  # blocks the busiest thread takes
                 assert per_thread * block <= -(-n_q // threads) + block - 1  # never a whole extra block
     assert hamming._eval_block(400, 2) == 50  # 8 blocks of 50, not 7 of 64 (one thread idle at the end)
+
+
+def _threaded_search_in_child(q: np.ndarray, db: np.ndarray, out: object) -> None:
+    out.put(hamming.hamming_topk(q, db, 5, threads=2))  # type: ignore[attr-defined]
+
+
+def test_worker_threads_are_kept_per_thread_count_and_made_anew_after_fork(topk_kernel: str) -> None:
+    import multiprocessing
+
+    if topk_kernel != "threshold-scan":
+        pytest.skip("the worker pool runs the threshold scan; the counting kernels use numba's own threads")
+
+    assert hamming._worker_pool(2) is hamming._worker_pool(2)
+    assert hamming._worker_pool(3) is not hamming._worker_pool(2)
+    assert hamming._worker_pool(3)._max_workers == 3
+    rng = np.random.default_rng(8)
+    q, db = _words(rng, 200, 1), _words(rng, 1 << 14, 1)  # 4 query blocks: tasks for the pool
+    expected = hamming.hamming_topk(q, db, 5, threads=2)  # the parent's pool exists before the fork
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    child = context.Process(target=_threaded_search_in_child, args=(q, db, out))
+    child.start()
+    try:
+        got = out.get(timeout=60)  # a child waiting on the parent's (absent) worker threads would hang here
+        child.join(timeout=60)
+    finally:
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])

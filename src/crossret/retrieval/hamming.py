@@ -31,6 +31,8 @@ as numba's thread count allows (``crossret.threads`` sets it per phase).
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -79,10 +81,27 @@ def _run_blocks(kernel: Callable[..., None], n_tasks: int, n_threads: int, *args
         return
     parts = min(n_tasks, 4 * n_threads)  # a few ranges per thread balance uneven tasks
     bounds = np.linspace(0, n_tasks, parts + 1).astype(np.int64)
-    with ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="crossret-hamming") as pool:
-        futures = [pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(parts)]
-        for future in futures:
-            future.result()
+    pool = _worker_pool(n_threads)
+    futures = [pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(parts)]
+    for future in futures:
+        future.result()
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _worker_pool(n_threads: int) -> ThreadPoolExecutor:
+    """A thread pool of ``n_threads`` workers kept for the process: starting threads for every call cost
+    more than a one-query search. One pool per thread count, so a call never gets more threads than it
+    asked for; callers that share a pool share its threads. Made anew in a forked child (the parent's
+    worker threads do not exist there)."""
+    key = (os.getpid(), n_threads)
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            pool = _POOLS[key] = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="crossret-hamming")
+        return pool
 
 
 @contextmanager
@@ -1049,19 +1068,27 @@ def hamming_distances(q_packed: np.ndarray, db_packed: np.ndarray, bits: int) ->
 
 _TILE_BYTES = 1 << 17  # database bytes per tile (L2-resident with the per-query state)
 _SUB = 256  # items per vectorised threshold test
+_QUARTER = _SUB // 4  # with many hits, a minimum per quarter; only the quarters that hit are gone through again
 # SWAR byte test constants: a byte of x is below t (t <= 128) iff (x - LOW·t) & ~x & HIGH is set there.
 _BYTES_LOW = np.uint64(0x0101010101010101)
 _BYTES_HIGH = np.uint64(0x8080808080808080)
-_SAMPLE = 1024  # items whose distances give a query's starting bound (see _guess_bound)
+# A query's starting bound comes from a strided sample of the chunk (see _guess_bound): at most this many
+# bytes of codes, shared by the query block, and at least _SAMPLE_MIN items.
+_SAMPLE_BYTES = 1 << 18
+_SAMPLE_BYTES_FEW = 1 << 15
+_SAMPLE_MIN = 1024
+_BOUND_RISK = 1e-3  # chance that a starting bound is too tight (then the chunk is scanned again)
 _TOPK_MIN_CHUNK = 1 << 16  # items per database chunk when few queries are split across threads
 # The threshold scan is used while k <= N / _SCAN_MAX_SHARE on databases of at least
 # _SCAN_MIN_DATABASE items (see uses_threshold_scan; both chosen by measurement with benchmarks/scale.py,
 # docs/scale.md "Exact search speed").
-_SCAN_MAX_SHARE = 1000
-_SCAN_MAX_SHARE_TWO_WORDS = 10_000  # 128-bit codes: chosen by measurement (docs/scale.md)
+_SCAN_MAX_SHARE = 500
 _SCAN_MIN_DATABASE = 1 << 16
 _SEARCH_BLOCK_MAX = 64  # queries per tile pass of the threshold scan (see search_query_block)
-_CANDIDATE_BYTES = 1 << 19  # candidate buffers of one query block, at most
+# Candidate buffers of one query block, at most. They are written only on offers (a few thousand per
+# query), so they need not stay in cache beside the tile; a larger block reads the database fewer times.
+_CANDIDATE_BYTES = 1 << 22
+_QUARTER_MIN_K = 64  # from this k on, the scan's first pass keeps quarter minima (see _quarter_minima)
 
 
 @nb.njit(inline="always", cache=True)
@@ -1163,8 +1190,8 @@ def _pad_bytes(dist8, m):  # pragma: no cover - compiled
 
 
 @nb.njit(inline="always", cache=True)
-def _scan_tile_one_word(a, codes, t0, t1, b, dist8, words8, cand_d, cand_i, counts, thrs, k,
-                        n_dist):  # pragma: no cover - compiled
+def _scan_tile_one_word(a, codes, t0, t1, b, dist8, words8, cand_d, cand_i, counts, thrs, k, n_dist,
+                        quarters):  # pragma: no cover - compiled
     """Query word ``a`` (block slot ``b``) against the 1-word codes ``codes[t0:t1]``.
 
     While hits are rare, a sub-block is first only scanned for its smallest distance (XOR, popcount,
@@ -1185,6 +1212,14 @@ def _scan_tile_one_word(a, codes, t0, t1, b, dist8, words8, cand_d, cand_i, coun
                 d = _popcount64(a ^ codes[base + np.uint64(j)])
                 dist8[j] = np.uint8(d)
                 hits += d < thr
+        elif quarters and m == _SUB:
+            m0, m1, m2, m3 = _quarter_minima_one_word(a, codes, base)
+            if min(min(m0, m1), min(m2, m3)) < thr:
+                for part, nearest in enumerate((m0, m1, m2, m3)):
+                    if nearest < thr:
+                        _offer_quarter_one_word(a, codes, s0 + part * _QUARTER, b, dist8, words8, cand_d, cand_i,
+                                                counts, thrs, k, n_dist)
+            continue
         else:
             nearest = np.int64(64)
             for j in range(m):  # vectorised, no stores: XOR, popcount, min
@@ -1197,6 +1232,33 @@ def _scan_tile_one_word(a, codes, t0, t1, b, dist8, words8, cand_d, cand_i, coun
         if hits:
             _pad_bytes(dist8, m)
             _offer_hits(dist8, dist8, words8, m, s0, b, cand_d, cand_i, counts, thrs, k, n_dist)
+
+
+@nb.njit(inline="always", cache=True)
+def _quarter_minima_one_word(a, codes, base):  # pragma: no cover - compiled
+    """The smallest distance to ``a`` in each quarter of the full sub-block at ``base``: one vectorised
+    pass with four accumulators, no stores."""
+    m0 = m1 = m2 = m3 = np.int64(64)
+    q1 = base + np.uint64(_QUARTER)
+    q2 = base + np.uint64(2 * _QUARTER)
+    q3 = base + np.uint64(3 * _QUARTER)
+    for j in range(_QUARTER):
+        u = np.uint64(j)
+        m0 = min(m0, _popcount64(a ^ codes[base + u]))
+        m1 = min(m1, _popcount64(a ^ codes[q1 + u]))
+        m2 = min(m2, _popcount64(a ^ codes[q2 + u]))
+        m3 = min(m3, _popcount64(a ^ codes[q3 + u]))
+    return m0, m1, m2, m3
+
+
+@nb.njit(inline="always", cache=True)
+def _offer_quarter_one_word(a, codes, s0, b, dist8, words8, cand_d, cand_i, counts, thrs, k,
+                            n_dist):  # pragma: no cover - compiled
+    """Store the byte distances of the quarter at ``s0`` and offer the items that beat the bound."""
+    base = np.uint64(s0)
+    for j in range(_QUARTER):
+        dist8[j] = np.uint8(_popcount64(a ^ codes[base + np.uint64(j)]))
+    _offer_hits(dist8, dist8, words8, _QUARTER, s0, b, cand_d, cand_i, counts, thrs, k, n_dist)
 
 
 @nb.njit(inline="always", cache=True)
@@ -1239,6 +1301,33 @@ def _nearest_in_sub_block(q_row, tile, stride, s0, m):  # pragma: no cover - com
 
 
 @nb.njit(inline="always", cache=True)
+def _quarter_minima(q_row, tile, stride, s0):  # pragma: no cover - compiled
+    """For 2- and 4-word codes: the smallest distance to ``q_row`` in each quarter of the full sub-block
+    at ``s0`` of a flat word-major tile, by one fused vectorised pass with four accumulators."""
+    a0, a1, a2, a3, p0, p1, p2, p3 = _fused_operands(q_row, stride, s0)
+    top = np.int64(64 * q_row.shape[0])
+    m0 = m1 = m2 = m3 = top
+    o1 = np.uint64(_QUARTER)
+    o2 = np.uint64(2 * _QUARTER)
+    o3 = np.uint64(3 * _QUARTER)
+    if q_row.shape[0] == 2:
+        for j in range(_QUARTER):
+            u = np.uint64(j)
+            m0 = min(m0, _distance2(a0, a1, tile, p0, p1, u))
+            m1 = min(m1, _distance2(a0, a1, tile, p0, p1, u + o1))
+            m2 = min(m2, _distance2(a0, a1, tile, p0, p1, u + o2))
+            m3 = min(m3, _distance2(a0, a1, tile, p0, p1, u + o3))
+        return m0, m1, m2, m3
+    for j in range(_QUARTER):
+        u = np.uint64(j)
+        m0 = min(m0, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u))
+        m1 = min(m1, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u + o1))
+        m2 = min(m2, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u + o2))
+        m3 = min(m3, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u + o3))
+    return m0, m1, m2, m3
+
+
+@nb.njit(inline="always", cache=True)
 def _bytes_in_sub_block(q_row, tile, stride, s0, m, thr, dist8):  # pragma: no cover - compiled
     """For 2- and 4-word codes: ``dist8[j] = min(distance, 255)`` of items ``s0..s0+m`` of a flat
     word-major tile, by one fused vectorised pass; returns how many are ``< thr``."""
@@ -1259,7 +1348,7 @@ def _bytes_in_sub_block(q_row, tile, stride, s0, m, thr, dist8):  # pragma: no c
 
 @nb.njit(inline="always", cache=True)
 def _scan_tile_words(q_row, tile, stride, n, dist, dist8, words8, first, b, cand_d, cand_i, counts, thrs, k,
-                     n_dist):  # pragma: no cover - compiled
+                     n_dist, quarters):  # pragma: no cover - compiled
     """Query ``q_row`` (``W`` words) against the first ``n`` items of a flat word-major tile (word
     ``w`` of item ``j`` at ``tile[w * stride + j]``), item ``j`` at position ``first + j``. 2- and
     4-word codes (once the bound is at most 255): as :func:`_scan_tile_one_word`, a fused pass for
@@ -1273,6 +1362,16 @@ def _scan_tile_words(q_row, tile, stride, n, dist, dist8, words8, first, b, cand
     for s0 in range(0, n, _SUB):
         m = min(_SUB, n - s0)
         thr = thrs[b]
+        if fused and quarters and not dense and m == _SUB and thr <= 255:
+            m0, m1, m2, m3 = _quarter_minima(q_row, tile, stride, s0)
+            if min(min(m0, m1), min(m2, m3)) < thr:
+                for part, nearest in enumerate((m0, m1, m2, m3)):
+                    if nearest < thrs[b]:
+                        at = s0 + part * _QUARTER
+                        _bytes_in_sub_block(q_row, tile, stride, at, _QUARTER, thrs[b], dist8)
+                        _offer_hits(dist8, dist8, words8, _QUARTER, first + at, b, cand_d, cand_i, counts, thrs, k,
+                                    n_dist)
+            continue
         if fused and not dense:
             nearest, _ = _nearest_in_sub_block(q_row, tile, stride, s0, m)
             if nearest >= thr:
@@ -1303,30 +1402,107 @@ def _scan_tile_words(q_row, tile, stride, n, dist, dist8, words8, first, b, cand
             _offer_hits(dist, dist8, words8, m, first + s0, b, cand_d, cand_i, counts, thrs, k, n_dist)
 
 
+def bound_sample(n_items: int, n_words: int, many_queries: bool = True, k: int = 1) -> tuple[int, int]:
+    """``(size, stride)`` of the sample a chunk's starting bound is guessed from: every ``stride``-th item
+    from the chunk's first, ``size`` of them. A block of many queries shares a strided sample of up to
+    ``_SAMPLE_BYTES`` of codes, four times that from ``k = _QUARTER_MIN_K`` on (gathering it costs a cache
+    miss per item, paid once for the block; a larger sample gives a tighter bound, which pays most for a
+    large ``k``); a block of few queries reads the chunk's first items (``_SAMPLE_BYTES_FEW``), which costs
+    no gather. ``(0, 0)`` for a chunk under ``16 * _SAMPLE_MIN`` items, scanned with no starting bound."""
+    budget = (_SAMPLE_BYTES * (4 if k >= _QUARTER_MIN_K else 1)) if many_queries else _SAMPLE_BYTES_FEW
+    size = max(_SAMPLE_MIN, min(budget // (8 * n_words), n_items // 16) // 8 * 8)
+    if n_items < 16 * _SAMPLE_MIN:
+        return 0, 0
+    return size, n_items // size if many_queries else 1
+
+
 @nb.njit(inline="always", cache=True)
-def _guess_bound(q_words, q, db_words, j_start, n_items, k):  # pragma: no cover - compiled
-    """A starting bound for query ``q`` from the distances of the chunk's first ``_SAMPLE`` items:
-    one past the smallest distance ``t`` whose sample count, scaled to the chunk, reaches twice ``k``
-    plus a margin. It spares the dense early offers of a scan that starts unbounded. It is only a
-    guess: the caller checks that at least ``k`` items beat it and otherwise rescans unbounded."""
-    n_words = q_words.shape[1]
-    n_dist = n_words * 64 + 1
-    hist = np.zeros(n_dist, np.int64)
-    first_word = q_words[q, 0]
-    for j in range(j_start, j_start + _SAMPLE):
-        hist[_distance(q_words, q, first_word, db_words, j, n_words)] += 1
-    goal = (2 * k + 64) * _SAMPLE  # compare sample counts scaled by n_items / _SAMPLE, in integers
-    total = np.int64(0)
-    for t in range(n_dist):
-        total += hist[t]
-        if total * n_items >= goal:
-            return np.int64(t + 1)
-    return np.int64(n_dist)
+def _gather_sample(db_words, j_start, stride, sample, size):  # pragma: no cover - compiled
+    """Copy every ``stride``-th item from ``j_start`` word-major into ``sample`` (word ``w`` of sampled
+    item ``i`` at ``w * size + i``), once per query block."""
+    for i in range(size):
+        for w in range(db_words.shape[1]):
+            sample[w * size + i] = db_words[j_start + i * stride, w]
+
+
+@nb.njit(inline="always", cache=True)
+def _guess_bound(q_row, sample, size, sample_dist, sample8, n_items, k, n_dist):  # pragma: no cover - compiled
+    """A starting bound for query ``q_row`` from its distances to the chunk's sample: one past the
+    ``c``-th smallest sampled distance ``t``. Fewer than ``k`` items of the chunk are at ``≤ t`` exactly
+    when ``c`` sampled items fall among its ``k`` nearest, which has probability about
+    ``P(Poisson(λ) ≥ c)``, ``λ = k · size / n_items``; ``c`` is the smallest count that makes it at most
+    ``_BOUND_RISK`` (:func:`_sample_goal`). The caller checks that at least ``k`` items beat the bound
+    and otherwise rescans unbounded. The distances (saturated to bytes) come from one vectorised pass
+    per word; ``t`` is found by bisection from the sample's smallest distance, each step a vectorised
+    count of bytes."""
+    goal = _sample_goal(k * size / n_items)
+    if goal > size:
+        return np.int64(n_dist)
+    a = q_row[0]
+    n_words = q_row.shape[0]
+    if n_words == 1:
+        for i in range(size):
+            sample8[i] = np.uint8(_popcount64(a ^ sample[np.uint64(i)]))
+    else:
+        for i in range(size):
+            sample_dist[i] = np.int32(_popcount64(a ^ sample[np.uint64(i)]))
+        for w in range(1, n_words):
+            a = q_row[w]
+            base = np.uint64(w * size)
+            for i in range(size):
+                sample_dist[i] += np.int32(_popcount64(a ^ sample[base + np.uint64(i)]))
+        for i in range(size):
+            sample8[i] = np.uint8(min(sample_dist[i], 255))
+    nearest = np.uint8(255)
+    for i in range(size):
+        nearest = min(nearest, sample8[i])
+    # smallest t in [nearest, 254] with count(sample8 <= t) >= goal; none: no useful bound
+    lo, hi = np.int64(nearest), np.int64(min(254, n_dist - 1))
+    if _count_at_most(sample8, size, hi) < goal:
+        return np.int64(n_dist)
+    step = np.int64(8)  # the t sought is usually a few units above the smallest distance
+    while lo + step < hi and _count_at_most(sample8, size, lo + step) < goal:
+        lo += step + 1
+        step *= 2
+    hi = min(hi, lo + step)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _count_at_most(sample8, size, mid) >= goal:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo + 1
+
+
+@nb.njit(inline="always", cache=True)
+def _sample_goal(lam):  # pragma: no cover - compiled
+    """The smallest ``c`` with ``P(Poisson(lam) >= c) <= _BOUND_RISK`` (summed exactly while the terms stay
+    representable; a normal tail bound of four standard deviations, more than enough, beyond that)."""
+    if lam > 100.0:
+        return np.int64(math.ceil(lam + 4.0 * math.sqrt(lam) + 1.0))
+    term = math.exp(-lam)  # P(X = c) for c = 0
+    tail = 1.0 - term  # P(X >= c + 1)
+    c = np.int64(1)
+    while tail > _BOUND_RISK:
+        term *= lam / c
+        tail -= term
+        c += 1
+    return c
+
+
+@nb.njit(inline="always", cache=True)
+def _count_at_most(values8, size, t):  # pragma: no cover - compiled
+    """How many of ``values8[:size]`` are ``<= t`` (vectorised)."""
+    bound = np.uint8(t)
+    count = np.int64(0)
+    for i in range(size):
+        count += values8[i] <= bound
+    return count
 
 
 @nb.njit(nogil=True, cache=True)
-def _topk_blocked(q_words, db_words, db_flat, k, cap, chunk, q_block, res_d, res_i, task0,
-                  task1):  # pragma: no cover - compiled
+def _topk_blocked(q_words, db_words, db_flat, k, cap, chunk, q_block, quarters, many_size, many_stride, few_size,
+                  res_d, res_i, task0, task1):  # pragma: no cover - compiled
     """Top ``k`` of the (query block, database chunk) tasks ``task0..task1`` into ``res_d`` / ``res_i`` of shape
     ``(Q, n_chunks, k)``, each row ordered by (distance, position) and padded with ``(max, -1)``.
     ``db_flat`` is ``db_words`` as one contiguous vector when ``W == 1`` (a column view would not
@@ -1337,6 +1513,10 @@ def _topk_blocked(q_words, db_words, db_flat, k, cap, chunk, q_block, res_d, res
     n_dist = n_words * 64 + 1
     n_chunks = res_d.shape[1]
     tile_items = max(_SUB, _TILE_BYTES // (8 * n_words) // _SUB * _SUB)
+    largest = max(many_size, few_size)
+    sample = np.empty(n_words * largest, np.uint64)
+    sample_dist = np.empty(largest, np.int32)
+    sample8 = np.empty(largest, np.uint8)
     for task in range(task0, task1):
         q0 = (task // n_chunks) * q_block
         q1 = min(q0 + q_block, n_q)
@@ -1349,10 +1529,14 @@ def _topk_blocked(q_words, db_words, db_flat, k, cap, chunk, q_block, res_d, res
         thrs = np.full(q1 - q0, n_dist, np.int64)
         n_items = j_stop - j_start
         need = min(k, n_items)
-        guessed = n_items >= 16 * _SAMPLE
+        # (see bound_sample) a block of few queries samples the chunk's first items
+        sample_size, sample_stride = (many_size, many_stride) if q1 - q0 >= _QUERY_BLOCK else (few_size, 1)
+        guessed = sample_size > 0
         if guessed:
+            _gather_sample(db_words, j_start, sample_stride, sample, sample_size)
             for b in range(q1 - q0):
-                thrs[b] = _guess_bound(q_words, q0 + b, db_words, j_start, n_items, k)
+                thrs[b] = _guess_bound(q_words[q0 + b], sample, sample_size, sample_dist, sample8, n_items, k,
+                                       n_dist)
         tile = np.empty(n_words * tile_items, np.uint64)  # word-major: word w of item j at w * tile_items + j
         dist = np.empty(_SUB, np.int32)
         dist8 = np.empty(_SUB, np.uint8)
@@ -1362,7 +1546,7 @@ def _topk_blocked(q_words, db_words, db_flat, k, cap, chunk, q_block, res_d, res
             if n_words == 1:
                 for b in range(q1 - q0):
                     _scan_tile_one_word(q_words[q0 + b, 0], db_flat, t0, t1, b, dist8, words8, cand_d, cand_i,
-                                        counts, thrs, k, n_dist)
+                                        counts, thrs, k, n_dist, quarters)
             else:
                 # Word-major copy of the tile, paid once for the whole query block: the distance loop
                 # then reads each word contiguously and vectorises.
@@ -1371,7 +1555,7 @@ def _topk_blocked(q_words, db_words, db_flat, k, cap, chunk, q_block, res_d, res
                         tile[w * tile_items + j] = db_words[t0 + j, w]
                 for b in range(q1 - q0):
                     _scan_tile_words(q_words[q0 + b], tile, tile_items, t1 - t0, dist, dist8, words8, t0, b, cand_d,
-                                     cand_i, counts, thrs, k, n_dist)
+                                     cand_i, counts, thrs, k, n_dist, quarters)
         for b in range(q1 - q0):
             if guessed and counts[b] < need:
                 # The guessed bound was too tight for this query (fewer than k items beat it): redo the
@@ -1643,7 +1827,7 @@ def _topk_counting(q_words: np.ndarray, db_words: np.ndarray, k: int, n_threads:
 def search_query_block(n_words: int, k: int) -> int:
     """Queries that share each pass over a database tile in the threshold scan: more queries read the
     database from memory fewer times, as long as their candidate buffers (``2 (k + max(k, 256))``
-    int64 each) stay small beside the L2-resident tile."""
+    int64 each) stay within ``_CANDIDATE_BYTES``."""
     cap = k + max(k, 256)
     block = _SEARCH_BLOCK_MAX
     while block > _QUERY_BLOCK and block * cap * 16 > _CANDIDATE_BYTES:
@@ -1667,6 +1851,12 @@ def _topk_threshold(q_words: np.ndarray, db_words: np.ndarray, k: int, n_threads
         # >= _TOPK_MIN_CHUNK items.
         n_chunks = max(1, min(-(-2 * n_threads // n_blocks), n_db // _TOPK_MIN_CHUNK))
     chunk = -(-n_db // n_chunks)
+    # Every chunk but the last has `chunk` items; the last, at least half as many (chunks are >= _TOPK_MIN_CHUNK).
+    last_chunk = n_db - (n_chunks - 1) * chunk
+    # (only blocks of at least _QUERY_BLOCK queries take the strided sample: none when there are fewer queries)
+    many_size, many_stride = (bound_sample(last_chunk, q_words.shape[1], True, k_kept) if n_q >= _QUERY_BLOCK
+                              else (0, 0))
+    few_size, _ = bound_sample(last_chunk, q_words.shape[1], False)
     if n_chunks == 1 and k_kept == k:
         # Written in place: a view of the (padded) output, no copy of Q x k results.
         res_d, res_i = out_d.reshape(n_q, 1, k), out_i.reshape(n_q, 1, k)
@@ -1675,7 +1865,8 @@ def _topk_threshold(q_words: np.ndarray, db_words: np.ndarray, k: int, n_threads
         res_i = np.full((n_q, n_chunks, k_kept), -1, np.int64)
     db_flat = _flat_codes(db_words)
     _run_blocks(_topk_blocked, n_blocks * n_chunks, n_threads, q_words, db_words, db_flat,
-                np.int64(k_kept), np.int64(cap), np.int64(chunk), np.int64(q_block), res_d, res_i)
+                np.int64(k_kept), np.int64(cap), np.int64(chunk), np.int64(q_block), k_kept >= _QUARTER_MIN_K,
+                np.int64(many_size), np.int64(many_stride), np.int64(few_size), res_d, res_i)
     if n_chunks > 1:
         merged_d = np.empty((n_q, k_kept), np.int32)
         merged_i = np.empty((n_q, k_kept), np.int64)
@@ -1694,8 +1885,7 @@ def uses_threshold_scan(n_queries: int, n_database: int, n_words: int, k: int) -
     ``k ln(N / k)`` items), so it wins while ``k`` is a small share of a large database; for codes of
     several words it also needs enough queries to share the word-major copy of each tile. Both give
     identical results; the rule only picks the faster (``benchmarks/scale.py`` measures both)."""
-    share = _SCAN_MAX_SHARE_TWO_WORDS if n_words == 2 else _SCAN_MAX_SHARE
-    return (n_database >= _SCAN_MIN_DATABASE and k * share <= n_database
+    return (n_database >= _SCAN_MIN_DATABASE and k * _SCAN_MAX_SHARE <= n_database
             and (n_words == 1 or n_queries >= _QUERY_BLOCK // 2))
 
 

@@ -19,8 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The last commit before the query-blocked Hamming kernels: the baseline of their first speed-ups.
 BEFORE_BLOCKED_KERNELS = "b12b415"
-# The last commit before the 512-bit-vector search and metric kernels: the default baseline now.
+# The last commit before the 512-bit-vector search and metric kernels.
 BEFORE_WIDE_VECTOR_KERNELS = "e0a99d8"
+# The last commit before the sampled starting bound, quarter minima and kept worker threads of the search
+# scan: the default baseline now.
+BEFORE_SAMPLED_BOUND = "7eb4d72"
 
 
 def load_module_at(commit: str, module_path: str, name: str) -> ModuleType | None:

@@ -6,8 +6,8 @@ measured in one process, on one machine, in one run, so that the ratios compare 
 * the JIT compile time of the numba kernels (a cold, private numba cache directory by default);
 * ``evaluate_hamming`` with ``ties="expected"`` and ``ties="index"`` (``topk`` and the default
   precision@N list) on today's kernels (query-blocked tiles, ``nogil`` kernels on Python threads) and
-  on the previous kernels: those of ``--baseline-commit`` (default: the last commit before the 512-bit-vector
-  kernels; ``none`` skips them), loaded with ``benchmarks/_previous.py`` and swapped into
+  on the previous kernels: those of ``--baseline-commit`` (default: the last commit before the sampled
+  starting bound of the search scan; ``none`` skips them), loaded with ``benchmarks/_previous.py`` and swapped into
   ``crossret.retrieval.metrics`` for their runs. Both are compiled and warmed first; the timed runs
   are interleaved (new expected, previous expected, new index, previous index; ``--repeat`` rounds),
   best and median kept. The previous kernels' results must be identical to today's;
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="queries on which the per-query sort baselines are timed")
     parser.add_argument("--baseline-commit", default=None,
                         help="commit whose Hamming kernels are timed beside today's ('none' to skip; default: "
-                        "the last commit before the 512-bit-vector kernels)")
+                        "the last commit before the sampled starting bound of the search scan)")
     parser.add_argument("--repeat", type=int, default=2,
                         help="interleaved timed rounds per (kernels, tie rule); best and median are kept")
     parser.add_argument("--seed", type=int, default=0)
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from crossret.storage.atomic import write_json_atomic, write_text_atomic
 
     if args.baseline_commit is None:
-        args.baseline_commit = _previous.BEFORE_WIDE_VECTOR_KERNELS
+        args.baseline_commit = _previous.BEFORE_SAMPLED_BOUND
     previous: ModuleType | None = None
     previous_problem = None
     if args.baseline_commit != "none":

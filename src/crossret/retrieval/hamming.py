@@ -1074,7 +1074,8 @@ _BYTES_LOW = np.uint64(0x0101010101010101)
 _BYTES_HIGH = np.uint64(0x8080808080808080)
 # A query's starting bound comes from a strided sample of the chunk (see _guess_bound): at most this many
 # bytes of codes, shared by the query block, and at least _SAMPLE_MIN items.
-_SAMPLE_BYTES = 1 << 18
+_SAMPLE_BYTES = 1 << 15
+_SAMPLE_BYTES_LARGE_K = 1 << 20
 _SAMPLE_BYTES_FEW = 1 << 15
 _SAMPLE_MIN = 1024
 _BOUND_RISK = 1e-3  # chance that a starting bound is too tight (then the chunk is scanned again)
@@ -1405,11 +1406,13 @@ def _scan_tile_words(q_row, tile, stride, n, dist, dist8, words8, first, b, cand
 def bound_sample(n_items: int, n_words: int, many_queries: bool = True, k: int = 1) -> tuple[int, int]:
     """``(size, stride)`` of the sample a chunk's starting bound is guessed from: every ``stride``-th item
     from the chunk's first, ``size`` of them. A block of many queries shares a strided sample of up to
-    ``_SAMPLE_BYTES`` of codes, four times that from ``k = _QUARTER_MIN_K`` on (gathering it costs a cache
-    miss per item, paid once for the block; a larger sample gives a tighter bound, which pays most for a
-    large ``k``); a block of few queries reads the chunk's first items (``_SAMPLE_BYTES_FEW``), which costs
-    no gather. ``(0, 0)`` for a chunk under ``16 * _SAMPLE_MIN`` items, scanned with no starting bound."""
-    budget = (_SAMPLE_BYTES * (4 if k >= _QUARTER_MIN_K else 1)) if many_queries else _SAMPLE_BYTES_FEW
+    ``_SAMPLE_BYTES`` of codes, ``_SAMPLE_BYTES_LARGE_K`` from ``k = _QUARTER_MIN_K`` on (gathering it costs
+    a cache miss per item, paid once for the block; a larger sample gives a tighter bound, which pays for
+    a large ``k`` only); a block of few queries reads the chunk's first items (``_SAMPLE_BYTES_FEW``),
+    which costs no gather. ``(0, 0)`` for a chunk under ``16 * _SAMPLE_MIN`` items, scanned with no
+    starting bound."""
+    budget = ((_SAMPLE_BYTES_LARGE_K if k >= _QUARTER_MIN_K else _SAMPLE_BYTES) if many_queries
+              else _SAMPLE_BYTES_FEW)
     size = max(_SAMPLE_MIN, min(budget // (8 * n_words), n_items // 16) // 8 * 8)
     if n_items < 16 * _SAMPLE_MIN:
         return 0, 0

@@ -653,7 +653,7 @@ def v3_markdown(rows: list[dict[str, Any]], generic: dict[str, Any] | None, gene
 
 
 # Row fields stored once, by digest, in ``<out>_configs.json`` beside the runs file (many rows share them).
-COMPACT_KEYS = ("config", "environment")
+COMPACT_KEYS = ("config", "environment", "host", "synthetic")
 
 
 def configs_path(runs_path: Path) -> Path:

@@ -308,13 +308,15 @@ def test_compacted_runs_file_reads_back_the_same_rows(tmp_path: Path) -> None:
     the rows written, and a row appended uncompacted afterwards (a worker) reads back as written too."""
     runs = tmp_path / "gckd_runs.jsonl"
     config, env = {"epochs": 4, "lr": 1e-3}, {"torch": "2.13.0", "cpu": "x"}
-    rows = [{"part": "wiki", "seed": s, "variant": v, "config": config, "environment": env, "itc": {"map": 0.1 * s}}
-            for s in range(3) for v in ("gckd", "source-only")]
+    host, sizes = {"node": "vm", "cpus": 2}, {"train_ids": 100, "test_ids": 250}
+    rows = [{"part": "wiki", "seed": s, "variant": v, "config": config, "environment": env, "itc": {"map": 0.1 * s},
+             "host": host, "synthetic": sizes} for s in range(3) for v in ("gckd", "source-only")]
     runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     bench.compact_runs_file(runs)
     text = runs.read_text()
-    assert '"config"' not in text and text.count('"config_id"') == len(rows)
-    assert len(json.loads(bench.configs_path(runs).read_text())) == 2  # one config, one environment
+    for key in ("config", "environment", "host", "synthetic"):
+        assert f'"{key}"' not in text and text.count(f'"{key}_id"') == len(rows)
+    assert len(json.loads(bench.configs_path(runs).read_text())) == 4  # one record of each
     assert bench._read_runs(runs) == rows
     extra = {**rows[0], "seed": 9}
     with runs.open("a") as handle:

@@ -1854,7 +1854,7 @@ def _topk_threshold(q_words: np.ndarray, db_words: np.ndarray, k: int, n_threads
         # >= _TOPK_MIN_CHUNK items.
         n_chunks = max(1, min(-(-2 * n_threads // n_blocks), n_db // _TOPK_MIN_CHUNK))
     chunk = -(-n_db // n_chunks)
-    # Every chunk but the last has `chunk` items; the last, at least half as many (chunks are >= _TOPK_MIN_CHUNK).
+    # Every chunk but the last has `chunk` items and the last no more: a sample sized for it fits every chunk.
     last_chunk = n_db - (n_chunks - 1) * chunk
     # (only blocks of at least _QUERY_BLOCK queries take the strided sample: none when there are fewer queries)
     many_size, many_stride = (bound_sample(last_chunk, q_words.shape[1], True, k_kept) if n_q >= _QUERY_BLOCK

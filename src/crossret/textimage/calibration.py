@@ -47,7 +47,7 @@ class DeltaCalibration:
 
 
 def mutual_pair_scores(text_feat: torch.Tensor, image_feat: torch.Tensor, text_ids: Any, image_ids: Any,
-                       *, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+                       *, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Cosines of the mutual-nearest caption–image pairs, highest first, and whether each pair is of one identity.
 
     ``text_feat (T, E)`` and ``image_feat (I, E)``: unit-norm features; ``text_ids (T,)`` / ``image_ids (I,)``:

@@ -22,8 +22,11 @@ BEFORE_BLOCKED_KERNELS = "b12b415"
 # The last commit before the 512-bit-vector search and metric kernels.
 BEFORE_WIDE_VECTOR_KERNELS = "e0a99d8"
 # The last commit before the sampled starting bound, quarter minima and kept worker threads of the search
-# scan: the default baseline now.
+# scan.
 BEFORE_SAMPLED_BOUND = "7eb4d72"
+# The last commit before candidate buffers cut every few offers at small k and cache-line-aligned scan
+# buffers: the default baseline now.
+BEFORE_FREQUENT_CUTS = "362fa0d"
 
 
 def load_module_at(commit: str, module_path: str, name: str) -> ModuleType | None:

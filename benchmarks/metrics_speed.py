@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from crossret.storage.atomic import write_json_atomic, write_text_atomic
 
     if args.baseline_commit is None:
-        args.baseline_commit = _previous.BEFORE_SAMPLED_BOUND
+        args.baseline_commit = _previous.BEFORE_FREQUENT_CUTS
     previous: ModuleType | None = None
     previous_problem = None
     if args.baseline_commit != "none":

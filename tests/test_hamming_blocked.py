@@ -101,7 +101,7 @@ def test_the_search_query_block_shrinks_as_candidate_buffers_grow() -> None:
     assert sizes == sorted(sizes, reverse=True)
     for k in (1, 100, 300, 1000, 10_000):  # within the buffer budget unless at the smallest block
         block = hamming.search_query_block(1, k)
-        assert block == hamming._QUERY_BLOCK or block * (k + max(k, 256)) * 16 <= hamming._CANDIDATE_BYTES
+        assert block == hamming._QUERY_BLOCK or block * hamming.candidate_capacity(k) * 16 <= hamming._CANDIDATE_BYTES
 
 
 def test_topk_with_k_beyond_the_database_pads_after_every_item() -> None:
@@ -330,3 +330,11 @@ def test_worker_threads_are_kept_per_thread_count_and_made_anew_after_fork(topk_
     assert child.exitcode == 0
     np.testing.assert_array_equal(got[0], expected[0])
     np.testing.assert_array_equal(got[1], expected[1])
+
+
+def test_small_k_cuts_its_buffer_every_few_offers() -> None:
+    # The buffer holds k + max(k, _CUT_BATCH) candidates: at small k the bound tightens after a few
+    # offers; at large k the batch is k itself.
+    assert hamming.candidate_capacity(1) == 1 + hamming._CUT_BATCH
+    assert hamming.candidate_capacity(10) == 10 + max(10, hamming._CUT_BATCH)
+    assert hamming.candidate_capacity(1000) == 2000

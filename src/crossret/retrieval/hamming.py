@@ -1111,7 +1111,7 @@ _SEARCH_BLOCK_MAX = 64  # queries per tile pass of the threshold scan (see searc
 # Candidate buffers of one query block, at most. They are written only on offers (a few thousand per
 # query), so they need not stay in cache beside the tile; a larger block reads the database fewer times.
 _CANDIDATE_BYTES = 1 << 22
-_QUARTER_MIN_K = 64  # from this k on, the scan's first pass keeps quarter minima (see _quarter_minima)
+_QUARTER_MIN_K = 64  # from this k on, the scan's first pass keeps quarter minima (see _scan_tile_one_word)
 _CUT_BATCH = 8  # offers between two cuts of a candidate buffer at small k (see candidate_capacity)
 _ALIGNED_COPY_QUERIES = 1024  # queries from which a misaligned 1-word database is copied to an aligned one
 
@@ -1177,44 +1177,6 @@ def _offer(cand_d, cand_i, counts, thrs, b, d, position, k, n_dist):  # pragma: 
 
 
 @nb.njit(inline="always", cache=True)
-def _offer_hits(dist, dist8, words8, m, first, b, cand_d, cand_i, counts, thrs, k,
-                n_dist):  # pragma: no cover - compiled
-    """Offer the items of a sub-block (``dist[:m]``, positions ``first + j``) that beat the bound, in
-    position order. ``dist`` may be ``dist8`` itself when every distance fits a byte unsaturated.
-    ``dist8`` holds the same distances saturated to uint8, seen 8 at a time as
-    ``words8``: a word is walked item by item only when the SWAR test ``(x - low·thr) & ~x & high``
-    says one of its bytes is below ``thr`` (exact for ``thr <= 128``), so most of a sub-block with a
-    hit costs one test per 8 items."""
-    for w in range(-(-m // 8)):
-        thr = thrs[b]
-        if thr <= 128:
-            x = words8[w]
-            if not ((x - _BYTES_LOW * np.uint64(thr)) & ~x & _BYTES_HIGH):
-                continue
-        for j in range(8 * w, min(8 * w + 8, m)):
-            d = np.int64(dist[j])
-            if d < thrs[b]:
-                _offer(cand_d, cand_i, counts, thrs, b, d, first + j, k, n_dist)
-
-
-@nb.njit(inline="always", cache=True)
-def _saturate(dist, dist8, m):  # pragma: no cover - compiled
-    """``dist8[:m] = min(dist, 255)`` as uint8 and the bytes up to the next multiple of 8 set to 255
-    (never a hit), vectorised."""
-    for j in range(m):
-        dist8[j] = np.uint8(min(dist[j], 255))
-    for j in range(m, -(-m // 8) * 8):
-        dist8[j] = np.uint8(255)
-
-
-@nb.njit(inline="always", cache=True)
-def _pad_bytes(dist8, m):  # pragma: no cover - compiled
-    """Set the bytes of ``dist8`` from ``m`` up to the next multiple of 8 to 255 (never a hit)."""
-    for j in range(m, -(-m // 8) * 8):
-        dist8[j] = np.uint8(255)
-
-
-@nb.njit(inline="always", cache=True)
 def _scan_tile_one_word(a, codes, t0, t1, b, dist8, words8, cand_d, cand_i, counts, thrs, k, n_dist,
                         quarters):  # pragma: no cover - compiled
     """Query word ``a`` (block slot ``b``) against the 1-word codes ``codes[t0:t1]``.
@@ -1222,68 +1184,83 @@ def _scan_tile_one_word(a, codes, t0, t1, b, dist8, words8, cand_d, cand_i, coun
     While hits are rare, a sub-block is first only scanned for its smallest distance (XOR, popcount,
     min: no stores, as cheap as a popcount sum) and gone through again only when that beats the
     bound; after a sub-block with a hit, the next one stores its distances while counting (one pass),
-    as hits come in runs while the bound is still loose. Distances (at most 64) are stored as bytes.
-    Items are addressed by unsigned offsets, not slices: a slice costs a reference count update per
-    sub-block in this kernel, and a signed index a negative-index test that stops the loop from
-    vectorising."""
+    as hits come in runs while the bound is still loose. From k = ``_QUARTER_MIN_K`` on, the first pass
+    keeps a minimum per quarter and only the quarters that beat the bound are stored and walked.
+    Distances (at most 64) are stored as bytes and walked eight at a time: a word of eight is gone
+    through item by item only when the SWAR test ``(x - low·thr) & ~x & high`` says one of its bytes is
+    below ``thr`` (exact for ``thr <= 128``).
+
+    Everything per sub-block is written out here rather than in helpers: numba passes an array to an
+    inlined helper with an atomic reference count update, and per sub-block and per offer those
+    updates cost more than the scan itself at k = 1,000. Items are addressed by unsigned offsets,
+    not slices (a slice costs a reference count update too), and a signed index a negative-index test
+    that stops the loop from vectorising."""
     dense = False
+    top = np.int64(64)
     for s0 in range(t0, t1, _SUB):
         m = min(_SUB, t1 - s0)
         base = np.uint64(s0)
         thr = thrs[b]
         hits = np.int64(0)
+        walk = np.int64(0b1111)  # the quarters to walk
         if dense:
             for j in range(m):  # vectorised: XOR, popcount, store, compare, sum
                 d = _popcount64(a ^ codes[base + np.uint64(j)])
                 dist8[j] = np.uint8(d)
                 hits += d < thr
+            dense = hits > 0
         elif quarters and m == _SUB:
-            m0, m1, m2, m3 = _quarter_minima_one_word(a, codes, base)
-            if min(min(m0, m1), min(m2, m3)) < thr:
-                for part, nearest in enumerate((m0, m1, m2, m3)):
-                    if nearest < thr:
-                        _offer_quarter_one_word(a, codes, s0 + part * _QUARTER, b, dist8, words8, cand_d, cand_i,
-                                                counts, thrs, k, n_dist)
-            continue
+            m0 = m1 = m2 = m3 = top
+            o1 = base + np.uint64(_QUARTER)
+            o2 = base + np.uint64(2 * _QUARTER)
+            o3 = base + np.uint64(3 * _QUARTER)
+            for j in range(_QUARTER):  # vectorised, no stores: a minimum per quarter
+                u = np.uint64(j)
+                m0 = min(m0, _popcount64(a ^ codes[base + u]))
+                m1 = min(m1, _popcount64(a ^ codes[o1 + u]))
+                m2 = min(m2, _popcount64(a ^ codes[o2 + u]))
+                m3 = min(m3, _popcount64(a ^ codes[o3 + u]))
+            walk = np.int64(m0 < thr) | np.int64(m1 < thr) << 1 | np.int64(m2 < thr) << 2 | np.int64(m3 < thr) << 3
+            if walk == 0:
+                continue
+            for part in range(4):
+                if walk >> part & 1:
+                    at = base + np.uint64(part * _QUARTER)
+                    for j in range(_QUARTER):
+                        dist8[part * _QUARTER + j] = np.uint8(_popcount64(a ^ codes[at + np.uint64(j)]))
+            hits = np.int64(1)
         else:
-            nearest = np.int64(64)
+            nearest = top
             for j in range(m):  # vectorised, no stores: XOR, popcount, min
                 nearest = min(nearest, _popcount64(a ^ codes[base + np.uint64(j)]))
-            if nearest < thr:
-                hits = np.int64(1)
-                for j in range(m):
-                    dist8[j] = np.uint8(_popcount64(a ^ codes[base + np.uint64(j)]))
-        dense = hits > 0
-        if hits:
-            _pad_bytes(dist8, m)
-            _offer_hits(dist8, dist8, words8, m, s0, b, cand_d, cand_i, counts, thrs, k, n_dist)
-
-
-@nb.njit(inline="always", cache=True)
-def _quarter_minima_one_word(a, codes, base):  # pragma: no cover - compiled
-    """The smallest distance to ``a`` in each quarter of the full sub-block at ``base``: one vectorised
-    pass with four accumulators, no stores."""
-    m0 = m1 = m2 = m3 = np.int64(64)
-    q1 = base + np.uint64(_QUARTER)
-    q2 = base + np.uint64(2 * _QUARTER)
-    q3 = base + np.uint64(3 * _QUARTER)
-    for j in range(_QUARTER):
-        u = np.uint64(j)
-        m0 = min(m0, _popcount64(a ^ codes[base + u]))
-        m1 = min(m1, _popcount64(a ^ codes[q1 + u]))
-        m2 = min(m2, _popcount64(a ^ codes[q2 + u]))
-        m3 = min(m3, _popcount64(a ^ codes[q3 + u]))
-    return m0, m1, m2, m3
-
-
-@nb.njit(inline="always", cache=True)
-def _offer_quarter_one_word(a, codes, s0, b, dist8, words8, cand_d, cand_i, counts, thrs, k,
-                            n_dist):  # pragma: no cover - compiled
-    """Store the byte distances of the quarter at ``s0`` and offer the items that beat the bound."""
-    base = np.uint64(s0)
-    for j in range(_QUARTER):
-        dist8[j] = np.uint8(_popcount64(a ^ codes[base + np.uint64(j)]))
-    _offer_hits(dist8, dist8, words8, _QUARTER, s0, b, cand_d, cand_i, counts, thrs, k, n_dist)
+            if nearest >= thr:
+                continue
+            for j in range(m):
+                dist8[j] = np.uint8(_popcount64(a ^ codes[base + np.uint64(j)]))
+            hits = np.int64(1)
+            dense = True
+        if not hits:
+            continue
+        for j in range(m, -(-m // 8) * 8):  # pad to whole words: never a hit
+            dist8[j] = np.uint8(255)
+        # Walk the stored distances eight at a time (thr <= 65 here, so the SWAR test is exact).
+        for w in range(-(-m // 8)):
+            if not walk >> (w // (_QUARTER // 8)) & 1:
+                continue
+            x = words8[w]
+            limit = thrs[b]
+            if not ((x - _BYTES_LOW * np.uint64(limit)) & ~x & _BYTES_HIGH):
+                continue
+            for j in range(8 * w, min(8 * w + 8, m)):
+                d = np.int64(dist8[j])
+                if d < thrs[b]:
+                    n = counts[b]
+                    cand_d[b, n] = d
+                    cand_i[b, n] = s0 + j
+                    n += 1
+                    if n == cand_d.shape[1]:
+                        n, thrs[b] = _cut_to_topk(cand_d[b], cand_i[b], n, k, n_dist)
+                    counts[b] = n
 
 
 @nb.njit(inline="always", cache=True)
@@ -1307,124 +1284,123 @@ def _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u):  # pragma: no cover - c
 
 
 @nb.njit(inline="always", cache=True)
-def _nearest_in_sub_block(q_row, tile, stride, s0, m):  # pragma: no cover - compiled
-    """``(smallest distance to q_row of items s0..s0+m of a word-major tile, True)`` by one fused
-    vectorised pass with no stores, for 2- and 4-word codes; ``(0, False)`` for other widths. The
-    tile is flat: word ``w`` of item ``j`` at ``tile[w * stride + j]``."""
-    n_words = q_row.shape[0]
-    nearest = np.int64(64 * n_words)
-    a0, a1, a2, a3, p0, p1, p2, p3 = _fused_operands(q_row, stride, s0)
-    if n_words == 2:
-        for j in range(m):
-            nearest = min(nearest, _distance2(a0, a1, tile, p0, p1, np.uint64(j)))
-        return nearest, True
-    if n_words == 4:
-        for j in range(m):
-            nearest = min(nearest, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, np.uint64(j)))
-        return nearest, True
-    return np.int64(0), False
-
-
-@nb.njit(inline="always", cache=True)
-def _quarter_minima(q_row, tile, stride, s0):  # pragma: no cover - compiled
-    """For 2- and 4-word codes: the smallest distance to ``q_row`` in each quarter of the full sub-block
-    at ``s0`` of a flat word-major tile, by one fused vectorised pass with four accumulators."""
-    a0, a1, a2, a3, p0, p1, p2, p3 = _fused_operands(q_row, stride, s0)
-    top = np.int64(64 * q_row.shape[0])
-    m0 = m1 = m2 = m3 = top
-    o1 = np.uint64(_QUARTER)
-    o2 = np.uint64(2 * _QUARTER)
-    o3 = np.uint64(3 * _QUARTER)
-    if q_row.shape[0] == 2:
-        for j in range(_QUARTER):
-            u = np.uint64(j)
-            m0 = min(m0, _distance2(a0, a1, tile, p0, p1, u))
-            m1 = min(m1, _distance2(a0, a1, tile, p0, p1, u + o1))
-            m2 = min(m2, _distance2(a0, a1, tile, p0, p1, u + o2))
-            m3 = min(m3, _distance2(a0, a1, tile, p0, p1, u + o3))
-        return m0, m1, m2, m3
-    for j in range(_QUARTER):
-        u = np.uint64(j)
-        m0 = min(m0, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u))
-        m1 = min(m1, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u + o1))
-        m2 = min(m2, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u + o2))
-        m3 = min(m3, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u + o3))
-    return m0, m1, m2, m3
-
-
-@nb.njit(inline="always", cache=True)
-def _bytes_in_sub_block(q_row, tile, stride, s0, m, thr, dist8):  # pragma: no cover - compiled
-    """For 2- and 4-word codes: ``dist8[j] = min(distance, 255)`` of items ``s0..s0+m`` of a flat
-    word-major tile, by one fused vectorised pass; returns how many are ``< thr``."""
-    hits = np.int64(0)
-    a0, a1, a2, a3, p0, p1, p2, p3 = _fused_operands(q_row, stride, s0)
-    if q_row.shape[0] == 2:
-        for j in range(m):
-            d = _distance2(a0, a1, tile, p0, p1, np.uint64(j))
-            dist8[j] = np.uint8(d)
-            hits += d < thr
-        return hits
-    for j in range(m):
-        d = _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, np.uint64(j))
-        dist8[j] = np.uint8(min(d, 255))
-        hits += d < thr
-    return hits
-
-
-@nb.njit(inline="always", cache=True)
 def _scan_tile_words(q_row, tile, stride, n, dist, dist8, words8, first, b, cand_d, cand_i, counts, thrs, k,
                      n_dist, quarters):  # pragma: no cover - compiled
     """Query ``q_row`` (``W`` words) against the first ``n`` items of a flat word-major tile (word
     ``w`` of item ``j`` at ``tile[w * stride + j]``), item ``j`` at position ``first + j``. 2- and
     4-word codes (once the bound is at most 255): as :func:`_scan_tile_one_word`, a fused pass for
-    the smallest distance while hits are rare, and one fused pass that stores byte distances and
-    counts hits for a sub-block with a hit and the one after it. Other widths: the distances of each
-    sub-block go into the L1-resident ``dist`` by one vectorised pass per word, and are counted
-    there."""
+    the smallest distance (per quarter from k = ``_QUARTER_MIN_K`` on) while hits are rare, and one
+    fused pass that stores byte distances and counts hits for a sub-block with a hit and the one after
+    it. Other widths: the distances of each sub-block go into the L1-resident ``dist`` by one
+    vectorised pass per word, and are counted there. Written out without helpers that take arrays
+    and branch, for the reason given in :func:`_scan_tile_one_word`."""
     n_words = q_row.shape[0]
     fused = n_words == 2 or n_words == 4
+    a0, a1, a2, a3, p0, p1, p2, p3 = _fused_operands(q_row, stride, 0)
+    top = np.int64(64 * n_words)
+    o1 = np.uint64(_QUARTER)
+    o2 = np.uint64(2 * _QUARTER)
+    o3 = np.uint64(3 * _QUARTER)
     dense = False
     for s0 in range(0, n, _SUB):
         m = min(_SUB, n - s0)
         thr = thrs[b]
-        if fused and quarters and not dense and m == _SUB and thr <= 255:
-            m0, m1, m2, m3 = _quarter_minima(q_row, tile, stride, s0)
-            if min(min(m0, m1), min(m2, m3)) < thr:
-                for part, nearest in enumerate((m0, m1, m2, m3)):
-                    if nearest < thrs[b]:
-                        at = s0 + part * _QUARTER
-                        _bytes_in_sub_block(q_row, tile, stride, at, _QUARTER, thrs[b], dist8)
-                        _offer_hits(dist8, dist8, words8, _QUARTER, first + at, b, cand_d, cand_i, counts, thrs, k,
-                                    n_dist)
-            continue
-        if fused and not dense:
-            nearest, _ = _nearest_in_sub_block(q_row, tile, stride, s0, m)
-            if nearest >= thr:
+        u0 = np.uint64(s0)
+        walk = np.int64(0b1111)  # the quarters to walk
+        from_bytes = fused and thr <= 255  # byte distances are exact below 255, and only items below thr are offered
+        if from_bytes and quarters and not dense and m == _SUB:
+            m0 = m1 = m2 = m3 = top
+            if n_words == 2:
+                for j in range(_QUARTER):  # one fused pass, four minima, no stores
+                    u = u0 + np.uint64(j)
+                    m0 = min(m0, _distance2(a0, a1, tile, p0, p1, u))
+                    m1 = min(m1, _distance2(a0, a1, tile, p0, p1, u + o1))
+                    m2 = min(m2, _distance2(a0, a1, tile, p0, p1, u + o2))
+                    m3 = min(m3, _distance2(a0, a1, tile, p0, p1, u + o3))
+            else:
+                for j in range(_QUARTER):
+                    u = u0 + np.uint64(j)
+                    m0 = min(m0, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u))
+                    m1 = min(m1, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u + o1))
+                    m2 = min(m2, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u + o2))
+                    m3 = min(m3, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u + o3))
+            walk = np.int64(m0 < thr) | np.int64(m1 < thr) << 1 | np.int64(m2 < thr) << 2 | np.int64(m3 < thr) << 3
+            if walk == 0:
                 continue
-        if fused and thr <= 255:
-            # Byte distances are exact below 255, and only items below thr <= 255 are offered.
-            hits = _bytes_in_sub_block(q_row, tile, stride, s0, m, thr, dist8)
+            for part in range(4):
+                if walk >> part & 1:
+                    at = u0 + np.uint64(part * _QUARTER)
+                    if n_words == 2:
+                        for j in range(_QUARTER):
+                            dist8[part * _QUARTER + j] = np.uint8(_distance2(a0, a1, tile, p0, p1, at + np.uint64(j)))
+                    else:
+                        for j in range(_QUARTER):
+                            d = _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, at + np.uint64(j))
+                            dist8[part * _QUARTER + j] = np.uint8(min(d, 255))
+        elif from_bytes:
+            if not dense:
+                nearest = top
+                if n_words == 2:
+                    for j in range(m):  # one fused pass, no stores
+                        nearest = min(nearest, _distance2(a0, a1, tile, p0, p1, u0 + np.uint64(j)))
+                else:
+                    for j in range(m):
+                        nearest = min(nearest, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u0 + np.uint64(j)))
+                if nearest >= thr:
+                    continue
+            hits = np.int64(0)
+            if n_words == 2:
+                for j in range(m):  # one fused pass: store byte distances, count hits
+                    d = _distance2(a0, a1, tile, p0, p1, u0 + np.uint64(j))
+                    dist8[j] = np.uint8(d)
+                    hits += d < thr
+            else:
+                for j in range(m):
+                    d = _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u0 + np.uint64(j))
+                    dist8[j] = np.uint8(min(d, 255))
+                    hits += d < thr
             dense = hits > 0
-            if hits:
-                _pad_bytes(dist8, m)
-                _offer_hits(dist8, dist8, words8, m, first + s0, b, cand_d, cand_i, counts, thrs, k, n_dist)
-            continue
-        a = q_row[0]
-        base = np.uint64(s0)
-        for j in range(m):
-            dist[j] = _popcount64(a ^ tile[base + np.uint64(j)])
-        for w in range(1, n_words):
-            a = q_row[w]
-            base = np.uint64(w * stride + s0)
+            if not hits:
+                continue
+        else:
+            a = q_row[0]
             for j in range(m):
-                dist[j] += _popcount64(a ^ tile[base + np.uint64(j)])
-        hits = np.int64(0)
-        for j in range(m):
-            hits += dist[j] < thr
-        dense = hits > 0
-        if hits:
-            _saturate(dist, dist8, m)
-            _offer_hits(dist, dist8, words8, m, first + s0, b, cand_d, cand_i, counts, thrs, k, n_dist)
+                dist[j] = _popcount64(a ^ tile[u0 + np.uint64(j)])
+            for w in range(1, n_words):
+                a = q_row[w]
+                base = np.uint64(w * stride + s0)
+                for j in range(m):
+                    dist[j] += _popcount64(a ^ tile[base + np.uint64(j)])
+            hits = np.int64(0)
+            for j in range(m):
+                hits += dist[j] < thr
+            dense = hits > 0
+            if not hits:
+                continue
+            for j in range(m):  # saturated bytes for the SWAR test
+                dist8[j] = np.uint8(min(dist[j], 255))
+        for j in range(m, -(-m // 8) * 8):  # pad to whole words: never a hit
+            dist8[j] = np.uint8(255)
+        # Walk eight at a time: a word is gone through item by item only when the SWAR test says one of
+        # its bytes is below the bound (exact for a bound of at most 128), or when the bound is larger.
+        for w in range(-(-m // 8)):
+            if not walk >> (w // (_QUARTER // 8)) & 1:
+                continue
+            limit = thrs[b]
+            if limit <= 128:
+                x = words8[w]
+                if not ((x - _BYTES_LOW * np.uint64(limit)) & ~x & _BYTES_HIGH):
+                    continue
+            for j in range(8 * w, min(8 * w + 8, m)):
+                d = np.int64(dist8[j]) if from_bytes else np.int64(dist[j])
+                if d < thrs[b]:
+                    c = counts[b]
+                    cand_d[b, c] = d
+                    cand_i[b, c] = first + s0 + j
+                    c += 1
+                    if c == cand_d.shape[1]:
+                        c, thrs[b] = _cut_to_topk(cand_d[b], cand_i[b], c, k, n_dist)
+                    counts[b] = c
 
 
 def bound_sample(n_items: int, n_words: int, many_queries: bool = True, k: int = 1) -> tuple[int, int]:

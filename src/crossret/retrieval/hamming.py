@@ -1177,9 +1177,10 @@ def _offer(cand_d, cand_i, counts, thrs, b, d, position, k, n_dist):  # pragma: 
 
 
 @nb.njit(inline="always", cache=True)
-def _scan_tile_one_word(a, codes, t0, t1, b, dist8, words8, cand_d, cand_i, counts, thrs, k, n_dist,
+def _scan_tile_one_word(q_words, q0, q1, codes, t0, t1, dist8, words8, cand_d, cand_i, counts, thrs, k, n_dist,
                         quarters):  # pragma: no cover - compiled
-    """Query word ``a`` (block slot ``b``) against the 1-word codes ``codes[t0:t1]``.
+    """Queries ``q0..q1`` (1-word codes; block slot ``b`` for query ``q0 + b``) against the 1-word codes
+    ``codes[t0:t1]``, one query after the other (the tile stays in cache).
 
     While hits are rare, a sub-block is first only scanned for its smallest distance (XOR, popcount,
     min: no stores, as cheap as a popcount sum) and gone through again only when that beats the
@@ -1192,85 +1193,78 @@ def _scan_tile_one_word(a, codes, t0, t1, b, dist8, words8, cand_d, cand_i, coun
 
     Everything per sub-block is written out here rather than in helpers: numba passes an array to an
     inlined helper with an atomic reference count update, and per sub-block and per offer those
-    updates cost more than the scan itself at k = 1,000. Items are addressed by unsigned offsets,
+    updates cost more than the scan itself at k = 1,000 (and the query loop is in here, so that the
+    arrays are passed once per tile, not once per query and tile). Items are addressed by unsigned offsets,
     not slices (a slice costs a reference count update too), and a signed index a negative-index test
     that stops the loop from vectorising."""
-    dense = False
-    top = np.int64(64)
-    for s0 in range(t0, t1, _SUB):
-        m = min(_SUB, t1 - s0)
-        base = np.uint64(s0)
-        thr = thrs[b]
-        hits = np.int64(0)
-        walk = np.int64(0b1111)  # the quarters to walk
-        if dense:
-            for j in range(m):  # vectorised: XOR, popcount, store, compare, sum
-                d = _popcount64(a ^ codes[base + np.uint64(j)])
-                dist8[j] = np.uint8(d)
-                hits += d < thr
-            dense = hits > 0
-        elif quarters and m == _SUB:
-            m0 = m1 = m2 = m3 = top
-            o1 = base + np.uint64(_QUARTER)
-            o2 = base + np.uint64(2 * _QUARTER)
-            o3 = base + np.uint64(3 * _QUARTER)
-            for j in range(_QUARTER):  # vectorised, no stores: a minimum per quarter
-                u = np.uint64(j)
-                m0 = min(m0, _popcount64(a ^ codes[base + u]))
-                m1 = min(m1, _popcount64(a ^ codes[o1 + u]))
-                m2 = min(m2, _popcount64(a ^ codes[o2 + u]))
-                m3 = min(m3, _popcount64(a ^ codes[o3 + u]))
-            walk = np.int64(m0 < thr) | np.int64(m1 < thr) << 1 | np.int64(m2 < thr) << 2 | np.int64(m3 < thr) << 3
-            if walk == 0:
+    for b in range(q1 - q0):
+        a = q_words[q0 + b, 0]
+        dense = False
+        top = np.int64(64)
+        for s0 in range(t0, t1, _SUB):
+            m = min(_SUB, t1 - s0)
+            base = np.uint64(s0)
+            thr = thrs[b]
+            hits = np.int64(0)
+            walk = np.int64(0b1111)  # the quarters to walk
+            if dense:
+                for j in range(m):  # vectorised: XOR, popcount, store, compare, sum
+                    d = _popcount64(a ^ codes[base + np.uint64(j)])
+                    dist8[j] = np.uint8(d)
+                    hits += d < thr
+                dense = hits > 0
+            elif quarters and m == _SUB:
+                m0 = m1 = m2 = m3 = top
+                o1 = base + np.uint64(_QUARTER)
+                o2 = base + np.uint64(2 * _QUARTER)
+                o3 = base + np.uint64(3 * _QUARTER)
+                for j in range(_QUARTER):  # vectorised, no stores: a minimum per quarter
+                    u = np.uint64(j)
+                    m0 = min(m0, _popcount64(a ^ codes[base + u]))
+                    m1 = min(m1, _popcount64(a ^ codes[o1 + u]))
+                    m2 = min(m2, _popcount64(a ^ codes[o2 + u]))
+                    m3 = min(m3, _popcount64(a ^ codes[o3 + u]))
+                walk = np.int64(m0 < thr) | np.int64(m1 < thr) << 1 | np.int64(m2 < thr) << 2 | np.int64(m3 < thr) << 3
+                if walk == 0:
+                    continue
+                for part in range(4):
+                    if walk >> part & 1:
+                        at = base + np.uint64(part * _QUARTER)
+                        for j in range(_QUARTER):
+                            dist8[part * _QUARTER + j] = np.uint8(_popcount64(a ^ codes[at + np.uint64(j)]))
+                hits = np.int64(1)
+            else:
+                nearest = top
+                for j in range(m):  # vectorised, no stores: XOR, popcount, min
+                    nearest = min(nearest, _popcount64(a ^ codes[base + np.uint64(j)]))
+                if nearest >= thr:
+                    continue
+                for j in range(m):
+                    dist8[j] = np.uint8(_popcount64(a ^ codes[base + np.uint64(j)]))
+                hits = np.int64(1)
+                dense = True
+            if not hits:
                 continue
-            for part in range(4):
-                if walk >> part & 1:
-                    at = base + np.uint64(part * _QUARTER)
-                    for j in range(_QUARTER):
-                        dist8[part * _QUARTER + j] = np.uint8(_popcount64(a ^ codes[at + np.uint64(j)]))
-            hits = np.int64(1)
-        else:
-            nearest = top
-            for j in range(m):  # vectorised, no stores: XOR, popcount, min
-                nearest = min(nearest, _popcount64(a ^ codes[base + np.uint64(j)]))
-            if nearest >= thr:
-                continue
-            for j in range(m):
-                dist8[j] = np.uint8(_popcount64(a ^ codes[base + np.uint64(j)]))
-            hits = np.int64(1)
-            dense = True
-        if not hits:
-            continue
-        for j in range(m, -(-m // 8) * 8):  # pad to whole words: never a hit
-            dist8[j] = np.uint8(255)
-        # Walk the stored distances eight at a time (thr <= 65 here, so the SWAR test is exact).
-        for w in range(-(-m // 8)):
-            if not walk >> (w // (_QUARTER // 8)) & 1:
-                continue
-            x = words8[w]
-            limit = thrs[b]
-            if not ((x - _BYTES_LOW * np.uint64(limit)) & ~x & _BYTES_HIGH):
-                continue
-            for j in range(8 * w, min(8 * w + 8, m)):
-                d = np.int64(dist8[j])
-                if d < thrs[b]:
-                    n = counts[b]
-                    cand_d[b, n] = d
-                    cand_i[b, n] = s0 + j
-                    n += 1
-                    if n == cand_d.shape[1]:
-                        n, thrs[b] = _cut_to_topk(cand_d[b], cand_i[b], n, k, n_dist)
-                    counts[b] = n
-
-
-@nb.njit(inline="always", cache=True)
-def _fused_operands(q_row, stride, s0):  # pragma: no cover - compiled
-    """The query words and the unsigned tile offsets of items ``s0..`` for up to four words of a flat
-    word-major tile (word ``w`` of item ``j`` at ``tile[w * stride + j]``); words past the code's are
-    unused."""
-    last = q_row.shape[0] - 1
-    return (q_row[0], q_row[min(1, last)], q_row[min(2, last)], q_row[min(3, last)], np.uint64(s0),
-            np.uint64(stride + s0), np.uint64(2 * stride + s0), np.uint64(3 * stride + s0))
+            for j in range(m, -(-m // 8) * 8):  # pad to whole words: never a hit
+                dist8[j] = np.uint8(255)
+            # Walk the stored distances eight at a time (thr <= 65 here, so the SWAR test is exact).
+            for w in range(-(-m // 8)):
+                if not walk >> (w // (_QUARTER // 8)) & 1:
+                    continue
+                x = words8[w]
+                limit = thrs[b]
+                if not ((x - _BYTES_LOW * np.uint64(limit)) & ~x & _BYTES_HIGH):
+                    continue
+                for j in range(8 * w, min(8 * w + 8, m)):
+                    d = np.int64(dist8[j])
+                    if d < thrs[b]:
+                        n = counts[b]
+                        cand_d[b, n] = d
+                        cand_i[b, n] = s0 + j
+                        n += 1
+                        if n == cand_d.shape[1]:
+                            n, thrs[b] = _cut_to_topk(cand_d[b], cand_i[b], n, k, n_dist)
+                        counts[b] = n
 
 
 @nb.njit(inline="always", cache=True)
@@ -1284,9 +1278,10 @@ def _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u):  # pragma: no cover - c
 
 
 @nb.njit(inline="always", cache=True)
-def _scan_tile_words(q_row, tile, stride, n, dist, dist8, words8, first, b, cand_d, cand_i, counts, thrs, k,
+def _scan_tile_words(q_words, q0, q1, tile, stride, n, dist, dist8, words8, first, cand_d, cand_i, counts, thrs, k,
                      n_dist, quarters):  # pragma: no cover - compiled
-    """Query ``q_row`` (``W`` words) against the first ``n`` items of a flat word-major tile (word
+    """Queries ``q0..q1`` (``W`` words; block slot ``b`` for query ``q0 + b``), one after the other, against
+    the first ``n`` items of a flat word-major tile (word
     ``w`` of item ``j`` at ``tile[w * stride + j]``), item ``j`` at position ``first + j``. 2- and
     4-word codes (once the bound is at most 255): as :func:`_scan_tile_one_word`, a fused pass for
     the smallest distance (per quarter from k = ``_QUARTER_MIN_K`` on) while hits are rare, and one
@@ -1294,113 +1289,120 @@ def _scan_tile_words(q_row, tile, stride, n, dist, dist8, words8, first, b, cand
     it. Other widths: the distances of each sub-block go into the L1-resident ``dist`` by one
     vectorised pass per word, and are counted there. Written out without helpers that take arrays
     and branch, for the reason given in :func:`_scan_tile_one_word`."""
-    n_words = q_row.shape[0]
+    n_words = q_words.shape[1]
     fused = n_words == 2 or n_words == 4
-    a0, a1, a2, a3, p0, p1, p2, p3 = _fused_operands(q_row, stride, 0)
     top = np.int64(64 * n_words)
     o1 = np.uint64(_QUARTER)
     o2 = np.uint64(2 * _QUARTER)
     o3 = np.uint64(3 * _QUARTER)
-    dense = False
-    for s0 in range(0, n, _SUB):
-        m = min(_SUB, n - s0)
-        thr = thrs[b]
-        u0 = np.uint64(s0)
-        walk = np.int64(0b1111)  # the quarters to walk
-        from_bytes = fused and thr <= 255  # byte distances are exact below 255, and only items below thr are offered
-        if from_bytes and quarters and not dense and m == _SUB:
-            m0 = m1 = m2 = m3 = top
-            if n_words == 2:
-                for j in range(_QUARTER):  # one fused pass, four minima, no stores
-                    u = u0 + np.uint64(j)
-                    m0 = min(m0, _distance2(a0, a1, tile, p0, p1, u))
-                    m1 = min(m1, _distance2(a0, a1, tile, p0, p1, u + o1))
-                    m2 = min(m2, _distance2(a0, a1, tile, p0, p1, u + o2))
-                    m3 = min(m3, _distance2(a0, a1, tile, p0, p1, u + o3))
-            else:
-                for j in range(_QUARTER):
-                    u = u0 + np.uint64(j)
-                    m0 = min(m0, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u))
-                    m1 = min(m1, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u + o1))
-                    m2 = min(m2, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u + o2))
-                    m3 = min(m3, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u + o3))
-            walk = np.int64(m0 < thr) | np.int64(m1 < thr) << 1 | np.int64(m2 < thr) << 2 | np.int64(m3 < thr) << 3
-            if walk == 0:
-                continue
-            for part in range(4):
-                if walk >> part & 1:
-                    at = u0 + np.uint64(part * _QUARTER)
-                    if n_words == 2:
-                        for j in range(_QUARTER):
-                            dist8[part * _QUARTER + j] = np.uint8(_distance2(a0, a1, tile, p0, p1, at + np.uint64(j)))
-                    else:
-                        for j in range(_QUARTER):
-                            d = _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, at + np.uint64(j))
-                            dist8[part * _QUARTER + j] = np.uint8(min(d, 255))
-        elif from_bytes:
-            if not dense:
-                nearest = top
+    p0, p1, p2, p3 = np.uint64(0), np.uint64(stride), np.uint64(2 * stride), np.uint64(3 * stride)
+    last = n_words - 1
+    for b in range(q1 - q0):
+        qi = q0 + b
+        # words past the code's are unused
+        a0, a1, a2, a3 = q_words[qi, 0], q_words[qi, min(1, last)], q_words[qi, min(2, last)], q_words[qi, min(3, last)]
+        dense = False
+        for s0 in range(0, n, _SUB):
+            m = min(_SUB, n - s0)
+            thr = thrs[b]
+            u0 = np.uint64(s0)
+            walk = np.int64(0b1111)  # the quarters to walk
+            # byte distances are exact below 255, and only items below thr are offered
+            from_bytes = fused and thr <= 255
+            if from_bytes and quarters and not dense and m == _SUB:
+                m0 = m1 = m2 = m3 = top
                 if n_words == 2:
-                    for j in range(m):  # one fused pass, no stores
-                        nearest = min(nearest, _distance2(a0, a1, tile, p0, p1, u0 + np.uint64(j)))
+                    for j in range(_QUARTER):  # one fused pass, four minima, no stores
+                        u = u0 + np.uint64(j)
+                        m0 = min(m0, _distance2(a0, a1, tile, p0, p1, u))
+                        m1 = min(m1, _distance2(a0, a1, tile, p0, p1, u + o1))
+                        m2 = min(m2, _distance2(a0, a1, tile, p0, p1, u + o2))
+                        m3 = min(m3, _distance2(a0, a1, tile, p0, p1, u + o3))
+                else:
+                    for j in range(_QUARTER):
+                        u = u0 + np.uint64(j)
+                        m0 = min(m0, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u))
+                        m1 = min(m1, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u + o1))
+                        m2 = min(m2, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u + o2))
+                        m3 = min(m3, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u + o3))
+                walk = np.int64(m0 < thr) | np.int64(m1 < thr) << 1 | np.int64(m2 < thr) << 2 | np.int64(m3 < thr) << 3
+                if walk == 0:
+                    continue
+                for part in range(4):
+                    if walk >> part & 1:
+                        at = u0 + np.uint64(part * _QUARTER)
+                        if n_words == 2:
+                            for j in range(_QUARTER):
+                                d = _distance2(a0, a1, tile, p0, p1, at + np.uint64(j))
+                                dist8[part * _QUARTER + j] = np.uint8(d)
+                        else:
+                            for j in range(_QUARTER):
+                                d = _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, at + np.uint64(j))
+                                dist8[part * _QUARTER + j] = np.uint8(min(d, 255))
+            elif from_bytes:
+                if not dense:
+                    nearest = top
+                    if n_words == 2:
+                        for j in range(m):  # one fused pass, no stores
+                            nearest = min(nearest, _distance2(a0, a1, tile, p0, p1, u0 + np.uint64(j)))
+                    else:
+                        for j in range(m):
+                            nearest = min(nearest, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u0 + np.uint64(j)))
+                    if nearest >= thr:
+                        continue
+                hits = np.int64(0)
+                if n_words == 2:
+                    for j in range(m):  # one fused pass: store byte distances, count hits
+                        d = _distance2(a0, a1, tile, p0, p1, u0 + np.uint64(j))
+                        dist8[j] = np.uint8(d)
+                        hits += d < thr
                 else:
                     for j in range(m):
-                        nearest = min(nearest, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u0 + np.uint64(j)))
-                if nearest >= thr:
+                        d = _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u0 + np.uint64(j))
+                        dist8[j] = np.uint8(min(d, 255))
+                        hits += d < thr
+                dense = hits > 0
+                if not hits:
                     continue
-            hits = np.int64(0)
-            if n_words == 2:
-                for j in range(m):  # one fused pass: store byte distances, count hits
-                    d = _distance2(a0, a1, tile, p0, p1, u0 + np.uint64(j))
-                    dist8[j] = np.uint8(d)
-                    hits += d < thr
             else:
+                a = q_words[qi, 0]
                 for j in range(m):
-                    d = _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u0 + np.uint64(j))
-                    dist8[j] = np.uint8(min(d, 255))
-                    hits += d < thr
-            dense = hits > 0
-            if not hits:
-                continue
-        else:
-            a = q_row[0]
-            for j in range(m):
-                dist[j] = _popcount64(a ^ tile[u0 + np.uint64(j)])
-            for w in range(1, n_words):
-                a = q_row[w]
-                base = np.uint64(w * stride + s0)
+                    dist[j] = _popcount64(a ^ tile[u0 + np.uint64(j)])
+                for w in range(1, n_words):
+                    a = q_words[qi, w]
+                    base = np.uint64(w * stride + s0)
+                    for j in range(m):
+                        dist[j] += _popcount64(a ^ tile[base + np.uint64(j)])
+                hits = np.int64(0)
                 for j in range(m):
-                    dist[j] += _popcount64(a ^ tile[base + np.uint64(j)])
-            hits = np.int64(0)
-            for j in range(m):
-                hits += dist[j] < thr
-            dense = hits > 0
-            if not hits:
-                continue
-            for j in range(m):  # saturated bytes for the SWAR test
-                dist8[j] = np.uint8(min(dist[j], 255))
-        for j in range(m, -(-m // 8) * 8):  # pad to whole words: never a hit
-            dist8[j] = np.uint8(255)
-        # Walk eight at a time: a word is gone through item by item only when the SWAR test says one of
-        # its bytes is below the bound (exact for a bound of at most 128), or when the bound is larger.
-        for w in range(-(-m // 8)):
-            if not walk >> (w // (_QUARTER // 8)) & 1:
-                continue
-            limit = thrs[b]
-            if limit <= 128:
-                x = words8[w]
-                if not ((x - _BYTES_LOW * np.uint64(limit)) & ~x & _BYTES_HIGH):
+                    hits += dist[j] < thr
+                dense = hits > 0
+                if not hits:
                     continue
-            for j in range(8 * w, min(8 * w + 8, m)):
-                d = np.int64(dist8[j]) if from_bytes else np.int64(dist[j])
-                if d < thrs[b]:
-                    c = counts[b]
-                    cand_d[b, c] = d
-                    cand_i[b, c] = first + s0 + j
-                    c += 1
-                    if c == cand_d.shape[1]:
-                        c, thrs[b] = _cut_to_topk(cand_d[b], cand_i[b], c, k, n_dist)
-                    counts[b] = c
+                for j in range(m):  # saturated bytes for the SWAR test
+                    dist8[j] = np.uint8(min(dist[j], 255))
+            for j in range(m, -(-m // 8) * 8):  # pad to whole words: never a hit
+                dist8[j] = np.uint8(255)
+            # Walk eight at a time: a word is gone through item by item only when the SWAR test says one of
+            # its bytes is below the bound (exact for a bound of at most 128), or when the bound is larger.
+            for w in range(-(-m // 8)):
+                if not walk >> (w // (_QUARTER // 8)) & 1:
+                    continue
+                limit = thrs[b]
+                if limit <= 128:
+                    x = words8[w]
+                    if not ((x - _BYTES_LOW * np.uint64(limit)) & ~x & _BYTES_HIGH):
+                        continue
+                for j in range(8 * w, min(8 * w + 8, m)):
+                    d = np.int64(dist8[j]) if from_bytes else np.int64(dist[j])
+                    if d < thrs[b]:
+                        c = counts[b]
+                        cand_d[b, c] = d
+                        cand_i[b, c] = first + s0 + j
+                        c += 1
+                        if c == cand_d.shape[1]:
+                            c, thrs[b] = _cut_to_topk(cand_d[b], cand_i[b], c, k, n_dist)
+                        counts[b] = c
 
 
 def bound_sample(n_items: int, n_words: int, many_queries: bool = True, k: int = 1) -> tuple[int, int]:
@@ -1547,18 +1549,16 @@ def _topk_blocked(q_words, db_words, db_flat, k, cap, chunk, q_block, quarters, 
         for t0 in range(j_start, j_stop, tile_items):
             t1 = min(t0 + tile_items, j_stop)
             if n_words == 1:
-                for b in range(q1 - q0):
-                    _scan_tile_one_word(q_words[q0 + b, 0], db_flat, t0, t1, b, dist8, words8, cand_d, cand_i,
-                                        counts, thrs, k, n_dist, quarters)
+                _scan_tile_one_word(q_words, q0, q1, db_flat, t0, t1, dist8, words8, cand_d, cand_i, counts, thrs, k,
+                                    n_dist, quarters)
             else:
                 # Word-major copy of the tile, paid once for the whole query block: the distance loop
                 # then reads each word contiguously and vectorises.
                 for j in range(t1 - t0):
                     for w in range(n_words):
                         tile[w * tile_items + j] = db_words[t0 + j, w]
-                for b in range(q1 - q0):
-                    _scan_tile_words(q_words[q0 + b], tile, tile_items, t1 - t0, dist, dist8, words8, t0, b, cand_d,
-                                     cand_i, counts, thrs, k, n_dist, quarters)
+                _scan_tile_words(q_words, q0, q1, tile, tile_items, t1 - t0, dist, dist8, words8, t0, cand_d, cand_i,
+                                 counts, thrs, k, n_dist, quarters)
         for b in range(q1 - q0):
             if guessed and counts[b] < need:
                 # The guessed bound was too tight for this query (fewer than k items beat it): redo the

@@ -274,8 +274,8 @@ def _histogram_kernel(q_words, q_labels, db_words, db_flat, db_labels, hist, q_b
         q0 = blk * q_block
         q1 = min(q0 + q_block, n_q)
         lanes = np.zeros((q1 - q0) * _EVAL_LANES * width, np.int64)  # query b's lanes from b * 4 * width
-        tile = _aligned_empty(n_words * _EVAL_TILE, np.uint64)
-        slot = _aligned_empty(_EVAL_TILE, np.uint32)
+        tile = np.empty(n_words * _EVAL_TILE, np.uint64)
+        slot = np.empty(_EVAL_TILE, np.uint32)
         for t0 in range(0, n_db, _EVAL_TILE):
             t1 = min(t0 + _EVAL_TILE, n_db)
             n = t1 - t0
@@ -403,8 +403,8 @@ def _index_walk_kernel(q_words, q_labels, db_words, db_flat, db_labels, seen, of
         q1 = min(q0 + q_block, n_q)
         lanes = np.zeros((q1 - q0, _EVAL_LANES * width), np.int64)
         in_lanes = np.zeros(q1 - q0, np.bool_)
-        tile = _aligned_empty(n_words * _EVAL_TILE, np.uint64)
-        slot = _aligned_empty(_EVAL_TILE, np.uint32)
+        tile = np.empty(n_words * _EVAL_TILE, np.uint64)
+        slot = np.empty(_EVAL_TILE, np.uint32)
         flags8 = np.empty(_EVAL_TILE, np.uint8)
         flag_words = flags8.view(np.uint64)
         packed = np.empty(_EVAL_TILE, np.int64)

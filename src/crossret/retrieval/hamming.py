@@ -1247,7 +1247,8 @@ def _scan_tile_one_word(q_words, q0, q1, codes, t0, t1, dist8, words8, cand_d, c
                 continue
             for j in range(m, -(-m // 8) * 8):  # pad to whole words: never a hit
                 dist8[j] = np.uint8(255)
-            # Walk the stored distances eight at a time (thr <= 65 here, so the SWAR test is exact).
+            # Walk the stored distances eight at a time (thr <= 65 here, so the SWAR test is exact). The
+            # same walk stands in _scan_tile_words: a shared helper would bring the reference counts back.
             for w in range(-(-m // 8)):
                 if not walk >> (w // (_QUARTER // 8)) & 1:
                     continue
@@ -1385,6 +1386,7 @@ def _scan_tile_words(q_words, q0, q1, tile, stride, n, dist, dist8, words8, firs
                 dist8[j] = np.uint8(255)
             # Walk eight at a time: a word is gone through item by item only when the SWAR test says one of
             # its bytes is below the bound (exact for a bound of at most 128), or when the bound is larger.
+            # Written out as in _scan_tile_one_word, and for the same reason.
             for w in range(-(-m // 8)):
                 if not walk >> (w // (_QUARTER // 8)) & 1:
                     continue

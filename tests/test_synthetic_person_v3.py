@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import crossret.data.synthetic_person as synth
@@ -201,3 +202,52 @@ def test_cli_synth_protocol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cap
     assert "protocol" not in json.loads((tmp_path / "v2" / "CUHK-PEDES" / ".crossret-synthetic").read_text())
     code, _, stderr = cli(monkeypatch, capsys, "gckd", "synth", tmp_path / "bad", *args, "--protocol", "v9")
     assert code == 2 and "unknown synthetic protocol" in stderr and not (tmp_path / "bad").exists()
+
+
+def _mutual_pairs_by_loops(score: list[list[float]]) -> list[tuple[int, int]]:
+    """Mutual-nearest pairs of a score matrix, by explicit loops (reference)."""
+    n_c, n_i = len(score), len(score[0])
+    best_image = [max(range(n_i), key=lambda i, c=c: score[c][i]) for c in range(n_c)]
+    best_caption = [max(range(n_c), key=lambda c, i=i: score[c][i]) for i in range(n_i)]
+    return [(c, best_image[c]) for c in range(n_c) if best_caption[best_image[c]] == c]
+
+
+def test_mutual_pair_precision_matches_loops_over_the_same_tie_breaks() -> None:
+    rng = np.random.default_rng(3)
+    fits = rng.random((30, 12)) < 0.3
+    caption_ids, image_ids = rng.integers(0, 4, 30), rng.integers(0, 4, 12)
+    got = synth.mutual_pair_precision(fits, caption_ids, image_ids, draws=5, seed=11)
+    noise = np.random.default_rng(11)
+    precision, pairs = [], []
+    for _ in range(5):
+        score = (fits + 1e-3 * noise.random(fits.shape)).tolist()
+        mutual = _mutual_pairs_by_loops(score)
+        pairs.append(len(mutual))
+        precision.append(sum(caption_ids[c] == image_ids[i] for c, i in mutual) / len(mutual) if mutual else 0.0)
+    assert got["precision"] == pytest.approx(float(np.mean(precision)), abs=1e-12)
+    assert got["pairs"] == pytest.approx(float(np.mean(pairs)))
+
+
+def test_mutual_pair_precision_is_one_when_captions_identify_and_falls_when_they_do_not() -> None:
+    ids = np.repeat(np.arange(5), 2)  # 5 identities, 2 captions and 2 images each
+    own = ids[:, None] == ids[None, :]
+    assert synth.mutual_pair_precision(own, ids, ids)["precision"] == 1.0
+    # identities 0 and 1 look alike (every caption of one fits the other): about half their pairs are wrong
+    alike = own | (np.isin(ids, [0, 1])[:, None] & np.isin(ids, [0, 1])[None, :])
+    mixed = synth.mutual_pair_precision(alike, ids, ids, draws=400)
+    assert 0.6 + 0.5 * 0.4 - 0.1 < mixed["precision"] < 1.0
+    with pytest.raises(ConfigError, match="fits must be"):
+        synth.mutual_pair_precision(own[:, :3], ids, ids)
+
+
+def test_v3_split_fits_agree_with_caption_uniqueness() -> None:
+    args = {"n_train_ids": 30, "n_test_ids": 5, "images_per_id": 2, "seed": 4}
+    fits, caption_ids, image_ids = synth.v3_split_fits("rstpreid", **args, split="train")
+    assert fits.shape == (caption_ids.size, 30 * 2) and image_ids.tolist() == np.repeat(np.arange(30), 2).tolist()
+    assert fits[np.arange(caption_ids.size), 2 * caption_ids].all()  # a caption fits its own identity
+    stats = caption_uniqueness("rstpreid", **args, split="train")
+    per_caption = fits.sum(axis=1) / 2  # identities a caption fits
+    assert stats["mean_fitting"] == pytest.approx(per_caption.mean())
+    assert stats["unique"] == pytest.approx(np.mean(per_caption == 1))
+    with pytest.raises(ConfigError, match="no identities"):
+        synth.v3_split_fits("rstpreid", 3, 0, 2, split="test")

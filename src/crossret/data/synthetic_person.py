@@ -93,8 +93,10 @@ __all__ = [
     "generate_person_dataset",
     "generate_person_datasets",
     "generate_pretraining_corpus",
+    "mutual_pair_precision",
     "sample_identities",
     "v3_image_captions",
+    "v3_split_fits",
     "v3_words",
     "write_wordpiece_corpus",
 ]
@@ -721,6 +723,62 @@ def caption_uniqueness(style: str, n_train_ids: int = 40, n_test_ids: int = 10, 
         raise ConfigError(f"split {split!r} has no identities")
     return {"captions": float(len(fits)), "unique": float(np.mean(np.asarray(fits) == 1)),
             "mean_fitting": float(np.mean(fits))}
+
+
+def mutual_pair_precision(fits: np.ndarray, caption_ids: np.ndarray, image_ids: np.ndarray, *, draws: int = 20,
+                          seed: int = 0) -> dict[str, float]:
+    """How right the mutual-nearest caption–image pairs of an oracle that scores by ``fits`` alone are.
+
+    ``fits (C, I)``: whether caption ``c`` fits image ``i`` (bool); ``caption_ids (C,)``, ``image_ids (I,)``:
+    their identities. The oracle scores a pair 1 when it fits, else 0, and breaks ties at random; a
+    caption and an image are a mutual pair when each is the other's best. Returns the mean over ``draws``
+    tie-breaks of the pairs' identity precision (``precision``) and of their number (``pairs``).
+
+    This is the ceiling of pseudo-pairs mined as mutual nearest neighbours (GCKD's cross-domain ITM) when a
+    caption cannot tell apart the identities it fits: no model that sees only what the captions say can
+    do better."""
+    fits = np.asarray(fits, dtype=bool)
+    caption_ids, image_ids = np.asarray(caption_ids), np.asarray(image_ids)
+    if fits.ndim != 2 or fits.shape != (caption_ids.size, image_ids.size) or fits.size == 0:
+        raise ConfigError(f"fits must be (captions, images) = ({caption_ids.size}, {image_ids.size}) and not "
+                          f"empty, got {fits.shape}")
+    draws = _check_count("draws", draws, 1)
+    rng = np.random.default_rng(seed)
+    rows = np.arange(fits.shape[0])
+    precision, pairs = [], []
+    for _ in range(draws):
+        score = fits + 1e-3 * rng.random(fits.shape)  # ties at random; a fit always beats a misfit
+        best_image = score.argmax(axis=1)
+        best_caption = score.argmax(axis=0)
+        mutual = rows[best_caption[best_image] == rows]
+        pairs.append(mutual.size)
+        precision.append(float(np.mean(caption_ids[mutual] == image_ids[best_image[mutual]])) if mutual.size else 0.0)
+    return {"precision": float(np.mean(precision)), "pairs": float(np.mean(pairs))}
+
+
+def v3_split_fits(style: str, n_train_ids: int = 40, n_test_ids: int = 10, images_per_id: int = 4, seed: int = 0,
+                  *, split: str = "train") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(fits (C, I), caption_ids (C,), image_ids (I,))`` of ``split`` of the v3 dataset
+    :func:`generate_person_dataset` writes with these arguments: whether each caption's attributes are
+    those of each image's identity (from the captions' :data:`Mentions`, without rendering)."""
+    n_train, n_test = _check_count("n_train_ids", n_train_ids, 0), _check_count("n_test_ids", n_test_ids, 0)
+    style = _check_style(style)
+    if split not in ("train", "test"):
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+    identities = sample_identities(n_train + n_test, style, seed)
+    first, count = (0, n_train) if split == "train" else (n_train, n_test)
+    if count == 0:
+        raise ConfigError(f"split {split!r} has no identities")
+    members = identities[first:first + count]
+    fits_identity, caption_ids = [], []
+    for pid in range(first, first + count):
+        for k in range(images_per_id):
+            for _, said in v3_image_captions(style, identities[pid], seed, pid, k):
+                fits_identity.append([all(getattr(p, f) == v for f, v in said.items()) for p in members])
+                caption_ids.append(pid)
+    image_ids = np.repeat(np.arange(first, first + count), images_per_id)
+    fits = np.asarray(fits_identity, dtype=bool)[:, image_ids - first]
+    return fits, np.asarray(caption_ids), image_ids
 
 
 # ---------------------------------------------------------------------------------------------- writing

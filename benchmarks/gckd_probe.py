@@ -7,7 +7,8 @@ rows) and the development data seed (``SYNTH_V3_DEV_SEED``, not a benchmark seed
 source's training and test images: the generic model and the source-trained model every v3 variant starts
 adapting from. For each attribute a caption can name, a logistic regression on the training images' ITC
 features (the space retrieval and pseudo-pair mining use) predicts the test images' attribute; its accuracy
-is compared with the majority class of the training images. The labels are the source's own (a labelled
+is compared with the majority class of the training images and with the same probe on the raw pixels (at
+the model's input size): what the rendering makes linearly visible. The labels are the source's own (a labelled
 domain); no target data enters.
 
 Writes ``results/gckd_probe.{json,md}`` with the environment (benchmarks/_repro.py).
@@ -56,6 +57,20 @@ def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: 
     return {"accuracy": float(np.mean(model.predict(test_x) == test_y)), "majority": majority}
 
 
+def pixel_features(view: Any, dataset_dir: Path, size: tuple[int, int]) -> np.ndarray:
+    """``(images, height · width · 3)`` float32 pixels in [0, 1] of ``view``'s gallery, resized to ``size``
+    (height, width)."""
+    from PIL import Image
+
+    rows = []
+    for path in view.image_paths:
+        file = Path(path) if Path(path).is_absolute() else dataset_dir / "imgs" / path
+        with Image.open(file) as image:
+            pixels = image.convert("RGB").resize((size[1], size[0]))
+            rows.append(np.asarray(pixels, dtype=np.float32).ravel() / 255.0)
+    return np.stack(rows)
+
+
 def one(source: str, seed: int, generic: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -74,15 +89,18 @@ def one(source: str, seed: int, generic: dict[str, Any]) -> dict[str, Any]:
                                source_dir=str(data),
                                train={**proto["train"], "seed": seed, "epochs": proto["pretrain_epochs"]}), pre)
         identities = sample_identities(proto["train_ids"] + proto["test_ids"], bench.DATASET[source], seed)
-        models = {}
+        features = {}
         for name, run_dir in (("generic", Path(generic["run_dir"])), ("source-trained", pre)):
             _, train_x, train_view = calibration._features(run_dir, data, "train")
             _, test_x, test_view = calibration._features(run_dir, data, "test")
-            models[name] = {
-                field: probe(train_x.numpy(), attribute_labels(train_view.image_person_ids, identities, 0, field),
-                             test_x.numpy(),
-                             attribute_labels(test_view.image_person_ids, identities, proto["train_ids"], field))
-                for field in FIELDS}
+            features[name] = (train_x.numpy(), test_x.numpy())
+        size = tuple(proto["model"]["image_size"])
+        features["pixels"] = (pixel_features(train_view, data, size), pixel_features(test_view, data, size))
+        models = {
+            name: {field: probe(train_x, attribute_labels(train_view.image_person_ids, identities, 0, field), test_x,
+                                attribute_labels(test_view.image_person_ids, identities, proto["train_ids"], field))
+                   for field in FIELDS}
+            for name, (train_x, test_x) in features.items()}
     return {"source": source, "seed": seed, "train_images": proto["train_ids"] * proto["images_per_id"],
             "test_images": proto["test_ids"] * proto["images_per_id"], "models": models}
 
@@ -91,14 +109,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["# What the GCKD v3 stand-in's image features see: linear attribute probes", "",
              "Logistic regression on the ITC image features of a source's training images, accuracy on its test "
              "images (development data seed; the source's own labels). Majority = the training split's most "
-             "common value. generic = the generic pre-trained model; source-trained = the model every v3 "
-             "variant starts adapting from.", "",
-             "| source | attribute | majority | generic | source-trained |", "|---|---|---:|---:|---:|"]
+             "common value. pixels = the same probe on the raw pixels at the model's input size (what the "
+             "rendering makes linearly visible); generic = the generic pre-trained model; source-trained = the "
+             "model every v3 variant starts adapting from.", "",
+             "| source | attribute | majority | pixels | generic | source-trained |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         for field in FIELDS:
-            g, s = r["models"]["generic"][field], r["models"]["source-trained"][field]
-            lines.append(f"| {r['source']} | {field} | {100 * s['majority']:.1f} % | {100 * g['accuracy']:.1f} % | "
-                         f"{100 * s['accuracy']:.1f} % |")
+            cells = [r["models"][m][field]["accuracy"] for m in ("pixels", "generic", "source-trained")]
+            lines.append(f"| {r['source']} | {field} | {100 * r['models']['pixels'][field]['majority']:.1f} % | "
+                         + " | ".join(f"{100 * c:.1f} %" for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -40,8 +40,22 @@ def test_probe_reads_a_separable_attribute_and_reports_the_majority() -> None:
 
 def test_table_has_a_row_per_source_and_attribute() -> None:
     cell = {"accuracy": 0.5, "majority": 0.25}
-    models = {m: dict.fromkeys(probe_script.FIELDS, cell) for m in ("generic", "source-trained")}
+    models = {m: dict.fromkeys(probe_script.FIELDS, cell) for m in ("pixels", "generic", "source-trained")}
     row = {"source": "C", "models": models}
     text = probe_script.table([row])
     assert text.count("| C | ") == len(probe_script.FIELDS)
-    assert "| C | gender | 25.0 % | 50.0 % | 50.0 % |" in text
+    assert "| C | gender | 25.0 % | 50.0 % | 50.0 % | 50.0 % |" in text
+
+
+def test_pixel_features_are_the_resized_images_in_unit_range(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (6, 4), (255, 0, 0)).save(tmp_path / "imgs" / "a.png")
+    Image.new("RGB", (6, 4), (0, 0, 255)).save(tmp_path / "b.png")
+    view = SimpleNamespace(image_paths=("a.png", str(tmp_path / "b.png")))
+    got = probe_script.pixel_features(view, tmp_path, (2, 3))  # (height, width)
+    assert got.shape == (2, 2 * 3 * 3) and got.dtype == np.float32
+    np.testing.assert_array_equal(got[0].reshape(2, 3, 3)[..., 0], np.ones((2, 3)))
+    np.testing.assert_array_equal(got[1].reshape(2, 3, 3)[..., 2], np.ones((2, 3)))
+    assert got.min() == 0.0

@@ -50,23 +50,31 @@ def _features(run_dir: Path, dataset_dir: Path, split: str) -> tuple[Any, Any, A
     return text_feat, image_feat, view
 
 
-def one(source: str, seed: int, precisions: list[float], generic: dict[str, Any]) -> dict[str, Any]:
+def source_trained_model(root: Path, source: str, seed: int, generic: dict[str, Any]) -> Path:
+    """Write the v3 datasets of ``seed`` under ``root / "data"`` and train the model on ``source`` from the generic
+    model, exactly as benchmarks/gckd.py's source training of this (source, seed); returns its run folder."""
     import torch
 
     from crossret.data.synthetic_person import generate_person_datasets
-    from crossret.textimage.calibration import delta_from_scores, mutual_pair_scores
     from crossret.textimage.pipeline import GckdRunConfig, run_gckd
 
     torch.set_num_threads(1)
     proto = bench.SYNTH_V3
+    generate_person_datasets(root / "data", n_train_ids=proto["train_ids"], n_test_ids=proto["test_ids"],
+                             images_per_id=proto["images_per_id"], seed=seed, protocol="v3")
+    pre = root / "pretrain"
+    run_gckd(GckdRunConfig(stage="pretrain", init=generic["run_dir"], rerank_k=0, model="tiny",
+                           source_dir=str(root / "data" / bench.DIRS[source]),
+                           train={**proto["train"], "seed": seed, "epochs": proto["pretrain_epochs"]}), pre)
+    return pre
+
+
+def one(source: str, seed: int, precisions: list[float], generic: dict[str, Any]) -> dict[str, Any]:
+    from crossret.textimage.calibration import delta_from_scores, mutual_pair_scores
+
     with tempfile.TemporaryDirectory(prefix="crossret-gckd-calibration-") as tmp:
         root = Path(tmp)
-        generate_person_datasets(root / "data", n_train_ids=proto["train_ids"], n_test_ids=proto["test_ids"],
-                                 images_per_id=proto["images_per_id"], seed=seed, protocol="v3")
-        pre = root / "pretrain"  # exactly benchmarks/gckd.py's source training of this (source, seed)
-        run_gckd(GckdRunConfig(stage="pretrain", init=generic["run_dir"], rerank_k=0, model="tiny",
-                               source_dir=str(root / "data" / bench.DIRS[source]),
-                               train={**proto["train"], "seed": seed, "epochs": proto["pretrain_epochs"]}), pre)
+        pre = source_trained_model(root, source, seed, generic)
         text_feat, image_feat, view = _features(pre, root / "data" / bench.DIRS[source], "test")
         scores, correct = mutual_pair_scores(text_feat, image_feat, view.caption_person_ids, view.image_person_ids)
         calibrations = {str(p): delta_from_scores(scores, correct, precision=p, captions=view.num_queries,
@@ -117,16 +125,28 @@ def table(rows: list[dict[str, Any]], precisions: list[float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def v3_parser(description: str, out_name: str) -> argparse.ArgumentParser:
+    """The options the v3 diagnostics share: ``--sources`` and ``--out``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--sources", nargs="+", default=["C", "I", "R"], choices=list(bench.DIRS))
+    parser.add_argument("--out", type=Path, default=RESULTS / out_name)
+    return parser
+
+
+def v3_generic_model() -> dict[str, Any]:
+    """Pin the numerics as benchmarks/gckd.py does (the same source training as its rows) and return its v3
+    generic model (trained once, cached)."""
+    _repro.pin_numerics()
+    return bench.generic_pretraining(version=bench.SYNTH_V3_VERSION)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = v3_parser(__doc__.splitlines()[0], "gckd_calibration")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--precision", nargs="+", type=float, default=[0.5, 0.3])
-    parser.add_argument("--out", type=Path, default=RESULTS / "gckd_calibration")
     args = parser.parse_args(argv)
-    _repro.pin_numerics()  # as benchmarks/gckd.py: the same source training as its rows
     started = time.time()
-    generic = bench.generic_pretraining(version=bench.SYNTH_V3_VERSION)
+    generic = v3_generic_model()
     rows = []
     for source in args.sources:
         for seed in args.seeds:

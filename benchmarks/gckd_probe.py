@@ -16,7 +16,6 @@ Writes ``results/gckd_probe.{json,md}`` with the environment (benchmarks/_repro.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -72,22 +71,13 @@ def pixel_features(view: Any, dataset_dir: Path, size: tuple[int, int]) -> np.nd
 
 
 def one(source: str, seed: int, generic: dict[str, Any]) -> dict[str, Any]:
-    import torch
+    from crossret.data.synthetic_person import sample_identities
 
-    from crossret.data.synthetic_person import generate_person_datasets, sample_identities
-    from crossret.textimage.pipeline import GckdRunConfig, run_gckd
-
-    torch.set_num_threads(1)
     proto = bench.SYNTH_V3
     with tempfile.TemporaryDirectory(prefix="crossret-gckd-probe-") as tmp:
         root = Path(tmp)
-        generate_person_datasets(root / "data", n_train_ids=proto["train_ids"], n_test_ids=proto["test_ids"],
-                                 images_per_id=proto["images_per_id"], seed=seed, protocol="v3")
+        pre = calibration.source_trained_model(root, source, seed, generic)
         data = root / "data" / bench.DIRS[source]
-        pre = root / "pretrain"  # exactly benchmarks/gckd.py's source training of this (source, seed)
-        run_gckd(GckdRunConfig(stage="pretrain", init=generic["run_dir"], rerank_k=0, model="tiny",
-                               source_dir=str(data),
-                               train={**proto["train"], "seed": seed, "epochs": proto["pretrain_epochs"]}), pre)
         identities = sample_identities(proto["train_ids"] + proto["test_ids"], bench.DATASET[source], seed)
         features = {}
         for name, run_dir in (("generic", Path(generic["run_dir"])), ("source-trained", pre)):
@@ -122,15 +112,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sources", nargs="+", default=["C", "I", "R"], choices=list(bench.DIRS))
+    parser = calibration.v3_parser(__doc__.splitlines()[0], "gckd_probe")
     parser.add_argument("--seed", type=int, default=bench.SYNTH_V3_DEV_SEED,
                         help="data seed (default: the v3 development seed, not a benchmark seed)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "gckd_probe")
     args = parser.parse_args(argv)
-    _repro.pin_numerics()  # as benchmarks/gckd.py: the same source training as its rows
     started = time.time()
-    generic = bench.generic_pretraining(version=bench.SYNTH_V3_VERSION)
+    generic = calibration.v3_generic_model()
     rows = []
     for source in args.sources:
         rows.append(one(source, args.seed, generic))

@@ -701,28 +701,41 @@ def _v3_generic_captions(ident: Identity, rng: np.random.Generator) -> list[str]
     return out
 
 
+def _v3_identity_fits(style: str, n_train_ids: int, n_val_ids: int, n_test_ids: int, images_per_id: int, seed: int,
+                      split: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(fits (C, P), caption_ids (C,), first)``: whether each v3 caption of ``split`` fits each of the split's
+    ``P`` identities (``first``, ``first + 1``, ...), from the captions' :data:`Mentions`, without rendering."""
+    n_train, n_val, n_test = (_check_count(name, v, 0) for name, v in (("n_train_ids", n_train_ids),
+                                                                       ("n_val_ids", n_val_ids),
+                                                                       ("n_test_ids", n_test_ids)))
+    images_per_id = _check_count("images_per_id", images_per_id, 1)
+    style = _check_style(style)
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    identities = sample_identities(n_train + n_val + n_test, style, seed)
+    first, count = {"train": (0, n_train), "val": (n_train, n_val), "test": (n_train + n_val, n_test)}[split]
+    if count == 0:
+        raise ConfigError(f"split {split!r} has no identities")
+    members = identities[first:first + count]
+    fits, caption_ids = [], []
+    for pid in range(first, first + count):
+        for k in range(images_per_id):
+            for _, said in v3_image_captions(style, identities[pid], seed, pid, k):
+                fits.append([all(getattr(p, f) == v for f, v in said.items()) for p in members])
+                caption_ids.append(pid)
+    return np.asarray(fits, dtype=bool).reshape(len(caption_ids), count), np.asarray(caption_ids), first
+
+
 def caption_uniqueness(style: str, n_train_ids: int = 40, n_test_ids: int = 10, images_per_id: int = 4,
                        seed: int = 0, *, n_val_ids: int = 0, split: str = "test") -> dict[str, float]:
     """How far the v3 captions of ``split`` of the dataset :func:`generate_person_dataset` writes with these
     arguments (and ``protocol="v3"``) identify a person, computed from the captions' :data:`Mentions`
     without rendering: ``unique`` = fraction of captions that fit exactly one identity of the split,
     ``mean_fitting`` = mean number of the split's identities a caption fits (its own included)."""
-    n_train, n_val, n_test = (_check_count(name, v, 0) for name, v in (("n_train_ids", n_train_ids),
-                                                                       ("n_val_ids", n_val_ids),
-                                                                       ("n_test_ids", n_test_ids)))
-    style = _check_style(style)
-    identities = sample_identities(n_train + n_val + n_test, style, seed)
-    first, count = {"train": (0, n_train), "val": (n_train, n_val), "test": (n_train + n_val, n_test)}[split]
-    members = identities[first:first + count]
-    fits = []
-    for pid in range(first, first + count):
-        for k in range(images_per_id):
-            for _, said in v3_image_captions(style, identities[pid], seed, pid, k):
-                fits.append(sum(all(getattr(p, f) == v for f, v in said.items()) for p in members))
-    if not fits:
-        raise ConfigError(f"split {split!r} has no identities")
-    return {"captions": float(len(fits)), "unique": float(np.mean(np.asarray(fits) == 1)),
-            "mean_fitting": float(np.mean(fits))}
+    fits, _, _ = _v3_identity_fits(style, n_train_ids, n_val_ids, n_test_ids, images_per_id, seed, split)
+    per_caption = fits.sum(axis=1)
+    return {"captions": float(per_caption.size), "unique": float(np.mean(per_caption == 1)),
+            "mean_fitting": float(np.mean(per_caption))}
 
 
 def mutual_pair_precision(fits: np.ndarray, caption_ids: np.ndarray, image_ids: np.ndarray, *, draws: int = 20,
@@ -761,24 +774,9 @@ def v3_split_fits(style: str, n_train_ids: int = 40, n_test_ids: int = 10, image
     """``(fits (C, I), caption_ids (C,), image_ids (I,))`` of ``split`` of the v3 dataset
     :func:`generate_person_dataset` writes with these arguments: whether each caption's attributes are
     those of each image's identity (from the captions' :data:`Mentions`, without rendering)."""
-    n_train, n_test = _check_count("n_train_ids", n_train_ids, 0), _check_count("n_test_ids", n_test_ids, 0)
-    style = _check_style(style)
-    if split not in ("train", "test"):
-        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
-    identities = sample_identities(n_train + n_test, style, seed)
-    first, count = (0, n_train) if split == "train" else (n_train, n_test)
-    if count == 0:
-        raise ConfigError(f"split {split!r} has no identities")
-    members = identities[first:first + count]
-    fits_identity, caption_ids = [], []
-    for pid in range(first, first + count):
-        for k in range(images_per_id):
-            for _, said in v3_image_captions(style, identities[pid], seed, pid, k):
-                fits_identity.append([all(getattr(p, f) == v for f, v in said.items()) for p in members])
-                caption_ids.append(pid)
-    image_ids = np.repeat(np.arange(first, first + count), images_per_id)
-    fits = np.asarray(fits_identity, dtype=bool)[:, image_ids - first]
-    return fits, np.asarray(caption_ids), image_ids
+    fits, caption_ids, first = _v3_identity_fits(style, n_train_ids, 0, n_test_ids, images_per_id, seed, split)
+    image_ids = np.repeat(np.arange(first, first + fits.shape[1]), images_per_id)
+    return fits[:, image_ids - first], caption_ids, image_ids
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -40,9 +40,11 @@ from contextlib import contextmanager
 import numba as nb
 import numpy as np
 from numba import prange
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 from crossret.errors import CodeError, ConfigError, DataError
 from crossret.limits import check_result_slots
+from crossret.retrieval.bit_masks import MASK_WIDTH, equal_mask64
 from crossret.retrieval.packing import check_packed, packed_to_words
 from crossret.retrieval.vector_width import prefer_wide_vectors
 
@@ -296,88 +298,9 @@ def _histogram_kernel(q_words, q_labels, db_words, db_flat, db_labels, hist, q_b
 _RECORD_SHIFT = 20
 _RECORD_DISTANCE_MASK = (1 << _RECORD_SHIFT) - 1
 # A tile whose relevant items are at most this share of it (1 / _SPARSE_RELEVANT) is counted by the
-# histogram lanes with records for its few relevant items; a denser tile is walked branch-free.
-_SPARSE_RELEVANT = 64
-
-
-@nb.njit(inline="always", cache=True)
-def _walk_slots(slot, n, rel_offset, seen_row, packed):  # pragma: no cover - compiled
-    """Count the first ``n`` slots (distance ``d``, plus ``rel_offset`` when relevant) in
-    ``seen_row[d]``, in order, and note every relevant one as ``(items at d before it) << 20 | d`` in
-    ``packed``. Branch-free: each item's note is written and kept only when relevant, so the loop
-    costs the same whatever share of the tile is relevant. Returns the number of notes."""
-    rel = np.uint32(rel_offset)
-    m = np.int64(0)
-    for j in range(n):
-        x = slot[j]
-        r = np.uint32(x >= rel)
-        d = np.uint64(x - r * rel)
-        before = seen_row[d]
-        seen_row[d] = before + 1
-        packed[m] = (before << _RECORD_SHIFT) | np.int64(d)
-        m += np.int64(r)
-    return m
-
-
-@nb.njit(inline="always", cache=True)
-def _count_with_records(slot, n, rel_offset, flags8, flag_words, lane, width, seen_row,
-                        packed):  # pragma: no cover - compiled
-    """:func:`_count_slots` for a tile with few relevant items, noting each relevant one (before it is
-    counted) in ``packed`` as :func:`_walk_slots` does; the items at ``d`` before it are
-    ``seen_row[d]`` plus this walk's counts at ``d``, relevant or not, in every lane. ``flags8`` (seen 8
-    at a time as ``flag_words``) marks the relevant slots: a group of 8 without one is counted
-    unrolled and branch-free, the others item by item. Returns the number of notes."""
-    rel = np.uint32(rel_offset)
-    for j in range(n):  # vectorised
-        flags8[j] = np.uint8(slot[j] >= rel)
-    w1 = np.uint64(width)
-    w2 = np.uint64(2 * width)
-    w3 = np.uint64(3 * width)
-    n8 = n // 8
-    m = np.int64(0)
-    for g in range(n8):
-        j0 = 8 * g
-        if flag_words[g] == 0:
-            lane[np.uint64(slot[j0])] += 1
-            lane[w1 + np.uint64(slot[j0 + 1])] += 1
-            lane[w2 + np.uint64(slot[j0 + 2])] += 1
-            lane[w3 + np.uint64(slot[j0 + 3])] += 1
-            lane[np.uint64(slot[j0 + 4])] += 1
-            lane[w1 + np.uint64(slot[j0 + 5])] += 1
-            lane[w2 + np.uint64(slot[j0 + 6])] += 1
-            lane[w3 + np.uint64(slot[j0 + 7])] += 1
-        else:
-            m = _count_items_with_records(slot, j0, j0 + 8, rel_offset, lane, width, seen_row, packed, m)
-    return _count_items_with_records(slot, 8 * n8, n, rel_offset, lane, width, seen_row, packed, m)
-
-
-@nb.njit(inline="always", cache=True)
-def _count_items_with_records(slot, j0, j1, rel_offset, lane, width, seen_row, packed,
-                              m):  # pragma: no cover - compiled
-    """Slots ``j0..j1`` of :func:`_count_with_records` one by one; returns the new note count."""
-    rel = np.uint32(rel_offset)
-    for j in range(j0, j1):
-        x = slot[j]
-        if x >= rel:
-            d = np.int64(x) - rel_offset
-            before = seen_row[d]
-            for ln in range(_EVAL_LANES):
-                before += lane[ln * width + d] + lane[ln * width + rel_offset + d]
-            packed[m] = (before << _RECORD_SHIFT) | d
-            m += 1
-        lane[np.uint64(j & 3) * np.uint64(width) + np.uint64(x)] += 1
-    return m
-
-
-@nb.njit(inline="always", cache=True)
-def _fold_lanes(lane, width, n_dist, seen_row):  # pragma: no cover - compiled
-    """Add the lanes' counts (relevant or not) into ``seen_row`` and clear the lanes."""
-    for d in range(n_dist):
-        total = np.int64(0)
-        for ln in range(_EVAL_LANES):
-            total += lane[ln * width + d] + lane[ln * width + n_dist + d]
-        seen_row[d] += total
-    lane[:] = 0
+# histogram lanes with records for its relevant items; a denser tile is walked branch-free. The lanes
+# measured faster up to 10 % relevant and even at 25 % (docs/scale.md).
+_SPARSE_RELEVANT = 4
 
 
 # Tie rule ``index`` in one pass over the database: every item of a query's walk counts at its
@@ -386,44 +309,113 @@ def _fold_lanes(lane, width, n_dist, seen_row):  # pragma: no cover - compiled
 # the whole database, known only at the end, so ranks are scored afterwards from the records.
 @nb.njit(nogil=True, cache=True)
 def _index_walk_kernel(q_words, q_labels, db_words, db_flat, db_labels, seen, offsets, n_rec, rec_d, rec_s, q_block,
-                       blk0, blk1):  # pragma: no cover - compiled
-    """Query blocks ``blk0..blk1`` of the one-pass tie rule ``index`` (see :func:`index_records_walk`):
-    each query of a block goes through each tile in database order, counting every item at its
-    distance and recording the relevant ones: by the histogram lanes of pass 1 when the tile has few
-    relevant items for it (:func:`_count_with_records`), else by a branch-free walk
-    (:func:`_walk_slots`, which needs the lanes folded into ``seen`` first)."""
+                       dist_type, blk0, blk1):  # pragma: no cover - compiled
+    """Query blocks ``blk0..blk1`` of the one-pass tie rule ``index`` (see :func:`index_records_walk`).
+    Each query of a block goes through each tile in database order. Its distances (held in
+    ``dist_type``'s dtype: uint8 where they fit, so that one vector compare covers 64 of them) are
+    computed vectorised, and the relevant items of every 64 as a bit mask (:func:`equal_mask64`); then
+    every item is counted at its distance and each relevant one recorded:
+
+    * a tile with few relevant items for the query is counted in four histogram lanes
+      (``lane[(j % 4) · width + d]``, so that neighbours do not wait on each other's increments) by
+      sub-blocks of 64 items: the items at ``d`` before a relevant one are ``seen[q, d]``, plus the
+      lanes' counts at ``d``, plus those of its sub-block before it (a masked popcount of
+      ``equal_mask64(dist, ., d)``); then the 64 are counted branch-free;
+    * a denser tile is walked item by item straight into ``seen[q]``, branch-free (each item's record
+      is written and kept only when relevant), after the lanes are folded into ``seen[q]``.
+
+    Everything per query is written out here rather than in helpers: numba passes an array to an
+    inlined helper with an atomic reference count update, a large share of the walk's time when paid
+    per query and tile (docs/scale.md); arrays are indexed by unsigned offsets rather than sliced for
+    the same reason."""
     prefer_wide_vectors()
     n_q, n_words = q_words.shape
     n_db = db_words.shape[0]
-    n_dist = seen.shape[1]
-    width = 2 * n_dist
+    width = seen.shape[1]
+    w1 = np.uint64(width)
+    w2 = np.uint64(2 * width)
+    w3 = np.uint64(3 * width)
+    one = np.uint64(1)
     mask = np.int64(_RECORD_DISTANCE_MASK)
     for blk in range(blk0, blk1):
         q0 = blk * q_block
         q1 = min(q0 + q_block, n_q)
-        lanes = np.zeros((q1 - q0, _EVAL_LANES * width), np.int64)
+        lanes = np.zeros((q1 - q0) * _EVAL_LANES * width, np.int64)  # query b's lanes from b * 4 * width
         in_lanes = np.zeros(q1 - q0, np.bool_)
         tile = np.empty(n_words * _EVAL_TILE, np.uint64)
-        slot = np.empty(_EVAL_TILE, np.uint32)
-        flags8 = np.empty(_EVAL_TILE, np.uint8)
-        flag_words = flags8.view(np.uint64)
+        dist = np.empty(_EVAL_TILE, dist_type.dtype)
+        relevant = np.empty(_EVAL_TILE // MASK_WIDTH + 1, np.uint64)  # bit i of word s: item 64 s + i
         packed = np.empty(_EVAL_TILE, np.int64)
         for t0 in range(0, n_db, _EVAL_TILE):
             t1 = min(t0 + _EVAL_TILE, n_db)
             n = t1 - t0
             codes, first = _tile_source(n_words, db_flat, db_words, t0, t1, tile, _EVAL_TILE)
+            n_full = n // MASK_WIDTH
             for b in range(q1 - q0):
                 q = q0 + b
-                n_rel = _tile_slots(q_words[q], q_labels[q], codes, _EVAL_TILE, first, n, db_labels, t0, n_dist,
-                                    slot)
+                label = q_labels[q]
+                n_rel = np.int64(0)
+                for s in range(n_full):
+                    found = equal_mask64(db_labels, t0 + MASK_WIDTH * s, label)
+                    relevant[s] = found
+                    n_rel += _popcount64(found)
+                tail = np.uint64(0)
+                for j in range(MASK_WIDTH * n_full, n):
+                    tail |= np.uint64(db_labels[t0 + j] == label) << np.uint64(j - MASK_WIDTH * n_full)
+                relevant[n_full] = tail
+                n_rel += _popcount64(tail)
+                base = np.uint64(first)
+                a = q_words[q, 0]
+                for j in range(n):
+                    dist[j] = _popcount64(a ^ codes[base + np.uint64(j)])
+                for w in range(1, n_words):
+                    a = q_words[q, w]
+                    base = np.uint64(w * _EVAL_TILE + first)
+                    for j in range(n):
+                        dist[j] += _popcount64(a ^ codes[base + np.uint64(j)])
+                lb = np.uint64(b * _EVAL_LANES * width)  # this query's lanes
+                m = np.int64(0)
                 if n_rel * _SPARSE_RELEVANT <= n:
-                    m = _count_with_records(slot, n, n_dist, flags8, flag_words, lanes[b], width, seen[q], packed)
                     in_lanes[b] = True
+                    for s in range(n_full):
+                        s0 = MASK_WIDTH * s
+                        sb = np.uint64(s0)
+                        found = relevant[s]
+                        while found != 0:
+                            off = trailing_zeros(found)
+                            found &= found - one
+                            d = dist[sb + np.uint64(off)]
+                            at = lb + np.uint64(d)
+                            before = (seen[q, np.uint64(d)] + lanes[at] + lanes[at + w1] + lanes[at + w2]
+                                      + lanes[at + w3])
+                            # Items of the sub-block before it at distance d.
+                            same = _popcount64(equal_mask64(dist, s0, d) & ((one << np.uint64(off)) - one))
+                            packed[m] = ((before + same) << _RECORD_SHIFT) | np.int64(d)
+                            m += 1
+                        for j in range(0, MASK_WIDTH, 4):
+                            u = sb + np.uint64(j)
+                            lanes[lb + np.uint64(dist[u])] += 1
+                            lanes[lb + w1 + np.uint64(dist[u + one])] += 1
+                            lanes[lb + w2 + np.uint64(dist[u + np.uint64(2)])] += 1
+                            lanes[lb + w3 + np.uint64(dist[u + np.uint64(3)])] += 1
+                    for j in range(MASK_WIDTH * n_full, n):  # the tile's last few, one by one
+                        at = lb + np.uint64(dist[j])
+                        if (tail >> np.uint64(j - MASK_WIDTH * n_full)) & one:
+                            before = (seen[q, np.uint64(dist[j])] + lanes[at] + lanes[at + w1] + lanes[at + w2]
+                                      + lanes[at + w3])
+                            packed[m] = (before << _RECORD_SHIFT) | np.int64(dist[j])
+                            m += 1
+                        lanes[at + np.uint64(j & 3) * w1] += 1
                 else:
                     if in_lanes[b]:
-                        _fold_lanes(lanes[b], width, n_dist, seen[q])
+                        _fold_lanes(lanes, lb, width, seen, q)
                         in_lanes[b] = False
-                    m = _walk_slots(slot, n, n_dist, seen[q], packed)
+                    for j in range(n):
+                        d = np.uint64(dist[j])
+                        before = seen[q, d]
+                        seen[q, d] = before + 1
+                        packed[m] = (before << _RECORD_SHIFT) | np.int64(d)
+                        m += np.int64((relevant[j >> 6] >> np.uint64(j & 63)) & one)
                 at = offsets[q] + n_rec[q]
                 for r in range(m):
                     rec_d[at + r] = packed[r] & mask
@@ -431,7 +423,21 @@ def _index_walk_kernel(q_words, q_labels, db_words, db_flat, db_labels, seen, of
                 n_rec[q] += m
         for b in range(q1 - q0):
             if in_lanes[b]:
-                _fold_lanes(lanes[b], width, n_dist, seen[q0 + b])
+                _fold_lanes(lanes, np.uint64(b * _EVAL_LANES * width), width, seen, q0 + b)
+
+
+@nb.njit(inline="always", cache=True)
+def _fold_lanes(lanes, lb, width, seen, q):  # pragma: no cover - compiled
+    """Add query ``q``'s four lanes (from ``lanes[lb]``) into ``seen[q]`` and clear them (once per
+    switch to the branch-free walk, and at the end)."""
+    for d in range(width):
+        at = lb + np.uint64(d)
+        seen[q, d] += lanes[at] + lanes[at + np.uint64(width)] + lanes[at + np.uint64(2 * width)] + \
+            lanes[at + np.uint64(3 * width)]
+        lanes[at] = 0
+        lanes[at + np.uint64(width)] = 0
+        lanes[at + np.uint64(2 * width)] = 0
+        lanes[at + np.uint64(3 * width)] = 0
 
 
 @nb.njit(inline="always", cache=True)
@@ -968,7 +974,8 @@ def index_records_walk(q_words: np.ndarray, q_labels: np.ndarray, db_words: np.n
         n_threads = nb.get_num_threads()
         block = _eval_block(n_q, n_threads)
         _run_blocks(_index_walk_kernel, -(-n_q // block), n_threads, q_words, q_labels, db_words,
-                    _flat_codes(db_words), db_labels, seen, offsets, n_rec, rec_d, rec_s, np.int64(block))
+                    _flat_codes(db_words), db_labels, seen, offsets, n_rec, rec_d, rec_s, np.int64(block),
+                    np.empty(0, np.uint8 if seen.shape[1] <= 256 else np.uint32))
 
 
 def index_records_score(seen: np.ndarray, offsets: np.ndarray, n_rec: np.ndarray, rec_d: np.ndarray,

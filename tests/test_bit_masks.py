@@ -1,4 +1,5 @@
-"""``equal_mask64``: bit i of the result is ``array[start + i] == value``, checked against numpy."""
+"""The vector tests of ``crossret.retrieval.bit_masks`` against numpy: ``equal_mask64`` bit by bit and
+``any_popcount_below`` at and around the smallest distance."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from numba.core.errors import TypingError
 
-from crossret.retrieval.bit_masks import MASK_WIDTH, equal_mask64
+from crossret.retrieval.bit_masks import BELOW_BLOCK, MASK_WIDTH, any_popcount_below, equal_mask64
 
 
 @nb.njit(cache=False)
@@ -45,3 +46,50 @@ def test_a_value_of_another_dtype_is_a_typing_error_not_a_truncation() -> None:
     # 300 truncated to uint8 would be 44 and match silently.
     with pytest.raises(TypingError):
         _masks(np.full(MASK_WIDTH, 44, np.uint8), np.array([0]), np.int64(300))
+
+
+@nb.njit(cache=False)
+def _below(codes, start, stride, n_words, a, bound):  # pragma: no cover - compiled
+    if n_words == 1:
+        return any_popcount_below(codes, start, stride, (a[0],), bound)
+    if n_words == 2:
+        return any_popcount_below(codes, start, stride, (a[0], a[1]), bound)
+    return any_popcount_below(codes, start, stride, (a[0], a[1], a[2], a[3]), bound)
+
+
+@pytest.mark.parametrize("n_words", [1, 2, 4])
+def test_any_popcount_below_is_exact_at_the_bound(n_words: int) -> None:
+    # Word-major codes (word w of item j at start + w * stride + j); the test must say "some item below
+    # the bound" exactly when the smallest distance of the 256 is below it, for every bound around it.
+    rng = np.random.default_rng(n_words)
+    stride = BELOW_BLOCK + 37
+    start = 11
+    for trial in range(30):
+        codes = rng.integers(0, 2**63, n_words * stride + start, dtype=np.int64).view(np.uint64)
+        if trial % 3 == 0:  # sparse bits: small distances, down to 0
+            codes &= rng.integers(0, 2**63, codes.size, dtype=np.int64).view(np.uint64)
+        query = codes[start + 5 + np.arange(n_words) * stride].copy() if trial % 5 == 0 else \
+            rng.integers(0, 2**63, n_words, dtype=np.int64).view(np.uint64)
+        distance = np.zeros(BELOW_BLOCK, np.int64)
+        for w in range(n_words):
+            block = codes[start + w * stride:start + w * stride + BELOW_BLOCK]
+            distance += np.bitwise_count(block ^ query[w]).astype(np.int64)
+        nearest = int(distance.min())
+        for bound in {0, 1, max(nearest - 1, 0), nearest, nearest + 1, 64 * n_words, 64 * n_words + 1}:
+            got = _below(codes, np.uint64(start), np.uint64(stride), n_words, query, np.int64(bound))
+            assert got == (nearest < bound), (trial, nearest, bound)
+
+
+def test_any_popcount_below_refuses_codes_that_are_not_uint64() -> None:
+    with pytest.raises(TypingError):
+        _below(np.zeros(BELOW_BLOCK, np.int64), np.uint64(0), np.uint64(0), 1, np.zeros(1, np.uint64), np.int64(3))
+
+
+@pytest.mark.parametrize("n_words", [1, 2, 4])
+def test_any_popcount_below_at_distance_zero_everywhere_and_the_largest_bound(n_words: int) -> None:
+    # Every code equals the query: distance 0 is below any bound from 1 up to 64 · words + 1.
+    query = np.random.default_rng(n_words).integers(0, 2**63, n_words, dtype=np.int64).view(np.uint64)
+    codes = np.repeat(query, BELOW_BLOCK)  # word-major, stride 256
+    for bound in (0, 1, 64 * n_words, 64 * n_words + 1):
+        got = _below(codes, np.uint64(0), np.uint64(BELOW_BLOCK), n_words, query, np.int64(bound))
+        assert got == (bound > 0), bound

@@ -1,4 +1,4 @@
-"""Bit masks of 64 equality tests in one vector compare, for numba kernels.
+"""Vector tests over 64 or 256 array elements at once, for numba kernels.
 
 :func:`equal_mask64` is a numba intrinsic: ``equal_mask64(array, start, value)`` is the uint64 whose
 bit ``i`` is set where ``array[start + i] == value``, for ``i = 0..63``. It loads the 64 elements as one
@@ -15,6 +15,14 @@ distance before one of them, with it.
 ``value`` must have the array's dtype (a typing error otherwise, rather than a silent truncation). No
 bounds check: the caller guarantees ``0 <= start`` and ``start + 64 <= len(array)`` (a C-contiguous
 1-D integer array).
+
+:func:`any_popcount_below` is the first pass of the flat Hamming scan: whether any of 256 codes of 1, 2
+or 4 words lies at Hamming distance ``p < bound`` from a query (``0 <= bound <= 64 · words + 1``). It needs no
+minimum: with ``F`` the power of two above ``64 · words``, ``p + (F - bound)`` has the bit ``F`` clear
+exactly when ``p < bound``, and an AND over all 256 keeps that bit clear when any one has it clear. That
+is an add and an AND per eight codes, which LLVM fuses three at a time; a running minimum (``vpminuq``)
+measured slower (docs/scale.md). Same contract: a C-contiguous 1-D uint64 array holding every word read,
+unchecked.
 """
 
 from __future__ import annotations
@@ -22,12 +30,14 @@ from __future__ import annotations
 from typing import Any
 
 from llvmlite import ir
-from numba.core import types
+from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-__all__ = ["MASK_WIDTH", "equal_mask64"]
+__all__ = ["BELOW_BLOCK", "MASK_WIDTH", "any_popcount_below", "equal_mask64"]
 
 MASK_WIDTH = 64
+BELOW_BLOCK = 256  # codes per any_popcount_below test
+_LANES = 8  # uint64 lanes per vector: 512 bits
 
 
 @intrinsic
@@ -46,11 +56,72 @@ def equal_mask64(typingctx: Any, array: Any, start: Any, value: Any) -> Any:
         offset = context.cast(builder, start_value, start_type, types.intp)
         vector_type = ir.VectorType(element, MASK_WIDTH)
         vector = builder.load(builder.gep(data, [offset]), typ=vector_type, align=1)
-        undefined = ir.Constant(vector_type, ir.Undefined)
-        lane0 = builder.insert_element(undefined, scalar, ir.Constant(ir.IntType(32), 0))
-        splat = builder.shuffle_vector(lane0, undefined,
-                                       ir.Constant(ir.VectorType(ir.IntType(32), MASK_WIDTH), [0] * MASK_WIDTH))
-        equal = builder.icmp_unsigned("==", vector, splat)
+        equal = builder.icmp_unsigned("==", vector, _splat(builder, scalar, vector_type))
         return builder.bitcast(equal, ir.IntType(MASK_WIDTH))
 
     return types.uint64(array, start, value), codegen
+
+
+def _intp_type(context: Any) -> Any:
+    """LLVM type of numba's ``intp``."""
+    return context.get_value_type(types.intp)
+
+
+def _splat(builder: Any, value: Any, vector_type: Any) -> Any:
+    """``value`` in every lane of ``vector_type``."""
+    undefined = ir.Constant(vector_type, ir.Undefined)
+    lane0 = builder.insert_element(undefined, value, ir.Constant(ir.IntType(32), 0))
+    lanes = vector_type.count
+    return builder.shuffle_vector(lane0, undefined, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+
+
+@intrinsic
+def any_popcount_below(typingctx: Any, codes: Any, start: Any, stride: Any, query: Any, bound: Any) -> Any:
+    """Whether ``sum_w popcount(query[w] ^ codes[start + w · stride + j]) < bound`` for some ``j < 256``
+    (word-major codes: word ``w`` of item ``j`` at ``codes[start + w · stride + j]``; ``query`` a tuple of
+    1, 2 or 4 uint64 words; see the module docstring)."""
+    if not (isinstance(codes, types.Array) and codes.ndim == 1 and codes.layout == "C"
+            and codes.dtype == types.uint64 and isinstance(start, types.Integer) and isinstance(stride, types.Integer)
+            and isinstance(query, types.UniTuple) and query.dtype == types.uint64 and query.count in (1, 2, 4)
+            and isinstance(bound, types.Integer)):
+        return None
+    n_words = query.count
+    flag = 1 << (64 * n_words).bit_length()  # above the largest distance, 64 · n_words
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        codes_value, start_value, stride_value, query_value, bound_value = args
+        codes_type, start_type, stride_type, _, bound_type = signature.args
+        word64 = ir.IntType(64)
+        vector_type = ir.VectorType(word64, _LANES)
+        data = context.make_array(codes_type)(context, builder, codes_value).data
+        offset = context.cast(builder, start_value, start_type, types.intp)
+        step = context.cast(builder, stride_value, stride_type, types.intp)
+        bound64 = context.cast(builder, bound_value, bound_type, types.int64)
+        popcount = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector_type, [vector_type]),
+                                                  "llvm.ctpop.v8i64")
+        words = [_splat(builder, builder.extract_value(query_value, w), vector_type) for w in range(n_words)]
+        shift = _splat(builder, builder.sub(ir.Constant(word64, flag), bound64), vector_type)
+        # A loop of four steps of 64 codes, so that the body stays small inside a large kernel.
+        per_step = MASK_WIDTH // _LANES
+        accumulator = cgutils.alloca_once_value(builder, ir.Constant(vector_type, [-1] * _LANES))
+        with cgutils.for_range(builder, ir.Constant(_intp_type(context), BELOW_BLOCK // MASK_WIDTH)) as loop:
+            step_start = builder.add(offset, builder.mul(loop.index, ir.Constant(offset.type, MASK_WIDTH)))
+            terms = []
+            for block in range(per_step):
+                at = builder.add(step_start, ir.Constant(offset.type, _LANES * block))
+                distance = None
+                for w in range(n_words):
+                    codes_vector = builder.load(builder.gep(data, [at]), typ=vector_type, align=8)
+                    bits = builder.call(popcount, [builder.xor(codes_vector, words[w])])
+                    distance = bits if distance is None else builder.add(distance, bits)
+                    at = builder.add(at, step)
+                terms.append(builder.add(distance, shift))
+            while len(terms) > 1:  # a balanced AND tree: independent operations
+                terms = [builder.and_(terms[i], terms[i + 1]) for i in range(0, len(terms), 2)]
+            builder.store(builder.and_(builder.load(accumulator), terms[0]), accumulator)
+        flagged = builder.and_(builder.load(accumulator), ir.Constant(vector_type, [flag] * _LANES))
+        clear = builder.icmp_unsigned("==", flagged, ir.Constant(vector_type, [0] * _LANES))
+        lanes = builder.bitcast(clear, ir.IntType(_LANES))
+        return builder.icmp_unsigned("!=", lanes, ir.Constant(ir.IntType(_LANES), 0))
+
+    return types.boolean(codes, start, stride, query, bound), codegen

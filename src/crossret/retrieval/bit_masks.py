@@ -55,7 +55,7 @@ def equal_mask64(typingctx: Any, array: Any, start: Any, value: Any) -> Any:
         element = context.get_data_type(array_type.dtype)
         offset = context.cast(builder, start_value, start_type, types.intp)
         vector_type = ir.VectorType(element, MASK_WIDTH)
-        vector = builder.load(builder.gep(data, [offset]), typ=vector_type, align=1)
+        vector = _load_vector(builder, data, offset, vector_type, 1)
         equal = builder.icmp_unsigned("==", vector, _splat(builder, scalar, vector_type))
         return builder.bitcast(equal, ir.IntType(MASK_WIDTH))
 
@@ -65,6 +65,13 @@ def equal_mask64(typingctx: Any, array: Any, start: Any, value: Any) -> Any:
 def _intp_type(context: Any) -> Any:
     """LLVM type of numba's ``intp``."""
     return context.get_value_type(types.intp)
+
+
+def _load_vector(builder: Any, data: Any, offset: Any, vector_type: Any, align: int) -> Any:
+    """The vector of ``vector_type`` at element ``offset`` of ``data``. The element pointer is cast to a
+    vector pointer for llvmlite builds with typed pointers; with opaque pointers the cast is a no-op."""
+    pointer = builder.bitcast(builder.gep(data, [offset]), vector_type.as_pointer())
+    return builder.load(pointer, typ=vector_type, align=align)
 
 
 def _splat(builder: Any, value: Any, vector_type: Any) -> Any:
@@ -111,7 +118,7 @@ def any_popcount_below(typingctx: Any, codes: Any, start: Any, stride: Any, quer
                 at = builder.add(step_start, ir.Constant(offset.type, _LANES * block))
                 distance = None
                 for w in range(n_words):
-                    codes_vector = builder.load(builder.gep(data, [at]), typ=vector_type, align=8)
+                    codes_vector = _load_vector(builder, data, at, vector_type, 8)
                     bits = builder.call(popcount, [builder.xor(codes_vector, words[w])])
                     distance = bits if distance is None else builder.add(distance, bits)
                     at = builder.add(at, step)

@@ -626,7 +626,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Times are wall seconds, best of the interleaved repeats. ns / pair = ours' time per (query, "
                   "item). Ours (kind `flat`) is crossret's query-blocked kernel (`hamming_topk`: blocks of up to 64 "
                   "queries share each pass over a cache-sized database tile; per 256 items a store-free "
-                  "512-bit XOR + popcount test for any distance below the query's bound (a min per quarter from "
+                  "512-bit XOR + popcount test for any distance below the query's bound (one per quarter from "
                   "k = 64 on), and distances stored only "
                   "where an item beats the query's bound, which starts from a strided sample of the database; exact "
                   "top k by a bounded candidate buffer, cut back to the top k every few offers at small k). "

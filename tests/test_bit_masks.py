@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from numba.core.errors import TypingError
 
-from crossret.retrieval.bit_masks import BELOW_BLOCK, MASK_WIDTH, any_popcount_below, equal_mask64
+from crossret.retrieval.bit_masks import (
+    BELOW_BLOCK,
+    MASK_WIDTH,
+    any_popcount_below,
+    any_popcount_below_64,
+    equal_mask64,
+)
 
 
 @nb.njit(cache=False)
@@ -57,10 +63,24 @@ def _below(codes, start, stride, n_words, a, bound):  # pragma: no cover - compi
     return any_popcount_below(codes, start, stride, (a[0], a[1], a[2], a[3]), bound)
 
 
+@nb.njit(cache=False)
+def _below_64(codes, start, stride, n_words, a, bound):  # pragma: no cover - compiled
+    if n_words == 1:
+        return any_popcount_below_64(codes, start, stride, (a[0],), bound)
+    if n_words == 2:
+        return any_popcount_below_64(codes, start, stride, (a[0], a[1]), bound)
+    return any_popcount_below_64(codes, start, stride, (a[0], a[1], a[2], a[3]), bound)
+
+
+_TESTS = {BELOW_BLOCK: _below, MASK_WIDTH: _below_64}  # codes per test -> the test
+
+
+@pytest.mark.parametrize("n_codes", [BELOW_BLOCK, MASK_WIDTH])
 @pytest.mark.parametrize("n_words", [1, 2, 4])
-def test_any_popcount_below_is_exact_at_the_bound(n_words: int) -> None:
+def test_any_popcount_below_is_exact_at_the_bound(n_words: int, n_codes: int) -> None:
     # Word-major codes (word w of item j at start + w * stride + j); the test must say "some item below
-    # the bound" exactly when the smallest distance of the 256 is below it, for every bound around it.
+    # the bound" exactly when the smallest distance of its n_codes items is below it, for every bound
+    # around it (and ignore the items after them, which are often nearer).
     rng = np.random.default_rng(n_words)
     stride = BELOW_BLOCK + 37
     start = 11
@@ -70,13 +90,13 @@ def test_any_popcount_below_is_exact_at_the_bound(n_words: int) -> None:
             codes &= rng.integers(0, 2**63, codes.size, dtype=np.int64).view(np.uint64)
         query = codes[start + 5 + np.arange(n_words) * stride].copy() if trial % 5 == 0 else \
             rng.integers(0, 2**63, n_words, dtype=np.int64).view(np.uint64)
-        distance = np.zeros(BELOW_BLOCK, np.int64)
+        distance = np.zeros(n_codes, np.int64)
         for w in range(n_words):
-            block = codes[start + w * stride:start + w * stride + BELOW_BLOCK]
+            block = codes[start + w * stride:start + w * stride + n_codes]
             distance += np.bitwise_count(block ^ query[w]).astype(np.int64)
         nearest = int(distance.min())
         for bound in {0, 1, max(nearest - 1, 0), nearest, nearest + 1, 64 * n_words, 64 * n_words + 1}:
-            got = _below(codes, np.uint64(start), np.uint64(stride), n_words, query, np.int64(bound))
+            got = _TESTS[n_codes](codes, np.uint64(start), np.uint64(stride), n_words, query, np.int64(bound))
             assert got == (nearest < bound), (trial, nearest, bound)
 
 

@@ -151,8 +151,8 @@ def test_api_entry_points_raise_missing_extra_error(monkeypatch: pytest.MonkeyPa
 def test_core_install_is_the_hashing_stack_and_extras_cover_every_optional_module() -> None:
     project = _project()
     core = _names(project["dependencies"])
-    assert core == {"torch", "numpy", "scipy", "scikit-learn", "faiss-cpu", "numba", "llvmlite", "threadpoolctl", "h5py",
-                    "typer", "rich", "matplotlib", "pyyaml"}
+    assert core == {"torch", "numpy", "scipy", "scikit-learn", "faiss-cpu", "numba", "llvmlite", "threadpoolctl",
+                    "h5py", "typer", "rich", "matplotlib", "pyyaml"}
     extras = project["optional-dependencies"]
     assert {"gckd", "serve", "milvus", "fuzz", "dev", "all"} <= set(extras)
     for name, extra in EXTRAS.items():

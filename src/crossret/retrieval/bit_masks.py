@@ -33,7 +33,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-__all__ = ["BELOW_BLOCK", "MASK_WIDTH", "any_popcount_below", "equal_mask64"]
+__all__ = ["BELOW_BLOCK", "MASK_WIDTH", "any_popcount_below", "any_popcount_below_64", "equal_mask64"]
 
 MASK_WIDTH = 64
 BELOW_BLOCK = 256  # codes per any_popcount_below test
@@ -82,53 +82,63 @@ def _splat(builder: Any, value: Any, vector_type: Any) -> Any:
     return builder.shuffle_vector(lane0, undefined, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
 
 
-@intrinsic
-def any_popcount_below(typingctx: Any, codes: Any, start: Any, stride: Any, query: Any, bound: Any) -> Any:
-    """Whether ``sum_w popcount(query[w] ^ codes[start + w · stride + j]) < bound`` for some ``j < 256``
-    (word-major codes: word ``w`` of item ``j`` at ``codes[start + w · stride + j]``; ``query`` a tuple of
-    1, 2 or 4 uint64 words; see the module docstring)."""
-    if not (isinstance(codes, types.Array) and codes.ndim == 1 and codes.layout == "C"
-            and codes.dtype == types.uint64 and isinstance(start, types.Integer) and isinstance(stride, types.Integer)
-            and isinstance(query, types.UniTuple) and query.dtype == types.uint64 and query.count in (1, 2, 4)
-            and isinstance(bound, types.Integer)):
-        return None
-    n_words = query.count
-    flag = 1 << (64 * n_words).bit_length()  # above the largest distance, 64 · n_words
+def _any_popcount_below_intrinsic(n_codes: int) -> Any:
+    """The intrinsic of :func:`any_popcount_below` over ``n_codes`` codes (a multiple of 64)."""
+    steps = n_codes // MASK_WIDTH
 
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        codes_value, start_value, stride_value, query_value, bound_value = args
-        codes_type, start_type, stride_type, _, bound_type = signature.args
-        word64 = ir.IntType(64)
-        vector_type = ir.VectorType(word64, _LANES)
-        data = context.make_array(codes_type)(context, builder, codes_value).data
-        offset = context.cast(builder, start_value, start_type, types.intp)
-        step = context.cast(builder, stride_value, stride_type, types.intp)
-        bound64 = context.cast(builder, bound_value, bound_type, types.int64)
-        popcount = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector_type, [vector_type]),
-                                                  "llvm.ctpop.v8i64")
-        words = [_splat(builder, builder.extract_value(query_value, w), vector_type) for w in range(n_words)]
-        shift = _splat(builder, builder.sub(ir.Constant(word64, flag), bound64), vector_type)
-        # A loop of four steps of 64 codes, so that the body stays small inside a large kernel.
-        per_step = MASK_WIDTH // _LANES
-        accumulator = cgutils.alloca_once_value(builder, ir.Constant(vector_type, [-1] * _LANES))
-        with cgutils.for_range(builder, ir.Constant(_intp_type(context), BELOW_BLOCK // MASK_WIDTH)) as loop:
-            step_start = builder.add(offset, builder.mul(loop.index, ir.Constant(offset.type, MASK_WIDTH)))
-            terms = []
-            for block in range(per_step):
-                at = builder.add(step_start, ir.Constant(offset.type, _LANES * block))
-                distance = None
-                for w in range(n_words):
-                    codes_vector = _load_vector(builder, data, at, vector_type, 8)
-                    bits = builder.call(popcount, [builder.xor(codes_vector, words[w])])
-                    distance = bits if distance is None else builder.add(distance, bits)
-                    at = builder.add(at, step)
-                terms.append(builder.add(distance, shift))
-            while len(terms) > 1:  # a balanced AND tree: independent operations
-                terms = [builder.and_(terms[i], terms[i + 1]) for i in range(0, len(terms), 2)]
-            builder.store(builder.and_(builder.load(accumulator), terms[0]), accumulator)
-        flagged = builder.and_(builder.load(accumulator), ir.Constant(vector_type, [flag] * _LANES))
-        clear = builder.icmp_unsigned("==", flagged, ir.Constant(vector_type, [0] * _LANES))
-        lanes = builder.bitcast(clear, ir.IntType(_LANES))
-        return builder.icmp_unsigned("!=", lanes, ir.Constant(ir.IntType(_LANES), 0))
+    @intrinsic
+    def any_below(typingctx: Any, codes: Any, start: Any, stride: Any, query: Any, bound: Any) -> Any:
+        if not (isinstance(codes, types.Array) and codes.ndim == 1 and codes.layout == "C"
+                and codes.dtype == types.uint64 and isinstance(start, types.Integer)
+                and isinstance(stride, types.Integer) and isinstance(query, types.UniTuple)
+                and query.dtype == types.uint64 and query.count in (1, 2, 4) and isinstance(bound, types.Integer)):
+            return None
+        n_words = query.count
+        flag = 1 << (64 * n_words).bit_length()  # above the largest distance, 64 · n_words
 
-    return types.boolean(codes, start, stride, query, bound), codegen
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            codes_value, start_value, stride_value, query_value, bound_value = args
+            codes_type, start_type, stride_type, _, bound_type = signature.args
+            word64 = ir.IntType(64)
+            vector_type = ir.VectorType(word64, _LANES)
+            data = context.make_array(codes_type)(context, builder, codes_value).data
+            offset = context.cast(builder, start_value, start_type, types.intp)
+            step = context.cast(builder, stride_value, stride_type, types.intp)
+            bound64 = context.cast(builder, bound_value, bound_type, types.int64)
+            popcount = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector_type, [vector_type]),
+                                                      "llvm.ctpop.v8i64")
+            words = [_splat(builder, builder.extract_value(query_value, w), vector_type) for w in range(n_words)]
+            shift = _splat(builder, builder.sub(ir.Constant(word64, flag), bound64), vector_type)
+            # A loop of steps of 64 codes, so that the body stays small inside a large kernel.
+            accumulator = cgutils.alloca_once_value(builder, ir.Constant(vector_type, [-1] * _LANES))
+            with cgutils.for_range(builder, ir.Constant(_intp_type(context), steps)) as loop:
+                step_start = builder.add(offset, builder.mul(loop.index, ir.Constant(offset.type, MASK_WIDTH)))
+                terms = []
+                for block in range(MASK_WIDTH // _LANES):
+                    at = builder.add(step_start, ir.Constant(offset.type, _LANES * block))
+                    distance = None
+                    for w in range(n_words):
+                        codes_vector = _load_vector(builder, data, at, vector_type, 8)
+                        bits = builder.call(popcount, [builder.xor(codes_vector, words[w])])
+                        distance = bits if distance is None else builder.add(distance, bits)
+                        at = builder.add(at, step)
+                    terms.append(builder.add(distance, shift))
+                while len(terms) > 1:  # a balanced AND tree: independent operations
+                    terms = [builder.and_(terms[i], terms[i + 1]) for i in range(0, len(terms), 2)]
+                builder.store(builder.and_(builder.load(accumulator), terms[0]), accumulator)
+            flagged = builder.and_(builder.load(accumulator), ir.Constant(vector_type, [flag] * _LANES))
+            clear = builder.icmp_unsigned("==", flagged, ir.Constant(vector_type, [0] * _LANES))
+            lanes = builder.bitcast(clear, ir.IntType(_LANES))
+            return builder.icmp_unsigned("!=", lanes, ir.Constant(ir.IntType(_LANES), 0))
+
+        return types.boolean(codes, start, stride, query, bound), codegen
+
+    return any_below
+
+
+any_popcount_below = _any_popcount_below_intrinsic(BELOW_BLOCK)
+any_popcount_below.__doc__ = """Whether ``sum_w popcount(query[w] ^ codes[start + w · stride + j]) < bound`` for some
+``j < 256`` (word-major codes: word ``w`` of item ``j`` at ``codes[start + w · stride + j]``; ``query`` a tuple
+of 1, 2 or 4 uint64 words; see the module docstring)."""
+any_popcount_below_64 = _any_popcount_below_intrinsic(MASK_WIDTH)
+any_popcount_below_64.__doc__ = """:func:`any_popcount_below` over 64 codes (a quarter of a block)."""

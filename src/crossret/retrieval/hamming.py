@@ -44,7 +44,13 @@ from numba.cpython.unsafe.numbers import trailing_zeros
 
 from crossret.errors import CodeError, ConfigError, DataError
 from crossret.limits import check_result_slots
-from crossret.retrieval.bit_masks import BELOW_BLOCK, MASK_WIDTH, any_popcount_below, equal_mask64
+from crossret.retrieval.bit_masks import (
+    BELOW_BLOCK,
+    MASK_WIDTH,
+    any_popcount_below,
+    any_popcount_below_64,
+    equal_mask64,
+)
 from crossret.retrieval.packing import check_packed, packed_to_words
 from crossret.retrieval.vector_width import prefer_wide_vectors
 
@@ -1116,7 +1122,7 @@ def hamming_distances(q_packed: np.ndarray, db_packed: np.ndarray, bits: int) ->
 _TILE_BYTES = 1 << 17  # database bytes per tile (L2-resident with the per-query state)
 _SUB = 256  # items per vectorised threshold test
 assert _SUB == BELOW_BLOCK  # the first pass of a full sub-block is one any_popcount_below test
-_QUARTER = _SUB // 4  # with many hits, a minimum per quarter; only the quarters that hit are gone through again
+_QUARTER = _SUB // 4  # with many hits, a test per quarter; only the quarters that hit are gone through again
 # SWAR byte test constants: a byte of x is below t (t <= 128) iff (x - LOW·t) & ~x & HIGH is set there.
 _BYTES_LOW = np.uint64(0x0101010101010101)
 _BYTES_HIGH = np.uint64(0x8080808080808080)
@@ -1208,11 +1214,12 @@ def _scan_tile_one_word(q_words, q0, q1, codes, t0, t1, dist8, words8, cand_d, c
     """Queries ``q0..q1`` (1-word codes; block slot ``b`` for query ``q0 + b``) against the 1-word codes
     ``codes[t0:t1]``, one query after the other (the tile stays in cache).
 
-    While hits are rare, a sub-block is first only scanned for its smallest distance (XOR, popcount,
-    min: no stores, as cheap as a popcount sum) and gone through again only when that beats the
-    bound; after a sub-block with a hit, the next one stores its distances while counting (one pass),
-    as hits come in runs while the bound is still loose. From k = ``_QUARTER_MIN_K`` on, the first pass
-    keeps a minimum per quarter and only the quarters that beat the bound are stored and walked.
+    While hits are rare, a sub-block is first only tested for any distance below the bound
+    (:func:`crossret.retrieval.bit_masks.any_popcount_below`: XOR, popcount, add, AND; no stores) and
+    gone through again only when one is; after a sub-block with a hit, the next one stores its
+    distances while counting (one pass), as hits come in runs while the bound is still loose. From
+    k = ``_QUARTER_MIN_K`` on, the first pass tests each quarter and only the quarters with a hit are
+    stored and walked.
     Distances (at most 64) are stored as bytes and walked eight at a time: a word of eight is gone
     through item by item only when the SWAR test ``(x - low·thr) & ~x & high`` says one of its bytes is
     below ``thr`` (exact for ``thr <= 128``).
@@ -1240,17 +1247,10 @@ def _scan_tile_one_word(q_words, q0, q1, codes, t0, t1, dist8, words8, cand_d, c
                     hits += d < thr
                 dense = hits > 0
             elif quarters and m == _SUB:
-                m0 = m1 = m2 = m3 = top
-                o1 = base + np.uint64(_QUARTER)
-                o2 = base + np.uint64(2 * _QUARTER)
-                o3 = base + np.uint64(3 * _QUARTER)
-                for j in range(_QUARTER):  # vectorised, no stores: a minimum per quarter
-                    u = np.uint64(j)
-                    m0 = min(m0, _popcount64(a ^ codes[base + u]))
-                    m1 = min(m1, _popcount64(a ^ codes[o1 + u]))
-                    m2 = min(m2, _popcount64(a ^ codes[o2 + u]))
-                    m3 = min(m3, _popcount64(a ^ codes[o3 + u]))
-                walk = np.int64(m0 < thr) | np.int64(m1 < thr) << 1 | np.int64(m2 < thr) << 2 | np.int64(m3 < thr) << 3
+                walk = np.int64(0)
+                for part in range(4):  # no stores: a test per quarter for any distance below thr
+                    at = base + np.uint64(part * _QUARTER)
+                    walk |= np.int64(any_popcount_below_64(codes, at, 0, (a,), thr)) << part
                 if walk == 0:
                     continue
                 for part in range(4):
@@ -1315,7 +1315,7 @@ def _scan_tile_words(q_words, q0, q1, tile, stride, n, dist, dist8, words8, firs
     the first ``n`` items of a flat word-major tile (word
     ``w`` of item ``j`` at ``tile[w * stride + j]``), item ``j`` at position ``first + j``. 2- and
     4-word codes (once the bound is at most 255): as :func:`_scan_tile_one_word`, a fused pass for
-    the smallest distance (per quarter from k = ``_QUARTER_MIN_K`` on) while hits are rare, and one
+    a distance below the bound (per quarter from k = ``_QUARTER_MIN_K`` on) while hits are rare, and one
     fused pass that stores byte distances and counts hits for a sub-block with a hit and the one after
     it. Other widths: the distances of each sub-block go into the L1-resident ``dist`` by one
     vectorised pass per word, and are counted there. Written out without helpers that take arrays
@@ -1323,9 +1323,6 @@ def _scan_tile_words(q_words, q0, q1, tile, stride, n, dist, dist8, words8, firs
     n_words = q_words.shape[1]
     fused = n_words == 2 or n_words == 4
     top = np.int64(64 * n_words)
-    o1 = np.uint64(_QUARTER)
-    o2 = np.uint64(2 * _QUARTER)
-    o3 = np.uint64(3 * _QUARTER)
     p0, p1, p2, p3 = np.uint64(0), np.uint64(stride), np.uint64(2 * stride), np.uint64(3 * stride)
     last = n_words - 1
     for b in range(q1 - q0):
@@ -1341,22 +1338,14 @@ def _scan_tile_words(q_words, q0, q1, tile, stride, n, dist, dist8, words8, firs
             # byte distances are exact below 255, and only items below thr are offered
             from_bytes = fused and thr <= 255
             if from_bytes and quarters and not dense and m == _SUB:
-                m0 = m1 = m2 = m3 = top
-                if n_words == 2:
-                    for j in range(_QUARTER):  # one fused pass, four minima, no stores
-                        u = u0 + np.uint64(j)
-                        m0 = min(m0, _distance2(a0, a1, tile, p0, p1, u))
-                        m1 = min(m1, _distance2(a0, a1, tile, p0, p1, u + o1))
-                        m2 = min(m2, _distance2(a0, a1, tile, p0, p1, u + o2))
-                        m3 = min(m3, _distance2(a0, a1, tile, p0, p1, u + o3))
-                else:
-                    for j in range(_QUARTER):
-                        u = u0 + np.uint64(j)
-                        m0 = min(m0, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u))
-                        m1 = min(m1, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u + o1))
-                        m2 = min(m2, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u + o2))
-                        m3 = min(m3, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u + o3))
-                walk = np.int64(m0 < thr) | np.int64(m1 < thr) << 1 | np.int64(m2 < thr) << 2 | np.int64(m3 < thr) << 3
+                walk = np.int64(0)
+                for part in range(4):  # one fused pass per quarter, no stores: any distance below thr
+                    at = u0 + np.uint64(part * _QUARTER)
+                    if n_words == 2:
+                        below = any_popcount_below_64(tile, at, p1, (a0, a1), thr)
+                    else:
+                        below = any_popcount_below_64(tile, at, p1, (a0, a1, a2, a3), thr)
+                    walk |= np.int64(below) << part
                 if walk == 0:
                     continue
                 for part in range(4):

@@ -54,25 +54,24 @@ def test_a_value_of_another_dtype_is_a_typing_error_not_a_truncation() -> None:
         _masks(np.full(MASK_WIDTH, 44, np.uint8), np.array([0]), np.int64(300))
 
 
-@nb.njit(cache=False)
-def _below(codes, start, stride, n_words, a, bound):  # pragma: no cover - compiled
-    if n_words == 1:
-        return any_popcount_below(codes, start, stride, (a[0],), bound)
-    if n_words == 2:
-        return any_popcount_below(codes, start, stride, (a[0], a[1]), bound)
-    return any_popcount_below(codes, start, stride, (a[0], a[1], a[2], a[3]), bound)
+def _compiled(test: object) -> object:
+    """A compiled caller of ``test`` (an intrinsic) that passes the query words as a tuple."""
+
+    @nb.njit(cache=False)
+    def call(codes, start, stride, n_words, a, bound):  # pragma: no cover - compiled
+        if n_words == 1:
+            return test(codes, start, stride, (a[0],), bound)
+        if n_words == 2:
+            return test(codes, start, stride, (a[0], a[1]), bound)
+        return test(codes, start, stride, (a[0], a[1], a[2], a[3]), bound)
+
+    return call
 
 
-@nb.njit(cache=False)
-def _below_64(codes, start, stride, n_words, a, bound):  # pragma: no cover - compiled
-    if n_words == 1:
-        return any_popcount_below_64(codes, start, stride, (a[0],), bound)
-    if n_words == 2:
-        return any_popcount_below_64(codes, start, stride, (a[0], a[1]), bound)
-    return any_popcount_below_64(codes, start, stride, (a[0], a[1], a[2], a[3]), bound)
+_below = _compiled(any_popcount_below)
 
 
-_TESTS = {BELOW_BLOCK: _below, MASK_WIDTH: _below_64}  # codes per test -> the test
+_TESTS = {BELOW_BLOCK: _below, MASK_WIDTH: _compiled(any_popcount_below_64)}  # codes per test -> the test
 
 
 @pytest.mark.parametrize("n_codes", [BELOW_BLOCK, MASK_WIDTH])

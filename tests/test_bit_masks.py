@@ -1,5 +1,6 @@
-"""The vector tests of ``crossret.retrieval.bit_masks`` against numpy: ``equal_mask64`` bit by bit and
-``any_popcount_below`` at and around the smallest distance."""
+"""The vector tests of ``crossret.retrieval.bit_masks`` against numpy: ``equal_mask64`` bit by bit;
+``any_popcount_below``, ``quarters_popcount_below`` and ``popcount_below_mask64`` at and around the
+smallest distances."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from crossret.retrieval.bit_masks import (
     BELOW_BLOCK,
     MASK_WIDTH,
     any_popcount_below,
-    any_popcount_below_64,
     equal_mask64,
+    popcount_below_mask64,
+    quarters_popcount_below,
 )
 
 
@@ -69,17 +71,21 @@ def _compiled(test: object) -> object:
 
 
 _below = _compiled(any_popcount_below)
+_quarters = _compiled(quarters_popcount_below)
+_mask = _compiled(popcount_below_mask64)
+_ALL = (_below, _quarters, _mask)
 
 
-_TESTS = {BELOW_BLOCK: _below, MASK_WIDTH: _compiled(any_popcount_below_64)}  # codes per test -> the test
+def _bits(hit: np.ndarray) -> int:
+    return int(sum(1 << int(i) for i in np.flatnonzero(hit)))
 
 
-@pytest.mark.parametrize("n_codes", [BELOW_BLOCK, MASK_WIDTH])
 @pytest.mark.parametrize("n_words", [1, 2, 4])
-def test_any_popcount_below_is_exact_at_the_bound(n_words: int, n_codes: int) -> None:
-    # Word-major codes (word w of item j at start + w * stride + j); the test must say "some item below
-    # the bound" exactly when the smallest distance of its n_codes items is below it, for every bound
-    # around it (and ignore the items after them, which are often nearer).
+def test_the_below_tests_are_exact_at_the_bound(n_words: int) -> None:
+    # Word-major codes (word w of item j at start + w * stride + j). For every bound around the smallest
+    # distance of the 256 codes and of each quarter: any_popcount_below says "some code below" for the
+    # 256, quarters_popcount_below the same per quarter, and popcount_below_mask64 names every code of a
+    # quarter below the bound. None may look at the codes after its own (often nearer ones are there).
     rng = np.random.default_rng(n_words)
     stride = BELOW_BLOCK + 37
     start = 11
@@ -89,26 +95,37 @@ def test_any_popcount_below_is_exact_at_the_bound(n_words: int, n_codes: int) ->
             codes &= rng.integers(0, 2**63, codes.size, dtype=np.int64).view(np.uint64)
         query = codes[start + 5 + np.arange(n_words) * stride].copy() if trial % 5 == 0 else \
             rng.integers(0, 2**63, n_words, dtype=np.int64).view(np.uint64)
-        distance = np.zeros(n_codes, np.int64)
+        distance = np.zeros(BELOW_BLOCK, np.int64)
         for w in range(n_words):
-            block = codes[start + w * stride:start + w * stride + n_codes]
+            block = codes[start + w * stride:start + w * stride + BELOW_BLOCK]
             distance += np.bitwise_count(block ^ query[w]).astype(np.int64)
-        nearest = int(distance.min())
-        for bound in {0, 1, max(nearest - 1, 0), nearest, nearest + 1, 64 * n_words, 64 * n_words + 1}:
-            got = _TESTS[n_codes](codes, np.uint64(start), np.uint64(stride), n_words, query, np.int64(bound))
-            assert got == (nearest < bound), (trial, nearest, bound)
+        quarters = distance.reshape(4, MASK_WIDTH)
+        bounds = {0, 1, 64 * n_words, 64 * n_words + 1}
+        for nearest in quarters.min(axis=1):
+            bounds |= {max(int(nearest) - 1, 0), int(nearest), int(nearest) + 1, int(nearest) + 3}
+        for bound in sorted(bounds):
+            args = (codes, np.uint64(start), np.uint64(stride), n_words, query, np.int64(bound))
+            assert _below(*args) == (distance.min() < bound), (trial, bound)
+            assert _quarters(*args) == _bits(quarters.min(axis=1) < bound), (trial, bound)
+            for part in range(4):
+                at = np.uint64(start + part * MASK_WIDTH)
+                got = _mask(codes, at, np.uint64(stride), n_words, query, np.int64(bound))
+                assert int(got) == _bits(quarters[part] < bound), (trial, bound, part)
 
 
-def test_any_popcount_below_refuses_codes_that_are_not_uint64() -> None:
+@pytest.mark.parametrize("test", _ALL)
+def test_the_below_tests_refuse_codes_that_are_not_uint64(test: object) -> None:
     with pytest.raises(TypingError):
-        _below(np.zeros(BELOW_BLOCK, np.int64), np.uint64(0), np.uint64(0), 1, np.zeros(1, np.uint64), np.int64(3))
+        test(np.zeros(BELOW_BLOCK, np.int64), np.uint64(0), np.uint64(0), 1, np.zeros(1, np.uint64), np.int64(3))
 
 
 @pytest.mark.parametrize("n_words", [1, 2, 4])
-def test_any_popcount_below_at_distance_zero_everywhere_and_the_largest_bound(n_words: int) -> None:
+def test_the_below_tests_at_distance_zero_everywhere_and_the_largest_bound(n_words: int) -> None:
     # Every code equals the query: distance 0 is below any bound from 1 up to 64 · words + 1.
     query = np.random.default_rng(n_words).integers(0, 2**63, n_words, dtype=np.int64).view(np.uint64)
     codes = np.repeat(query, BELOW_BLOCK)  # word-major, stride 256
     for bound in (0, 1, 64 * n_words, 64 * n_words + 1):
-        got = _below(codes, np.uint64(0), np.uint64(BELOW_BLOCK), n_words, query, np.int64(bound))
-        assert got == (bound > 0), bound
+        args = (codes, np.uint64(0), np.uint64(BELOW_BLOCK), n_words, query, np.int64(bound))
+        assert _below(*args) == (bound > 0), bound
+        assert _quarters(*args) == (0b1111 if bound > 0 else 0), bound
+        assert int(_mask(*args)) == (2**64 - 1 if bound > 0 else 0), bound

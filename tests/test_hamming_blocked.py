@@ -333,8 +333,8 @@ def test_worker_threads_are_kept_per_thread_count_and_made_anew_after_fork(topk_
 
 
 def test_small_k_cuts_its_buffer_every_few_offers() -> None:
-    # The buffer holds k + max(k, _CUT_BATCH) candidates: at small k the bound tightens after a few
-    # offers; at large k the batch is k itself.
+    # The buffer holds k + max(k // 2, _CUT_BATCH) candidates: at small k the bound tightens after a
+    # few offers; at large k after half of k.
     assert hamming.candidate_capacity(1) == 1 + hamming._CUT_BATCH
-    assert hamming.candidate_capacity(10) == 10 + max(10, hamming._CUT_BATCH)
-    assert hamming.candidate_capacity(1000) == 2000
+    assert hamming.candidate_capacity(10) == 10 + hamming._CUT_BATCH
+    assert hamming.candidate_capacity(1000) == 1500

@@ -33,7 +33,8 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-__all__ = ["BELOW_BLOCK", "MASK_WIDTH", "any_popcount_below", "any_popcount_below_64", "equal_mask64"]
+__all__ = ["BELOW_BLOCK", "MASK_WIDTH", "any_popcount_below", "equal_mask64", "popcount_below_mask64",
+           "quarters_popcount_below"]
 
 MASK_WIDTH = 64
 BELOW_BLOCK = 256  # codes per any_popcount_below test
@@ -82,63 +83,124 @@ def _splat(builder: Any, value: Any, vector_type: Any) -> Any:
     return builder.shuffle_vector(lane0, undefined, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
 
 
-def _any_popcount_below_intrinsic(n_codes: int) -> Any:
-    """The intrinsic of :func:`any_popcount_below` over ``n_codes`` codes (a multiple of 64)."""
-    steps = n_codes // MASK_WIDTH
+def _codes_typing(codes: Any, start: Any, stride: Any, query: Any, bound: Any) -> bool:
+    """Whether the arguments fit the popcount intrinsics' contract (else numba reports a typing error)."""
+    return (isinstance(codes, types.Array) and codes.ndim == 1 and codes.layout == "C"
+            and codes.dtype == types.uint64 and isinstance(start, types.Integer)
+            and isinstance(stride, types.Integer) and isinstance(query, types.UniTuple)
+            and query.dtype == types.uint64 and query.count in (1, 2, 4) and isinstance(bound, types.Integer))
+
+
+class _DistanceVectors:
+    """LLVM code for the Hamming distances of eight word-major codes at a time to one query (shared by
+    the popcount intrinsics)."""
+
+    def __init__(self, context: Any, builder: Any, signature: Any, args: Any) -> None:
+        codes_value, start_value, stride_value, query_value, bound_value = args
+        codes_type, start_type, stride_type, query_type, bound_type = signature.args
+        self.builder = builder
+        self.vector_type = ir.VectorType(ir.IntType(64), _LANES)
+        self.data = context.make_array(codes_type)(context, builder, codes_value).data
+        self.offset = context.cast(builder, start_value, start_type, types.intp)
+        self.step = context.cast(builder, stride_value, stride_type, types.intp)
+        self.bound = context.cast(builder, bound_value, bound_type, types.int64)
+        self.popcount = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(self.vector_type, [self.vector_type]), "llvm.ctpop.v8i64")
+        self.words = [_splat(builder, builder.extract_value(query_value, w), self.vector_type)
+                      for w in range(query_type.count)]
+
+    def distances(self, at: Any) -> Any:
+        """The distances of the eight codes from element ``at`` on, as a vector of 8 × i64."""
+        builder = self.builder
+        distance = None
+        for word in self.words:
+            codes_vector = _load_vector(builder, self.data, at, self.vector_type, 8)
+            bits = builder.call(self.popcount, [builder.xor(codes_vector, word)])
+            distance = bits if distance is None else builder.add(distance, bits)
+            at = builder.add(at, self.step)
+        return distance
+
+
+def _below_test_intrinsic(per_quarter: bool) -> Any:
+    """The intrinsic of :func:`any_popcount_below` (``per_quarter=False``: one boolean for the 256 codes)
+    or of :func:`quarters_popcount_below` (one bit per 64 codes)."""
+    steps = BELOW_BLOCK // MASK_WIDTH
 
     @intrinsic
-    def any_below(typingctx: Any, codes: Any, start: Any, stride: Any, query: Any, bound: Any) -> Any:
-        if not (isinstance(codes, types.Array) and codes.ndim == 1 and codes.layout == "C"
-                and codes.dtype == types.uint64 and isinstance(start, types.Integer)
-                and isinstance(stride, types.Integer) and isinstance(query, types.UniTuple)
-                and query.dtype == types.uint64 and query.count in (1, 2, 4) and isinstance(bound, types.Integer)):
+    def below(typingctx: Any, codes: Any, start: Any, stride: Any, query: Any, bound: Any) -> Any:
+        if not _codes_typing(codes, start, stride, query, bound):
             return None
-        n_words = query.count
-        flag = 1 << (64 * n_words).bit_length()  # above the largest distance, 64 · n_words
+        flag = 1 << (64 * query.count).bit_length()  # above the largest distance, 64 · n_words
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            codes_value, start_value, stride_value, query_value, bound_value = args
-            codes_type, start_type, stride_type, _, bound_type = signature.args
+            vectors = _DistanceVectors(context, builder, signature, args)
+            vector_type = vectors.vector_type
             word64 = ir.IntType(64)
-            vector_type = ir.VectorType(word64, _LANES)
-            data = context.make_array(codes_type)(context, builder, codes_value).data
-            offset = context.cast(builder, start_value, start_type, types.intp)
-            step = context.cast(builder, stride_value, stride_type, types.intp)
-            bound64 = context.cast(builder, bound_value, bound_type, types.int64)
-            popcount = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector_type, [vector_type]),
-                                                      "llvm.ctpop.v8i64")
-            words = [_splat(builder, builder.extract_value(query_value, w), vector_type) for w in range(n_words)]
-            shift = _splat(builder, builder.sub(ir.Constant(word64, flag), bound64), vector_type)
+            shift = _splat(builder, builder.sub(ir.Constant(word64, flag), vectors.bound), vector_type)
+            flags = ir.Constant(vector_type, [flag] * _LANES)
+            zeros = ir.Constant(vector_type, [0] * _LANES)
+            no_lane = ir.Constant(ir.IntType(_LANES), 0)
+            offset = vectors.offset
             # A loop of steps of 64 codes, so that the body stays small inside a large kernel.
-            accumulator = cgutils.alloca_once_value(builder, ir.Constant(vector_type, [-1] * _LANES))
+            if per_quarter:
+                accumulator = cgutils.alloca_once_value(builder, ir.Constant(word64, 0))
+            else:
+                accumulator = cgutils.alloca_once_value(builder, ir.Constant(vector_type, [-1] * _LANES))
             with cgutils.for_range(builder, ir.Constant(_intp_type(context), steps)) as loop:
                 step_start = builder.add(offset, builder.mul(loop.index, ir.Constant(offset.type, MASK_WIDTH)))
                 terms = []
                 for block in range(MASK_WIDTH // _LANES):
                     at = builder.add(step_start, ir.Constant(offset.type, _LANES * block))
-                    distance = None
-                    for w in range(n_words):
-                        codes_vector = _load_vector(builder, data, at, vector_type, 8)
-                        bits = builder.call(popcount, [builder.xor(codes_vector, words[w])])
-                        distance = bits if distance is None else builder.add(distance, bits)
-                        at = builder.add(at, step)
-                    terms.append(builder.add(distance, shift))
+                    terms.append(builder.add(vectors.distances(at), shift))
                 while len(terms) > 1:  # a balanced AND tree: independent operations
                     terms = [builder.and_(terms[i], terms[i + 1]) for i in range(0, len(terms), 2)]
-                builder.store(builder.and_(builder.load(accumulator), terms[0]), accumulator)
-            flagged = builder.and_(builder.load(accumulator), ir.Constant(vector_type, [flag] * _LANES))
-            clear = builder.icmp_unsigned("==", flagged, ir.Constant(vector_type, [0] * _LANES))
-            lanes = builder.bitcast(clear, ir.IntType(_LANES))
-            return builder.icmp_unsigned("!=", lanes, ir.Constant(ir.IntType(_LANES), 0))
+                if per_quarter:
+                    clear = builder.icmp_unsigned("==", builder.and_(terms[0], flags), zeros)
+                    hit = builder.icmp_unsigned("!=", builder.bitcast(clear, ir.IntType(_LANES)), no_lane)
+                    bit = builder.shl(builder.zext(hit, word64), builder.zext(loop.index, word64))
+                    builder.store(builder.or_(builder.load(accumulator), bit), accumulator)
+                else:
+                    builder.store(builder.and_(builder.load(accumulator), terms[0]), accumulator)
+            if per_quarter:
+                return builder.load(accumulator)
+            clear = builder.icmp_unsigned("==", builder.and_(builder.load(accumulator), flags), zeros)
+            return builder.icmp_unsigned("!=", builder.bitcast(clear, ir.IntType(_LANES)), no_lane)
 
-        return types.boolean(codes, start, stride, query, bound), codegen
+        result = types.int64 if per_quarter else types.boolean
+        return result(codes, start, stride, query, bound), codegen
 
-    return any_below
+    return below
 
 
-any_popcount_below = _any_popcount_below_intrinsic(BELOW_BLOCK)
+@intrinsic
+def popcount_below_mask64(typingctx: Any, codes: Any, start: Any, stride: Any, query: Any, bound: Any) -> Any:
+    """uint64 whose bit ``j`` is set where ``sum_w popcount(query[w] ^ codes[start + w · stride + j]) < bound``,
+    ``j = 0..63`` (same contract as :func:`any_popcount_below`). Eight vector compares whose lane masks
+    are concatenated (``kunpck`` on AVX-512) and read as one integer: the scan walks its set bits with
+    ``tzcnt`` instead of storing and re-reading 64 distances."""
+    if not _codes_typing(codes, start, stride, query, bound):
+        return None
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        vectors = _DistanceVectors(context, builder, signature, args)
+        limit = _splat(builder, vectors.bound, vectors.vector_type)
+        parts = []
+        for block in range(MASK_WIDTH // _LANES):
+            at = builder.add(vectors.offset, ir.Constant(vectors.offset.type, _LANES * block))
+            parts.append(builder.icmp_unsigned("<", vectors.distances(at), limit))
+        while len(parts) > 1:  # concatenate: <8 x i1> pairs into <16 x i1>, ... into <64 x i1>
+            width = parts[0].type.count
+            order = ir.Constant(ir.VectorType(ir.IntType(32), 2 * width), list(range(2 * width)))
+            parts = [builder.shuffle_vector(parts[i], parts[i + 1], order) for i in range(0, len(parts), 2)]
+        return builder.bitcast(parts[0], ir.IntType(MASK_WIDTH))
+
+    return types.uint64(codes, start, stride, query, bound), codegen
+
+
+any_popcount_below = _below_test_intrinsic(per_quarter=False)
 any_popcount_below.__doc__ = """Whether ``sum_w popcount(query[w] ^ codes[start + w · stride + j]) < bound`` for some
 ``j < 256`` (word-major codes: word ``w`` of item ``j`` at ``codes[start + w · stride + j]``; ``query`` a tuple
 of 1, 2 or 4 uint64 words; see the module docstring)."""
-any_popcount_below_64 = _any_popcount_below_intrinsic(MASK_WIDTH)
-any_popcount_below_64.__doc__ = """:func:`any_popcount_below` over 64 codes (a quarter of a block)."""
+quarters_popcount_below = _below_test_intrinsic(per_quarter=True)
+quarters_popcount_below.__doc__ = """:func:`any_popcount_below` answered per quarter: an int64 whose bit ``i``
+(``i = 0..3``) is set where one of the codes ``64 i .. 64 i + 63`` lies below ``bound``."""

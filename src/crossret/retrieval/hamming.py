@@ -48,8 +48,9 @@ from crossret.retrieval.bit_masks import (
     BELOW_BLOCK,
     MASK_WIDTH,
     any_popcount_below,
-    any_popcount_below_64,
     equal_mask64,
+    popcount_below_mask64,
+    quarters_popcount_below,
 )
 from crossret.retrieval.packing import check_packed, packed_to_words
 from crossret.retrieval.vector_width import prefer_wide_vectors
@@ -1109,8 +1110,9 @@ def hamming_distances(q_packed: np.ndarray, db_packed: np.ndarray, bits: int) ->
 # the tile before the next one is read, so memory traffic per (query, item) pair drops by the block
 # size. Each query keeps candidates (distance, position) in position order and a bound ``thr``: only an
 # item at ``d < thr`` can still enter the top k. The scan of a sub-block (``_SUB`` items) is first a
-# vectorised, store-free pass for its smallest distance (XOR + vector popcount + min); only the
-# sub-blocks where that beats ``thr`` store their distances and are walked, eight at a time. When the
+# vectorised, store-free test for any distance below ``thr`` (XOR + vector popcount + add + AND); only
+# in a quarter where one is does a vector compare give the bit mask of its items below ``thr``, whose
+# set bits are offered one by one (``tzcnt``). When the
 # candidate buffer fills, it is cut back to the exact top k so
 # far by a histogram over distances (``thr`` becomes the k-th distance: a later item at that distance
 # has a larger position, so it loses the tie). The final order is a stable counting sort by distance
@@ -1122,14 +1124,11 @@ def hamming_distances(q_packed: np.ndarray, db_packed: np.ndarray, bits: int) ->
 _TILE_BYTES = 1 << 17  # database bytes per tile (L2-resident with the per-query state)
 _SUB = 256  # items per vectorised threshold test
 assert _SUB == BELOW_BLOCK  # the first pass of a full sub-block is one any_popcount_below test
-_QUARTER = _SUB // 4  # with many hits, a test per quarter; only the quarters that hit are gone through again
-# SWAR byte test constants: a byte of x is below t (t <= 128) iff (x - LOW·t) & ~x & HIGH is set there.
-_BYTES_LOW = np.uint64(0x0101010101010101)
-_BYTES_HIGH = np.uint64(0x8080808080808080)
+_QUARTER = _SUB // 4  # items per bit mask of hits; with many hits, the first pass also answers per quarter
 # A query's starting bound comes from a strided sample of the chunk (see _guess_bound): at most this many
 # bytes of codes, shared by the query block, and at least _SAMPLE_MIN items.
 _SAMPLE_BYTES = 1 << 15
-_SAMPLE_BYTES_LARGE_K = 1 << 20
+_SAMPLE_BYTES_LARGE_K = 1 << 17
 _SAMPLE_BYTES_FEW = 1 << 15
 _SAMPLE_MIN = 1024
 _BOUND_RISK = 1e-3  # chance that a starting bound is too tight (then the chunk is scanned again)
@@ -1143,7 +1142,7 @@ _SEARCH_BLOCK_MAX = 64  # queries per tile pass of the threshold scan (see searc
 # Candidate buffers of one query block, at most. They are written only on offers (a few thousand per
 # query), so they need not stay in cache beside the tile; a larger block reads the database fewer times.
 _CANDIDATE_BYTES = 1 << 22
-_QUARTER_MIN_K = 64  # from this k on, the scan's first pass keeps quarter minima (see _scan_tile_one_word)
+_QUARTER_MIN_K = 64  # from this k on, the scan's first pass answers per quarter (see _scan_tile_one_word)
 _CUT_BATCH = 8  # offers between two cuts of a candidate buffer at small k (see candidate_capacity)
 _ALIGNED_COPY_QUERIES = 1024  # queries from which a misaligned 1-word database is copied to an aligned one
 
@@ -1209,20 +1208,20 @@ def _offer(cand_d, cand_i, counts, thrs, b, d, position, k, n_dist):  # pragma: 
 
 
 @nb.njit(inline="always", cache=True)
-def _scan_tile_one_word(q_words, q0, q1, codes, t0, t1, dist8, words8, cand_d, cand_i, counts, thrs, k, n_dist,
+def _scan_tile_one_word(q_words, q0, q1, codes, t0, t1, cand_d, cand_i, counts, thrs, k, n_dist,
                         quarters):  # pragma: no cover - compiled
     """Queries ``q0..q1`` (1-word codes; block slot ``b`` for query ``q0 + b``) against the 1-word codes
     ``codes[t0:t1]``, one query after the other (the tile stays in cache).
 
-    While hits are rare, a sub-block is first only tested for any distance below the bound
-    (:func:`crossret.retrieval.bit_masks.any_popcount_below`: XOR, popcount, add, AND; no stores) and
-    gone through again only when one is; after a sub-block with a hit, the next one stores its
-    distances while counting (one pass), as hits come in runs while the bound is still loose. From
-    k = ``_QUARTER_MIN_K`` on, the first pass tests each quarter and only the quarters with a hit are
-    stored and walked.
-    Distances (at most 64) are stored as bytes and walked eight at a time: a word of eight is gone
-    through item by item only when the SWAR test ``(x - low·thr) & ~x & high`` says one of its bytes is
-    below ``thr`` (exact for ``thr <= 128``).
+    A full sub-block is first only tested for any distance below the bound
+    (:func:`crossret.retrieval.bit_masks.any_popcount_below`: XOR, popcount, add, AND; no stores); from
+    k = ``_QUARTER_MIN_K`` on, where hits are common, the same test answers per quarter
+    (:func:`~crossret.retrieval.bit_masks.quarters_popcount_below`). Each quarter with a hit is compared
+    again, into a bit mask of its items below the bound
+    (:func:`~crossret.retrieval.bit_masks.popcount_below_mask64`), and only those items are offered:
+    nothing is stored and read back, and no item below the bound is looked for one at a time. An
+    offer re-checks the bound, which a cut within the quarter may have tightened. The chunk's last
+    items (fewer than a sub-block) are gone through one by one.
 
     Everything per sub-block is written out here rather than in helpers: numba passes an array to an
     inlined helper with an atomic reference count update, and per sub-block and per offer those
@@ -1232,66 +1231,40 @@ def _scan_tile_one_word(q_words, q0, q1, codes, t0, t1, dist8, words8, cand_d, c
     that stops the loop from vectorising."""
     for b in range(q1 - q0):
         a = q_words[q0 + b, 0]
-        dense = False
-        top = np.int64(64)
         for s0 in range(t0, t1, _SUB):
-            m = min(_SUB, t1 - s0)
             base = np.uint64(s0)
-            thr = thrs[b]
-            hits = np.int64(0)
-            walk = np.int64(0b1111)  # the quarters to walk
-            if dense:
-                for j in range(m):  # vectorised: XOR, popcount, store, compare, sum
+            if t1 - s0 < _SUB:  # the chunk's last items: one by one
+                for j in range(t1 - s0):
                     d = _popcount64(a ^ codes[base + np.uint64(j)])
-                    dist8[j] = np.uint8(d)
-                    hits += d < thr
-                dense = hits > 0
-            elif quarters and m == _SUB:
-                walk = np.int64(0)
-                for part in range(4):  # no stores: a test per quarter for any distance below thr
-                    at = base + np.uint64(part * _QUARTER)
-                    walk |= np.int64(any_popcount_below_64(codes, at, 0, (a,), thr)) << part
-                if walk == 0:
-                    continue
-                for part in range(4):
-                    if walk >> part & 1:
-                        at = base + np.uint64(part * _QUARTER)
-                        for j in range(_QUARTER):
-                            dist8[part * _QUARTER + j] = np.uint8(_popcount64(a ^ codes[at + np.uint64(j)]))
-                hits = np.int64(1)
-            else:
-                if m == _SUB:  # no stores: XOR, popcount, and a test for any distance below thr
-                    if not any_popcount_below(codes, base, 0, (a,), thr):
-                        continue
-                else:
-                    nearest = top
-                    for j in range(m):  # vectorised, no stores: XOR, popcount, min
-                        nearest = min(nearest, _popcount64(a ^ codes[base + np.uint64(j)]))
-                    if nearest >= thr:
-                        continue
-                for j in range(m):
-                    dist8[j] = np.uint8(_popcount64(a ^ codes[base + np.uint64(j)]))
-                hits = np.int64(1)
-                dense = True
-            if not hits:
-                continue
-            for j in range(m, -(-m // 8) * 8):  # pad to whole words: never a hit
-                dist8[j] = np.uint8(255)
-            # Walk the stored distances eight at a time (thr <= 65 here, so the SWAR test is exact). The
-            # same walk stands in _scan_tile_words: a shared helper would bring the reference counts back.
-            for w in range(-(-m // 8)):
-                if not walk >> (w // (_QUARTER // 8)) & 1:
-                    continue
-                x = words8[w]
-                limit = thrs[b]
-                if not ((x - _BYTES_LOW * np.uint64(limit)) & ~x & _BYTES_HIGH):
-                    continue
-                for j in range(8 * w, min(8 * w + 8, m)):
-                    d = np.int64(dist8[j])
                     if d < thrs[b]:
                         n = counts[b]
                         cand_d[b, n] = d
                         cand_i[b, n] = s0 + j
+                        n += 1
+                        if n == cand_d.shape[1]:
+                            n, thrs[b] = _cut_to_topk(cand_d[b], cand_i[b], n, k, n_dist)
+                        counts[b] = n
+                continue
+            thr = thrs[b]
+            if quarters:
+                walk = quarters_popcount_below(codes, base, 0, (a,), thr)
+            else:
+                walk = np.int64(0b1111) if any_popcount_below(codes, base, 0, (a,), thr) else np.int64(0)
+            if walk == 0:
+                continue
+            for part in range(4):
+                if not walk >> part & 1:
+                    continue
+                at = base + np.uint64(part * _QUARTER)
+                mask = popcount_below_mask64(codes, at, 0, (a,), thrs[b])
+                while mask:
+                    j = trailing_zeros(mask)
+                    mask &= mask - np.uint64(1)
+                    d = _popcount64(a ^ codes[at + np.uint64(j)])
+                    if d < thrs[b]:  # a cut since the mask may have tightened the bound
+                        n = counts[b]
+                        cand_d[b, n] = d
+                        cand_i[b, n] = s0 + part * _QUARTER + j
                         n += 1
                         if n == cand_d.shape[1]:
                             n, thrs[b] = _cut_to_topk(cand_d[b], cand_i[b], n, k, n_dist)
@@ -1309,140 +1282,100 @@ def _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u):  # pragma: no cover - c
 
 
 @nb.njit(inline="always", cache=True)
-def _scan_tile_words(q_words, q0, q1, tile, stride, n, dist, dist8, words8, first, cand_d, cand_i, counts, thrs, k,
-                     n_dist, quarters):  # pragma: no cover - compiled
+def _scan_tile_words(q_words, q0, q1, tile, stride, n, dist, first, cand_d, cand_i, counts, thrs, k, n_dist,
+                     quarters):  # pragma: no cover - compiled
     """Queries ``q0..q1`` (``W`` words; block slot ``b`` for query ``q0 + b``), one after the other, against
-    the first ``n`` items of a flat word-major tile (word
-    ``w`` of item ``j`` at ``tile[w * stride + j]``), item ``j`` at position ``first + j``. 2- and
-    4-word codes (once the bound is at most 255): as :func:`_scan_tile_one_word`, a fused pass for
-    a distance below the bound (per quarter from k = ``_QUARTER_MIN_K`` on) while hits are rare, and one
-    fused pass that stores byte distances and counts hits for a sub-block with a hit and the one after
-    it. Other widths: the distances of each sub-block go into the L1-resident ``dist`` by one
-    vectorised pass per word, and are counted there. Written out without helpers that take arrays
-    and branch, for the reason given in :func:`_scan_tile_one_word`."""
+    the first ``n`` items of a flat word-major tile (word ``w`` of item ``j`` at ``tile[w * stride + j]``),
+    item ``j`` at position ``first + j``. 2- and 4-word codes: as :func:`_scan_tile_one_word`, one
+    store-free pass per sub-block (per quarter from k = ``_QUARTER_MIN_K`` on), and a bit mask of the
+    items below the bound where it finds one. Other widths, and a tile's last items: the distances of
+    each sub-block go into the L1-resident ``dist`` by one vectorised pass per word, are counted
+    against the bound there, and gone through only when one beats it. Written out without helpers
+    that take arrays and branch, for the reason given in :func:`_scan_tile_one_word`."""
     n_words = q_words.shape[1]
     fused = n_words == 2 or n_words == 4
-    top = np.int64(64 * n_words)
     p0, p1, p2, p3 = np.uint64(0), np.uint64(stride), np.uint64(2 * stride), np.uint64(3 * stride)
     last = n_words - 1
     for b in range(q1 - q0):
         qi = q0 + b
         # words past the code's are unused
         a0, a1, a2, a3 = q_words[qi, 0], q_words[qi, min(1, last)], q_words[qi, min(2, last)], q_words[qi, min(3, last)]
-        dense = False
         for s0 in range(0, n, _SUB):
             m = min(_SUB, n - s0)
-            thr = thrs[b]
             u0 = np.uint64(s0)
-            walk = np.int64(0b1111)  # the quarters to walk
-            # byte distances are exact below 255, and only items below thr are offered
-            from_bytes = fused and thr <= 255
-            if from_bytes and quarters and not dense and m == _SUB:
-                walk = np.int64(0)
-                for part in range(4):  # one fused pass per quarter, no stores: any distance below thr
-                    at = u0 + np.uint64(part * _QUARTER)
-                    if n_words == 2:
-                        below = any_popcount_below_64(tile, at, p1, (a0, a1), thr)
+            thr = thrs[b]
+            if fused and m == _SUB:
+                if n_words == 2:
+                    if quarters:
+                        walk = quarters_popcount_below(tile, u0, p1, (a0, a1), thr)
                     else:
-                        below = any_popcount_below_64(tile, at, p1, (a0, a1, a2, a3), thr)
-                    walk |= np.int64(below) << part
+                        walk = np.int64(0b1111) if any_popcount_below(tile, u0, p1, (a0, a1), thr) else np.int64(0)
+                elif quarters:
+                    walk = quarters_popcount_below(tile, u0, p1, (a0, a1, a2, a3), thr)
+                else:
+                    walk = (np.int64(0b1111) if any_popcount_below(tile, u0, p1, (a0, a1, a2, a3), thr)
+                            else np.int64(0))
                 if walk == 0:
                     continue
                 for part in range(4):
-                    if walk >> part & 1:
-                        at = u0 + np.uint64(part * _QUARTER)
-                        if n_words == 2:
-                            for j in range(_QUARTER):
-                                d = _distance2(a0, a1, tile, p0, p1, at + np.uint64(j))
-                                dist8[part * _QUARTER + j] = np.uint8(d)
-                        else:
-                            for j in range(_QUARTER):
-                                d = _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, at + np.uint64(j))
-                                dist8[part * _QUARTER + j] = np.uint8(min(d, 255))
-            elif from_bytes:
-                if not dense:
-                    if m == _SUB:  # one fused pass, no stores: a test for any distance below thr
-                        if n_words == 2:
-                            below = any_popcount_below(tile, u0, p1, (a0, a1), thr)
-                        else:
-                            below = any_popcount_below(tile, u0, p1, (a0, a1, a2, a3), thr)
-                        if not below:
-                            continue
-                    else:
-                        nearest = top
-                        if n_words == 2:
-                            for j in range(m):  # one fused pass, no stores
-                                nearest = min(nearest, _distance2(a0, a1, tile, p0, p1, u0 + np.uint64(j)))
-                        else:
-                            for j in range(m):
-                                nearest = min(nearest, _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3,
-                                                                  u0 + np.uint64(j)))
-                        if nearest >= thr:
-                            continue
-                hits = np.int64(0)
-                if n_words == 2:
-                    for j in range(m):  # one fused pass: store byte distances, count hits
-                        d = _distance2(a0, a1, tile, p0, p1, u0 + np.uint64(j))
-                        dist8[j] = np.uint8(d)
-                        hits += d < thr
-                else:
-                    for j in range(m):
-                        d = _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u0 + np.uint64(j))
-                        dist8[j] = np.uint8(min(d, 255))
-                        hits += d < thr
-                dense = hits > 0
-                if not hits:
-                    continue
-            else:
-                a = q_words[qi, 0]
-                for j in range(m):
-                    dist[j] = _popcount64(a ^ tile[u0 + np.uint64(j)])
-                for w in range(1, n_words):
-                    a = q_words[qi, w]
-                    base = np.uint64(w * stride + s0)
-                    for j in range(m):
-                        dist[j] += _popcount64(a ^ tile[base + np.uint64(j)])
-                hits = np.int64(0)
-                for j in range(m):
-                    hits += dist[j] < thr
-                dense = hits > 0
-                if not hits:
-                    continue
-                for j in range(m):  # saturated bytes for the SWAR test
-                    dist8[j] = np.uint8(min(dist[j], 255))
-            for j in range(m, -(-m // 8) * 8):  # pad to whole words: never a hit
-                dist8[j] = np.uint8(255)
-            # Walk eight at a time: a word is gone through item by item only when the SWAR test says one of
-            # its bytes is below the bound (exact for a bound of at most 128), or when the bound is larger.
-            # Written out as in _scan_tile_one_word, and for the same reason.
-            for w in range(-(-m // 8)):
-                if not walk >> (w // (_QUARTER // 8)) & 1:
-                    continue
-                limit = thrs[b]
-                if limit <= 128:
-                    x = words8[w]
-                    if not ((x - _BYTES_LOW * np.uint64(limit)) & ~x & _BYTES_HIGH):
+                    if not walk >> part & 1:
                         continue
-                for j in range(8 * w, min(8 * w + 8, m)):
-                    d = np.int64(dist8[j]) if from_bytes else np.int64(dist[j])
-                    if d < thrs[b]:
-                        c = counts[b]
-                        cand_d[b, c] = d
-                        cand_i[b, c] = first + s0 + j
-                        c += 1
-                        if c == cand_d.shape[1]:
-                            c, thrs[b] = _cut_to_topk(cand_d[b], cand_i[b], c, k, n_dist)
-                        counts[b] = c
+                    at = u0 + np.uint64(part * _QUARTER)
+                    if n_words == 2:
+                        mask = popcount_below_mask64(tile, at, p1, (a0, a1), thrs[b])
+                    else:
+                        mask = popcount_below_mask64(tile, at, p1, (a0, a1, a2, a3), thrs[b])
+                    while mask:
+                        j = trailing_zeros(mask)
+                        mask &= mask - np.uint64(1)
+                        u = at + np.uint64(j)
+                        if n_words == 2:
+                            d = _distance2(a0, a1, tile, p0, p1, u)
+                        else:
+                            d = _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u)
+                        if d < thrs[b]:  # a cut since the mask may have tightened the bound
+                            c = counts[b]
+                            cand_d[b, c] = d
+                            cand_i[b, c] = first + s0 + part * _QUARTER + j
+                            c += 1
+                            if c == cand_d.shape[1]:
+                                c, thrs[b] = _cut_to_topk(cand_d[b], cand_i[b], c, k, n_dist)
+                            counts[b] = c
+                continue
+            a = q_words[qi, 0]
+            for j in range(m):
+                dist[j] = _popcount64(a ^ tile[u0 + np.uint64(j)])
+            for w in range(1, n_words):
+                a = q_words[qi, w]
+                base = np.uint64(w * stride + s0)
+                for j in range(m):
+                    dist[j] += _popcount64(a ^ tile[base + np.uint64(j)])
+            hits = np.int64(0)
+            for j in range(m):  # vectorised: most sub-blocks have no hit
+                hits += dist[j] < thr
+            if not hits:
+                continue
+            for j in range(m):
+                d = np.int64(dist[j])
+                if d < thrs[b]:
+                    c = counts[b]
+                    cand_d[b, c] = d
+                    cand_i[b, c] = first + s0 + j
+                    c += 1
+                    if c == cand_d.shape[1]:
+                        c, thrs[b] = _cut_to_topk(cand_d[b], cand_i[b], c, k, n_dist)
+                    counts[b] = c
 
 
 def bound_sample(n_items: int, n_words: int, many_queries: bool = True, k: int = 1) -> tuple[int, int]:
     """``(size, stride)`` of the sample a chunk's starting bound is guessed from: every ``stride``-th item
     from the chunk's first, ``size`` of them. A block of many queries shares a strided sample of up to
     ``_SAMPLE_BYTES`` of codes, ``_SAMPLE_BYTES_LARGE_K`` from ``k = _QUARTER_MIN_K`` on (gathering it costs
-    a cache miss per item, paid once for the block; a larger sample gives a tighter bound, which pays for
-    a large ``k`` only); a block of few queries reads the chunk's first items (``_SAMPLE_BYTES_FEW``),
-    which costs no gather. ``(0, 0)`` for a chunk under ``16 * _SAMPLE_MIN`` items, scanned with no
-    starting bound."""
+    a cache miss per item, paid once for the block, and every query computes its distances to it; a
+    larger sample gives a tighter bound, which pays for a large ``k`` only, and 128 KiB measured best at
+    k = 1,000 against 32 KiB and 1 MiB, docs/scale.md); a block of few queries reads the chunk's first
+    items (``_SAMPLE_BYTES_FEW``), which costs no gather. ``(0, 0)`` for a chunk under
+    ``16 * _SAMPLE_MIN`` items, scanned with no starting bound."""
     budget = ((_SAMPLE_BYTES_LARGE_K if k >= _QUARTER_MIN_K else _SAMPLE_BYTES) if many_queries
               else _SAMPLE_BYTES_FEW)
     size = max(_SAMPLE_MIN, min(budget // (8 * n_words), n_items // 16) // 8 * 8)
@@ -1468,8 +1401,8 @@ def _guess_bound(q_row, sample, size, sample_dist, sample8, n_items, k, n_dist):
     ``P(Poisson(λ) ≥ c)``, ``λ = k · size / n_items``; ``c`` is the smallest count that makes it at most
     ``_BOUND_RISK`` (:func:`_sample_goal`). The caller checks that at least ``k`` items beat the bound
     and otherwise rescans unbounded. The distances (saturated to bytes) come from one vectorised pass
-    per word; ``t`` is found by bisection from the sample's smallest distance, each step a vectorised
-    count of bytes."""
+    per word; ``t`` from their histogram (four interleaved counters per distance, so that runs of one
+    distance do not wait on each other)."""
     goal = _sample_goal(k * size / n_items)
     if goal > size:
         return np.int64(n_dist)
@@ -1488,25 +1421,21 @@ def _guess_bound(q_row, sample, size, sample_dist, sample8, n_items, k, n_dist):
                 sample_dist[i] += np.int32(_popcount64(a ^ sample[base + np.uint64(i)]))
         for i in range(size):
             sample8[i] = np.uint8(min(sample_dist[i], 255))
-    nearest = np.uint8(255)
-    for i in range(size):
-        nearest = min(nearest, sample8[i])
-    # smallest t in [nearest, 254] with count(sample8 <= t) >= goal; none: no useful bound
-    lo, hi = np.int64(nearest), np.int64(min(254, n_dist - 1))
-    if _count_at_most(sample8, size, hi) < goal:
-        return np.int64(n_dist)
-    step = np.int64(8)  # the t sought is usually a few units above the smallest distance
-    while lo + step < hi and _count_at_most(sample8, size, lo + step) < goal:
-        lo += step + 1
-        step *= 2
-    hi = min(hi, lo + step)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if _count_at_most(sample8, size, mid) >= goal:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo + 1
+    hist = np.zeros(4 * 256, np.int32)
+    size4 = size // 4 * 4
+    for i in range(0, size4, 4):
+        hist[sample8[i]] += 1
+        hist[256 + sample8[i + 1]] += 1
+        hist[512 + sample8[i + 2]] += 1
+        hist[768 + sample8[i + 3]] += 1
+    for i in range(size4, size):
+        hist[sample8[i]] += 1
+    total = np.int64(0)
+    for t in range(min(255, n_dist)):
+        total += hist[t] + hist[256 + t] + hist[512 + t] + hist[768 + t]
+        if total >= goal:
+            return np.int64(t + 1)
+    return np.int64(n_dist)
 
 
 @nb.njit(inline="always", cache=True)
@@ -1523,16 +1452,6 @@ def _sample_goal(lam):  # pragma: no cover - compiled
         tail -= term
         c += 1
     return c
-
-
-@nb.njit(inline="always", cache=True)
-def _count_at_most(values8, size, t):  # pragma: no cover - compiled
-    """How many of ``values8[:size]`` are ``<= t`` (vectorised)."""
-    bound = np.uint8(t)
-    count = np.int64(0)
-    for i in range(size):
-        count += values8[i] <= bound
-    return count
 
 
 @nb.njit(nogil=True, cache=True)
@@ -1574,19 +1493,17 @@ def _topk_blocked(q_words, db_words, db_flat, k, cap, chunk, q_block, quarters, 
                                        n_dist)
         tile = _aligned_empty(n_words * tile_items, np.uint64)  # word-major: word w of item j at w * tile_items + j
         dist = np.empty(_SUB, np.int32)
-        dist8 = _aligned_empty(_SUB, np.uint8)
-        words8 = dist8.view(np.uint64)
         for t0 in range(j_start, j_stop, tile_items):
             t1 = min(t0 + tile_items, j_stop)
             if n_words == 1:
-                _scan_tile_one_word(q_words, q0, q1, db_flat, t0, t1, dist8, words8, cand_d, cand_i, counts, thrs, k,
-                                    n_dist, quarters)
+                _scan_tile_one_word(q_words, q0, q1, db_flat, t0, t1, cand_d, cand_i, counts, thrs, k, n_dist,
+                                    quarters)
             else:
                 # Word-major copy of the tile, paid once for the whole query block: the distance loop
                 # then reads each word contiguously and vectorises.
                 _load_tile(db_words, t0, t1, tile, tile_items)
-                _scan_tile_words(q_words, q0, q1, tile, tile_items, t1 - t0, dist, dist8, words8, t0, cand_d, cand_i,
-                                 counts, thrs, k, n_dist, quarters)
+                _scan_tile_words(q_words, q0, q1, tile, tile_items, t1 - t0, dist, t0, cand_d, cand_i, counts, thrs, k,
+                                 n_dist, quarters)
         for b in range(q1 - q0):
             if guessed and counts[b] < need:
                 # The guessed bound was too tight for this query (fewer than k items beat it): redo the
@@ -1856,11 +1773,12 @@ def _topk_counting(q_words: np.ndarray, db_words: np.ndarray, k: int, n_threads:
 
 
 def candidate_capacity(k: int) -> int:
-    """Slots of a query's candidate buffer in the threshold scan: ``k`` plus ``max(k, _CUT_BATCH)`` offers
-    between two cuts back to the top k. Each cut tightens the bound to the k-th distance so far, so at a
-    small k, cutting every few offers keeps the bound close from early in the scan: with 256 slots, the
-    sampled bound stayed in force over half the database (5x the offers at k = 10)."""
-    return k + max(k, _CUT_BATCH)
+    """Slots of a query's candidate buffer in the threshold scan: ``k`` plus ``max(k // 2, _CUT_BATCH)``
+    offers between two cuts back to the top k. Each cut tightens the bound to the k-th distance so far,
+    so cutting early keeps the bound close from early in the scan: at a small k, every few offers (with
+    256 slots, the sampled bound stayed in force over half the database: 5x the offers at k = 10); at
+    k = 1,000 on 64-bit codes, half of k between cuts measured 1.05x faster than k (docs/scale.md)."""
+    return k + max(k // 2, _CUT_BATCH)
 
 
 def search_query_block(n_words: int, k: int) -> int:

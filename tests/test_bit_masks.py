@@ -13,6 +13,7 @@ from crossret.retrieval.bit_masks import (
     BELOW_BLOCK,
     MASK_WIDTH,
     any_popcount_below,
+    blocks_popcount_below,
     equal_mask64,
     popcount_below_mask64,
     quarters_popcount_below,
@@ -73,7 +74,8 @@ def _compiled(test: object) -> object:
 _below = _compiled(any_popcount_below)
 _quarters = _compiled(quarters_popcount_below)
 _mask = _compiled(popcount_below_mask64)
-_ALL = (_below, _quarters, _mask)
+_blocks = _compiled(blocks_popcount_below)
+_ALL = (_below, _quarters, _mask, _blocks)
 
 
 def _bits(hit: np.ndarray) -> int:
@@ -84,10 +86,11 @@ def _bits(hit: np.ndarray) -> int:
 def test_the_below_tests_are_exact_at_the_bound(n_words: int) -> None:
     # Word-major codes (word w of item j at start + w * stride + j). For every bound around the smallest
     # distance of the 256 codes and of each quarter: any_popcount_below says "some code below" for the
-    # 256, quarters_popcount_below the same per quarter, and popcount_below_mask64 names every code of a
-    # quarter below the bound. None may look at the codes after its own (often nearer ones are there).
+    # 256, quarters_popcount_below the same per quarter, blocks_popcount_below per 256 of 1,024 codes,
+    # and popcount_below_mask64 names every code of a quarter below the bound. None may look at the
+    # codes after its own (often nearer ones are there).
     rng = np.random.default_rng(n_words)
-    stride = BELOW_BLOCK + 37
+    stride = 4 * BELOW_BLOCK + 37
     start = 11
     for trial in range(30):
         codes = rng.integers(0, 2**63, n_words * stride + start, dtype=np.int64).view(np.uint64)
@@ -95,18 +98,21 @@ def test_the_below_tests_are_exact_at_the_bound(n_words: int) -> None:
             codes &= rng.integers(0, 2**63, codes.size, dtype=np.int64).view(np.uint64)
         query = codes[start + 5 + np.arange(n_words) * stride].copy() if trial % 5 == 0 else \
             rng.integers(0, 2**63, n_words, dtype=np.int64).view(np.uint64)
-        distance = np.zeros(BELOW_BLOCK, np.int64)
+        span = np.zeros(4 * BELOW_BLOCK, np.int64)
         for w in range(n_words):
-            block = codes[start + w * stride:start + w * stride + BELOW_BLOCK]
-            distance += np.bitwise_count(block ^ query[w]).astype(np.int64)
+            block = codes[start + w * stride:start + w * stride + 4 * BELOW_BLOCK]
+            span += np.bitwise_count(block ^ query[w]).astype(np.int64)
+        distance = span[:BELOW_BLOCK]
         quarters = distance.reshape(4, MASK_WIDTH)
+        blocks = span.reshape(4, BELOW_BLOCK)
         bounds = {0, 1, 64 * n_words, 64 * n_words + 1}
-        for nearest in quarters.min(axis=1):
+        for nearest in np.concatenate([quarters.min(axis=1), blocks.min(axis=1)]):
             bounds |= {max(int(nearest) - 1, 0), int(nearest), int(nearest) + 1, int(nearest) + 3}
         for bound in sorted(bounds):
             args = (codes, np.uint64(start), np.uint64(stride), n_words, query, np.int64(bound))
             assert _below(*args) == (distance.min() < bound), (trial, bound)
             assert _quarters(*args) == _bits(quarters.min(axis=1) < bound), (trial, bound)
+            assert _blocks(*args) == _bits(blocks.min(axis=1) < bound), (trial, bound)
             for part in range(4):
                 at = np.uint64(start + part * MASK_WIDTH)
                 got = _mask(codes, at, np.uint64(stride), n_words, query, np.int64(bound))
@@ -123,9 +129,10 @@ def test_the_below_tests_refuse_codes_that_are_not_uint64(test: object) -> None:
 def test_the_below_tests_at_distance_zero_everywhere_and_the_largest_bound(n_words: int) -> None:
     # Every code equals the query: distance 0 is below any bound from 1 up to 64 · words + 1.
     query = np.random.default_rng(n_words).integers(0, 2**63, n_words, dtype=np.int64).view(np.uint64)
-    codes = np.repeat(query, BELOW_BLOCK)  # word-major, stride 256
+    codes = np.repeat(query, 4 * BELOW_BLOCK)  # word-major, stride 1,024
     for bound in (0, 1, 64 * n_words, 64 * n_words + 1):
-        args = (codes, np.uint64(0), np.uint64(BELOW_BLOCK), n_words, query, np.int64(bound))
+        args = (codes, np.uint64(0), np.uint64(4 * BELOW_BLOCK), n_words, query, np.int64(bound))
         assert _below(*args) == (bound > 0), bound
         assert _quarters(*args) == (0b1111 if bound > 0 else 0), bound
+        assert _blocks(*args) == (0b1111 if bound > 0 else 0), bound
         assert int(_mask(*args)) == (2**64 - 1 if bound > 0 else 0), bound

@@ -414,3 +414,27 @@ def test_helpers_outside_a_process_group_are_the_identity() -> None:
     assert distributed.run_on_main(lambda: 7) == 7 and distributed.broadcast_object({"a": 1}) == {"a": 1}
     assert [distributed.shard_range(7, r, 3) for r in range(3)] == [(0, 3), (3, 5), (5, 7)]
     assert [distributed.shard_range(2, r, 3) for r in range(3)] == [(0, 1), (1, 2), (2, 2)]
+
+
+def test_a_group_this_block_joined_is_left_together_and_left_at_once_on_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A normal exit waits for every rank before the group is torn down (a gloo rank leaving early could
+    # abort at exit); an exception skips the wait (the other ranks may never arrive) but still leaves.
+    from crossret import distributed
+
+    calls: list[str] = []
+    monkeypatch.setattr(distributed, "init_from_env", lambda backend=None: True)
+    monkeypatch.setattr(distributed, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed, "teardown", lambda: calls.append("teardown"))
+    with distributed.process_group("gloo"):
+        calls.append("work")
+    assert calls == ["work", "barrier", "teardown"]
+    calls.clear()
+    with pytest.raises(ValueError, match="boom"), distributed.process_group("gloo"):
+        raise ValueError("boom")
+    assert calls == ["teardown"]
+    calls.clear()
+    monkeypatch.setattr(distributed, "init_from_env", lambda backend=None: False)  # a group someone else made
+    with distributed.process_group("gloo"):
+        calls.append("work")
+    assert calls == ["work"]

@@ -129,6 +129,10 @@ def process_group(backend: str | None = None) -> Iterator[None]:
     created = init_from_env(backend)
     try:
         yield
+        if created:
+            # Leave together: a gloo rank that tears its connections down while another still has
+            # them open could abort at exit ("terminate called without an active exception").
+            barrier()
     finally:
         if created:
             teardown()

@@ -1,4 +1,4 @@
-"""Vector tests over 64 or 256 array elements at once, for numba kernels.
+"""Vector tests over 64 to 1,024 array elements at once, for numba kernels.
 
 :func:`equal_mask64` is a numba intrinsic: ``equal_mask64(array, start, value)`` is the uint64 whose
 bit ``i`` is set where ``array[start + i] == value``, for ``i = 0..63``. It loads the 64 elements as one
@@ -17,12 +17,20 @@ bounds check: the caller guarantees ``0 <= start`` and ``start + 64 <= len(array
 1-D integer array).
 
 :func:`any_popcount_below` is the first pass of the flat Hamming scan: whether any of 256 codes of 1, 2
-or 4 words lies at Hamming distance ``p < bound`` from a query (``0 <= bound <= 64 · words + 1``). It needs no
-minimum: with ``F`` the power of two above ``64 · words``, ``p + (F - bound)`` has the bit ``F`` clear
-exactly when ``p < bound``, and an AND over all 256 keeps that bit clear when any one has it clear. That
-is an add and an AND per eight codes, which LLVM fuses three at a time; a running minimum (``vpminuq``)
-measured slower (docs/scale.md). Same contract: a C-contiguous 1-D uint64 array holding every word read,
-unchecked.
+or 4 words lies at Hamming distance ``p < bound`` from a query (``0 <= bound <= 64 · words + 1``).
+:func:`quarters_popcount_below` answers the same per 64 codes and :func:`blocks_popcount_below` per 256 of
+1,024 codes, as bits of an int64. They keep a running minimum of the distances, read as 32-bit lanes:
+a distance fits in the low half of its 64-bit lane and the high half is zero, so an unsigned 32-bit
+minimum (``vpminud``) keeps every low half's minimum, and only the low halves are compared with the
+bound at the end. That is one operation per eight codes on a port the vector popcount does not use,
+the same count as a popcount sum: the 64-bit minimum (``vpminuq``) and an add-and-AND test measured
+slower (docs/scale.md).
+
+:func:`popcount_below_mask64` is the uint64 whose bit ``j`` is set where code ``j`` of 64 lies below the
+bound: eight vector compares whose lane masks are concatenated. The scan computes it only for the
+64 codes where the test found a hit, and walks its set bits.
+
+Same contract for all four: a C-contiguous 1-D uint64 array holding every word read, unchecked.
 """
 
 from __future__ import annotations
@@ -33,8 +41,8 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-__all__ = ["BELOW_BLOCK", "MASK_WIDTH", "any_popcount_below", "equal_mask64", "popcount_below_mask64",
-           "quarters_popcount_below"]
+__all__ = ["BELOW_BLOCK", "MASK_WIDTH", "any_popcount_below", "blocks_popcount_below", "equal_mask64",
+           "popcount_below_mask64", "quarters_popcount_below"]
 
 MASK_WIDTH = 64
 BELOW_BLOCK = 256  # codes per any_popcount_below test
@@ -121,53 +129,53 @@ class _DistanceVectors:
         return distance
 
 
-def _below_test_intrinsic(per_quarter: bool) -> Any:
-    """The intrinsic of :func:`any_popcount_below` (``per_quarter=False``: one boolean for the 256 codes)
-    or of :func:`quarters_popcount_below` (one bit per 64 codes)."""
-    steps = BELOW_BLOCK // MASK_WIDTH
+def _below_test_intrinsic(n_codes: int, group: int, as_bool: bool) -> Any:
+    """The intrinsic that tests ``n_codes`` codes for a distance below the bound and answers per ``group``
+    of them: an int64 with bit ``i`` set where group ``i`` has one, or (``as_bool``) whether any has."""
+    n_groups, steps = n_codes // group, group // MASK_WIDTH
 
     @intrinsic
     def below(typingctx: Any, codes: Any, start: Any, stride: Any, query: Any, bound: Any) -> Any:
         if not _codes_typing(codes, start, stride, query, bound):
             return None
-        flag = 1 << (64 * query.count).bit_length()  # above the largest distance, 64 · n_words
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
             vectors = _DistanceVectors(context, builder, signature, args)
-            vector_type = vectors.vector_type
-            word64 = ir.IntType(64)
-            shift = _splat(builder, builder.sub(ir.Constant(word64, flag), vectors.bound), vector_type)
-            flags = ir.Constant(vector_type, [flag] * _LANES)
-            zeros = ir.Constant(vector_type, [0] * _LANES)
-            no_lane = ir.Constant(ir.IntType(_LANES), 0)
+            word64, word32, intp = ir.IntType(64), ir.IntType(32), _intp_type(context)
+            halves = ir.VectorType(word32, 2 * _LANES)  # each distance's 64-bit lane as two 32-bit lanes
+            umin = cgutils.get_or_insert_function(builder.module, ir.FunctionType(halves, [halves, halves]),
+                                                  "llvm.umin.v16i32")
+            limit = _splat(builder, builder.trunc(vectors.bound, word32), halves)
+            low_halves = ir.Constant(ir.IntType(2 * _LANES), int("01" * _LANES, 2))  # little-endian
             offset = vectors.offset
-            # A loop of steps of 64 codes, so that the body stays small inside a large kernel.
-            if per_quarter:
-                accumulator = cgutils.alloca_once_value(builder, ir.Constant(word64, 0))
-            else:
-                accumulator = cgutils.alloca_once_value(builder, ir.Constant(vector_type, [-1] * _LANES))
-            with cgutils.for_range(builder, ir.Constant(_intp_type(context), steps)) as loop:
-                step_start = builder.add(offset, builder.mul(loop.index, ir.Constant(offset.type, MASK_WIDTH)))
-                terms = []
-                for block in range(MASK_WIDTH // _LANES):
-                    at = builder.add(step_start, ir.Constant(offset.type, _LANES * block))
-                    terms.append(builder.add(vectors.distances(at), shift))
-                while len(terms) > 1:  # a balanced AND tree: independent operations
-                    terms = [builder.and_(terms[i], terms[i + 1]) for i in range(0, len(terms), 2)]
-                if per_quarter:
-                    clear = builder.icmp_unsigned("==", builder.and_(terms[0], flags), zeros)
-                    hit = builder.icmp_unsigned("!=", builder.bitcast(clear, ir.IntType(_LANES)), no_lane)
-                    bit = builder.shl(builder.zext(hit, word64), builder.zext(loop.index, word64))
-                    builder.store(builder.or_(builder.load(accumulator), bit), accumulator)
-                else:
-                    builder.store(builder.and_(builder.load(accumulator), terms[0]), accumulator)
-            if per_quarter:
-                return builder.load(accumulator)
-            clear = builder.icmp_unsigned("==", builder.and_(builder.load(accumulator), flags), zeros)
-            return builder.icmp_unsigned("!=", builder.bitcast(clear, ir.IntType(_LANES)), no_lane)
+            found = cgutils.alloca_once_value(builder, ir.Constant(word64, 0))
+            nearest = cgutils.alloca_once(builder, halves)
+            # Loops of steps of 64 codes, so that the body stays small inside a large kernel.
+            with cgutils.for_range(builder, ir.Constant(intp, n_groups)) as group_loop:
+                group_start = builder.add(offset, builder.mul(group_loop.index, ir.Constant(offset.type, group)))
+                builder.store(ir.Constant(halves, [-1] * 2 * _LANES), nearest)
+                with cgutils.for_range(builder, ir.Constant(intp, steps)) as loop:
+                    step_start = builder.add(group_start,
+                                             builder.mul(loop.index, ir.Constant(offset.type, MASK_WIDTH)))
+                    terms = []
+                    for block in range(MASK_WIDTH // _LANES):
+                        at = builder.add(step_start, ir.Constant(offset.type, _LANES * block))
+                        terms.append(builder.bitcast(vectors.distances(at), halves))
+                    while len(terms) > 1:  # a balanced tree: independent operations
+                        terms = [builder.call(umin, [terms[i], terms[i + 1]]) for i in range(0, len(terms), 2)]
+                    builder.store(builder.call(umin, [builder.load(nearest), terms[0]]), nearest)
+                below = builder.bitcast(builder.icmp_unsigned("<", builder.load(nearest), limit),
+                                        ir.IntType(2 * _LANES))
+                hit = builder.icmp_unsigned("!=", builder.and_(below, low_halves),
+                                            ir.Constant(ir.IntType(2 * _LANES), 0))
+                bit = builder.shl(builder.zext(hit, word64), builder.zext(group_loop.index, word64))
+                builder.store(builder.or_(builder.load(found), bit), found)
+            result = builder.load(found)
+            if as_bool:
+                return builder.icmp_unsigned("!=", result, ir.Constant(word64, 0))
+            return result
 
-        result = types.int64 if per_quarter else types.boolean
-        return result(codes, start, stride, query, bound), codegen
+        return (types.boolean if as_bool else types.int64)(codes, start, stride, query, bound), codegen
 
     return below
 
@@ -177,7 +185,7 @@ def popcount_below_mask64(typingctx: Any, codes: Any, start: Any, stride: Any, q
     """uint64 whose bit ``j`` is set where ``sum_w popcount(query[w] ^ codes[start + w · stride + j]) < bound``,
     ``j = 0..63`` (same contract as :func:`any_popcount_below`). Eight vector compares whose lane masks
     are concatenated (``kunpck`` on AVX-512) and read as one integer: the scan walks its set bits with
-    ``tzcnt`` instead of storing and re-reading 64 distances."""
+    ``tzcnt`` instead of storing and re-reading 64 distances (see the module docstring)."""
     if not _codes_typing(codes, start, stride, query, bound):
         return None
 
@@ -197,10 +205,13 @@ def popcount_below_mask64(typingctx: Any, codes: Any, start: Any, stride: Any, q
     return types.uint64(codes, start, stride, query, bound), codegen
 
 
-any_popcount_below = _below_test_intrinsic(per_quarter=False)
+any_popcount_below = _below_test_intrinsic(BELOW_BLOCK, BELOW_BLOCK, as_bool=True)
 any_popcount_below.__doc__ = """Whether ``sum_w popcount(query[w] ^ codes[start + w · stride + j]) < bound`` for some
 ``j < 256`` (word-major codes: word ``w`` of item ``j`` at ``codes[start + w · stride + j]``; ``query`` a tuple
 of 1, 2 or 4 uint64 words; see the module docstring)."""
-quarters_popcount_below = _below_test_intrinsic(per_quarter=True)
+quarters_popcount_below = _below_test_intrinsic(BELOW_BLOCK, MASK_WIDTH, as_bool=False)
 quarters_popcount_below.__doc__ = """:func:`any_popcount_below` answered per quarter: an int64 whose bit ``i``
 (``i = 0..3``) is set where one of the codes ``64 i .. 64 i + 63`` lies below ``bound``."""
+blocks_popcount_below = _below_test_intrinsic(4 * BELOW_BLOCK, BELOW_BLOCK, as_bool=False)
+blocks_popcount_below.__doc__ = """:func:`any_popcount_below` over 1,024 codes, answered per block of 256: an int64
+whose bit ``i`` (``i = 0..3``) is set where one of the codes ``256 i .. 256 i + 255`` lies below ``bound``."""

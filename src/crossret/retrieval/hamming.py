@@ -48,6 +48,7 @@ from crossret.retrieval.bit_masks import (
     BELOW_BLOCK,
     MASK_WIDTH,
     any_popcount_below,
+    blocks_popcount_below,
     equal_mask64,
     popcount_below_mask64,
     quarters_popcount_below,
@@ -1110,7 +1111,7 @@ def hamming_distances(q_packed: np.ndarray, db_packed: np.ndarray, bits: int) ->
 # the tile before the next one is read, so memory traffic per (query, item) pair drops by the block
 # size. Each query keeps candidates (distance, position) in position order and a bound ``thr``: only an
 # item at ``d < thr`` can still enter the top k. The scan of a sub-block (``_SUB`` items) is first a
-# vectorised, store-free test for any distance below ``thr`` (XOR + vector popcount + add + AND); only
+# vectorised, store-free test for any distance below ``thr`` (XOR + vector popcount + minimum); only
 # in a quarter where one is does a vector compare give the bit mask of its items below ``thr``, whose
 # set bits are offered one by one (``tzcnt``). When the
 # candidate buffer fills, it is cut back to the exact top k so
@@ -1124,6 +1125,7 @@ def hamming_distances(q_packed: np.ndarray, db_packed: np.ndarray, bits: int) ->
 _TILE_BYTES = 1 << 17  # database bytes per tile (L2-resident with the per-query state)
 _SUB = 256  # items per vectorised threshold test
 assert _SUB == BELOW_BLOCK  # the first pass of a full sub-block is one any_popcount_below test
+_SPAN = 4 * _SUB  # items per first-pass test at small k (blocks_popcount_below)
 _QUARTER = _SUB // 4  # items per bit mask of hits; with many hits, the first pass also answers per quarter
 # A query's starting bound comes from a strided sample of the chunk (see _guess_bound): at most this many
 # bytes of codes, shared by the query block, and at least _SAMPLE_MIN items.
@@ -1213,9 +1215,11 @@ def _scan_tile_one_word(q_words, q0, q1, codes, t0, t1, cand_d, cand_i, counts, 
     """Queries ``q0..q1`` (1-word codes; block slot ``b`` for query ``q0 + b``) against the 1-word codes
     ``codes[t0:t1]``, one query after the other (the tile stays in cache).
 
-    A full sub-block is first only tested for any distance below the bound
-    (:func:`crossret.retrieval.bit_masks.any_popcount_below`: XOR, popcount, add, AND; no stores); from
-    k = ``_QUARTER_MIN_K`` on, where hits are common, the same test answers per quarter
+    The codes are first only tested for any distance below the bound (XOR, popcount, minimum; no
+    stores): 1,024 at a time, answered per sub-block of 256
+    (:func:`crossret.retrieval.bit_masks.blocks_popcount_below`; one sub-block at a time near the
+    tile's end, :func:`~crossret.retrieval.bit_masks.any_popcount_below`), and from k =
+    ``_QUARTER_MIN_K`` on, where hits are common, 256 at a time answered per quarter
     (:func:`~crossret.retrieval.bit_masks.quarters_popcount_below`). Each quarter with a hit is compared
     again, into a bit mask of its items below the bound
     (:func:`~crossret.retrieval.bit_masks.popcount_below_mask64`), and only those items are offered:
@@ -1231,10 +1235,12 @@ def _scan_tile_one_word(q_words, q0, q1, codes, t0, t1, cand_d, cand_i, counts, 
     that stops the loop from vectorising."""
     for b in range(q1 - q0):
         a = q_words[q0 + b, 0]
-        for s0 in range(t0, t1, _SUB):
+        s0 = t0
+        while s0 < t1:
             base = np.uint64(s0)
-            if t1 - s0 < _SUB:  # the chunk's last items: one by one
-                for j in range(t1 - s0):
+            left = t1 - s0
+            if left < _SUB:  # the chunk's last items: one by one
+                for j in range(left):
                     d = _popcount64(a ^ codes[base + np.uint64(j)])
                     if d < thrs[b]:
                         n = counts[b]
@@ -1244,17 +1250,22 @@ def _scan_tile_one_word(q_words, q0, q1, codes, t0, t1, cand_d, cand_i, counts, 
                         if n == cand_d.shape[1]:
                             n, thrs[b] = _cut_to_topk(cand_d[b], cand_i[b], n, k, n_dist)
                         counts[b] = n
-                continue
+                break
             thr = thrs[b]
+            span = _SUB
             if quarters:
                 walk = quarters_popcount_below(codes, base, 0, (a,), thr)
+            elif left >= _SPAN:
+                span = _SPAN
+                blocks = blocks_popcount_below(codes, base, 0, (a,), thr)
+                walk = np.int64(0)
+                for i in range(_SPAN // _SUB):  # every quarter of a block with a hit
+                    walk |= (blocks >> i & 1) * np.int64(0b1111) << (4 * i)
             else:
                 walk = np.int64(0b1111) if any_popcount_below(codes, base, 0, (a,), thr) else np.int64(0)
-            if walk == 0:
-                continue
-            for part in range(4):
-                if not walk >> part & 1:
-                    continue
+            while walk:
+                part = trailing_zeros(walk)
+                walk &= walk - 1
                 at = base + np.uint64(part * _QUARTER)
                 mask = popcount_below_mask64(codes, at, 0, (a,), thrs[b])
                 while mask:
@@ -1269,6 +1280,7 @@ def _scan_tile_one_word(q_words, q0, q1, codes, t0, t1, cand_d, cand_i, counts, 
                         if n == cand_d.shape[1]:
                             n, thrs[b] = _cut_to_topk(cand_d[b], cand_i[b], n, k, n_dist)
                         counts[b] = n
+            s0 += span
 
 
 @nb.njit(inline="always", cache=True)
@@ -1286,9 +1298,10 @@ def _scan_tile_words(q_words, q0, q1, tile, stride, n, dist, first, cand_d, cand
                      quarters):  # pragma: no cover - compiled
     """Queries ``q0..q1`` (``W`` words; block slot ``b`` for query ``q0 + b``), one after the other, against
     the first ``n`` items of a flat word-major tile (word ``w`` of item ``j`` at ``tile[w * stride + j]``),
-    item ``j`` at position ``first + j``. 2- and 4-word codes: as :func:`_scan_tile_one_word`, one
-    store-free pass per sub-block (per quarter from k = ``_QUARTER_MIN_K`` on), and a bit mask of the
-    items below the bound where it finds one. Other widths, and a tile's last items: the distances of
+    item ``j`` at position ``first + j``. 2- and 4-word codes: as :func:`_scan_tile_one_word`, a
+    store-free test per 1,024 items answered per sub-block (256 items answered per quarter from k =
+    ``_QUARTER_MIN_K`` on), and a bit mask of the items below the bound in each quarter where it
+    finds one. Other widths, and a tile's last items: the distances of
     each sub-block go into the L1-resident ``dist`` by one vectorised pass per word, are counted
     against the bound there, and gone through only when one beats it. Written out without helpers
     that take arrays and branch, for the reason given in :func:`_scan_tile_one_word`."""
@@ -1300,26 +1313,35 @@ def _scan_tile_words(q_words, q0, q1, tile, stride, n, dist, first, cand_d, cand
         qi = q0 + b
         # words past the code's are unused
         a0, a1, a2, a3 = q_words[qi, 0], q_words[qi, min(1, last)], q_words[qi, min(2, last)], q_words[qi, min(3, last)]
-        for s0 in range(0, n, _SUB):
+        s0 = 0
+        while s0 < n:
             m = min(_SUB, n - s0)
             u0 = np.uint64(s0)
             thr = thrs[b]
             if fused and m == _SUB:
-                if n_words == 2:
-                    if quarters:
+                span = _SUB
+                if quarters:
+                    if n_words == 2:
                         walk = quarters_popcount_below(tile, u0, p1, (a0, a1), thr)
                     else:
-                        walk = np.int64(0b1111) if any_popcount_below(tile, u0, p1, (a0, a1), thr) else np.int64(0)
-                elif quarters:
-                    walk = quarters_popcount_below(tile, u0, p1, (a0, a1, a2, a3), thr)
+                        walk = quarters_popcount_below(tile, u0, p1, (a0, a1, a2, a3), thr)
+                elif n - s0 >= _SPAN:
+                    span = _SPAN
+                    if n_words == 2:
+                        blocks = blocks_popcount_below(tile, u0, p1, (a0, a1), thr)
+                    else:
+                        blocks = blocks_popcount_below(tile, u0, p1, (a0, a1, a2, a3), thr)
+                    walk = np.int64(0)
+                    for i in range(_SPAN // _SUB):  # every quarter of a block with a hit
+                        walk |= (blocks >> i & 1) * np.int64(0b1111) << (4 * i)
+                elif n_words == 2:
+                    walk = np.int64(0b1111) if any_popcount_below(tile, u0, p1, (a0, a1), thr) else np.int64(0)
                 else:
                     walk = (np.int64(0b1111) if any_popcount_below(tile, u0, p1, (a0, a1, a2, a3), thr)
                             else np.int64(0))
-                if walk == 0:
-                    continue
-                for part in range(4):
-                    if not walk >> part & 1:
-                        continue
+                while walk:
+                    part = trailing_zeros(walk)
+                    walk &= walk - 1
                     at = u0 + np.uint64(part * _QUARTER)
                     if n_words == 2:
                         mask = popcount_below_mask64(tile, at, p1, (a0, a1), thrs[b])
@@ -1341,6 +1363,7 @@ def _scan_tile_words(q_words, q0, q1, tile, stride, n, dist, first, cand_d, cand
                             if c == cand_d.shape[1]:
                                 c, thrs[b] = _cut_to_topk(cand_d[b], cand_i[b], c, k, n_dist)
                             counts[b] = c
+                s0 += span
                 continue
             a = q_words[qi, 0]
             for j in range(m):
@@ -1353,18 +1376,18 @@ def _scan_tile_words(q_words, q0, q1, tile, stride, n, dist, first, cand_d, cand
             hits = np.int64(0)
             for j in range(m):  # vectorised: most sub-blocks have no hit
                 hits += dist[j] < thr
-            if not hits:
-                continue
-            for j in range(m):
-                d = np.int64(dist[j])
-                if d < thrs[b]:
-                    c = counts[b]
-                    cand_d[b, c] = d
-                    cand_i[b, c] = first + s0 + j
-                    c += 1
-                    if c == cand_d.shape[1]:
-                        c, thrs[b] = _cut_to_topk(cand_d[b], cand_i[b], c, k, n_dist)
-                    counts[b] = c
+            if hits:
+                for j in range(m):
+                    d = np.int64(dist[j])
+                    if d < thrs[b]:
+                        c = counts[b]
+                        cand_d[b, c] = d
+                        cand_i[b, c] = first + s0 + j
+                        c += 1
+                        if c == cand_d.shape[1]:
+                            c, thrs[b] = _cut_to_topk(cand_d[b], cand_i[b], c, k, n_dist)
+                        counts[b] = c
+            s0 += _SUB
 
 
 def bound_sample(n_items: int, n_words: int, many_queries: bool = True, k: int = 1) -> tuple[int, int]:
@@ -1401,8 +1424,8 @@ def _guess_bound(q_row, sample, size, sample_dist, sample8, n_items, k, n_dist):
     ``P(Poisson(λ) ≥ c)``, ``λ = k · size / n_items``; ``c`` is the smallest count that makes it at most
     ``_BOUND_RISK`` (:func:`_sample_goal`). The caller checks that at least ``k`` items beat the bound
     and otherwise rescans unbounded. The distances (saturated to bytes) come from one vectorised pass
-    per word; ``t`` from their histogram (four interleaved counters per distance, so that runs of one
-    distance do not wait on each other)."""
+    per word; ``t`` is found by bisection from the sample's smallest distance, each step a vectorised
+    count of bytes."""
     goal = _sample_goal(k * size / n_items)
     if goal > size:
         return np.int64(n_dist)
@@ -1421,21 +1444,25 @@ def _guess_bound(q_row, sample, size, sample_dist, sample8, n_items, k, n_dist):
                 sample_dist[i] += np.int32(_popcount64(a ^ sample[base + np.uint64(i)]))
         for i in range(size):
             sample8[i] = np.uint8(min(sample_dist[i], 255))
-    hist = np.zeros(4 * 256, np.int32)
-    size4 = size // 4 * 4
-    for i in range(0, size4, 4):
-        hist[sample8[i]] += 1
-        hist[256 + sample8[i + 1]] += 1
-        hist[512 + sample8[i + 2]] += 1
-        hist[768 + sample8[i + 3]] += 1
-    for i in range(size4, size):
-        hist[sample8[i]] += 1
-    total = np.int64(0)
-    for t in range(min(255, n_dist)):
-        total += hist[t] + hist[256 + t] + hist[512 + t] + hist[768 + t]
-        if total >= goal:
-            return np.int64(t + 1)
-    return np.int64(n_dist)
+    nearest = np.uint8(255)
+    for i in range(size):
+        nearest = min(nearest, sample8[i])
+    # smallest t in [nearest, 254] with count(sample8 <= t) >= goal; none: no useful bound
+    lo, hi = np.int64(nearest), np.int64(min(254, n_dist - 1))
+    if _count_at_most(sample8, size, hi) < goal:
+        return np.int64(n_dist)
+    step = np.int64(8)  # the t sought is usually a few units above the smallest distance
+    while lo + step < hi and _count_at_most(sample8, size, lo + step) < goal:
+        lo += step + 1
+        step *= 2
+    hi = min(hi, lo + step)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _count_at_most(sample8, size, mid) >= goal:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo + 1
 
 
 @nb.njit(inline="always", cache=True)
@@ -1452,6 +1479,16 @@ def _sample_goal(lam):  # pragma: no cover - compiled
         tail -= term
         c += 1
     return c
+
+
+@nb.njit(inline="always", cache=True)
+def _count_at_most(values8, size, t):  # pragma: no cover - compiled
+    """How many of ``values8[:size]`` are ``<= t`` (vectorised: 32-bit lanes, 16 per 512-bit vector)."""
+    bound = np.uint8(t)
+    count = np.int32(0)
+    for i in range(size):
+        count += np.int32(values8[i] <= bound)
+    return np.int64(count)
 
 
 @nb.njit(nogil=True, cache=True)

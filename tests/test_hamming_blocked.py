@@ -57,11 +57,19 @@ def topk_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
 def test_the_size_rule_takes_the_scan_only_for_a_small_share_of_the_database() -> None:
     rule, share, smallest = _SIZE_RULE, hamming._SCAN_MAX_SHARE, hamming._SCAN_MIN_DATABASE
     assert share * 1000 >= smallest
+    few = hamming._QUERY_BLOCK  # enough to share a multi-word tile copy, fewer than "many"
+    assert few < hamming._SCAN_MANY_QUERIES
     for n_words in (1, 2, 4):  # the same share at every code length
-        assert rule(1000, share * 1000, n_words, 1000) and not rule(1000, share * 1000 - 1, n_words, 1000)
+        assert rule(few, share * 1000, n_words, 1000) and not rule(few, share * 1000 - 1, n_words, 1000)
     assert not rule(1000, smallest - 1, 1, 1) and rule(1000, smallest, 1, 1)
     assert not rule(1, share * 1000, 2, 10)  # multi-word codes need queries to share the tile copy
     assert rule(hamming._QUERY_BLOCK, share * 1000, 4, 10)
+    # Many queries take the scan up to a larger share; fewer than that many keep the small share.
+    many, wide = hamming._SCAN_MANY_QUERIES, hamming._SCAN_MAX_SHARE_MANY
+    assert wide < share
+    for n_words in (1, 4):
+        assert rule(many, wide * 1000, n_words, 1000) and not rule(many, wide * 1000 - 1, n_words, 1000)
+        assert not rule(many - 1, wide * 1000, n_words, 1000)
 
 
 def _assert_topk(q: np.ndarray, db: np.ndarray, k: int, **kwargs: object) -> None:

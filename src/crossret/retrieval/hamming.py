@@ -1136,9 +1136,11 @@ _SAMPLE_MIN = 1024
 _BOUND_RISK = 1e-3  # chance that a starting bound is too tight (then the chunk is scanned again)
 _TOPK_MIN_CHUNK = 1 << 16  # items per database chunk when few queries are split across threads
 # The threshold scan is used while k <= N / _SCAN_MAX_SHARE on databases of at least
-# _SCAN_MIN_DATABASE items (see uses_threshold_scan; both chosen by measurement with benchmarks/scale.py,
-# docs/scale.md "Exact search speed").
+# _SCAN_MIN_DATABASE items, and up to k = N / _SCAN_MAX_SHARE_MANY for at least _SCAN_MANY_QUERIES
+# queries (see uses_threshold_scan; chosen by measurement, docs/scale.md "Exact search speed").
 _SCAN_MAX_SHARE = 500
+_SCAN_MAX_SHARE_MANY = 100
+_SCAN_MANY_QUERIES = 64
 _SCAN_MIN_DATABASE = 1 << 16
 _SEARCH_BLOCK_MAX = 64  # queries per tile pass of the threshold scan (see search_query_block)
 # Candidate buffers of one query block, at most. They are written only on offers (a few thousand per
@@ -1880,10 +1882,13 @@ def uses_threshold_scan(n_queries: int, n_database: int, n_words: int, k: int) -
     """Whether :func:`hamming_topk` takes the blocked threshold scan (else the counting kernels).
 
     The scan costs a vectorised pass plus work per item that beats a query's running bound (about
-    ``k ln(N / k)`` items), so it wins while ``k`` is a small share of a large database; for codes of
-    several words it also needs enough queries to share the word-major copy of each tile. Both give
-    identical results; the rule only picks the faster (``benchmarks/scale.py`` measures both)."""
-    return (n_database >= _SCAN_MIN_DATABASE and k * _SCAN_MAX_SHARE <= n_database
+    ``k ln(N / k)`` items), so it wins while ``k`` is a small share of a large database: up to
+    ``N / 500``, and up to ``N / 100`` for 64 queries or more (fewer split the database into chunks,
+    whose merge costs ``k`` per chunk). For codes of several words it also needs enough queries to
+    share the word-major copy of each tile. Both give identical results; the rule only picks the
+    faster (docs/scale.md)."""
+    share = _SCAN_MAX_SHARE_MANY if n_queries >= _SCAN_MANY_QUERIES else _SCAN_MAX_SHARE
+    return (n_database >= _SCAN_MIN_DATABASE and k * share <= n_database
             and (n_words == 1 or n_queries >= _QUERY_BLOCK // 2))
 
 

@@ -378,6 +378,73 @@ def test_ctrl_c_prints_one_interrupted_line_and_exits_130(tmp_path):
     assert err.splitlines() == ["interrupted: nothing after the last completed step was written"], err
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed interrupt
+def test_a_ctrl_c_swallowed_by_a_c_callback_still_stops_the_run_at_its_next_step(monkeypatch):
+    """numba compiles through llvmlite's ctypes callbacks, and a KeyboardInterrupt raised inside one is
+    printed as "ignored" and lost: the run went on training. The SIGINT handler remembers the
+    interrupt, and every progress callback raises it again."""
+    import ctypes
+    import signal
+
+    from crossret import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "_interrupt_requested", False)
+    for enabled in (True, False):
+        with cli_module._progress_bar(enabled) as progress:
+            progress(1, 2, "working")  # no interrupt yet: nothing happens
+    swallowing = ctypes.CFUNCTYPE(None)(lambda: cli_module._on_interrupt(signal.SIGINT, None))
+    swallowing()  # the KeyboardInterrupt dies in the callback, as it did inside numba's compiler
+    for enabled in (True, False):
+        with pytest.raises(KeyboardInterrupt), cli_module._progress_bar(enabled) as progress:
+            progress(2, 2, "working")
+
+
+def test_a_swallowed_interrupt_is_not_reported_but_other_lost_exceptions_are(capsys, monkeypatch):
+    # Once Ctrl-C was pressed, what the interrupted objects raise at collection is not reported either.
+    import ctypes
+
+    from crossret import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "_interrupt_requested", False)
+    previous = sys.unraisablehook
+    sys.unraisablehook = cli_module._quiet_lost_interrupts
+    try:
+        def interrupted() -> None:
+            raise KeyboardInterrupt
+
+        def broken() -> None:
+            raise ValueError("lost in a callback")
+
+        ctypes.CFUNCTYPE(None)(interrupted)()
+        assert capsys.readouterr().err == ""
+        ctypes.CFUNCTYPE(None)(broken)()
+        assert "ValueError: lost in a callback" in capsys.readouterr().err
+        monkeypatch.setattr(cli_module, "_interrupt_requested", True)
+        ctypes.CFUNCTYPE(None)(broken)()
+        assert capsys.readouterr().err == ""
+    finally:
+        sys.unraisablehook = previous
+
+
+def test_main_installs_the_remembering_sigint_handler_only_over_python_s_own(monkeypatch):
+    import signal
+
+    from crossret import cli as cli_module
+
+    installed = []
+    monkeypatch.setattr(cli_module, "app", lambda: None)
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.append((signum, handler)))
+    monkeypatch.setattr(signal, "getsignal", lambda signum: signal.default_int_handler)
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    cli_module.main()
+    assert installed == [(signal.SIGINT, cli_module._on_interrupt)]
+    assert sys.unraisablehook is cli_module._quiet_lost_interrupts
+    installed.clear()
+    monkeypatch.setattr(signal, "getsignal", lambda signum: signal.SIG_IGN)  # someone chose otherwise
+    cli_module.main()
+    assert installed == []
+
+
 def test_full_disk_error_names_the_file_being_written(itq_run, tmp_path, monkeypatch, capsys):
     import errno
     import os

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -118,8 +119,42 @@ def _caused_by_interrupt(exc: BaseException) -> bool:
     return False
 
 
+_interrupt_requested = False
+
+
+def _on_interrupt(signum: int, frame: object) -> None:
+    """SIGINT: remember it, then raise KeyboardInterrupt as Python's own handler does. The exception can
+    be lost: raised while Python runs a C callback (numba's compiler, through llvmlite's ctypes
+    callbacks), it is printed as "ignored" and the work goes on. The progress callbacks re-raise it
+    (:func:`_check_interrupt`), so a long run still stops at its next step."""
+    global _interrupt_requested
+    _interrupt_requested = True
+    raise KeyboardInterrupt
+
+
+def _quiet_lost_interrupts(unraisable: Any) -> None:
+    """``sys.unraisablehook``: say nothing of a KeyboardInterrupt that a C callback swallowed (the
+    progress callbacks raise it again, and the run ends with the one "interrupted" line), nor, once
+    Ctrl-C was pressed, of what the objects it cut short raise when they are collected (llvmlite's
+    half-built ``PassBuilder`` raises AttributeError in ``__del__``). Anything else goes to Python's
+    own hook."""
+    if _interrupt_requested or (unraisable.exc_type is not None
+                                and issubclass(unraisable.exc_type, KeyboardInterrupt)):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def _check_interrupt() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C was pressed, even if the first one was swallowed."""
+    if _interrupt_requested:
+        raise KeyboardInterrupt
+
+
 def main() -> None:
     """Console-script entry point."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_interrupt)
+        sys.unraisablehook = _quiet_lost_interrupts
     try:
         from crossret.threads import ThreadPolicy
 
@@ -148,9 +183,13 @@ def _progress_bar(enabled: bool = True) -> Iterator[ProgressFn]:
     """A rich progress bar on stderr, exposed to library code as a ``progress(step, total, msg)``.
 
     Shown on a terminal only: elsewhere (a log file, a pipe) rich would draw nothing but an empty line.
+    Either way the callback raises KeyboardInterrupt once Ctrl-C was pressed (see :func:`_on_interrupt`).
     """
     if not enabled or not err.is_terminal:
-        yield lambda step, total, message="": None
+        def quiet(step: int, total: int, message: str = "") -> None:
+            _check_interrupt()
+
+        yield quiet
         return
     progress = Progress(
         TextColumn("{task.description}", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -159,6 +198,7 @@ def _progress_bar(enabled: bool = True) -> Iterator[ProgressFn]:
     task = progress.add_task("starting", total=1)
 
     def update(step: int, total: int, message: str = "") -> None:
+        _check_interrupt()
         progress.update(task, completed=step, total=max(total, 1), description=message or "working")
 
     with progress:

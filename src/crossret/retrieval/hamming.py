@@ -1274,7 +1274,7 @@ def _scan_tile_one_word(q_words, q0, q1, codes, t0, t1, cand_d, cand_i, counts, 
                     j = trailing_zeros(mask)
                     mask &= mask - np.uint64(1)
                     d = _popcount64(a ^ codes[at + np.uint64(j)])
-                    if d < thrs[b]:  # a cut since the mask may have tightened the bound
+                    if d < thrs[b]:  # a cut after the mask was taken may have tightened it
                         n = counts[b]
                         cand_d[b, n] = d
                         cand_i[b, n] = s0 + part * _QUARTER + j
@@ -1357,7 +1357,7 @@ def _scan_tile_words(q_words, q0, q1, tile, stride, n, dist, first, cand_d, cand
                             d = _distance2(a0, a1, tile, p0, p1, u)
                         else:
                             d = _distance4(a0, a1, a2, a3, tile, p0, p1, p2, p3, u)
-                        if d < thrs[b]:  # a cut since the mask may have tightened the bound
+                        if d < thrs[b]:  # a cut after the mask was taken may have tightened it
                             c = counts[b]
                             cand_d[b, c] = d
                             cand_i[b, c] = first + s0 + part * _QUARTER + j

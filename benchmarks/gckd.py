@@ -627,7 +627,8 @@ def v3_markdown(rows: list[dict[str, Any]], generic: dict[str, Any] | None, gene
         lines += [f"Generic model: held-out generic identities ITC mAP {100 * itc.get('map', float('nan')):.2f} "
                   f"({generic.get('train_seconds', float('nan')):.0f} s to train).", ""]
     if other:
-        lines += [f"{other} v3 rows of another v3 configuration are left out.", ""]
+        lines += [f"{other} v3 rows of another v3 configuration are left out (paired tables of the earlier "
+                  "configurations with source-only rows are at the end).", ""]
     if runs:
         seeds = sorted({r["seed"] for r in runs})
         settings = [s for s in SETTINGS if any(r["setting"] == s for r in runs)]
@@ -657,6 +658,7 @@ def v3_markdown(rows: list[dict[str, Any]], generic: dict[str, Any] | None, gene
                   + (f"{100 * u['oracle_pair_precision']:.1f} % |" if "oracle_pair_precision" in u else "– |")
                   for name, u in uniqueness.items()]
         lines.append("")
+    lines += earlier_v3_lines(rows, generic_digest)
     wiki = [r for r in valid_rows(rows) if r["part"] == "wiki"]
     if wiki:
         lines += [f"## Wikipedia, categories 0-4 → 5-9 (recorded rows as they are; {len({r['seed'] for r in wiki})} "
@@ -664,6 +666,33 @@ def v3_markdown(rows: list[dict[str, Any]], generic: dict[str, Any] | None, gene
                   "is too narrow (it can only take the few distinct resample means); read it as the spread of "
                   "the seeds, not as a 95 % interval.", "", *_paired_lines(paired_summary(wiki)), ""]
     return "\n".join(lines)
+
+
+def _v3_configuration(row: dict[str, Any]) -> tuple[Any, ...]:
+    """What :func:`current_v3` compares: rows with equal keys belong to one v3 configuration."""
+    return (row.get("generic_digest"), row["pretrain_epochs"], row["config"]["epochs"], row.get("rerank_k"),
+            json.dumps(row.get("synthetic"), sort_keys=True))
+
+
+def earlier_v3_lines(rows: list[dict[str, Any]], generic_digest: str) -> list[str]:
+    """The paired table (ITM first) of each earlier v3 configuration that has source-only rows, labelled by
+    its generic model and epochs: superseded results stay readable beside today's, never mixed with them."""
+    earlier: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in valid_rows(rows):
+        if (row["part"] == "synth" and row.get("synth_version") == SYNTH_V3_VERSION
+                and not current_v3(row, generic_digest)):
+            earlier.setdefault(_v3_configuration(row), []).append(row)
+    lines: list[str] = []
+    for (digest, pretrain, adapt, rerank_k, _), group in earlier.items():
+        if not any(r["variant"] == "source-only" for r in group):
+            continue
+        seeds = sorted({r["seed"] for r in group})
+        settings = [s for s in SETTINGS if any(r["setting"] == s for r in group)]
+        lines += [f"## Earlier v3 configuration (superseded): generic model {digest}, {pretrain} source epochs, "
+                  f"{adapt} adaptation epochs, ITM top-{rerank_k}", "",
+                  f"{len(settings)} settings × {len(seeds)} seeds ({len(group)} runs), kept as recorded.", "",
+                  *_paired_lines(paired_summary(group)), ""]
+    return lines
 
 
 # Row fields stored once, by digest, in ``<out>_configs.json`` beside the runs file (many rows share them).

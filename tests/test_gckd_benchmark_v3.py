@@ -171,3 +171,22 @@ def test_v3_summary_names_only_the_six_variants_of_every_protocol() -> None:
     assert list(summary["variants"]) == ["source-only", "gckd", "no-cmkd"]
     assert set(summary["variants"]) <= set(bench.VARIANTS)
     assert summary == bench.v3_summary(_rows(), DIGEST)
+
+
+def test_v3_markdown_keeps_an_earlier_configuration_apart_and_labelled() -> None:
+    """Rows of a superseded generic model get their own labelled paired table; neither set leaks into the other."""
+    current = _rows()[:36]  # seeds 0 and 1 of today's configuration
+    earlier = [_row(v, "C->I", seed, m, m, generic_digest="0ld") for seed in (0, 1)
+               for v, m in (("source-only", 0.02 + 0.01 * seed), ("gckd", 0.05 + 0.01 * seed))]
+    text = bench.v3_markdown(current + earlier, None, DIGEST)
+    today, old = text.split("## Earlier v3 configuration (superseded): generic model 0ld")
+    assert "4 v3 rows of another v3 configuration are left out" in today
+    assert "1 settings × 2 seeds (4 runs)" in old
+    # gckd - source-only = +3.00 mAP points on both seeds, under ITM and ITC; means over the two seeds
+    assert "| **gckd** | 5.50 | +3.00 [+3.00, +3.00] | 5.50 | +3.00 [+3.00, +3.00] | 2 |" in old
+    assert "| source-only | 2.50 |" in old
+    today_gckd = next(line for line in today.splitlines() if line.startswith("| **gckd** |"))
+    assert today_gckd.endswith("| 12 |")  # 6 settings x 2 seeds, the earlier rows not mixed in
+    # a configuration without source-only rows has no pairs to show
+    lonely = [_row("gckd", "C->I", 0, 0.9, 0.9, generic_digest="solo")]
+    assert "generic model solo" not in bench.v3_markdown(current + lonely, None, DIGEST)

@@ -190,3 +190,23 @@ def test_v3_markdown_keeps_an_earlier_configuration_apart_and_labelled() -> None
     # a configuration without source-only rows has no pairs to show
     lonely = [_row("gckd", "C->I", 0, 0.9, 0.9, generic_digest="solo")]
     assert "generic model solo" not in bench.v3_markdown(current + lonely, None, DIGEST)
+
+
+def test_module_effects_are_full_minus_ablation_with_bootstrap_intervals() -> None:
+    """gckd − ablation per (setting, seed), in mAP points, against a hand computation and the slow bootstrap."""
+    rows = _rows()  # gckd ITC = base + 0.01 (i - 1), ITM = base + 0.005 seed; no-cmkd = base - 0.002, base + 0.02
+    effects = bench.module_effects([r for r in rows if r["generic_digest"] == DIGEST and r["synth_version"] == 3
+                                    and r["pretrain_epochs"] == bench.SYNTH_V3["pretrain_epochs"]])
+    assert list(effects) == ["no-cmkd"]  # the only ablation with rows
+    itc = [100 * (0.01 * (i - 1) + 0.002) for i in range(6) for _seed in range(3)]
+    itm = [100 * (0.005 * seed - 0.02) for _i in range(6) for seed in range(3)]
+    assert effects["no-cmkd"]["itc"]["mean"] == pytest.approx(np.mean(itc))
+    assert effects["no-cmkd"]["itm"]["mean"] == pytest.approx(np.mean(itm))
+    assert effects["no-cmkd"]["itm"]["pairs"] == 18
+    ordered = [100 * (0.01 * (bench.SETTINGS.index(s) - 1) + 0.002) for s in sorted(bench.SETTINGS) for _ in range(3)]
+    assert effects["no-cmkd"]["itc"]["ci95"] == pytest.approx(list(_slow_percentile_ci(ordered, 10_000, 0)))
+    text = bench.v3_markdown(rows, None, DIGEST)
+    assert "| module removed | full − ablation, ITM [95 % CI] |" in text
+    after = text.split("| module removed |")[1].splitlines()
+    line = next(x for x in after if x.startswith("| no-cmkd | "))
+    assert line.startswith(f"| no-cmkd | {np.mean(itm):+.2f} [") and line.endswith("| 18 |")

@@ -730,6 +730,9 @@ def earlier_v3_lines(rows: list[dict[str, Any]], generic_digest: str) -> list[st
                   f"{adapt} adaptation epochs, ITM top-{rerank_k}", "",
                   f"{len(settings)} settings × {len(seeds)} seeds ({len(group)} runs), kept as recorded.", "",
                   *_paired_lines(paired_summary(group)), ""]
+        effects = module_effects(group)
+        if effects:
+            lines += [*_module_effect_lines(effects), ""]
     return lines
 
 

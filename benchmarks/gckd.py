@@ -737,7 +737,7 @@ def earlier_v3_lines(rows: list[dict[str, Any]], generic_digest: str) -> list[st
 
 
 # Row fields stored once, by digest, in ``<out>_configs.json`` beside the runs file (many rows share them).
-COMPACT_KEYS = ("config", "environment", "host", "synthetic")
+COMPACT_KEYS = ("config", "environment", "host", "synthetic", "source_test_itc", "code_note")
 
 
 def configs_path(runs_path: Path) -> Path:
@@ -774,7 +774,7 @@ def compact_runs_file(path: Path) -> None:
     named = {row[f"{key}_id"] for row in rows for key in COMPACT_KEYS if f"{key}_id" in row}
     records = {name: record for name, record in records.items() if name in named}
     write_text_atomic(records_file, json.dumps(records, indent=1, sort_keys=True) + "\n")
-    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+    write_text_atomic(path, "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows))
 
 
 # ---------------------------------------------------------------------------------------------- check

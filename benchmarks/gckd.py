@@ -745,6 +745,21 @@ def configs_path(runs_path: Path) -> Path:
     return runs_path.with_name(runs_path.name.replace("_runs.jsonl", "") + "_configs.json")
 
 
+# Fields that every row of one source training shares (after COMPACT_KEYS became digests): stored together as
+# one record named by ``shared_id``, so a row keeps only what is its own (metrics, variant, timings).
+SHARED_KEYS = ("part", "synth_version", "generic_digest", "pretrain_epochs", "rerank_k", "pretrain_seconds",
+               "host_id", "environment_id", "synthetic_id", "source_test_itc_id")
+
+
+def _share(row: dict[str, Any], records: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with its :data:`SHARED_KEYS` moved into one record (digest → record in ``records``)."""
+    shared = {key: row[key] for key in SHARED_KEYS if key in row}
+    if len(shared) < 2:
+        return row
+    records[_repro.digest(shared)] = shared
+    return {"shared_id": _repro.digest(shared), **{k: v for k, v in row.items() if k not in shared}}
+
+
 def _read_runs(path: Path) -> list[dict[str, Any]]:
     """The rows of a runs file, each with its ``config`` / ``environment`` (stored by digest) filled in."""
     if not path.exists():
@@ -754,7 +769,9 @@ def _read_runs(path: Path) -> list[dict[str, Any]]:
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            rows.append(_repro.expand_row(json.loads(line), records, COMPACT_KEYS))
+            row = json.loads(line)
+            row = {**records[row.pop("shared_id")], **row} if "shared_id" in row else row
+            rows.append(_repro.expand_row(row, records, COMPACT_KEYS))
         except json.JSONDecodeError:
             continue  # a line cut by an interruption: that run is redone
     return rows
@@ -772,6 +789,8 @@ def compact_runs_file(path: Path) -> None:
     rows = [_repro.compact_row(row, records, COMPACT_KEYS) for row in _read_runs(path)]
     # Only the records some row names (a regenerated row replaces its old config record).
     named = {row[f"{key}_id"] for row in rows for key in COMPACT_KEYS if f"{key}_id" in row}
+    rows = [_share(row, records) for row in rows]
+    named |= {row["shared_id"] for row in rows if "shared_id" in row}
     records = {name: record for name, record in records.items() if name in named}
     write_text_atomic(records_file, json.dumps(records, indent=1, sort_keys=True) + "\n")
     write_text_atomic(path, "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows))

@@ -315,8 +315,14 @@ def test_compacted_runs_file_reads_back_the_same_rows(tmp_path: Path) -> None:
     bench.compact_runs_file(runs)
     text = runs.read_text()
     for key in ("config", "environment", "host", "synthetic"):
-        assert f'"{key}"' not in text and text.count(f'"{key}_id"') == len(rows)
-    assert len(json.loads(bench.configs_path(runs).read_text())) == 4  # one record of each
+        assert f'"{key}"' not in text
+    assert text.count('"config_id"') == len(rows)  # a row's own
+    # the fields every row of a source training shares sit in one record the rows name
+    assert text.count('"shared_id"') == len(rows) and '"part"' not in text and '"host_id"' not in text
+    records = json.loads(bench.configs_path(runs).read_text())
+    assert len(records) == 5  # one record of each kind, and one shared record
+    shared = records[json.loads(text.splitlines()[0])["shared_id"]]
+    assert set(shared) == {"part", "environment_id", "host_id", "synthetic_id"} and shared["part"] == "wiki"
     assert bench._read_runs(runs) == rows
     extra = {**rows[0], "seed": 9}
     with runs.open("a") as handle:
@@ -333,12 +339,14 @@ def test_compacting_drops_the_records_no_row_names_any_more(tmp_path: Path) -> N
     rows = [{"part": "wiki", "seed": s, "config": old, "environment": env} for s in range(2)]
     runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     bench.compact_runs_file(runs)
-    assert len(json.loads(bench.configs_path(runs).read_text())) == 2
+    assert len(json.loads(bench.configs_path(runs).read_text())) == 3  # config, environment, shared fields
     rows = [{**r, "config": new} for r in rows]  # every row re-made with a new config
     runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     bench.compact_runs_file(runs)
     records = json.loads(bench.configs_path(runs).read_text())
-    assert sorted(records.values(), key=json.dumps) == sorted([new, env], key=json.dumps)
+    shared = {"part": "wiki", "environment_id": next(k for k, v in records.items() if v == env)}
+    by_text = lambda record: json.dumps(record, sort_keys=True)  # noqa: E731
+    assert sorted(records.values(), key=by_text) == sorted([new, env, shared], key=by_text)
     assert bench._read_runs(runs) == rows
 
 

@@ -169,8 +169,20 @@ SYNTH_V3 = {"pretrain_epochs": 12, "adapt_epochs": 4, "train_ids": 100, "test_id
             "generic": {**SYNTH["generic"], "protocol": "v3", "n_ids": 10000, "epochs": 15,
                         "train": {**SYNTH["generic"]["train"], "itm_weight": 1.0}},
             "model": SYNTH["model"],
-            "train": {**SYNTH["train"], "alpha": 0.4}}
+            "train": {**SYNTH["train"], "alpha": 0.4},
+            # Settings of the target terms, given to every variant that adapts (a variant's own change wins);
+            # source-only has no target term, so its config and rows do not depend on them.
+            "adapt": {}}
 V3_SEEDS = tuple(range(8))
+
+
+def _adapt_settings(version: int, variant: str) -> dict[str, Any]:
+    """The protocol's target-term settings (``adapt``) as ``variant`` runs them: empty for source-only and
+    for protocols without them, the variant's own change where it sets the same key."""
+    change = V3_VARIANTS.get(variant)
+    if change is None:
+        return {}
+    return {k: change.get(k, v) for k, v in _protocol(version).get("adapt", {}).items()}
 
 
 def _protocol(version: int) -> dict[str, Any]:
@@ -361,7 +373,8 @@ def run_synth(job: dict[str, Any]) -> list[dict[str, Any]]:
                 if (f"{source}->{target}", variant) in done:
                     continue
                 change = V3_VARIANTS[variant]
-                train = {**proto["train"], "seed": seed, "epochs": proto["adapt_epochs"], **(change or {})}
+                train = {**proto["train"], **_adapt_settings(version, variant), "seed": seed,
+                         "epochs": proto["adapt_epochs"], **(change or {})}
                 if change is None:
                     train.update(prop_weight=0.0, kd_weight=0.0, cd_itm_weight=0.0)
                     if "target_mlm_weight" in _gckd_fields():
@@ -520,12 +533,14 @@ def markdown(rows: list[dict[str, Any]], generic: dict[str, Any] | None = None) 
 
 # ---------------------------------------------------------------------------------------------- v3 tables
 def current_v3(row: dict[str, Any], generic_digest: str) -> bool:
-    """Whether ``row`` is a synthetic row of today's protocol v3 (generic model, epochs, sizes and ITM k);
-    v3 rows of another v3 configuration are neither "done" nor tabulated."""
+    """Whether ``row`` is a synthetic row of today's protocol v3 (generic model, epochs, sizes, ITM k and, for
+    a variant that adapts, the protocol's target-term settings); v3 rows of another v3 configuration are
+    neither "done" nor tabulated with today's."""
     return (row["part"] == "synth" and row.get("synth_version") == SYNTH_V3_VERSION
             and row.get("generic_digest") == generic_digest and row["pretrain_epochs"] == SYNTH_V3["pretrain_epochs"]
             and row["config"]["epochs"] == SYNTH_V3["adapt_epochs"] and row.get("rerank_k") == SYNTH_V3["rerank_k"]
-            and row.get("synthetic") == {k: SYNTH_V3[k] for k in ("train_ids", "test_ids", "images_per_id")})
+            and row.get("synthetic") == {k: SYNTH_V3[k] for k in ("train_ids", "test_ids", "images_per_id")}
+            and all(row["config"].get(k) == v for k, v in _adapt_settings(SYNTH_V3_VERSION, row["variant"]).items()))
 
 
 def paired_summary(rows: list[dict[str, Any]], resamples: int = _bootstrap.RESAMPLES,
@@ -707,27 +722,39 @@ def v3_markdown(rows: list[dict[str, Any]], generic: dict[str, Any] | None, gene
 
 
 def _v3_configuration(row: dict[str, Any]) -> tuple[Any, ...]:
-    """What :func:`current_v3` compares: rows with equal keys belong to one v3 configuration."""
+    """What :func:`current_v3` compares, less the target-term settings: rows with equal keys share their
+    source training (and so their source-only rows)."""
     return (row.get("generic_digest"), row["pretrain_epochs"], row["config"]["epochs"], row.get("rerank_k"),
             json.dumps(row.get("synthetic"), sort_keys=True))
+
+
+def _adapt_values(row: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The values a row ran with for today's protocol target-term keys (what tells configurations that share a
+    source training apart)."""
+    return tuple((k, row["config"].get(k)) for k in SYNTH_V3.get("adapt", {}))
 
 
 def earlier_v3_lines(rows: list[dict[str, Any]], generic_digest: str) -> list[str]:
     """The paired table (ITM first) of each earlier v3 configuration that has source-only rows, labelled by
     its generic model and epochs: superseded results stay readable beside today's, never mixed with them."""
+    v3 = [r for r in valid_rows(rows) if r["part"] == "synth" and r.get("synth_version") == SYNTH_V3_VERSION]
+    baselines: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     earlier: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for row in valid_rows(rows):
-        if (row["part"] == "synth" and row.get("synth_version") == SYNTH_V3_VERSION
-                and not current_v3(row, generic_digest)):
-            earlier.setdefault(_v3_configuration(row), []).append(row)
+    for row in v3:
+        if row["variant"] == "source-only":  # shared by every configuration on the same source training
+            baselines.setdefault(_v3_configuration(row), []).append(row)
+        elif not current_v3(row, generic_digest):
+            earlier.setdefault((*_v3_configuration(row), _adapt_values(row)), []).append(row)
     lines: list[str] = []
-    for (digest, pretrain, adapt, rerank_k, _), group in earlier.items():
+    for (digest, pretrain, adapt, rerank_k, synthetic, adapt_values), adapted in earlier.items():
+        group = [*baselines.get((digest, pretrain, adapt, rerank_k, synthetic), []), *adapted]
         if not any(r["variant"] == "source-only" for r in group):
             continue
         seeds = sorted({r["seed"] for r in group})
         settings = [s for s in SETTINGS if any(r["setting"] == s for r in group)]
+        settings_note = "".join(f", {k} {v}" for k, v in adapt_values if v != SYNTH_V3["adapt"][k])
         lines += [f"## Earlier v3 configuration (superseded): generic model {digest}, {pretrain} source epochs, "
-                  f"{adapt} adaptation epochs, ITM top-{rerank_k}", "",
+                  f"{adapt} adaptation epochs, ITM top-{rerank_k}{settings_note}", "",
                   f"{len(settings)} settings × {len(seeds)} seeds ({len(group)} runs), kept as recorded.", "",
                   *_paired_lines(paired_summary(group)), ""]
         effects = module_effects(group)

@@ -210,3 +210,35 @@ def test_module_effects_are_full_minus_ablation_with_bootstrap_intervals() -> No
     after = text.split("| module removed |")[1].splitlines()
     line = next(x for x in after if x.startswith("| no-cmkd | "))
     assert line.startswith(f"| no-cmkd | {np.mean(itm):+.2f} [") and line.endswith("| 18 |")
+
+
+def test_target_term_settings_apply_to_adapting_variants_and_split_configurations(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The protocol's ``adapt`` settings go to every variant with a target term (its own change wins) and never to
+    source-only; rows of other target-term settings are tabulated apart, paired with the shared source-only rows."""
+    adapt = {"cd_itm_mining": "banks", "delta": 0.1}
+    monkeypatch.setitem(bench.SYNTH_V3, "adapt", adapt)
+    assert bench._adapt_settings(3, "source-only") == {}
+    assert bench._adapt_settings(3, "no-memory") == adapt
+    assert bench._adapt_settings(2, "gckd") == {}  # v2 has no such settings: it runs as recorded
+    if "gckd-bank-itm" in bench.V3_VARIANTS:  # {"cd_itm_mining": "banks"}: the variant's own value is kept
+        monkeypatch.setitem(bench.V3_VARIANTS, "gckd-bank-itm", {"cd_itm_mining": "batch"})
+        assert bench._adapt_settings(3, "gckd-bank-itm") == {"cd_itm_mining": "batch", "delta": 0.1}
+
+    def row(variant: str, seed: int, value: float, **config: object) -> dict:
+        out = _row(variant, "C->I", seed, value, value)
+        out["config"] = {**out["config"], **config}
+        return out
+
+    baseline = [row("source-only", seed, 0.02 + 0.01 * seed, cd_itm_mining="batch", delta=0.5) for seed in (0, 1)]
+    today = [row("gckd", seed, 0.06 + 0.01 * seed, **adapt) for seed in (0, 1)]
+    before = [row("gckd", seed, 0.05 + 0.01 * seed, cd_itm_mining="batch", delta=0.5) for seed in (0, 1)]
+    rows = baseline + today + before
+    assert [bench.current_v3(r, DIGEST) for r in rows] == [True] * 4 + [False] * 2
+    text = bench.v3_markdown(rows, None, DIGEST)
+    now, old = text.split("## Earlier v3 configuration (superseded): ")
+    assert "2 v3 rows of another v3 configuration are left out" in now
+    assert "| **gckd** | 6.50 | +4.00 [+4.00, +4.00] | 6.50 | +4.00 [+4.00, +4.00] | 2 |" in now
+    assert old.splitlines()[0].endswith("ITM top-32, cd_itm_mining batch, delta 0.5")
+    assert "1 settings × 2 seeds (4 runs)" in old  # the two earlier gckd rows with the two shared source-only rows
+    assert "| **gckd** | 5.50 | +3.00 [+3.00, +3.00] | 5.50 | +3.00 [+3.00, +3.00] | 2 |" in old

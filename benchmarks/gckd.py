@@ -313,7 +313,11 @@ def generic_pretraining(cache: Path = CACHE, threads: int = 1, version: int = SY
     root = cache / f"gckd-generic-{digest}"
     report_path = root / "report.json"
     if report_path.is_file():
-        return json.loads(report_path.read_text(encoding="utf-8"))
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        if "weights" not in report:  # cached before reports named their weights
+            report["weights"] = generic_weights(Path(report["run_dir"]))
+            write_json_atomic(report_path, report)
+        return report
     g = proto["generic"]
     root.mkdir(parents=True, exist_ok=True)
     corpus_dir = generate_pretraining_corpus(root / "corpus", n_ids=g["n_ids"], images_per_id=g["images_per_id"],
@@ -334,9 +338,52 @@ def generic_pretraining(cache: Path = CACHE, threads: int = 1, version: int = SY
     report = {"run_dir": str(root / "model"), "spec": spec, "digest": digest,
               "train_seconds": time.perf_counter() - started, "host": _host(), "environment": _repro.environment(),
               "generic_test": _metrics_row(metrics["evaluation"]).get("itc"),
-              "final_loss": metrics["history"][-1].get("loss")}
+              "final_loss": metrics["history"][-1].get("loss"), "weights": generic_weights(root / "model")}
     write_json_atomic(report_path, report)
     return report
+
+
+def generic_weights(run_dir: Path) -> str:
+    """A digest of the generic model's weights (the student's tensors in the run's checkpoint, by name): what
+    tells two generic models of one spec apart. The spec digest alone does not: the same spec trained with
+    another torch thread count or on another CPU gives other weights (docs/benchmarks.md)."""
+    import hashlib
+
+    from crossret.textimage.gckd import read_checkpoint
+
+    state = read_checkpoint(run_dir / "checkpoints" / "checkpoint.pt")["model"]
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+# The protocol-v3 generic model the rows recorded before rows named their generic weights were made with: its
+# spec digest, held-out ITC mAP and final training loss (its report; the weights were not kept).
+UNNAMED_V3_GENERIC = {"digest": "d50732e8846c", "map": 0.856826636904762, "final_loss": 1.6779146608352662}
+
+
+def row_generic(row: dict[str, Any], generic: dict[str, Any] | None) -> str | None:
+    """The weights digest of the generic model a synthetic row started from (``None``: not known). A row
+    recorded before rows named it counts as made by ``generic`` only when ``generic`` has exactly the spec,
+    held-out mAP and final loss of the model those rows were made with (:data:`UNNAMED_V3_GENERIC`): that
+    model, rebuilt bit for bit."""
+    if "generic_weights" in row:
+        return row["generic_weights"]
+    if generic and (generic.get("digest"), (generic.get("generic_test") or {}).get("map"),
+                    generic.get("final_loss")) == tuple(UNNAMED_V3_GENERIC.values()):
+        return generic.get("weights")
+    return None
+
+
+def recorded_generic(out: Path) -> dict[str, Any] | None:
+    """The generic model's report as ``<out>_v3.json`` records it (what the tables were made with), if any."""
+    path = out.parent / f"{out.name}_v3.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("generic_pretraining")
+    except (OSError, ValueError):
+        return None
 
 
 def run_synth(job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -397,7 +444,8 @@ def run_synth(job: dict[str, Any]) -> list[dict[str, Any]]:
                              "pseudo_pair_precision": last.get("pseudo_pair_precision"),
                              "config": metrics["train_config"], "pretrain_epochs": proto["pretrain_epochs"],
                              "synthetic": {k: proto[k] for k in ("train_ids", "test_ids", "images_per_id")},
-                             "generic_digest": generic["digest"], "host": _host(),
+                             "generic_digest": generic["digest"], "generic_weights": generic.get("weights"),
+                             "host": _host(),
                              "environment": _repro.environment(),
                              **({} if version == SYNTH_VERSION else {
                                  "rerank_k": common["rerank_k"], "eval_seconds": metrics.get("eval_seconds"),
@@ -532,10 +580,13 @@ def markdown(rows: list[dict[str, Any]], generic: dict[str, Any] | None = None) 
 
 
 # ---------------------------------------------------------------------------------------------- v3 tables
-def current_v3(row: dict[str, Any], generic_digest: str) -> bool:
+def current_v3(row: dict[str, Any], generic_digest: str, generic: dict[str, Any] | None = None) -> bool:
     """Whether ``row`` is a synthetic row of today's protocol v3 (generic model, epochs, sizes, ITM k and, for
     a variant that adapts, the protocol's target-term settings); v3 rows of another v3 configuration are
-    neither "done" nor tabulated with today's."""
+    neither "done" nor tabulated with today's. With ``generic`` (the generic model's report), only rows made
+    from that very model (:func:`row_generic`) count."""
+    if generic is not None and row_generic(row, generic) != generic.get("weights"):
+        return False
     return (row["part"] == "synth" and row.get("synth_version") == SYNTH_V3_VERSION
             and row.get("generic_digest") == generic_digest and row["pretrain_epochs"] == SYNTH_V3["pretrain_epochs"]
             and row["config"]["epochs"] == SYNTH_V3["adapt_epochs"] and row.get("rerank_k") == SYNTH_V3["rerank_k"]
@@ -609,11 +660,12 @@ def _module_effect_lines(effects: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
-def v3_summary(rows: list[dict[str, Any]], generic_digest: str) -> dict[str, Any]:
+def v3_summary(rows: list[dict[str, Any]], generic_digest: str, generic: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
     """``results/gckd_v3_summary.json``: protocol, seeds (how many), settings, and per variant of the six of
     every protocol (:data:`VARIANTS`; the optional ones are in ``gckd_v3.json``) the mean ITM / ITC mAP (%) and
     the paired Δ against source-only with its 95 % bootstrap interval — exactly these keys."""
-    runs = [r for r in valid_rows(rows) if current_v3(r, generic_digest) and r["variant"] in VARIANTS]
+    runs = [r for r in valid_rows(rows) if current_v3(r, generic_digest, generic) and r["variant"] in VARIANTS]
     paired = paired_summary(runs)
     return {"protocol": f"v{SYNTH_V3_VERSION}", "seeds": len({r["seed"] for r in runs}),
             "settings": [s for s in SETTINGS if any(r["setting"] == s for r in runs)],
@@ -660,7 +712,7 @@ def v3_markdown(rows: list[dict[str, Any]], generic: dict[str, Any] | None, gene
                 uniqueness: dict[str, dict[str, float]] | None = None) -> str:
     """``results/gckd_v3.md``: the paired table of protocol v3 (ITM re-ranking, the paper's inference, first;
     ITC beside it), the per-setting means, and the same paired table for the recorded Wikipedia rows."""
-    runs = [r for r in valid_rows(rows) if current_v3(r, generic_digest)]
+    runs = [r for r in valid_rows(rows) if current_v3(r, generic_digest, generic)]
     other = sum(1 for r in rows if r["part"] == "synth" and r.get("synth_version") == SYNTH_V3_VERSION) - len(runs)
     p = SYNTH_V3
     lines = ["# GCKD, synthetic protocol v3: text→image on the target (mAP, %)", "",
@@ -711,7 +763,7 @@ def v3_markdown(rows: list[dict[str, Any]], generic: dict[str, Any] | None, gene
                   + (f"{100 * u['oracle_pair_precision']:.1f} % |" if "oracle_pair_precision" in u else "– |")
                   for name, u in uniqueness.items()]
         lines.append("")
-    lines += earlier_v3_lines(rows, generic_digest)
+    lines += earlier_v3_lines(rows, generic_digest, generic)
     wiki = [r for r in valid_rows(rows) if r["part"] == "wiki"]
     if wiki:
         lines += [f"## Wikipedia, categories 0-4 → 5-9 (recorded rows as they are; {len({r['seed'] for r in wiki})} "
@@ -734,27 +786,35 @@ def _adapt_values(row: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple((k, row["config"].get(k)) for k in SYNTH_V3.get("adapt", {}))
 
 
-def earlier_v3_lines(rows: list[dict[str, Any]], generic_digest: str) -> list[str]:
+def earlier_v3_lines(rows: list[dict[str, Any]], generic_digest: str, generic: dict[str, Any] | None = None
+                     ) -> list[str]:
     """The paired table (ITM first) of each earlier v3 configuration that has source-only rows, labelled by
-    its generic model and epochs: superseded results stay readable beside today's, never mixed with them."""
+    its generic model (another spec, or with ``generic`` another build of the same spec), epochs and target-term
+    settings: superseded results stay readable beside today's, never mixed with them."""
     v3 = [r for r in valid_rows(rows) if r["part"] == "synth" and r.get("synth_version") == SYNTH_V3_VERSION]
     baselines: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     earlier: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in v3:
+        # a source training: its configuration and the generic model it started from
+        training = (*_v3_configuration(row), row_generic(row, generic) if generic is not None else None)
         if row["variant"] == "source-only":  # shared by every configuration on the same source training
-            baselines.setdefault(_v3_configuration(row), []).append(row)
-        elif not current_v3(row, generic_digest):
-            earlier.setdefault((*_v3_configuration(row), _adapt_values(row)), []).append(row)
+            baselines.setdefault(training, []).append(row)
+        elif not current_v3(row, generic_digest, generic):
+            earlier.setdefault((*training, _adapt_values(row)), []).append(row)
     lines: list[str] = []
-    for (digest, pretrain, adapt, rerank_k, synthetic, adapt_values), adapted in earlier.items():
-        group = [*baselines.get((digest, pretrain, adapt, rerank_k, synthetic), []), *adapted]
+    for (*training, adapt_values), adapted in earlier.items():
+        digest, pretrain, adapt, rerank_k, _, weights = training
+        group = [*baselines.get(tuple(training), []), *adapted]
         if not any(r["variant"] == "source-only" for r in group):
             continue
         seeds = sorted({r["seed"] for r in group})
         settings = [s for s in SETTINGS if any(r["setting"] == s for r in group)]
         settings_note = "".join(f", {k} {v}" for k, v in adapt_values if v != SYNTH_V3["adapt"][k])
-        lines += [f"## Earlier v3 configuration (superseded): generic model {digest}, {pretrain} source epochs, "
-                  f"{adapt} adaptation epochs, ITM top-{rerank_k}{settings_note}", "",
+        build = ""
+        if generic is not None and digest == generic_digest and weights != generic.get("weights"):
+            build = f" (another build of it: weights {weights})" if weights else " (another build of it)"
+        lines += [f"## Earlier v3 configuration (superseded): generic model {digest}{build}, {pretrain} source "
+                  f"epochs, {adapt} adaptation epochs, ITM top-{rerank_k}{settings_note}", "",
                   f"{len(settings)} settings × {len(seeds)} seeds ({len(group)} runs), kept as recorded.", "",
                   *_paired_lines(paired_summary(group)), ""]
         effects = module_effects(group)
@@ -774,8 +834,8 @@ def configs_path(runs_path: Path) -> Path:
 
 # Fields that every row of one source training shares (after COMPACT_KEYS became digests): stored together as
 # one record named by ``shared_id``, so a row keeps only what is its own (metrics, variant, timings).
-SHARED_KEYS = ("part", "synth_version", "generic_digest", "pretrain_epochs", "rerank_k", "pretrain_seconds",
-               "host_id", "environment_id", "synthetic_id", "source_test_itc_id")
+SHARED_KEYS = ("part", "synth_version", "generic_digest", "generic_weights", "pretrain_epochs", "rerank_k",
+               "pretrain_seconds", "host_id", "environment_id", "synthetic_id", "source_test_itc_id")
 
 
 def _share(row: dict[str, Any], records: dict[str, Any]) -> dict[str, Any]:
@@ -1041,11 +1101,13 @@ def run_v3(args: argparse.Namespace, rows: list[dict[str, Any]], runs_path: Path
     seeds = list(V3_SEEDS) if args.seeds is None else args.seeds
     _, digest = generic_spec(SYNTH_V3_VERSION)
     report = CACHE / f"gckd-generic-{digest}" / "report.json"
-    generic = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else None
+    # the tables are of one generic model: the cached one, else the one the recorded tables name
+    generic = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else recorded_generic(out)
     if not args.tables_only:
-        done = {(r["setting"], r["variant"], r["seed"]) for r in rows if current_v3(r, digest)}
         print("generic pre-training, protocol v3 (cached after the first time) ...", file=sys.stderr)
         generic = generic_pretraining(CACHE, threads=args.generic_threads, version=SYNTH_V3_VERSION)
+        # rows made from another build of the generic model are not done: they are redone from this one
+        done = {(r["setting"], r["variant"], r["seed"]) for r in rows if current_v3(r, digest, generic)}
         jobs: list[tuple[Any, dict[str, Any]]] = []
         for seed in seeds:
             for source in "CIR":
@@ -1060,9 +1122,9 @@ def run_v3(args: argparse.Namespace, rows: list[dict[str, Any]], runs_path: Path
         print(f"{len(jobs)} v3 jobs to do ({len(done)} v3 runs already recorded in {runs_path})", file=sys.stderr)
         _run_jobs(jobs, args.jobs)
         rows = _read_runs(runs_path)
-    runs = [r for r in valid_rows(rows) if current_v3(r, digest)]
+    runs = [r for r in valid_rows(rows) if current_v3(r, digest, generic)]
     uniqueness = caption_uniqueness_table(sorted({r["seed"] for r in runs}) or seeds)
-    summary = v3_summary(rows, digest)
+    summary = v3_summary(rows, digest, generic)
     payload = {"script": "benchmarks/gckd.py --protocol v3", "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                "wall_seconds_this_invocation": round(time.time() - started, 1), "variants": V3_VARIANTS,
                "synth_protocol": {**SYNTH_V3, "version": SYNTH_V3_VERSION, "dev_seed": SYNTH_V3_DEV_SEED},

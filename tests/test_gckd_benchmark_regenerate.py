@@ -46,7 +46,7 @@ def _row(part: str, setting: str, variant: str, seed: int, value: float, version
         if version != 1:
             row["synth_version"] = version
         if version == 3:
-            config["epochs"] = proto["adapt_epochs"]
+            config.update(epochs=proto["adapt_epochs"], **bench._adapt_settings(3, variant))
             row.update(rerank_k=proto["rerank_k"])
     row.update(extra)
     return row

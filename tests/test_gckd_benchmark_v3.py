@@ -75,7 +75,8 @@ def _row(variant: str, setting: str, seed: int, itc: float, itm: float, **extra:
             "itc": {"map": itc, "rank1": 0.1, "rank5": 0.2, "rank10": 0.3, "minp": 0.05},
             "itm": {"map": itm, "rank1": 0.1, "rank5": 0.2, "rank10": 0.3, "minp": 0.05},
             "pseudo_pairs_per_step": 1.0, "pseudo_pair_precision": 0.1 if variant != "source-only" else None,
-            "config": {"epochs": p["adapt_epochs"]}, "pretrain_epochs": p["pretrain_epochs"],
+            "config": {"epochs": p["adapt_epochs"], **bench._adapt_settings(3, variant)},
+            "pretrain_epochs": p["pretrain_epochs"],
             "rerank_k": p["rerank_k"], "generic_digest": DIGEST,
             "synthetic": {k: p[k] for k in ("train_ids", "test_ids", "images_per_id")}, **extra}
 
@@ -242,3 +243,36 @@ def test_target_term_settings_apply_to_adapting_variants_and_split_configuration
     assert old.splitlines()[0].endswith("ITM top-32, cd_itm_mining batch, delta 0.5")
     assert "1 settings × 2 seeds (4 runs)" in old  # the two earlier gckd rows with the two shared source-only rows
     assert "| **gckd** | 5.50 | +3.00 [+3.00, +3.00] | 5.50 | +3.00 [+3.00, +3.00] | 2 |" in old
+
+
+def test_rows_of_another_build_of_the_generic_model_are_neither_done_nor_mixed() -> None:
+    """The spec digest does not name a generic model: another thread count or CPU trains other weights. Rows
+    name the weights they started from; rows recorded before that count as made by a generic model only when it
+    has exactly the recorded model's spec, held-out mAP and final loss."""
+    unnamed = bench.UNNAMED_V3_GENERIC
+    legacy = {"digest": unnamed["digest"], "generic_test": {"map": unnamed["map"]}, "final_loss": unnamed["final_loss"]}
+    rebuilt_same = {**legacy, "weights": "aaaaaaaaaaaa"}  # the same model rebuilt bit for bit (weights now named)
+    rebuilt_other = {**legacy, "generic_test": {"map": 0.83}, "final_loss": 1.66, "weights": "bbbbbbbbbbbb"}
+    old = _row("gckd", "C->I", 0, 0.05, 0.05, generic_digest=unnamed["digest"])
+    assert "generic_weights" not in old
+    new = {**_row("gckd", "C->I", 0, 0.07, 0.07, generic_digest=unnamed["digest"]), "generic_weights": "bbbbbbbbbbbb"}
+    assert bench.row_generic(old, legacy) is None and bench.row_generic(old, rebuilt_same) == "aaaaaaaaaaaa"
+    assert bench.row_generic(old, rebuilt_other) is None and bench.row_generic(new, legacy) == "bbbbbbbbbbbb"
+    digest = unnamed["digest"]
+    assert bench.current_v3(old, digest, legacy) and bench.current_v3(old, digest, rebuilt_same)
+    assert not bench.current_v3(old, digest, rebuilt_other) and bench.current_v3(new, digest, rebuilt_other)
+    assert not bench.current_v3(new, digest, legacy) and not bench.current_v3(new, digest, rebuilt_same)
+    assert bench.current_v3(old, digest) and bench.current_v3(new, digest)  # no generic given: the spec only
+
+    def rows(value: float, **extra: object) -> list[dict]:
+        return [{**_row(v, "C->I", seed, m, m, generic_digest=digest), **extra}
+                for seed in (0, 1) for v, m in (("source-only", value), ("gckd", value + 0.01 * (seed + 1)))]
+
+    text = bench.v3_markdown(rows(0.02) + rows(0.04, generic_weights="bbbbbbbbbbbb"), rebuilt_other, digest)
+    now, old_build = text.split("## Earlier v3 configuration (superseded): ")
+    assert "4 v3 rows of another v3 configuration are left out" in now
+    assert "| **gckd** | 5.50 | +1.50 [+1.00, +2.00] | 5.50 | +1.50 [+1.00, +2.00] | 2 |" in now  # 0.05, 0.06 vs 0.04
+    assert old_build.startswith(f"generic model {digest} (another build of it), ")
+    assert "| **gckd** | 3.50 | +1.50 [+1.00, +2.00] |" in old_build and "(4 runs)" in old_build
+    summary = bench.v3_summary(rows(0.02) + rows(0.04, generic_weights="bbbbbbbbbbbb"), digest, rebuilt_other)
+    assert summary["variants"]["gckd"]["itm_map"] == pytest.approx(5.5)

@@ -61,3 +61,30 @@ def test_v3_benchmark_records_resumes_and_summarises(tmp_path: Path, monkeypatch
     assert again[:2] == rows and [r["variant"] for r in again[2:]] == ["no-cmkd"]
     assert again[2]["config"]["kd_weight"] == 0.0
     assert (out.parent / "gckd_v3.md").read_text().count("| no-cmkd |") >= 1
+    # The generic model is named by its weights: the report and every row carry the digest of its tensors.
+    report_path = next((tmp_path / "cache").glob("gckd-generic-*/report.json"))
+    report = json.loads(report_path.read_text())
+    run_dir = Path(report["run_dir"])
+    assert len(report["weights"]) == 12 and report["weights"] == bench.generic_weights(run_dir)
+    assert {r["generic_weights"] for r in again} == {report["weights"]}
+    # the digest follows the tensors, not the file: other training state leaves it, one changed weight moves it
+    from crossret.storage.sealed import save_torch
+    from crossret.textimage.gckd import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint
+
+    path = run_dir / "checkpoints" / "checkpoint.pt"
+    state = read_checkpoint(path)
+    state["history"] = [*state["history"], {"epoch": 99}]
+    save_torch(path, state, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+    assert bench.generic_weights(run_dir) == report["weights"]
+    name = sorted(state["model"])[0]
+    state["model"][name] = state["model"][name] + 1e-6
+    save_torch(path, state, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+    assert bench.generic_weights(run_dir) != report["weights"]
+    # Another build of the same spec (other weights): its rows are redone, the earlier ones tabulated apart.
+    report_path.write_text(json.dumps({**report, "weights": bench.generic_weights(run_dir)}))
+    assert bench.main([*args, "--variants", "source-only", "gckd"]) == 0
+    third = bench._read_runs(runs_path)
+    assert third[:3] == again and [r["variant"] for r in third[3:]] == ["source-only", "gckd"]
+    assert {r["generic_weights"] for r in third[3:]} == {bench.generic_weights(run_dir)}
+    text = (out.parent / "gckd_v3.md").read_text()
+    assert "(another build of it: weights " + report["weights"] + ")" in text

